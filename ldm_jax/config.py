@@ -1,0 +1,58 @@
+"""Config plumbing: python config files -> locked ConfigDicts -> frozen dataclasses at the model boundary.
+
+A config file in `configs/` defines `get_config() -> ml_collections.ConfigDict` (locked). Its sections are
+named by role: `first_stage` (autoencoder), `cond_stage` (text/class encoder), `unet`, `diffusion`,
+`sampler`, `loss`, `train`, `data`, `mesh`. Each model section becomes that model's frozen dataclass
+through `build_dataclass`, so a misspelt field is an error, not a silently new key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+from typing import Any, TypeVar
+
+import ml_collections
+
+T = TypeVar("T")
+
+
+def build_dataclass(cls: type[T], section: Any, *, where: str = "") -> T:
+    """Builds the frozen dataclass `cls` from a ConfigDict/dict section, refusing unknown fields.
+
+    Lists become tuples (dataclasses must stay hashable to be Flax module attributes). Nested dataclass
+    fields are built recursively when the field's default is a dataclass instance.
+    """
+    values = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{where or cls.__name__}: unknown field(s) {unknown}; {cls.__name__} accepts {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default
+        if dataclasses.is_dataclass(default) and isinstance(value, (dict, ml_collections.ConfigDict)):
+            value = build_dataclass(type(default), value, where=f"{where}.{name}" if where else name)
+        kwargs[name] = _freeze(value)
+    return cls(**kwargs)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its `get_config()`; a clear error when the file is not a config."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"ldm_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    return module.get_config()
