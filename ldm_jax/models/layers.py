@@ -46,7 +46,7 @@ class GroupNorm32(nn.Module):
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: Any = None, dtype: Dtype, param_dtype: Dtype,
-         name: str | None = None) -> nn.Conv:
+         name: str | None = None, kernel_init: Any = nn.initializers.lecun_normal()) -> nn.Conv:
     """An NHWC `nn.Conv` with "same" padding for odd kernels unless `padding` is given."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
@@ -57,6 +57,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: Any = None, dt
         padding=padding,
         dtype=dtype,
         param_dtype=param_dtype,
+        kernel_init=kernel_init,
         name=name,
     )
 
@@ -66,30 +67,33 @@ class ResnetBlock(nn.Module):
 
     Input (B, H, W, C_in), optional `temb` (B, T); output (B, H, W, out_channels).
     `time_embedding_norm="scale_shift"` is the reference's `use_scale_shift_norm` (FiLM on norm2).
-    The shortcut is a 1x1 conv (`conv_shortcut`) when C_in != out_channels.
+    The shortcut is a 1x1 conv (`conv_shortcut`) when C_in != out_channels. `epsilon` is the GroupNorm
+    epsilon (1e-6 in the CompVis autoencoder, 1e-5 in the CompVis UNet).
     """
 
     out_channels: int
     dropout: float = 0.0
     time_embedding_norm: str = "default"  # "default" (add) or "scale_shift"
+    epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm32(name="norm1", **kw)(x))
+        norm_kw = dict(epsilon=self.epsilon, **kw)
+        h = nn.silu(GroupNorm32(name="norm1", **norm_kw)(x))
         h = conv(self.out_channels, 3, name="conv1", **kw)(h)
         if temb is not None:
             n_out = 2 * self.out_channels if self.time_embedding_norm == "scale_shift" else self.out_channels
             t = nn.Dense(n_out, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
             if self.time_embedding_norm == "scale_shift":
                 scale, shift = jnp.split(t, 2, axis=-1)
-                h = GroupNorm32(name="norm2", **kw)(h) * (1 + scale) + shift
+                h = GroupNorm32(name="norm2", **norm_kw)(h) * (1 + scale) + shift
             else:
-                h = GroupNorm32(name="norm2", **kw)(h + t)
+                h = GroupNorm32(name="norm2", **norm_kw)(h + t)
         else:
-            h = GroupNorm32(name="norm2", **kw)(h)
+            h = GroupNorm32(name="norm2", **norm_kw)(h)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(self.out_channels, 3, name="conv2", **kw)(h)
