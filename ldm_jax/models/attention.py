@@ -8,14 +8,21 @@ three interchangeable implementations that agree to float tolerance:
 - "jax_nn":    `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU for bf16/fp16.
 - "chunked":   memory-efficient form (Rabe & Staats; flash-attention style online softmax): queries in
                chunks, keys in chunks with a running max and normaliser, never the full logits.
+
+Below it, the transformer blocks of the UNet (CompVis `ldm/modules/attention.py` semantics, diffusers
+`Transformer2DModel` submodule names): CrossAttention, GEGLU/FeedForward, BasicTransformerBlock,
+SpatialTransformer, and the plain AttentionBlock of UNets without a spatial transformer.
 """
 from __future__ import annotations
 
 import math
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ldm_jax.models.layers import Dtype, GroupNorm32, conv
 
 AttentionImpl = Literal["xla", "jax_nn", "chunked"]
 ATTENTION_IMPLS = ("xla", "jax_nn", "chunked")
@@ -123,3 +130,170 @@ def _attention_chunked(q, k, v, mask, query_chunk, key_chunk):
     out = jax.lax.map(one_query_chunk, jnp.arange(n_q))  # (n_q, batch, qc, heads, d)
     out = out.swapaxes(0, 1).reshape(batch, n_q * qc, heads, -1)[:, :lq]
     return out.astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer blocks (CompVis `ldm/modules/attention.py`; submodule names of diffusers' Transformer2DModel).
+# --------------------------------------------------------------------------------------------------------------
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over `context` (self-attention when context is None).
+
+    x: (B, Lq, query_dim); context: (B, Lk, context_dim). Returns (B, Lq, query_dim).
+    to_q/to_k/to_v are bias-free projections to heads * head_dim; to_out_0 projects back, with bias.
+    """
+
+    heads: int
+    head_dim: int
+    implementation: AttentionImpl = "xla"
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        context = x if context is None else context
+        inner = self.heads * self.head_dim
+        dense = lambda features, name, bias: nn.Dense(  # noqa: E731
+            features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        q = dense(inner, "to_q", False)(x)
+        k = dense(inner, "to_k", False)(context)
+        v = dense(inner, "to_v", False)(context)
+        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)  # noqa: E731  (B, L, heads, d)
+        out = attention(split(q), split(k), split(v), implementation=self.implementation)
+        out = dense(x.shape[-1], "to_out_0", True)(out.reshape(*x.shape[:2], inner))
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: proj to 2 * features, split into (value, gate), value * gelu(gate) with the exact (erf) GELU.
+
+    Input (..., C); output (..., features). The reference uses torch's default `F.gelu` (approximate="none").
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: net_0 (GEGLU to mult * C), dropout, net_2 (Dense back to C). (..., C) -> (..., C)."""
+
+    mult: int = 4
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return nn.Dense(x.shape[-1], name="net_2", **kw)(h)
+
+
+def _layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm (eps 1e-5, torch's default) computed and returned in float32."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name=name)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
+
+    x: (B, L, C); context: (B, Lk, context_dim) or None (attn2 then attends over x). Returns (B, L, C).
+    """
+
+    heads: int
+    head_dim: int
+    implementation: AttentionImpl = "xla"
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name: CrossAttention(  # noqa: E731
+            self.heads, self.head_dim, self.implementation, self.dropout, name=name, **kw
+        )
+        cast = lambda t: t.astype(self.dtype)  # noqa: E731  (norms run in float32)
+        x = x + attn("attn1")(cast(_layer_norm("norm1", self.param_dtype)(x)), None, deterministic)
+        x = x + attn("attn2")(cast(_layer_norm("norm2", self.param_dtype)(x)), context, deterministic)
+        ff = FeedForward(dropout=self.dropout, name="ff", **kw)
+        return x + ff(cast(_layer_norm("norm3", self.param_dtype)(x)), deterministic)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on `context` by cross-attention.
+
+    GroupNorm (32 groups, eps 1e-6) -> proj_in (1x1 conv, or Dense when `use_linear`) to heads * head_dim ->
+    `depth` BasicTransformerBlocks over the H*W tokens -> proj_out (zero-initialised) -> + input.
+    x: (B, H, W, C); context: (B, Lk, context_dim) or None. Returns (B, H, W, C).
+    """
+
+    heads: int
+    head_dim: int
+    depth: int = 1
+    use_linear: bool = False
+    implementation: AttentionImpl = "xla"
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, channels = x.shape
+        inner = self.heads * self.head_dim
+        h = GroupNorm32(epsilon=1e-6, name="norm", **kw)(x)
+        if self.use_linear:
+            h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(batch, height * width, channels))
+        else:
+            h = conv(inner, 1, name="proj_in", **kw)(h).reshape(batch, height * width, inner)
+        for i in range(self.depth):
+            h = BasicTransformerBlock(
+                self.heads, self.head_dim, self.implementation, self.dropout, name=f"transformer_blocks_{i}", **kw
+            )(h, context, deterministic)
+        zeros = nn.initializers.zeros_init()
+        if self.use_linear:
+            h = nn.Dense(channels, kernel_init=zeros, name="proj_out", **kw)(h).reshape(x.shape)
+        else:
+            h = conv(channels, 1, kernel_init=zeros, name="proj_out", **kw)(h.reshape(batch, height, width, inner))
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """The UNet's plain self-attention block (CompVis `AttentionBlock`, used without a spatial transformer).
+
+    GroupNorm (32 groups, eps `epsilon`) -> to_q/to_k/to_v (with bias) -> attention over the H*W tokens ->
+    to_out_0 (zero-initialised) -> + input. x: (B, H, W, C) with C = heads * head_dim; returns (B, H, W, C).
+    Names follow diffusers' converted attention block (`group_norm`, `to_q`, ..., `to_out.0`).
+    """
+
+    heads: int
+    epsilon: float = 1e-5
+    implementation: AttentionImpl = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        del context, deterministic  # same call signature as SpatialTransformer; this block has neither
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, channels = x.shape
+        if channels % self.heads:
+            raise ValueError(f"AttentionBlock: {channels} channels are not divisible by {self.heads} heads")
+        h = GroupNorm32(epsilon=self.epsilon, name="group_norm", **kw)(x).reshape(batch, height * width, channels)
+        split = lambda t: t.reshape(batch, height * width, self.heads, channels // self.heads)  # noqa: E731
+        q, k, v = (split(nn.Dense(channels, name=n, **kw)(h)) for n in ("to_q", "to_k", "to_v"))
+        out = attention(q, k, v, implementation=self.implementation).reshape(batch, height * width, channels)
+        out = nn.Dense(channels, kernel_init=nn.initializers.zeros_init(), name="to_out_0", **kw)(out)
+        return x + out.reshape(x.shape)

@@ -1,0 +1,346 @@
+"""The denoiser UNet eps_theta(x_t, t, context, y) of latent diffusion and Stable Diffusion.
+
+Semantics of CompVis `ldm/modules/diffusionmodules/openaimodel.py: UNetModel`; submodule names of diffusers'
+`UNet2DConditionModel`, so that a diffusers state dict converts key by key (`ldm_jax.convert.diffusers_unet`):
+
+    conv_in, time_embedding/{linear_1, linear_2}, class_embedding,
+    down_blocks_i/{resnets_j, attentions_j, downsamplers_0/conv},
+    mid_block/{resnets_0, attentions_0, resnets_1},
+    up_blocks_i/{resnets_j, attentions_j, upsamplers_0/conv}, conv_norm_out, conv_out.
+
+Level l of `channel_mult` works at downsampling factor 2**l; it has transformer (or attention) blocks when
+2**l is in `attention_resolutions`. up_blocks_0 is the deepest level, as in diffusers.
+
+Conditioning, by the reference's `conditioning_key`:
+- "crossattn": `context` (B, L, context_dim) is attended to by every SpatialTransformer.
+- "concat":    the caller concatenates the conditioning channels onto x before the call (SD inpainting:
+               4 latent + 1 mask + 4 masked-image channels = 9 `in_channels`); the UNet only sees x.
+- "hybrid":    both of the above.
+- "adm"/class: `y` is added to the timestep embedding, as class labels (B,) int when `num_classes` is an int,
+               or as a vector (B, adm_in_channels) when `num_classes="sequential"`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.attention import ATTENTION_IMPLS, AttentionBlock, SpatialTransformer
+from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample, conv, timestep_embedding
+
+Dtype = Any
+NORM_EPS = 1e-5  # the UNet's GroupNorms (ResBlocks, output norm) use torch's default epsilon
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of the UNet, named as in the CompVis `UNetModel` config (defaults: Stable Diffusion v1).
+
+    Attention heads: set exactly one of `num_heads` (fixed head count; head_dim = channels // heads) and
+    `num_head_channels` (fixed head_dim; heads = channels // head_dim); -1 means unset, as in the reference.
+    `attention_resolutions` are downsampling factors (1, 2, 4, ...), not pixel sizes.
+    `num_classes`: None, an int (class labels y of shape (B,)), or "sequential" (y of shape
+    (B, adm_in_channels) through a 2-layer MLP).
+    `flip_sin_to_cos`/`freq_shift`: timestep-feature convention (CompVis: [cos, sin], shift 0).
+    `attention`: "xla", "jax_nn" or "chunked" (see `ldm_jax.models.attention`).
+    `remat`: False, True (recompute every ResnetBlock / transformer block in the backward pass), or the
+    name of a `jax.checkpoint_policies` policy applied to each such block.
+    `dtype` is not here: compute and parameter dtypes are attributes of the `UNetModel` module.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int = 8
+    num_head_channels: int = -1
+    use_spatial_transformer: bool = True
+    transformer_depth: int = 1
+    context_dim: int | None = 768
+    use_linear_in_transformer: bool = False
+    conv_resample: bool = True
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    num_classes: int | str | None = None
+    adm_in_channels: int | None = None
+    dropout: float = 0.0
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    attention: str = "xla"
+    remat: bool | str = False
+
+    def __post_init__(self):
+        if (self.num_heads > 0) == (self.num_head_channels > 0):
+            raise ValueError(
+                f"UNetConfig: set exactly one of num_heads ({self.num_heads}) and num_head_channels "
+                f"({self.num_head_channels}); the other must be -1"
+            )
+        if self.use_spatial_transformer and not self.context_dim:
+            raise ValueError("UNetConfig: use_spatial_transformer=True needs context_dim (the width of `context`)")
+        if self.num_classes == "sequential" and not self.adm_in_channels:
+            raise ValueError("UNetConfig: num_classes='sequential' needs adm_in_channels (the width of y)")
+        if self.num_classes is not None and not isinstance(self.num_classes, int) and self.num_classes != "sequential":
+            raise ValueError(f"UNetConfig: num_classes must be None, an int or 'sequential'; got {self.num_classes!r}")
+        if self.resblock_updown:
+            raise ValueError(
+                "UNetConfig: resblock_updown=True (ResBlocks that resample) is not implemented; "
+                "Stable Diffusion and the LDM configs use conv/avg-pool resampling (resblock_updown=False)"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"UNetConfig: attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"UNetConfig: remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
+        bad = sorted(set(self.attention_resolutions) - {2**level for level in range(len(self.channel_mult))})
+        if bad:
+            raise ValueError(
+                f"UNetConfig: attention_resolutions {bad} are not downsampling factors of any level "
+                f"(levels have factors {[2**level for level in range(len(self.channel_mult))]})"
+            )
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(heads, head_dim) of the attention blocks at a level with `channels` channels."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP linear_1 -> SiLU -> linear_2: (B, C_in) -> (B, features)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return nn.Dense(self.features, name="linear_2", **kw)(nn.silu(nn.Dense(self.features, name="linear_1", **kw)(x)))
+
+
+class _ResnetBlock(ResnetBlock):
+    """ResnetBlock with `deterministic` positional, so that `nn.remat` can mark it static."""
+
+    def __call__(self, x, temb, deterministic):  # pylint: disable=arguments-differ
+        return super().__call__(x, temb, deterministic=deterministic)
+
+
+def _maybe_remat(cls: type[nn.Module], remat: bool | str) -> type[nn.Module]:
+    """`cls` itself, or its `nn.remat` version (call signature (x, temb_or_context, deterministic))."""
+    if remat is False:
+        return cls
+    policy = None if remat is True else getattr(jax.checkpoint_policies, remat)
+    return nn.remat(cls, policy=policy, static_argnums=(3,))  # self, x, temb/context, deterministic
+
+
+class _Blocks(nn.Module):
+    """Shared constructors of the blocks of one UNet level."""
+
+    config: UNetConfig
+    channels: int
+    has_attention: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def resnet(self, name: str) -> nn.Module:
+        cfg = self.config
+        return _maybe_remat(_ResnetBlock, cfg.remat)(
+            self.channels,
+            dropout=cfg.dropout,
+            time_embedding_norm="scale_shift" if cfg.use_scale_shift_norm else "default",
+            epsilon=NORM_EPS,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def attention(self, name: str) -> nn.Module:
+        cfg = self.config
+        heads, head_dim = cfg.heads_at(self.channels)
+        kw = dict(implementation=cfg.attention, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if not cfg.use_spatial_transformer:
+            return _maybe_remat(AttentionBlock, cfg.remat)(heads, epsilon=NORM_EPS, **kw)
+        return _maybe_remat(SpatialTransformer, cfg.remat)(
+            heads, head_dim, cfg.transformer_depth, cfg.use_linear_in_transformer, dropout=cfg.dropout, **kw
+        )
+
+
+class DownBlock(_Blocks):
+    """One encoder level: num_res_blocks x (ResnetBlock [+ attention]) [+ downsampler].
+
+    Input (B, H, W, C_in). Returns the output (B, H', W', channels) and the skip activations it adds.
+    """
+
+    add_downsample: bool = True
+
+    @nn.compact
+    def __call__(self, h, temb, context, deterministic=True):
+        skips = []
+        for j in range(self.config.num_res_blocks):
+            h = self.resnet(f"resnets_{j}")(h, temb, deterministic)
+            if self.has_attention:
+                h = self.attention(f"attentions_{j}")(h, context, deterministic)
+            skips.append(h)
+        if self.add_downsample:
+            h = Downsample(
+                with_conv=self.config.conv_resample, asymmetric_padding=False, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="downsamplers_0",
+            )(h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(_Blocks):
+    """The bottleneck: ResnetBlock, attention, ResnetBlock. (B, H, W, C) -> (B, H, W, C)."""
+
+    @nn.compact
+    def __call__(self, h, temb, context, deterministic=True):
+        h = self.resnet("resnets_0")(h, temb, deterministic)
+        h = self.attention("attentions_0")(h, context, deterministic)
+        return self.resnet("resnets_1")(h, temb, deterministic)
+
+
+class UpBlock(_Blocks):
+    """One decoder level: (num_res_blocks + 1) x (concat skip, ResnetBlock [+ attention]) [+ upsampler].
+
+    `skips` are consumed last-first. Input (B, H, W, C); output (B, H'', W'', channels).
+    """
+
+    add_upsample: bool = True
+
+    @nn.compact
+    def __call__(self, h, skips, temb, context, deterministic=True):
+        for j, skip in enumerate(reversed(skips)):
+            h = jnp.concatenate([h, skip], axis=-1)
+            h = self.resnet(f"resnets_{j}")(h, temb, deterministic)
+            if self.has_attention:
+                h = self.attention(f"attentions_{j}")(h, context, deterministic)
+        if self.add_upsample:
+            h = Upsample(
+                with_conv=self.config.conv_resample, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="upsamplers_0",
+            )(h)
+        return h
+
+
+class UNetModel(nn.Module):
+    """eps_theta(x, t, context, y): the time- and condition-dependent UNet.
+
+    Call: `apply(params, x, timesteps, context=None, y=None, deterministic=True)`.
+      x: (B, H, W, in_channels) noisy latents (with any concat conditioning already appended on the channel
+         axis by the caller); H and W divisible by 2**(len(channel_mult) - 1).
+      timesteps: (B,) or scalar, integer or float diffusion steps in [0, num_timesteps).
+      context: (B, L, context_dim) cross-attention conditioning; required iff the config has a spatial
+         transformer.
+      y: (B,) int class labels or (B, adm_in_channels) vectors; required iff `num_classes` is set.
+      deterministic: False enables dropout (needs a "dropout" rng).
+    Returns (B, H, W, out_channels) float32 (the final norm and conv run in float32).
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, timesteps, context=None, y=None, *, deterministic: bool = True):
+        cfg = self.config
+        timesteps = self._check_inputs(x, timesteps, context, y)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        levels = len(cfg.channel_mult)
+        channels = [cfg.model_channels * m for m in cfg.channel_mult]
+
+        # 1. Timestep (+ class) embedding, (B, 4 * model_channels).
+        t = timestep_embedding(timesteps, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                               downscale_freq_shift=cfg.freq_shift)
+        temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t.astype(self.dtype))
+        if cfg.num_classes == "sequential":
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="class_embedding", **kw)(y.astype(self.dtype))
+        elif cfg.num_classes is not None:
+            temb = temb + nn.Embed(cfg.num_classes, cfg.time_embed_dim, name="class_embedding", **kw)(y)
+
+        # 2. Encoder; every block output is kept as a skip connection.
+        h = conv(cfg.model_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
+        skips = [h]
+        for level in range(levels):
+            h, level_skips = DownBlock(
+                cfg, channels[level], 2**level in cfg.attention_resolutions, add_downsample=level < levels - 1,
+                name=f"down_blocks_{level}", **kw,
+            )(h, temb, context, deterministic)
+            skips += level_skips
+
+        # 3. Bottleneck.
+        h = MidBlock(cfg, channels[-1], True, name="mid_block", **kw)(h, temb, context, deterministic)
+
+        # 4. Decoder; up_blocks_i is level levels-1-i and takes num_res_blocks + 1 skips.
+        for i, level in enumerate(reversed(range(levels))):
+            n = cfg.num_res_blocks + 1
+            level_skips, skips = skips[-n:], skips[:-n]
+            h = UpBlock(
+                cfg, channels[level], 2**level in cfg.attention_resolutions, add_upsample=level > 0,
+                name=f"up_blocks_{i}", **kw,
+            )(h, level_skips, temb, context, deterministic)
+
+        # 5. Output head in float32.
+        h = nn.silu(GroupNorm32(epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
+                                name="conv_norm_out")(h))
+        return conv(cfg.out_channels, 3, dtype=jnp.float32, param_dtype=self.param_dtype,
+                    kernel_init=nn.initializers.zeros_init(), name="conv_out")(h)
+
+    def _check_inputs(self, x, timesteps, context, y) -> jax.Array:
+        """Validates shapes (ValueError naming them); returns timesteps broadcast to (B,)."""
+        cfg = self.config
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"UNet: x must be (B, H, W, in_channels={cfg.in_channels}); got {x.shape}")
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(
+                f"UNet: spatial size {x.shape[1:3]} must be divisible by 2**(len(channel_mult)-1) = {factor}"
+            )
+        batch = x.shape[0]
+        timesteps = jnp.asarray(timesteps)
+        if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
+            raise ValueError(f"UNet: timesteps must be a scalar or (B={batch},); got {timesteps.shape}")
+        timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
+        if cfg.use_spatial_transformer:
+            if context is None or context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
+                got = None if context is None else context.shape
+                raise ValueError(f"UNet: context must be (B={batch}, L, context_dim={cfg.context_dim}); got {got}")
+        elif context is not None:
+            raise ValueError(f"UNet: this config has no cross-attention (use_spatial_transformer=False), "
+                             f"but context {context.shape} was given")
+        if cfg.num_classes is None:
+            if y is not None:
+                raise ValueError(f"UNet: y {jnp.shape(y)} given but the config has num_classes=None")
+        elif y is None:
+            raise ValueError(f"UNet: num_classes={cfg.num_classes!r} needs y; got y=None")
+        elif cfg.num_classes == "sequential" and jnp.shape(y) != (batch, cfg.adm_in_channels):
+            raise ValueError(f"UNet: y must be (B={batch}, adm_in_channels={cfg.adm_in_channels}); got {jnp.shape(y)}")
+        elif cfg.num_classes != "sequential" and jnp.shape(y) != (batch,):
+            raise ValueError(f"UNet: y must be (B={batch},) class labels; got {jnp.shape(y)}")
+        return timesteps
+
+
+def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1):
+    """Initialises `model`'s params (a {"params": ...} dict) from dummy inputs of the right shapes.
+
+    `size` defaults to the smallest spatial size the config accepts. Works under `jax.eval_shape`.
+    """
+    cfg = model.config
+    size = size or 2 ** (len(cfg.channel_mult) - 1)
+    x = jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32)
+    context = jnp.zeros((batch, context_len, cfg.context_dim), jnp.float32) if cfg.use_spatial_transformer else None
+    y = None
+    if cfg.num_classes == "sequential":
+        y = jnp.zeros((batch, cfg.adm_in_channels), jnp.float32)
+    elif cfg.num_classes is not None:
+        y = jnp.zeros((batch,), jnp.int32)
+    return model.init(key, x, jnp.zeros((batch,), jnp.int32), context, y)
