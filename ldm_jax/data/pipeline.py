@@ -1,0 +1,316 @@
+"""Input pipeline: preprocessing, seeded shuffling, per-host sharding, batching, a checkpointable iterator and
+device prefetch.
+
+Order of examples. Epoch e uses the permutation `epoch_order(N, e, seed)` of all N indices (identity when
+shuffle is off), truncated to a multiple of the process count so every host gets the same number; host p
+takes every process_count-th index starting at p (`host_indices`). Hosts therefore read disjoint examples
+and, together, every example of an epoch except at most process_count - 1 (a different tail each shuffled
+epoch). The host's example stream is its epochs one after another; batches are consecutive runs of
+`batch_size` readable examples (unreadable ones are skipped, see readers.py), so a batch may span two epochs.
+
+Checkpointing. The iterator's position is (epoch, position within the host's epoch order); augmentation
+randomness is a function of (seed, epoch, example index). `get_state()` returns a small JSON-able dict and
+`set_state()` of that dict reproduces exactly the same following batches.
+
+Batches (host-local; the global batch is batch_size * process_count):
+  image float32 (B, R, R, 3) in [-1, 1]; index int64 (B,) dataset indices; caption list[str] of B captions
+  (when the source has captions); tokens (B, ...) from the optional tokenizer; label int32 (B,) (when the
+  source has labels).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from ldm_jax.data import readers
+
+Batch = dict[str, Any]
+CROPS = ("center", "random")
+# Fields of the iterator state that define the example order; a state saved under other values is refused.
+_ORDER_FIELDS = ("seed", "shuffle", "num_examples", "process_index", "process_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` config section.
+
+    source: "tfds" (name, data_dir, split, *_key), "folder" (path: a folder of images + .txt captions) or
+    "tar" (path: a folder, glob or list of webdataset .tar shards). caption_key/label_key "" to leave out.
+    global_batch_size is split evenly over processes; num_epochs None means forever.
+    """
+
+    source: str = "tfds"
+    name: str = "captioned_shapes/res32"
+    data_dir: str = ""
+    split: str = "train"
+    path: str = ""
+    image_key: str = "image"
+    caption_key: str = "caption"
+    label_key: str = ""
+    resolution: int = 32
+    crop: str = "center"
+    random_flip: bool = False
+    global_batch_size: int = 64
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    drop_remainder: bool = True
+
+
+def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center", flip: bool = False,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (resolution, resolution, 3) in [-1, 1].
+
+    Resizes (bicubic, antialiased) so the shorter side is `resolution`, then crops the centre or, with
+    crop="random", a window drawn from `rng`; flip=True mirrors left-right. Note that flipping changes the
+    meaning of captions that mention left and right (captioned shapes).
+    """
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    if crop == "random" and rng is None:
+        raise ValueError("crop='random' needs an rng")
+    height, width = image.shape[:2]
+    if min(height, width) != resolution:
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+        height, width = image.shape[:2]
+    if crop == "random":
+        top = int(rng.integers(height - resolution + 1))
+        left = int(rng.integers(width - resolution + 1))
+    else:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    image = image[top:top + resolution, left:left + resolution]
+    if flip:
+        image = image[:, ::-1]
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+def epoch_order(num_examples: int, epoch: int, *, seed: int, shuffle: bool = True) -> np.ndarray:
+    """int64 (num_examples,): the global order of dataset indices in `epoch` (same on every host)."""
+    if not shuffle:
+        return np.arange(num_examples, dtype=np.int64)
+    return np.random.default_rng([seed, 0, epoch]).permutation(num_examples).astype(np.int64)
+
+
+def host_indices(num_examples: int, epoch: int, *, seed: int, shuffle: bool = True, process_index: int = 0,
+                 process_count: int = 1) -> np.ndarray:
+    """int64 (num_examples // process_count,): this host's dataset indices for `epoch`, in reading order."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    order = epoch_order(num_examples, epoch, seed=seed, shuffle=shuffle)
+    usable = num_examples - num_examples % process_count
+    return order[process_index:usable:process_count]
+
+
+class DataIterator:
+    """Host-local batches from a random-access source (see the module docstring for order and contents).
+
+    Args:
+      source: `len(source)` and `source[i]` -> example dict or None (unreadable, skipped).
+      batch_size: examples per host-local batch.
+      resolution, crop, random_flip: preprocessing (`preprocess_image`).
+      seed: drives shuffling and augmentation.
+      shuffle: a fresh permutation per epoch; False reads in index order.
+      num_epochs: stop after this many epochs; None for forever.
+      drop_remainder: with num_epochs, drop (True) or return (False) a last short batch.
+      process_index, process_count: this host and the number of hosts (default: from jax).
+      tokenizer: optional callable list[str] -> array (B, ...) stored as batch["tokens"].
+    """
+
+    def __init__(self, source: Any, *, batch_size: int, resolution: int, crop: str = "center",
+                 random_flip: bool = False, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                 drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None,
+                 tokenizer: Callable[[Sequence[str]], Any] | None = None):
+        self.source = source
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+        self.num_examples = len(source)
+        if self.num_examples < self.process_count:
+            raise ValueError(f"dataset {getattr(source, 'name', source)} has {self.num_examples} examples, fewer "
+                             f"than the {self.process_count} processes reading it")
+        self.batch_size, self.resolution, self.crop, self.random_flip = batch_size, resolution, crop, random_flip
+        self.seed, self.shuffle, self.num_epochs, self.drop_remainder = seed, shuffle, num_epochs, drop_remainder
+        self.tokenizer = tokenizer
+        self._epoch, self._position = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, host indices) cache
+
+    def get_state(self) -> dict[str, Any]:
+        """A JSON-able dict of the position: epoch, position, and the settings that define the order."""
+        state = {"epoch": self._epoch, "position": self._position}
+        state.update({field: getattr(self, field) for field in _ORDER_FIELDS})
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state()` dict; the next batches are those that followed when it was saved."""
+        for field in _ORDER_FIELDS:
+            if field in state and state[field] != getattr(self, field):
+                raise ValueError(f"iterator state has {field}={state[field]!r} but this iterator has "
+                                 f"{field}={getattr(self, field)!r}; the saved position would mean other examples")
+        missing = {"epoch", "position"} - set(state)
+        if missing:
+            raise ValueError(f"iterator state lacks {sorted(missing)}; got keys {sorted(state)}")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    def _host_order(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self._epoch:
+            self._order = (self._epoch, host_indices(
+                self.num_examples, self._epoch, seed=self.seed, shuffle=self.shuffle,
+                process_index=self.process_index, process_count=self.process_count))
+        return self._order[1]
+
+    def _next_index(self) -> int | None:
+        """The next dataset index of this host's stream, or None once num_epochs are done."""
+        if self.num_epochs is not None and self._epoch >= self.num_epochs:
+            return None
+        order = self._host_order()
+        if self._position >= len(order):
+            self._epoch, self._position = self._epoch + 1, 0
+            return self._next_index()
+        self._position += 1
+        return int(order[self._position - 1])
+
+    def _prepare(self, example: readers.Example, index: int) -> readers.Example:
+        rng = None
+        if self.crop == "random" or self.random_flip:
+            rng = np.random.default_rng([self.seed, 1, self._epoch, index])
+        flip = bool(self.random_flip and rng.integers(2))
+        image = preprocess_image(example["image"], self.resolution, crop=self.crop, flip=flip, rng=rng)
+        return {**example, "image": image, "index": index}
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        examples, unreadable_in_a_row = [], 0
+        while len(examples) < self.batch_size:
+            index = self._next_index()
+            if index is None:
+                break
+            example = self.source[index]
+            if example is None:
+                unreadable_in_a_row += 1
+                if unreadable_in_a_row > self.num_examples:
+                    skipped = getattr(self.source, "skipped", None)
+                    raise ValueError(f"no readable example in a whole epoch of {getattr(self.source, 'name', '?')}"
+                                     + (f"; {skipped.summary()}" if skipped is not None else ""))
+                continue
+            unreadable_in_a_row = 0
+            examples.append(self._prepare(example, index))
+        if not examples or (len(examples) < self.batch_size and self.drop_remainder):
+            raise StopIteration
+        return self._collate(examples)
+
+    def _collate(self, examples: list[readers.Example]) -> Batch:
+        batch: Batch = {
+            "image": np.stack([e["image"] for e in examples]),
+            "index": np.array([e["index"] for e in examples], np.int64),
+        }
+        if "caption" in examples[0]:
+            batch["caption"] = [e["caption"] for e in examples]
+        if "label" in examples[0]:
+            batch["label"] = np.array([e["label"] for e in examples], np.int32)
+        if self.tokenizer is not None:
+            if "caption" not in batch:
+                raise ValueError("a tokenizer was given but the source has no captions")
+            batch["tokens"] = np.asarray(self.tokenizer(batch["caption"]))
+        return batch
+
+
+def to_device(batch: Batch, sharding: jax.sharding.Sharding, *, host_keys: Sequence[str] = ("index",)) -> Batch:
+    """Host-local batch -> global batch: numeric arrays become jax.Arrays laid out by `sharding` (leading axis
+    the global batch, e.g. NamedSharding(mesh, P("data"))); `host_keys` (int64 dataset indices) and python
+    lists (captions) stay on the host."""
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value)
+        if isinstance(value, np.ndarray) and key not in host_keys else value
+        for key, value in batch.items()
+    }
+
+
+class DevicePrefetcher:
+    """Iterates `to_device(batch, sharding)` of an iterator's batches, `size` batches ahead.
+
+    `get_state()` is the wrapped iterator's state after the last batch *returned* (not the read-ahead), so a
+    checkpoint taken between steps resumes at the next unseen batch.
+    """
+
+    def __init__(self, iterator: DataIterator, sharding: jax.sharding.Sharding, *, size: int = 2):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self.iterator, self.sharding, self.size = iterator, sharding, size
+        self._queue: collections.deque[tuple[Batch, dict[str, Any]]] = collections.deque()
+        self._state = iterator.get_state()
+        self._exhausted = False
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        while not self._exhausted and len(self._queue) < self.size:
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                self._exhausted = True
+                break
+            self._queue.append((to_device(batch, self.sharding), self.iterator.get_state()))
+        if not self._queue:
+            raise StopIteration
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """The state after the last returned batch (JSON-able)."""
+        return dict(self._state)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Drops the read-ahead and restores the wrapped iterator."""
+        self.iterator.set_state(state)
+        self._queue.clear()
+        self._exhausted = False
+        self._state = self.iterator.get_state()
+
+
+def make_source(cfg: DataConfig) -> Any:
+    """The example source a DataConfig names (see DataConfig.source)."""
+    if cfg.source == "tfds":
+        if not cfg.data_dir:
+            raise ValueError("data.data_dir must name the folder the TFDS dataset was prepared in")
+        return readers.TfdsSource(cfg.name, data_dir=cfg.data_dir, split=cfg.split, image_key=cfg.image_key,
+                                  caption_key=cfg.caption_key or None, label_key=cfg.label_key or None)
+    caption_ext = "txt" if cfg.caption_key else None
+    if cfg.source == "folder":
+        return readers.ImageFolderSource(cfg.path, caption_extension=caption_ext)
+    if cfg.source == "tar":
+        return readers.TarShardsSource(cfg.path, caption_extension=caption_ext)
+    raise ValueError(f"data.source must be 'tfds', 'folder' or 'tar', got {cfg.source!r}")
+
+
+def make_iterator(cfg: DataConfig, *, source: Any = None, tokenizer: Callable[[Sequence[str]], Any] | None = None,
+                  process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+    """This host's DataIterator for a DataConfig (global_batch_size split evenly over processes)."""
+    process_count = jax.process_count() if process_count is None else process_count
+    if cfg.global_batch_size % process_count:
+        raise ValueError(f"data.global_batch_size {cfg.global_batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    return DataIterator(
+        make_source(cfg) if source is None else source,
+        batch_size=cfg.global_batch_size // process_count, resolution=cfg.resolution, crop=cfg.crop,
+        random_flip=cfg.random_flip, seed=cfg.seed, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs,
+        drop_remainder=cfg.drop_remainder, process_index=process_index, process_count=process_count,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,297 @@
+"""Random-access example sources: prepared TFDS datasets, image folders with .txt captions, webdataset tars.
+
+Every source has `len(source)`, `source.name` and `source[i]` -> an example
+{"image": uint8 (H, W, 3), "caption": str (when the source has captions), "label": int (when it has labels)},
+or None when record i cannot be read (a corrupt image, an undecodable caption). Unreadable records are never
+fatal: each is recorded once in `source.skipped` (a `SkipLog`; log `source.skipped.summary()`) and the
+pipeline moves on to the next index. Zero-byte images and images without a caption are found while
+indexing, so they are never indexed; they are counted in the same log. A source with nothing readable to
+index raises a ValueError naming its path.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import pathlib
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+Example = dict[str, Any]
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
+# What PIL raises on corrupt, truncated or unsupported files (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class SkipLog:
+    """Unreadable records, each counted once by name; `summary()` is the line a caller logs."""
+
+    def __init__(self, max_names: int = 5):
+        self.max_names = max_names
+        self._reasons: dict[str, str] = {}
+
+    def add(self, name: str, reason: str) -> None:
+        """Records that `name` was skipped because of `reason` (repeats of a name count once)."""
+        self._reasons.setdefault(name, reason)
+
+    @property
+    def count(self) -> int:
+        return len(self._reasons)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._reasons)
+
+    def summary(self) -> str:
+        """E.g. "skipped 2 corrupt images: first few names a.png (zero bytes), b.jpg (image file is truncated)"."""
+        if not self._reasons:
+            return "skipped 0 corrupt images"
+        first = ", ".join(f"{n} ({r})" for n, r in list(self._reasons.items())[: self.max_names])
+        return f"skipped {self.count} corrupt images: first few names {first}"
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3); transparency is composited onto white.
+
+    Raises OSError/SyntaxError/ValueError (PIL's errors) for bytes that are not a complete image.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+
+
+def _decode_example(name: str, image_bytes: bytes, caption_bytes: bytes | None, skipped: SkipLog) -> Example | None:
+    """Decodes one record, or records it in `skipped` and returns None."""
+    example: Example = {}
+    try:
+        example["image"] = decode_image(image_bytes)
+        if caption_bytes is not None:
+            example["caption"] = caption_bytes.decode("utf-8").strip()
+    except _DECODE_ERRORS as error:  # UnicodeDecodeError is a ValueError
+        skipped.add(name, str(error) or type(error).__name__)
+        return None
+    return example
+
+
+def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+    return tuple(e.lower().lstrip(".") for e in extensions)
+
+
+class ImageFolderSource:
+    """Images under a folder (recursively, sorted by path), each with a sidecar caption `<stem>.txt`.
+
+    Args:
+      root: the folder.
+      caption_extension: sidecar caption extension, or None for a source without captions.
+      labels_from_dirs: if True, `label` is the index of the image's parent folder (relative to root) in the
+        sorted list of such folders (`class_names`).
+      extensions: image file extensions (case-insensitive).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, caption_extension: str | None = "txt",
+                 labels_from_dirs: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        self.root = pathlib.Path(root)
+        self.name = str(self.root)
+        self.skipped = SkipLog()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
+        extensions = _normalise_extensions(extensions)
+        self._caption_ext = None if caption_extension is None else caption_extension.lstrip(".")
+        self._files: list[tuple[pathlib.Path, pathlib.Path | None]] = []
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            if path.suffix.lower().lstrip(".") in extensions:
+                self._index(path)
+        if not self._files:
+            raise ValueError(
+                f"image folder {self.root} has no readable images with extensions {list(extensions)}"
+                + (f" and .{self._caption_ext} captions" if self._caption_ext else "")
+                + f"; {self.skipped.summary()}"
+            )
+        self.class_names: list[str] = []
+        self._labels: list[int] | None = None
+        if labels_from_dirs:
+            dirs = [str(p.parent.relative_to(self.root)) for p, _ in self._files]
+            self.class_names = sorted(set(dirs))
+            self._labels = [self.class_names.index(d) for d in dirs]
+
+    def _index(self, path: pathlib.Path) -> None:
+        rel = str(path.relative_to(self.root))
+        if path.stat().st_size == 0:
+            self.skipped.add(rel, "zero bytes")
+            return
+        caption_path = None
+        if self._caption_ext is not None:
+            caption_path = path.with_suffix("." + self._caption_ext)
+            if not caption_path.is_file():
+                self.skipped.add(rel, f"no caption file {caption_path.name}")
+                return
+        self._files.append((path, caption_path))
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> Example | None:
+        path, caption_path = self._files[index]
+        name = str(path.relative_to(self.root))
+        example = _decode_example(name, path.read_bytes(),
+                                  None if caption_path is None else caption_path.read_bytes(), self.skipped)
+        if example is not None and self._labels is not None:
+            example["label"] = self._labels[index]
+        return example
+
+
+def _expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(shards, (str, os.PathLike)):
+        pattern = os.fspath(shards)
+        if os.path.isdir(pattern):
+            return sorted(glob.glob(os.path.join(pattern, "*.tar")))
+        return sorted(glob.glob(pattern))
+    return [os.fspath(s) for s in shards]
+
+
+class TarShardsSource:
+    """Webdataset-style .tar shards (the img2dataset layout: `<key>.jpg`/`.png` + `<key>.txt` per example).
+
+    The members of every shard are indexed once, on construction (key = member path up to the first dot of
+    its file name); reads then go straight to each member's byte range. Shards must be uncompressed tars.
+
+    Args:
+      shards: a folder (all its *.tar), a glob pattern, or a list of paths.
+      caption_extension: caption member extension, or None for a source without captions.
+      extensions: image member extensions, in order of preference when a key has several.
+    """
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 caption_extension: str | None = "txt", extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        self._fds: dict[int, int] = {}
+        self.shards = _expand_shards(shards)
+        self.name = os.fspath(shards) if isinstance(shards, (str, os.PathLike)) else f"{len(self.shards)} shards"
+        self.skipped = SkipLog()
+        if not self.shards:
+            raise ValueError(f"no .tar shards found for {shards!r}")
+        self._caption_ext = None if caption_extension is None else caption_extension.lstrip(".")
+        self._extensions = _normalise_extensions(extensions)
+        # One record per example: (shard, name, image (offset, size), caption (offset, size) or None).
+        self._records: list[tuple[int, str, tuple[int, int], tuple[int, int] | None]] = []
+        for shard_index, path in enumerate(self.shards):
+            self._index_shard(shard_index, path)
+        if not self._records:
+            raise ValueError(
+                f"tar shards {self.name} hold no readable examples (images {list(self._extensions)}"
+                + (f" with .{self._caption_ext} captions" if self._caption_ext else "")
+                + f"); {self.skipped.summary()}"
+            )
+
+    def _index_shard(self, shard_index: int, path: str) -> None:
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for info in tar:
+                    if info.isfile():
+                        directory, _, base = info.name.rpartition("/")
+                        stem, dot, ext = base.partition(".")
+                        if dot:
+                            key = f"{directory}/{stem}" if directory else stem
+                            members.setdefault(key, {})[ext.lower()] = info
+        except tarfile.ReadError as error:
+            raise ValueError(f"tar shard {path} cannot be read as an uncompressed tar: {error}") from error
+        for key, by_ext in members.items():
+            image_ext = next((e for e in self._extensions if e in by_ext), None)
+            if image_ext is None:
+                continue  # e.g. the .json/.parquet side files of img2dataset
+            image = by_ext[image_ext]
+            name = f"{os.path.basename(path)}:{image.name}"
+            if image.size == 0:
+                self.skipped.add(name, "zero bytes")
+                continue
+            caption = None
+            if self._caption_ext is not None:
+                info = by_ext.get(self._caption_ext)
+                if info is None:
+                    self.skipped.add(name, f"no .{self._caption_ext} caption member")
+                    continue
+                caption = (info.offset_data, info.size)
+            self._records.append((shard_index, name, (image.offset_data, image.size), caption))
+
+    def _read(self, shard_index: int, span: tuple[int, int]) -> bytes:
+        fd = self._fds.get(shard_index)
+        if fd is None:
+            fd = self._fds[shard_index] = os.open(self.shards[shard_index], os.O_RDONLY)
+        offset, size = span
+        return os.pread(fd, size, offset)  # positionless: safe from several threads
+
+    def close(self) -> None:
+        """Closes the shard files (they are reopened on the next read)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Example | None:
+        shard_index, name, image_span, caption_span = self._records[index]
+        caption = None if caption_span is None else self._read(shard_index, caption_span)
+        return _decode_example(name, self._read(shard_index, image_span), caption, self.skipped)
+
+
+class TfdsSource:
+    """A split of a prepared TFDS dataset (array_record files), read through `tfds.data_source` without TF.
+
+    Args:
+      name: "dataset[/config][:version]", e.g. the name `prepare_captioned_shapes` returns.
+      data_dir: the folder the dataset was prepared in.
+      split: a split name or a TFDS split slice ("train[:90%]").
+      image_key, caption_key, label_key: feature names to read; caption_key/label_key None to leave out.
+    """
+
+    def __init__(self, name: str, *, data_dir: str | os.PathLike, split: str, image_key: str = "image",
+                 caption_key: str | None = "caption", label_key: str | None = None):
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only this source needs it)
+
+        self.name = f"{name} ({split}) in {os.fspath(data_dir)}"
+        self.skipped = SkipLog()
+        try:
+            builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+        except tfds.core.registered.DatasetNotFoundError as error:
+            raise ValueError(f"TFDS dataset {name!r} is neither registered nor prepared in {data_dir}") from error
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}")
+        features = builder.info.features
+        keys = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
+        for arg, key in keys.items():
+            if key is not None and key not in features:
+                raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} ({arg}); features: {list(features)}")
+        split_name = split.split("[")[0]
+        if split_name not in builder.info.splits:
+            raise ValueError(f"TFDS dataset {name!r} has no split {split_name!r}; splits: {list(builder.info.splits)}")
+        self._keys = keys
+        self._source = builder.as_data_source(split=split)
+        if len(self._source) == 0:
+            raise ValueError(f"TFDS dataset {self.name} is empty")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Example:
+        record = self._source[index]
+        image = np.asarray(record[self._keys["image_key"]])
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        example: Example = {"image": image}
+        if self._keys["caption_key"] is not None:
+            caption = record[self._keys["caption_key"]]
+            example["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        if self._keys["label_key"] is not None:
+            example["label"] = int(record[self._keys["label_key"]])
+        return example
