@@ -30,6 +30,7 @@ def data_config() -> ml_collections.ConfigDict:
         "seed": 0,
         "num_epochs": config_dict.placeholder(int),
         "drop_remainder": True,
+        "batch_keys": (),  # () keeps every key; e.g. ("image", "tokens") once a tokenizer is passed
     })
 
 

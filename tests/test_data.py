@@ -406,6 +406,10 @@ def test_tokenizer_and_config():
     tokenizer = lambda captions: [[len(c), ord(c[-1])] for c in captions]  # noqa: E731
     batch = next(_iterator(ListSource(6), tokenizer=tokenizer, shuffle=False))
     np.testing.assert_array_equal(batch["tokens"], [[9, ord(str(i))] for i in range(4)])
+    arrays_only = next(_iterator(ListSource(6), tokenizer=tokenizer, keys=("image", "tokens")))
+    assert set(arrays_only) == {"image", "tokens"}
+    with pytest.raises(ValueError, match=r"batch keys \['label'\] were asked for"):
+        next(_iterator(ListSource(6), keys=("image", "label")))
     config = load_config_file(ROOT / "configs" / "data_captioned_shapes.py")
     cfg = build_dataclass(pipeline.DataConfig, config.data, where="data")
     assert cfg.name == "captioned_shapes/res32" and cfg.num_epochs is None and not cfg.random_flip

@@ -42,7 +42,8 @@ class DataConfig:
 
     source: "tfds" (name, data_dir, split, *_key), "folder" (path: a folder of images + .txt captions) or
     "tar" (path: a folder, glob or list of webdataset .tar shards). caption_key/label_key "" to leave out.
-    global_batch_size is split evenly over processes; num_epochs None means forever.
+    global_batch_size is split evenly over processes; num_epochs None means forever. batch_keys: the keys
+    each batch keeps (empty: all of image, index, caption, tokens, label that exist).
     """
 
     source: str = "tfds"
@@ -61,6 +62,7 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = None
     drop_remainder: bool = True
+    batch_keys: tuple[str, ...] = ()
 
 
 def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center", flip: bool = False,
@@ -124,12 +126,13 @@ class DataIterator:
       drop_remainder: with num_epochs, drop (True) or return (False) a last short batch.
       process_index, process_count: this host and the number of hosts (default: from jax).
       tokenizer: optional callable list[str] -> array (B, ...) stored as batch["tokens"].
+      keys: the batch keys to return (e.g. ("image", "tokens") for an all-array batch); None for all.
     """
 
     def __init__(self, source: Any, *, batch_size: int, resolution: int, crop: str = "center",
                  random_flip: bool = False, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None,
-                 tokenizer: Callable[[Sequence[str]], Any] | None = None):
+                 tokenizer: Callable[[Sequence[str]], Any] | None = None, keys: Sequence[str] | None = None):
         self.source = source
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -146,6 +149,7 @@ class DataIterator:
         self.batch_size, self.resolution, self.crop, self.random_flip = batch_size, resolution, crop, random_flip
         self.seed, self.shuffle, self.num_epochs, self.drop_remainder = seed, shuffle, num_epochs, drop_remainder
         self.tokenizer = tokenizer
+        self.keys = None if keys is None else tuple(keys)
         self._epoch, self._position = 0, 0
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, host indices) cache
 
@@ -228,6 +232,11 @@ class DataIterator:
             if "caption" not in batch:
                 raise ValueError("a tokenizer was given but the source has no captions")
             batch["tokens"] = np.asarray(self.tokenizer(batch["caption"]))
+        if self.keys is not None:
+            missing = [k for k in self.keys if k not in batch]
+            if missing:
+                raise ValueError(f"batch keys {missing} were asked for but batches hold {sorted(batch)}")
+            batch = {k: batch[k] for k in self.keys}
         return batch
 
 
@@ -312,5 +321,5 @@ def make_iterator(cfg: DataConfig, *, source: Any = None, tokenizer: Callable[[S
         batch_size=cfg.global_batch_size // process_count, resolution=cfg.resolution, crop=cfg.crop,
         random_flip=cfg.random_flip, seed=cfg.seed, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs,
         drop_remainder=cfg.drop_remainder, process_index=process_index, process_count=process_count,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, keys=cfg.batch_keys or None,
     )
