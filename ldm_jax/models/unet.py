@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.config import build_dataclass
 from ldm_jax.models.attention import ATTENTION_IMPLS, AttentionBlock, SpatialTransformer
 from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample, conv, timestep_embedding
 
@@ -327,6 +328,18 @@ class UNetModel(nn.Module):
         elif cfg.num_classes != "sequential" and jnp.shape(y) != (batch,):
             raise ValueError(f"UNet: y must be (B={batch},) class labels; got {jnp.shape(y)}")
         return timesteps
+
+
+def build_unet(section_or_config: UNetConfig | Any, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> UNetModel:
+    """Builds a UNetModel from a UNetConfig, a dict or a `unet` ConfigDict section (unknown fields are an error).
+
+    `dtype` is the compute dtype (e.g. bfloat16), `param_dtype` the storage dtype of the parameters.
+    """
+    cfg = section_or_config
+    if not isinstance(cfg, UNetConfig):
+        cfg = build_dataclass(UNetConfig, cfg, where="unet")
+    return UNetModel(cfg, dtype=dtype, param_dtype=param_dtype)
 
 
 def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1):
