@@ -216,6 +216,8 @@ def test_tokenize_rejects_bad_prompts(tokenizer_dirs):
         tokenize(tok, "a cat", pad_token_id=0)
     with pytest.raises(TypeError, match="prompt 1 is int"):
         tokenize(tok, ["a cat", 3], pad_token_id=0)
+    with pytest.raises(ValueError, match="pad_token_id 49407 is outside"):
+        tokenize(tok, ["a cat"], pad_token_id=49407)  # SD v1's pad id does not fit this tiny vocabulary
 
 
 # ----------------------------------------------------------------------------------------------- BERT, class

@@ -81,6 +81,8 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_l
         raise ValueError("prompts is empty")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (start and end tokens), got {max_length}")
+    if not 0 <= pad_token_id < len(tokenizer):
+        raise ValueError(f"pad_token_id {pad_token_id} is outside the tokenizer's vocabulary [0, {len(tokenizer)})")
     prompts = list(prompts)
     for i, ids in enumerate(tokenizer(prompts)["input_ids"]):
         if len(ids) > max_length:
