@@ -2,7 +2,7 @@
 
 The reference conditions on the class through a learnt ClassEmbedder (1001 classes incl. the unconditional
 one, 512-d) whose (B, 1, 512) output is the cross-attention context (conditioning_key "crossattn"); that
-embedder is the `cond_stage` (added by the text/class encoder's owner). UNet: model_channels 192,
+embedder is the `cond_stage`. UNet: model_channels 192,
 channel_mult (1, 2, 3, 5), 2 res blocks, spatial transformers with 1 head at factors 8, 4, 2, context 512.
 Schedule: linear 0.0015..0.0195, 1000 steps, eps prediction, scale_factor 1.
 
@@ -25,4 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
     unet.use_spatial_transformer = True
     unet.context_dim = 512
     config.ldm.conditioning_key = "crossattn"
+    with config.unlocked():
+        config.cond_stage = ml_collections.ConfigDict(dict(kind="class", n_classes=1001, embed_dim=512))
     return config

@@ -4,7 +4,7 @@ UNet: model_channels 320, channel_mult (1, 2, 4, 4), 2 res blocks per level, spa
 8 heads: head dims 40/80/160) at downsampling factors 4, 2, 1; context 77 x 768; 859,520,964 parameters.
 Diffusion: reference "linear" schedule (sqrt-space linspace 0.00085..0.012, diffusers "scaled_linear"),
 1000 steps, eps prediction, latents scaled by 0.18215. First stage: configs/autoencoder_kl_f8.py.
-The `cond_stage` section (CLIP text encoder) is added by the text encoder's owner.
+cond_stage: the CLIP ViT-L/14 text transformer (last layer), prompts padded with end-of-text 49407.
 
 Built by `.venv/bin/python -m pytest -q tests/test_configs.py -k sd_v1`; weights load with
 `ldm_jax.convert.diffusers_unet.load_diffusers_unet(folder)`. Override fields as `--config.unet.attention=chunked`.
@@ -45,6 +45,21 @@ def get_config() -> ml_collections.ConfigDict:
             num_timesteps=1000,
             linear_start=0.00085,
             linear_end=0.012,
+        ))
+        config.cond_stage = ml_collections.ConfigDict(dict(
+            kind="clip",
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_layers=12,
+            num_heads=12,
+            max_length=77,
+            hidden_act="quick_gelu",
+            eos_token_id=49407,
+            pooling="argmax",  # its transformers config carries the legacy eos_token_id 2
+            output_layer="last",
+            pad_token_id=49407,
+            tokenizer_kind="clip",
         ))
         config.ldm = ml_collections.ConfigDict(dict(
             conditioning_key="crossattn",

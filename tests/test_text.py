@@ -362,3 +362,16 @@ def test_cond_stage_config_errors():
         cond_stage_config({"kind": "clip", "hidden_size": 30, "num_heads": 4})
     with pytest.raises(ValueError, match="output_layer"):
         ClipTextConfig(output_layer="second")
+
+
+@pytest.mark.parametrize("name", ["sd_v1", "sd_v1_inpainting", "sd_v2", "ldm_cin256", "ldm_txt2img_1p4b"])
+def test_model_configs_cond_stage_fits_unet(name):
+    config = load_config_file(ROOT / "configs" / f"{name}.py")
+    cond = cond_stage_config(config.cond_stage)
+    assert cond.context_dim == config.unet.context_dim
+    expected = {"sd_v1": (ClipTextConfig, 49407), "sd_v1_inpainting": (ClipTextConfig, 49407),
+                "sd_v2": (ClipTextConfig, 0), "ldm_txt2img_1p4b": (BertEmbedderConfig, 0)}
+    if name in expected:
+        assert type(cond) is expected[name][0] and cond.pad_token_id == expected[name][1]
+    else:
+        assert cond == ClassEmbedderConfig(n_classes=1001, embed_dim=512)
