@@ -17,13 +17,25 @@ decoding divides by it and the VQ decoder quantises.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from ldm_jax.config import build_dataclass
-from ldm_jax.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTION_TYPES, ScheduleConfig
-from ldm_jax.models.autoencoder import AutoencoderConfig
-from ldm_jax.models.text import ClassEmbedderConfig, CondStageConfig, cond_stage_config
-from ldm_jax.models.unet import UNetConfig
+from ldm_jax.diffusion.guidance import inpaint_channels
+from ldm_jax.diffusion.schedule import (LOSS_WEIGHTINGS, PREDICTION_TYPES, NoiseSchedule, ScheduleConfig,
+                                        logvar_weighted_loss, loss_weights, make_schedule, q_sample,
+                                        training_target)
+from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder, init_autoencoder
+from ldm_jax.models.text import (ClassEmbedderConfig, CondStageConfig, build_cond_stage, cond_stage_config,
+                                 cond_stage_inputs_shape)
+from ldm_jax.models.tokenizer import tokenize
+from ldm_jax.models.unet import UNetConfig, build_unet, init_unet
 
 CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "adm", None)
 LOSS_TYPES = ("l2", "l1")
@@ -220,3 +232,320 @@ class LoadedModel:
     params: dict[str, Any]
     tokenizer: Any = None
     model_id: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+Dtype = Any
+
+
+@functools.lru_cache(maxsize=None)
+def modules(config: LDMConfig, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> LDMModules:
+    """The Flax modules of `config` (cached: configs are hashable), compute `dtype`, storage `param_dtype`."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    cond = None if config.cond_stage is None else build_cond_stage(config.cond_stage, **kw)
+    return LDMModules(first_stage=build_autoencoder(config.first_stage, **kw), cond_stage=cond,
+                      unet=build_unet(config.unet, **kw))
+
+
+@dataclasses.dataclass(frozen=True)
+class LDMModules:
+    """The three Flax modules of a latent diffusion model (cond_stage None when unconditional/"adm")."""
+
+    first_stage: nn.Module
+    cond_stage: nn.Module | None
+    unet: nn.Module
+
+
+def init_params(config: LDMConfig, key: jax.Array) -> dict[str, Any]:
+    """Fresh random params in the LDM layout ({"first_stage", "cond_stage"?, "unet", "logvar"?}), float32.
+
+    Works under `jax.eval_shape` (shapes only) and `jax.jit` (sharded init).
+    """
+    m = modules(config)
+    k_fs, k_cs, k_unet = jax.random.split(key, 3)
+    params = {"first_stage": init_autoencoder(m.first_stage, k_fs)["params"],
+              "unet": init_unet(m.unet, k_unet)["params"]}
+    if m.cond_stage is not None:
+        inputs = jnp.zeros(cond_stage_inputs_shape(config.cond_stage, 1), jnp.int32)
+        params["cond_stage"] = m.cond_stage.init(k_cs, inputs)["params"]
+    if config.diffusion.learn_logvar:
+        params["logvar"] = jnp.full((config.diffusion.schedule.num_timesteps,), config.diffusion.logvar_init,
+                                    jnp.float32)
+    return params
+
+
+def noise_schedule(config: LDMConfig) -> NoiseSchedule:
+    """The model's `NoiseSchedule` (float32 tables of length num_timesteps)."""
+    return make_schedule(config.diffusion.schedule)
+
+
+def _part(params: Mapping[str, Any], name: str) -> Any:
+    if name not in params:
+        raise KeyError(f"LDM params have no {name!r} entry; they have {sorted(params)} (expected "
+                       f"first_stage, unet, and cond_stage for conditional models)")
+    return params[name]
+
+
+# ------------------------------------------------------------------------------------------- first stage
+
+
+def encode_first_stage(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
+                       key: jax.Array | None = None, *, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Images (B, H, W, 3) in [-1, 1] -> scaled latents (B, H/f, W/f, C) float32.
+
+    KL: a posterior sample when `key` is given (the reference's `get_first_stage_encoding`), else its mode;
+    VQ: the pre-quantisation h (`key` unused). Both times `diffusion.scale_factor`.
+    """
+    model = modules(config, dtype).first_stage
+    variables = {"params": _part(params, "first_stage")}
+    if config.first_stage.kind == "kl":
+        posterior = model.apply(variables, images, method=model.encode)
+        z = posterior.mode() if key is None else posterior.sample(key)
+    else:
+        z = model.apply(variables, images, method=model.encode)
+    return z.astype(jnp.float32) * config.diffusion.scale_factor
+
+
+def decode_first_stage(config: LDMConfig, params: Mapping[str, Any], latents: jax.Array, *,
+                       dtype: Dtype = jnp.float32) -> jax.Array:
+    """Scaled latents (B, h, w, C) -> images (B, h*f, w*f, 3) float32 (about [-1, 1], not clipped).
+
+    Divides by `diffusion.scale_factor` first; a VQ decoder quantises to its codebook.
+    """
+    model = modules(config, dtype).first_stage
+    return model.apply({"params": _part(params, "first_stage")}, latents / config.diffusion.scale_factor,
+                       method=model.decode).astype(jnp.float32)
+
+
+def scale_by_std(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
+                 key: jax.Array | None = None) -> jax.Array:
+    """The reference's `scale_by_std`: 1 / std of the first batch's unscaled latents, a float32 scalar.
+
+    images (B, H, W, 3) in [-1, 1]; KL latents are posterior samples when `key` is given (as the reference
+    does), else modes. The std is torch's (unbiased, ddof=1) over every latent element.
+    """
+    unit = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=1.0))
+    z = encode_first_stage(unit, params, images, key)
+    return 1.0 / jnp.std(z, ddof=1)
+
+
+# ------------------------------------------------------------------------------------------- conditioning
+
+
+def encode_conditioning(config: LDMConfig, params: Mapping[str, Any], inputs: jax.Array, *,
+                        dtype: Dtype = jnp.float32) -> dict[str, jax.Array]:
+    """Conditioning inputs -> the UNet conditioning dict.
+
+    inputs: token ids (B, L) int for a text cond stage, labels (B,) int for a class cond stage (context
+    (B, 1, D)) or for "adm" with int num_classes, vectors (B, adm_in_channels) for "adm" "sequential".
+    Returns {"context": (B, L, D)} for "crossattn"/"hybrid", {"y": ...} for "adm". Concat channels are not
+    made here (see `inpaint_conditioning`).
+    """
+    key = config.diffusion.conditioning_key
+    if key == "adm":
+        return {"y": inputs}
+    if key not in ("crossattn", "hybrid"):
+        raise ValueError(f"encode_conditioning: conditioning_key={key!r} has no cond stage to encode with")
+    model = modules(config, dtype).cond_stage
+    return {"context": model.apply({"params": _part(params, "cond_stage")}, inputs)}
+
+
+def null_inputs(config: LDMConfig, batch: int, empty_prompt_ids: Any = None) -> jax.Array:
+    """The unconditional inputs for classifier-free guidance, leading size `batch`.
+
+    Text cond stages: `empty_prompt_ids` (L,) or (1, L) (the tokenised "" from `empty_prompt_ids`) repeated;
+    class cond stage / "adm" labels: the null class (the last one); "adm" vectors: zeros.
+    """
+    cond = config.cond_stage
+    if config.tokenizer_kind is not None:
+        if empty_prompt_ids is None:
+            raise ValueError("null_inputs: a text cond stage needs empty_prompt_ids (the tokenised empty prompt; "
+                             "see ldm_jax.ldm.empty_prompt_ids)")
+        ids = jnp.asarray(empty_prompt_ids, jnp.int32).reshape(1, -1)
+        if ids.shape[1] != config.max_length:
+            raise ValueError(f"null_inputs: empty_prompt_ids has length {ids.shape[1]}; expected max_length "
+                             f"{config.max_length}")
+        return jnp.broadcast_to(ids, (batch, ids.shape[1]))
+    if isinstance(cond, ClassEmbedderConfig):
+        return jnp.full((batch,), cond.null_class, jnp.int32)
+    if config.diffusion.conditioning_key == "adm":
+        if config.unet.num_classes == "sequential":
+            return jnp.zeros((batch, config.unet.adm_in_channels), jnp.float32)
+        return jnp.full((batch,), config.unet.num_classes - 1, jnp.int32)
+    raise ValueError(f"null_inputs: conditioning_key={config.diffusion.conditioning_key!r} has no conditioning "
+                     "inputs")
+
+
+def empty_prompt_ids(config: LDMConfig, tokenizer: Any) -> np.ndarray:
+    """The tokenised empty prompt "" (1, max_length) int32, padded as the model expects (host only)."""
+    if config.tokenizer_kind is None:
+        raise ValueError("empty_prompt_ids: the model has no text cond stage")
+    return tokenize(tokenizer, [""], pad_token_id=config.pad_token_id, max_length=config.max_length)
+
+
+def inpaint_conditioning(config: LDMConfig, params: Mapping[str, Any], images: jax.Array, mask: jax.Array, *,
+                         dtype: Dtype = jnp.float32) -> jax.Array:
+    """The concat channels of an SD inpainting UNet: [mask, masked-image latent], (B, h, w, 1 + C).
+
+    images (B, H, W, 3) in [-1, 1]; mask (B, H, W, 1) in [0, 1], 1 = repaint. As diffusers/CompVis: the mask
+    is binarised at 0.5, the masked image is images * (mask < 0.5), encoded to its (scaled) mode, and the mask
+    is resized to the latent grid with nearest-neighbour sampling.
+    """
+    check_image_and_mask(config, images, mask)
+    binary = (mask >= 0.5).astype(jnp.float32)
+    latents = encode_first_stage(config, params, images * (1.0 - binary), dtype=dtype)
+    f = config.downsample_factor
+    small = binary[:, ::f, ::f, :]  # nearest-neighbour downsampling: F.interpolate(size=(h, w)) picks these
+    return inpaint_channels(small, latents)
+
+
+def check_image_and_mask(config: LDMConfig, images: Any, mask: Any = None) -> None:
+    """ValueError unless images are (B, H, W, 3) with H, W multiples of the first-stage factor and the mask
+    (if any) is (B, H, W, 1), single-channel and the images' size."""
+    f, ch = config.downsample_factor, config.first_stage.in_channels
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[-1] != ch:
+        raise ValueError(f"images must be (batch, H, W, {ch}) NHWC; got shape {shape}")
+    if shape[1] % f or shape[2] % f:
+        raise ValueError(f"image size {shape[1]}x{shape[2]} is not a multiple of {f} (the first stage's "
+                         f"downsampling factor)")
+    if mask is None:
+        return
+    mshape = tuple(np.shape(mask))
+    if len(mshape) != 4 or mshape[-1] != 1:
+        raise ValueError(f"mask must be single-channel (batch, H, W, 1) in [0, 1]; got shape {mshape}")
+    if mshape[:3] != shape[:3]:
+        raise ValueError(f"mask size {mshape[:3]} does not match the image's {shape[:3]} (batch, H, W)")
+
+
+# ---------------------------------------------------------------------------------------------------- UNet
+
+
+def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: jax.Array,
+               cond: Mapping[str, jax.Array] | None, *, dtype: Dtype = jnp.float32, rngs: Any = None,
+               deterministic: bool = True) -> jax.Array:
+    """The denoiser: x (B, h, w, C) latents, t (B,) timesteps, cond {"context"?, "y"?, "concat"?}.
+
+    "concat" channels (B, h, w, C_extra) are appended to x; "context" is cross-attended; "y" goes to the
+    class embedding. Returns the prediction (B, h, w, C) float32 (of `diffusion.prediction_type`).
+    """
+    cond = dict(cond or {})
+    if "concat" in cond:
+        x = jnp.concatenate([x, cond.pop("concat").astype(x.dtype)], axis=-1)
+    unknown = sorted(set(cond) - {"context", "y"})
+    if unknown:
+        raise ValueError(f"apply_unet: unknown conditioning entries {unknown}; expected context, y, concat")
+    model = modules(config, dtype).unet
+    return model.apply({"params": _part(params, "unet")}, x, t, cond.get("context"), cond.get("y"),
+                       deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def conditioning_inputs(config: LDMConfig, batch: Mapping[str, Any]) -> jax.Array | None:
+    """The batch entry the conditioning is made from: "tokens" (text), "label" (class / adm labels) or
+    "y" ("adm" vectors); None for models without conditioning inputs ("concat"-only or unconditional)."""
+    key = config.diffusion.conditioning_key
+    if config.tokenizer_kind is not None:
+        name = "tokens"
+    elif isinstance(config.cond_stage, ClassEmbedderConfig) or (key == "adm" and config.unet.num_classes != "sequential"):
+        name = "label"
+    elif key == "adm":
+        name = "y"
+    else:
+        return None
+    if name not in batch:
+        raise KeyError(f"the batch has no {name!r} entry, which this model (conditioning_key={key!r}) is "
+                       f"conditioned on; it has {sorted(batch)}")
+    return jnp.asarray(batch[name])
+
+
+def drop_conditioning(inputs: jax.Array, null: jax.Array, prob: float, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Replaces each example's conditioning inputs (B, ...) by `null` (same shape) with probability `prob`.
+
+    Returns (inputs, dropped (B,) bool). Dropping the token ids of a prompt equals dropping its context,
+    since the text encoder treats every example separately.
+    """
+    dropped = jax.random.bernoulli(key, prob, (inputs.shape[0],))
+    keep = dropped.reshape((-1,) + (1,) * (inputs.ndim - 1))
+    return jnp.where(keep, null.astype(inputs.dtype), inputs), dropped
+
+
+def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array, *,
+                  empty_prompt: Any = None, dtype: Dtype = jnp.float32, train: bool = True,
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The LDM training loss of one batch; returns (loss scalar, metrics {name: scalar}).
+
+    batch: "image" (B, H, W, 3) in [-1, 1]; the conditioning entry (`conditioning_inputs`: "tokens" (B, L),
+    "label" (B,) or "y" (B, D)); for "concat"/"hybrid" models either "concat" (B, h, w, C_extra) latent-space
+    channels or "mask" (B, H, W, 1) in [0, 1] (then the SD-inpainting channels of `inpaint_conditioning`).
+    key: one PRNG key, split here into the posterior sample, timesteps, noise, conditioning dropout and
+    UNet dropout.
+    empty_prompt: (1, L) ids of "" for text models trained with cond_drop_prob > 0 (`empty_prompt_ids`).
+    Steps: latents z = scale * sample(E(image)) (no gradient into the first stage); t ~ U{0..T-1}; x_t =
+    q_sample(z, t, noise); per-example conditioning dropout with prob cond_drop_prob; prediction vs target
+    (eps, x0 or v); per-example mean l2/l1 times the loss weight (uniform / min-SNR); then the reference's
+    loss / exp(logvar_t) + logvar_t (logvar learned or the constant logvar_init); mean over the batch.
+    """
+    d = config.diffusion
+    k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
+    images = jnp.asarray(batch["image"])
+    z = jax.lax.stop_gradient(encode_first_stage(config, params, images, k_post, dtype=dtype))
+    b = z.shape[0]
+    schedule = noise_schedule(config)
+    t = jax.random.randint(k_t, (b,), 0, d.schedule.num_timesteps)
+    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    x_t = q_sample(schedule, z, t, noise)
+    cond, metrics = _training_conditioning(config, params, batch, k_drop, empty_prompt, dtype)
+    pred = apply_unet(config, params, x_t, t, cond, dtype=dtype, rngs={"dropout": k_dropout},
+                      deterministic=not train)
+    target = training_target(schedule, z, noise, t, d.prediction_type)
+    err = pred - target
+    per_example = jnp.mean(jnp.square(err) if d.loss_type == "l2" else jnp.abs(err), axis=(1, 2, 3))
+    loss_simple = per_example * loss_weights(schedule, t, d.prediction_type, d.loss_weighting, d.min_snr_gamma)
+    logvar_t = params["logvar"][t] if d.learn_logvar else jnp.full((b,), d.logvar_init, jnp.float32)
+    loss = jnp.mean(logvar_weighted_loss(loss_simple, logvar_t))
+    metrics.update(loss=loss, loss_simple=jnp.mean(loss_simple), loss_unweighted=jnp.mean(per_example))
+    if d.learn_logvar:
+        metrics["logvar"] = jnp.mean(params["logvar"])
+    return loss, metrics
+
+
+def _training_conditioning(config, params, batch, key, empty_prompt, dtype):
+    """(UNet conditioning dict, metrics) for a training batch, with conditioning dropout."""
+    d, cond, metrics = config.diffusion, {}, {}
+    inputs = conditioning_inputs(config, batch)
+    if inputs is not None:
+        if d.cond_drop_prob > 0:
+            null = null_inputs(config, inputs.shape[0], empty_prompt)
+            inputs, dropped = drop_conditioning(inputs, null, d.cond_drop_prob, key)
+            metrics["cond_dropped"] = jnp.mean(dropped.astype(jnp.float32))
+        cond.update(encode_conditioning(config, params, inputs, dtype=dtype))
+    if d.conditioning_key in ("concat", "hybrid"):
+        if "concat" in batch:
+            cond["concat"] = jnp.asarray(batch["concat"], jnp.float32)
+        elif "mask" in batch:
+            concat = inpaint_conditioning(config, params, jnp.asarray(batch["image"]), jnp.asarray(batch["mask"]),
+                                          dtype=dtype)
+            cond["concat"] = jax.lax.stop_gradient(concat)
+        else:
+            raise KeyError(f"conditioning_key={d.conditioning_key!r} needs batch['concat'] (latent-space channels) "
+                           f"or batch['mask'] (inpainting); the batch has {sorted(batch)}")
+        if cond["concat"].shape[-1] != config.concat_channels:
+            raise ValueError(f"concat conditioning has {cond['concat'].shape[-1]} channels; the UNet expects "
+                             f"{config.concat_channels} (in_channels {config.unet.in_channels} - latent channels)")
+    return cond, metrics
+
+
+def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, dtype: Dtype = jnp.float32):
+    """`loss_fn(params, batch, key) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`."""
+    if config.tokenizer_kind is not None and config.diffusion.cond_drop_prob > 0 and empty_prompt is None:
+        raise ValueError("cond_drop_prob > 0 with a text cond stage needs empty_prompt (see empty_prompt_ids)")
+    empty = None if empty_prompt is None else np.asarray(empty_prompt, np.int32)
+
+    def loss_fn(params, batch, key):
+        return training_loss(config, params, batch, key, empty_prompt=empty, dtype=dtype)
+
+    return loss_fn
