@@ -22,6 +22,7 @@ def _configure_jax(local_devices: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
     sys.modules.setdefault("torchvision", None)
+    sys.modules.setdefault("torch", None)  # tensorboardX imports torch when present: 3 s this run does not need
     import jax
 
     jax.config.update("jax_disable_most_optimizations", True)
@@ -121,7 +122,7 @@ class ToyBatches:
 
 def run(workdir: str, *, steps: int, batch_size: int = 16, mesh_data: int = -1, mesh_fsdp: int = 1,
         accumulate: int = 1, checkpoint_every: int = 2, delay: float = 0.0, nan_at_step: int | None = None,
-        hooks=(), seed: int = 0):
+        hooks=(), seed: int = 0, log_every: int = 1):
     """Trains ToyModel for `steps` steps in `workdir` (resuming if it holds a checkpoint); returns the state."""
     mesh = parallel.make_mesh(mesh_data, mesh_fsdp)
     cfg = optim.OptimizerConfig(learning_rate=3e-3, scale_lr=False, warmup_steps=2, grad_clip_norm=1.0,
@@ -134,7 +135,7 @@ def run(workdir: str, *, steps: int, batch_size: int = 16, mesh_data: int = -1, 
                            accumulate_grad_batches=accumulate, learning_rate_fn=schedule)
     config = {"steps": steps, "batch_size": batch_size, "mesh": [mesh_data, mesh_fsdp], "accumulate": accumulate}
     return train_loop(state, step, ToyBatches(batch_size, seed=seed, nan_at_step=nan_at_step, delay=delay),
-                      num_steps=steps, workdir=workdir, mesh=mesh, config=config, log_every=1, hooks=hooks,
+                      num_steps=steps, workdir=workdir, mesh=mesh, config=config, log_every=log_every, hooks=hooks,
                       checkpoint=CheckpointConfig(every_steps=checkpoint_every, keep=2), progress_bar=False)
 
 

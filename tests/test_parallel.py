@@ -115,7 +115,9 @@ def test_sharded_steps_match_one_device(one_device_run, data, fsdp):
         for name in ("loss", "mae", "grad_norm", "param_norm"):
             # float32 sums in a different order on 8 devices: agreement to a few ulps of the values.
             np.testing.assert_allclose(b[name], a[name], rtol=2e-6, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6),
+    # Params, EMA and Adam moments after 3 steps: last-bit float32 differences from the summation order
+    # (measured <= 3e-8 absolute; atol ~ 2 ulp of the largest parameter, 0.78).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7),
                  one_state, _host((state.params, state.ema_params, state.opt_state)))
     assert int(state.step) == 3
     moved = np.abs(one_state[0]["dense_out"]["kernel"] - init["dense_out"]["kernel"]).max()
@@ -129,7 +131,7 @@ def test_gradient_accumulation_equals_the_full_batch():
     for a, b in zip(full_losses, accum_losses, strict=True):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-6)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=2e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7),
                  _host(full.params), _host(accum.params))
     with pytest.raises(ValueError, match="not divisible by accumulate_grad_batches=3"):
         state, step = _setup(mesh, accumulate=3)
