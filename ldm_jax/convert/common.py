@@ -9,9 +9,11 @@ A converter turns a PyTorch-layout state dict (name -> numpy array) into our Fla
 
 Our module names mirror diffusers' (`down_blocks_0/resnets_1/conv1/kernel` for
 `down_blocks.0.resnets.1.conv1.weight`), so `diffusers_key_to_path` is the default renaming.
+Export runs the same mapping backwards: `params_to_state_dict` (`flax_to_torch_leaf`, `path_to_diffusers_key`).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -153,3 +155,43 @@ def _report(source: str, missing: list[str], unexpected: list[str], mismatched: 
             lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
     return "\n".join(lines)
 
+
+
+# ------------------------------------------------------------------------------------------ export (inverse)
+
+
+def flax_to_torch_leaf(path: Path, array: np.ndarray) -> tuple[Path, np.ndarray]:
+    """Inverse of `torch_to_flax_leaf`: conv kernel (HWIO) -> OIHW `weight`, Dense kernel -> transposed
+    `weight`, norm `scale` and `embedding` -> `weight`; biases unchanged."""
+    *prefix, leaf = path
+    array = np.asarray(array)
+    if leaf == "kernel" and array.ndim == 4:
+        return (*prefix, "weight"), np.transpose(array, (3, 2, 0, 1))
+    if leaf == "kernel" and array.ndim == 2:
+        return (*prefix, "weight"), np.transpose(array)
+    if leaf in ("scale", "embedding"):
+        return (*prefix, "weight"), array
+    if leaf == "bias":
+        return tuple(path), array
+    raise ConversionError(f"cannot map param {'/'.join(path)} of rank {array.ndim} to a torch leaf")
+
+
+def path_to_diffusers_key(path: Path, *, literal: Iterable[str] = ()) -> str:
+    """Inverse of `diffusers_key_to_path`: ("down_blocks_0", "resnets_1", "conv1", "weight") ->
+    "down_blocks.0.resnets.1.conv1.weight". Names in `literal` (torch attribute names that themselves end in
+    `_<digits>`, such as diffusers' `linear_1`) are kept as they are."""
+    parts = []
+    for name in path:
+        match = None if name in set(literal) else re.fullmatch(r"(.+?)((?:_\d+)+)", name)
+        parts.extend([match.group(1), *match.group(2)[1:].split("_")] if match else [name])
+    return ".".join(parts)
+
+
+def params_to_state_dict(params: Mapping[str, Any], *, literal: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Our Flax params (no "params" level) -> a diffusers/transformers-layout state dict of float32 numpy
+    arrays: the inverse of `convert_state_dict` with the default renaming (see `path_to_diffusers_key`)."""
+    out = {}
+    for path, array in traverse_util.flatten_dict(dict(params)).items():
+        torch_path, torch_array = flax_to_torch_leaf(path, np.asarray(array, np.float32))
+        out[path_to_diffusers_key(torch_path, literal=literal)] = torch_array
+    return out
