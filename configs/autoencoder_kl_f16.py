@@ -3,6 +3,7 @@
 256x256x3 images <-> 16x16x16 latents; ch 128, ch_mult (1, 1, 2, 2, 4), 2 resnets per level, attention at the
 16x16 level. Loss (for the training issue): as kl-f8 (KL weight 1e-6, disc_start 50001, disc_weight 0.5).
 Training lands with the training issue; this file overrides configs/autoencoder_kl_f8.py.
+Built and shape-checked by: .venv/bin/python -m pytest -q tests/test_configs.py -k autoencoder_kl_f16
 """
 import pathlib
 

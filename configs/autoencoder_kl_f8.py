@@ -6,6 +6,7 @@ disc_weight 0.5, KL weight 1e-6, base learning rate 4.5e-6.
 
 Training lands with the training issue; until then this config is used to build the model and to load
 converted weights (`ldm_jax.convert.diffusers_autoencoder`). The other autoencoder configs override this one.
+Built and shape-checked by: .venv/bin/python -m pytest -q tests/test_configs.py -k autoencoder_kl_f8
 """
 import ml_collections
 

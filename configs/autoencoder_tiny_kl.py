@@ -2,6 +2,7 @@
 
 ch 32, ch_mult (1, 2, 2), 1 resnet per level, attention at the 8x8 level (about 1.0M parameters).
 Training lands with the training issue; this file overrides configs/autoencoder_kl_f8.py.
+Built and shape-checked by: .venv/bin/python -m pytest -q tests/test_configs.py -k autoencoder_tiny_kl
 """
 import pathlib
 

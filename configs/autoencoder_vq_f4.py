@@ -4,6 +4,7 @@
 attention outside the mid blocks; codebook beta 0.25 with the legacy loss form. Loss (for the training issue):
 L1 + LPIPS + PatchGAN from step 0 with disc_weight 0.75, codebook weight 1.0.
 Training lands with the training issue; this file overrides configs/autoencoder_kl_f8.py.
+Built and shape-checked by: .venv/bin/python -m pytest -q tests/test_configs.py -k autoencoder_vq_f4
 """
 import pathlib
 

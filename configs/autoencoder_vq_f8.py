@@ -4,6 +4,7 @@
 attention at the 32x32 level; codebook beta 0.25 with the legacy loss form. Loss (for the training issue):
 L1 + LPIPS + a 2-layer PatchGAN from step 1 with disc_weight 0.6, codebook weight 1.0.
 Training lands with the training issue; this file overrides configs/autoencoder_vq_f4.py.
+Built and shape-checked by: .venv/bin/python -m pytest -q tests/test_configs.py -k autoencoder_vq_f8
 """
 import pathlib
 

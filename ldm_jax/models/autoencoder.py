@@ -292,10 +292,12 @@ class DiagonalGaussian:
 
     @property
     def std(self) -> jax.Array:
+        """exp(logvar / 2), shape of `mean`."""
         return jnp.exp(0.5 * self.logvar)
 
     @property
     def var(self) -> jax.Array:
+        """exp(logvar), shape of `mean`."""
         return jnp.exp(self.logvar)
 
     def sample(self, key: jax.Array) -> jax.Array:
@@ -303,6 +305,7 @@ class DiagonalGaussian:
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
+        """The mean (B, h, w, C)."""
         return self.mean
 
     def kl(self, other: DiagonalGaussian | None = None) -> jax.Array:
@@ -377,13 +380,10 @@ class AutoencoderKL(nn.Module):
         deterministic: bool = True,
     ) -> tuple[jax.Array, DiagonalGaussian]:
         """Reconstructs x from a posterior sample (needs `key`) or, with sample_posterior=False, its mode."""
+        if sample_posterior and key is None:
+            raise ValueError("AutoencoderKL: sample_posterior=True needs a PRNG `key`")
         posterior = self.encode(x, deterministic)
-        if sample_posterior:
-            if key is None:
-                raise ValueError("AutoencoderKL: sample_posterior=True needs a PRNG `key`")
-            z = posterior.sample(key)
-        else:
-            z = posterior.mode()
+        z = posterior.sample(key) if sample_posterior else posterior.mode()
         return self.decode(z, deterministic), posterior
 
 
@@ -398,7 +398,7 @@ class VectorQuantizer(nn.Module):
       loss = mse(sg(z_q), z) + beta * mse(z_q, sg(z))   (legacy=True, the reference's default), or
       loss = beta * mse(sg(z_q), z) + mse(z_q, sg(z))   (legacy=False),
       info = {"indices": (B, h, w) int32, "perplexity": scalar, "codebook_usage": number of codes used}.
-    Distances, codebook and loss are float32.
+    Distances, codebook and loss are float32 (`dtype` is accepted for uniformity; nothing here runs in it).
     """
 
     n_embed: int
@@ -505,7 +505,9 @@ class VQModel(nn.Module):
         quant = self.quantize.lookup(indices)
         return self.decoder(self.post_quant_conv(quant), deterministic)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """x (B, H, W, in_channels) -> (reconstruction (B, H, W, out_ch), vq_loss scalar, info)."""
         h = self.encode(x, deterministic)
         quant, loss, info = self.quantize(h)
