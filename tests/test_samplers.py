@@ -25,6 +25,8 @@ SCHEDULE = make_schedule(beta_schedule="linear", linear_start=0.00085, linear_en
 BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 8, 8, 4)
 RTOL = 1e-5
+# diffusers calls np.array on torch tensors, which warns under numpy 2; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def _model_jax(x, t, cond=None):
@@ -58,7 +60,7 @@ def _rel_err(ours, ref):
 
 def _use_our_alphas(scheduler):
     """Gives a diffusers scheduler our float32 alphas_cumprod (and what its __init__ derives from it)."""
-    ac = torch.from_numpy(np.asarray(SCHEDULE.alphas_cumprod))
+    ac = torch.tensor(np.asarray(SCHEDULE.alphas_cumprod))
     scheduler.alphas_cumprod = ac
     if hasattr(scheduler, "final_alpha_cumprod"):
         scheduler.final_alpha_cumprod = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else ac[0]
@@ -105,71 +107,69 @@ def _torch_loop(scheduler, steps, noise, key, monkeypatch, module=None, **step_k
     return np.asarray(scheduler.timesteps), xs
 
 
-DDIM = dict(cls=diffusers.DDIMScheduler, kw=dict(set_alpha_to_one=False, steps_offset=1, clip_sample=False))
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One parity run: our sampler (name, options) and the diffusers scheduler configured to match."""
+
+    name: str
+    steps: int
+    opts: dict
+    reference: type
+    reference_opts: dict
+    step_kwargs: dict = dataclasses.field(default_factory=dict)
+    noise_module: object = None  # the diffusers module whose randn_tensor draws the step noise
+
+
+COMPVIS = dict(set_alpha_to_one=False, steps_offset=1)
+DDIM = dict(clip_sample=False, **COMPVIS)
+PLMS = dict(skip_prk_steps=True, **COMPVIS)
+DPM = dict(algorithm_type="dpmsolver++", solver_order=2)
+LEADING = dict(timestep_spacing="leading", steps_offset=1)
 CASES = {
-    # name: (our sampler, our options, diffusers scheduler, its options, step kwargs, noise module)
-    "ddim": ("ddim", {}, DDIM, {}, {}, None),
-    "ddim-25": ("ddim", {}, DDIM, {}, {}, None),
-    "ddim-eta": ("ddim", dict(eta=0.7), DDIM, {}, dict(eta=0.7), None),
-    "ddim-v": ("ddim", dict(prediction_type="v"), DDIM, dict(prediction_type="v_prediction"), {}, None),
-    "ddim-clip": ("ddim", dict(clip_sample=1.0), DDIM, dict(clip_sample=True), {}, None),
-    "ddim-trailing-one": ("ddim", dict(timestep_spacing="trailing", set_alpha_to_one=True), DDIM,
-                          dict(timestep_spacing="trailing", set_alpha_to_one=True), {}, None),
-    "plms": ("plms", {}, dict(cls=diffusers.PNDMScheduler, kw=dict(skip_prk_steps=True, steps_offset=1,
-                                                                    set_alpha_to_one=False)), {}, {}, None),
-    "plms-25": ("plms", {}, dict(cls=diffusers.PNDMScheduler, kw=dict(skip_prk_steps=True, steps_offset=1,
-                                                                       set_alpha_to_one=False)), {}, {}, None),
-    "dpm++": ("dpm++", {}, dict(cls=diffusers.DPMSolverMultistepScheduler,
-                                kw=dict(algorithm_type="dpmsolver++", solver_order=2)), {}, {}, None),
-    "dpm++-20-sigma-min": ("dpm++", dict(final_sigmas_type="sigma_min"),
-                           dict(cls=diffusers.DPMSolverMultistepScheduler,
-                                kw=dict(algorithm_type="dpmsolver++", solver_order=2)),
-                           dict(final_sigmas_type="sigma_min"), {}, None),
-    "dpm++-karras": ("dpm++", dict(use_karras_sigmas=True), dict(cls=diffusers.DPMSolverMultistepScheduler,
-                                                                  kw=dict(algorithm_type="dpmsolver++", solver_order=2)),
-                     dict(use_karras_sigmas=True), {}, None),
-    "dpm++-leading-v": ("dpm++", dict(timestep_spacing="leading", steps_offset=1, prediction_type="v"),
-                        dict(cls=diffusers.DPMSolverMultistepScheduler,
-                             kw=dict(algorithm_type="dpmsolver++", solver_order=2)),
-                        dict(timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"), {}, None),
-    "euler": ("euler", {}, dict(cls=diffusers.EulerDiscreteScheduler, kw={}), {}, {}, None),
-    "euler-7-leading": ("euler", dict(timestep_spacing="leading", steps_offset=1),
-                        dict(cls=diffusers.EulerDiscreteScheduler, kw={}),
-                        dict(timestep_spacing="leading", steps_offset=1), {}, None),
-    "euler-7-linspace-v": ("euler", dict(prediction_type="v"), dict(cls=diffusers.EulerDiscreteScheduler, kw={}),
-                           dict(prediction_type="v_prediction"), {}, None),
-    "euler-karras": ("euler", dict(use_karras_sigmas=True), dict(cls=diffusers.EulerDiscreteScheduler, kw={}),
-                     dict(use_karras_sigmas=True), {}, None),
-    "euler-a": ("euler-a", {}, dict(cls=diffusers.EulerAncestralDiscreteScheduler, kw={}), {}, {}, euler_a_module),
-    "euler-a-leading": ("euler-a", dict(timestep_spacing="leading", steps_offset=1),
-                        dict(cls=diffusers.EulerAncestralDiscreteScheduler, kw={}),
-                        dict(timestep_spacing="leading", steps_offset=1), {}, euler_a_module),
-    "ddpm": ("ddpm", dict(steps_offset=1), dict(cls=diffusers.DDPMScheduler, kw=dict(clip_sample=False, steps_offset=1)),
-             {}, {}, ddpm_module),
-    "ddpm-clip-linspace": ("ddpm", dict(timestep_spacing="linspace", clip_sample=1.0),
-                           dict(cls=diffusers.DDPMScheduler, kw=dict(clip_sample=True)),
-                           dict(timestep_spacing="linspace"), {}, ddpm_module),
+    "ddim": Case("ddim", 10, {}, diffusers.DDIMScheduler, DDIM),
+    "ddim-25": Case("ddim", 25, {}, diffusers.DDIMScheduler, DDIM),
+    "ddim-eta": Case("ddim", 10, dict(eta=0.7), diffusers.DDIMScheduler, DDIM, dict(eta=0.7)),
+    "ddim-v": Case("ddim", 10, dict(prediction_type="v"), diffusers.DDIMScheduler,
+                   {**DDIM, "prediction_type": "v_prediction"}),
+    "ddim-clip": Case("ddim", 10, dict(clip_sample=1.0), diffusers.DDIMScheduler, {**DDIM, "clip_sample": True}),
+    "ddim-trailing-alpha-one": Case("ddim", 10, dict(timestep_spacing="trailing", set_alpha_to_one=True),
+                                    diffusers.DDIMScheduler,
+                                    dict(clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=True)),
+    "plms": Case("plms", 10, {}, diffusers.PNDMScheduler, PLMS),
+    "plms-25": Case("plms", 25, {}, diffusers.PNDMScheduler, PLMS),
+    "dpm++": Case("dpm++", 10, {}, diffusers.DPMSolverMultistepScheduler, DPM),
+    "dpm++-20-sigma-min": Case("dpm++", 20, dict(final_sigmas_type="sigma_min"),  # second order to the end
+                               diffusers.DPMSolverMultistepScheduler, {**DPM, "final_sigmas_type": "sigma_min"}),
+    "dpm++-karras": Case("dpm++", 10, dict(use_karras_sigmas=True), diffusers.DPMSolverMultistepScheduler,
+                         {**DPM, "use_karras_sigmas": True}),
+    "dpm++-leading-v": Case("dpm++", 10, dict(prediction_type="v", **LEADING), diffusers.DPMSolverMultistepScheduler,
+                            {**DPM, **LEADING, "prediction_type": "v_prediction"}),
+    "euler": Case("euler", 10, {}, diffusers.EulerDiscreteScheduler, {}),
+    "euler-7-leading": Case("euler", 7, LEADING, diffusers.EulerDiscreteScheduler, LEADING),
+    "euler-7-v": Case("euler", 7, dict(prediction_type="v"), diffusers.EulerDiscreteScheduler,  # fractional t
+                      dict(prediction_type="v_prediction")),
+    "euler-karras": Case("euler", 10, dict(use_karras_sigmas=True), diffusers.EulerDiscreteScheduler,
+                         dict(use_karras_sigmas=True)),
+    "euler-a": Case("euler-a", 10, {}, diffusers.EulerAncestralDiscreteScheduler, {}, {}, euler_a_module),
+    "euler-a-leading": Case("euler-a", 10, LEADING, diffusers.EulerAncestralDiscreteScheduler, LEADING, {},
+                            euler_a_module),
+    "ddpm": Case("ddpm", 10, dict(steps_offset=1), diffusers.DDPMScheduler, dict(clip_sample=False, steps_offset=1),
+                 {}, ddpm_module),
+    "ddpm-clip-linspace": Case("ddpm", 10, dict(timestep_spacing="linspace", clip_sample=1.0), diffusers.DDPMScheduler,
+                               dict(timestep_spacing="linspace", clip_sample=True), {}, ddpm_module),
 }
-
-
-def _steps_for(case):
-    for token in case.split("-"):
-        if token.isdigit():
-            return int(token)
-    return 10
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sampler_matches_diffusers_step_for_step(case, monkeypatch):
-    name, opts, ref, ref_opts, step_kwargs, noise_module = CASES[case]
-    steps = _steps_for(case)
+    c = CASES[case]
     noise = np.asarray(jax.random.normal(jax.random.key(0), SHAPE))
     key = jax.random.key(1)
-    sampler = samplers.make_sampler(name, SCHEDULE, steps, **opts)
-    scheduler = _use_our_alphas(ref["cls"](**{**BETAS, **ref["kw"], **ref_opts}))
-    ref_t, ref_xs = _torch_loop(scheduler, steps, noise, key, monkeypatch, noise_module, **step_kwargs)
+    sampler = samplers.make_sampler(c.name, SCHEDULE, c.steps, **c.opts)
+    scheduler = _use_our_alphas(c.reference(**BETAS, **c.reference_opts))
+    ref_t, ref_xs = _torch_loop(scheduler, c.steps, noise, key, monkeypatch, c.noise_module, **c.step_kwargs)
     ours = _python_loop(sampler, noise, key)
-    if name == "plms":  # diffusers lists the repeated warm-up timestep
+    if c.name == "plms":  # diffusers lists the repeated warm-up timestep
         np.testing.assert_array_equal(np.asarray(sampler.timesteps), np.concatenate([ref_t[:1], ref_t[2:]]))
     else:
         # Karras timesteps are fractional: diffusers interpolates float32 log-sigmas (about 1e-3 off in t).

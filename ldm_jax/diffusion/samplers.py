@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.struct
 import jax
@@ -623,7 +623,36 @@ SAMPLERS: dict[str, tuple[type, Any]] = {
     "euler": (EulerConfig, EulerSampler.create),
     "euler-a": (EulerAncestralConfig, EulerSampler.create),
 }
-Sampler = DDIMSampler | PLMSSampler | DDPMSampler | DPMSolverSampler | EulerSampler
+
+
+class Sampler(Protocol):
+    """What every sampler provides (and all the driver uses). x is (B, H, W, C) float32 in the sampler's
+    coordinates; `step` an int32 index into `timesteps` (N,), descending from the noisiest."""
+
+    timesteps: jax.Array
+
+    @property
+    def num_steps(self) -> int:
+        """N, the number of steps (static)."""
+
+    @property
+    def num_evals(self) -> int:
+        """Model evaluations in a full run (static): N, or N + 1 for PLMS's warm-up."""
+
+    def prior(self, noise: jax.Array) -> jax.Array:
+        """The starting x of a from-noise run, from noise ~ N(0, I)."""
+
+    def noise_to(self, x0: jax.Array, noise: jax.Array, step: jax.Array) -> jax.Array:
+        """Clean x0 noised with `noise` to the level of `step`, in the sampler's coordinates."""
+
+    def init_state(self, x: jax.Array, step: Any = 0) -> Any:
+        """A flax.struct state (with `x` and `step`) starting at `x`, which is at the level of `step`."""
+
+    def model_input(self, state: Any) -> tuple[jax.Array, jax.Array]:
+        """(x_in (B, H, W, C), t scalar int32 or float32): what the model sees at this evaluation."""
+
+    def update(self, state: Any, prediction: jax.Array, key: jax.Array) -> Any:
+        """The next state from the model's prediction (B, H, W, C); `key` feeds the step's noise."""
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **opts: Any) -> Sampler:
