@@ -42,6 +42,29 @@ class MeshConfig:
     fsdp: int = 1
     param_rules: tuple[tuple[str, Any], ...] = DEFAULT_PARAM_RULES
 
+    def __post_init__(self):
+        object.__setattr__(self, "param_rules", normalize_rules(self.param_rules))
+
+
+def normalize_rules(rules: Sequence[Any]) -> tuple[tuple[str, Any], ...]:
+    """Rules from a config (lists, PartitionSpecs) -> hashable `((regex, spec), ...)` with tuple specs.
+
+    Raises ValueError naming the rule when it is not a (regex, spec) pair or the regex does not compile.
+    """
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"param_rules[{i}] = {rule!r}: expected a (regex, spec) pair")
+        pattern, spec = rule
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"param_rules[{i}]: bad regex {pattern!r}: {err}") from None
+        if not isinstance(spec, str):
+            spec = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+        out.append((pattern, spec))
+    return tuple(out)
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp) mesh over `devices` (default: all devices of all processes), Auto axis types.
@@ -110,7 +133,7 @@ def spec_for(name: str, shape: Sequence[int], spec: Any, mesh: Mesh) -> P:
         return P(*([None] * dim), "fsdp")
     if isinstance(spec, str):
         raise ValueError(f"sharding rule for {name!r}: spec {spec!r} is not a tuple of axis names or {FSDP_AUTO!r}")
-    entries = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+    entries = tuple(tuple(e) if isinstance(e, list) else e for e in spec)  # also accepts a PartitionSpec
     if len(entries) > len(shape):
         raise ValueError(f"sharding rule for {name!r}: spec {entries} has more entries than shape {shape}")
     for dim, entry in enumerate(entries):
@@ -132,7 +155,7 @@ def param_specs(params: Any, rules: Sequence[tuple[str, Any]], mesh: Mesh) -> An
 
     First matching rule (re.search on the "/"-joined path) wins; a parameter no rule matches is an error.
     """
-    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+    compiled = [(re.compile(pattern), spec) for pattern, spec in normalize_rules(rules)]
 
     def one(path, leaf):
         name = path_str(path)

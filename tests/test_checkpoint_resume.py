@@ -47,9 +47,8 @@ def _committed_steps(directory):
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     # Run B (a subprocess) is slowed down, SIGKILLed once a checkpoint is committed, then restarted; run A
-    # goes straight through the same 8 steps in this process meanwhile (same XLA flags as the worker).
-    run_b = _worker(tmp_path / "b", tmp_path / "b.npz", "--delay", "0.3")
-    a = toy.gathered_params(toy.run(str(tmp_path / "a"), steps=8, checkpoint_every=2))
+    # goes straight through the same 8 steps in this process (same XLA flags as the worker) meanwhile.
+    run_b = _worker(tmp_path / "b", tmp_path / "b.npz", "--delay", "0.5")
     ckpt_dir = tmp_path / "b" / "checkpoints"
     deadline = time.monotonic() + 90
     while not _committed_steps(ckpt_dir):
@@ -62,7 +61,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert run_b.returncode == -signal.SIGKILL and max(killed_at) < 8, killed_at
     log_before = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
 
-    _finish(_worker(tmp_path / "b", tmp_path / "b.npz"))
+    restart = _worker(tmp_path / "b", tmp_path / "b.npz")
+    a = toy.gathered_params(toy.run(str(tmp_path / "a"), steps=8, checkpoint_every=2))
+    _finish(restart)
     b = np.load(tmp_path / "b.npz")
     assert sorted(a) == sorted(b.files) and int(b["step"]) == 8
     for name in a:

@@ -51,6 +51,7 @@ class ProgressBar:
         self._bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{images_per_sec:.1f}", refresh=False)
 
     def close(self) -> None:
+        """Closes the bar."""
         self._bar.close()
 
 
@@ -91,11 +92,13 @@ class MetricWriter:
             Image.fromarray(png).save(os.path.join(self.workdir, "images", f"{name.replace('/', '_')}_{step:08d}.png"))
 
     def flush(self) -> None:
+        """Flushes TensorBoard and JSONL to disk."""
         if self.enabled:
             self._tb.flush()
             self._jsonl.flush()
 
     def close(self) -> None:
+        """Flushes and closes the files."""
         if self.enabled:
             self._tb.close()
             self._jsonl.close()

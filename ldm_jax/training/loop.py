@@ -69,12 +69,15 @@ def _split_micro_batches(batch: Any, num: int) -> Any:
 
 
 def make_train_step(loss_fn: LossFn, *, mesh: Mesh, state_shardings: TrainState, accumulate_grad_batches: int = 1,
-                    learning_rate_fn: optax.Schedule | None = None) -> TrainStep:
+                    learning_rate_fn: optax.Schedule | None = None, frozen: Any = None) -> TrainStep:
     """Builds the jitted train step `(state, batch, key) -> (state, metrics)` around `loss_fn`.
 
     loss_fn(params, batch, key) -> (scalar loss, {name: scalar}); called once per micro-batch, its
     gradients averaged in float32 over `accumulate_grad_batches` micro-batches (a `lax.scan`).
     state_shardings: the state's shardings (`ldm_jax.training.state.shardings_of(state)`).
+    frozen: optional pytree of arrays the loss reads but does not train (a frozen first stage); then
+      loss_fn(params, batch, key, frozen) is called, and the arrays enter the jitted step as an argument
+      with their own shardings (not as compile-time constants). Not donated.
     The state argument is donated: do not use the state passed in after the call.
     """
     num = accumulate_grad_batches
@@ -83,13 +86,13 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, state_shardings: TrainState,
     micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: Any, key: jax.Array):
+    def step(state: TrainState, batch: Any, key: jax.Array, frozen_args: tuple = ()):
         step_key = jax.random.fold_in(key, state.step)
         micro = jax.lax.with_sharding_constraint(_split_micro_batches(batch, num), micro_sharding)
 
         def body(grad_sum, xs):
             index, micro_batch = xs
-            (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_key, index))
+            (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_key, index), *frozen_args)
             for name, value in {"loss": loss, **aux}.items():
                 if jnp.shape(value) != ():
                     raise ValueError(f"loss_fn metric {name!r} has shape {jnp.shape(value)}, expected a scalar")
@@ -109,8 +112,13 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, state_shardings: TrainState,
         return new_state, metrics
 
     rep = parallel.replicated(mesh)
-    return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=0)
+    if frozen is None:
+        return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep),
+                       out_shardings=(state_shardings, rep), donate_argnums=0)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    jitted = jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep, (frozen_shardings,)),
+                     out_shardings=(state_shardings, rep), donate_argnums=0)
+    return lambda state, batch, key: jitted(state, batch, key, (frozen,))
 
 
 @jax.jit
@@ -119,8 +127,8 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def _state_is_finite(state: TrainState) -> bool:
-    return bool(parallel.fetch_replicated(_all_finite((state.params, state.ema_params, state.opt_state))))
+def _state_is_finite(state: Any) -> bool:
+    return bool(parallel.fetch_replicated(_all_finite(state)))
 
 
 def _base_key(state: TrainState, mesh: Mesh) -> jax.Array:
@@ -139,7 +147,8 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
       batch, leading axis = examples) with `get_state()` / `set_state(s)` (JSON-able), checkpointed with the
       state so a resumed run sees the same batches.
     state: a freshly initialised state; when `workdir/checkpoints` holds a checkpoint it is only the restore
-      target (structure and shardings).
+      target (structure and shardings). A TrainState, or any pytree dataclass with an `rng` field of key data
+      (a stage with several optimisers brings its own state and step).
     config: saved as JSON in each checkpoint.
     Raises NonFiniteError (after waiting for pending saves) when a loss/metric or the state is NaN/Inf.
     """
