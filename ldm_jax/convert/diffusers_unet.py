@@ -98,7 +98,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> U
         model_channels=channels[0],
         channel_mult=tuple(c // channels[0] for c in channels),
         num_res_blocks=layers,
-        attention_resolutions=tuple(2**level for level, a in enumerate(attn_levels) if a),
+        attention_resolutions=tuple(2**level for level, a in reversed(list(enumerate(attn_levels))) if a),  # (4, 2, 1)
         transformer_depth=depth,
         context_dim=context_dim,
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
