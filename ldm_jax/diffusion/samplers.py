@@ -27,7 +27,6 @@ for Euler/Euler-a, as in the diffusers references. Timesteps follow these spacin
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Protocol
 
 import flax.struct
