@@ -182,6 +182,24 @@ def test_train_step_is_pure_and_traced_once():
     assert not np.array_equal(start["conv_in"]["kernel"], _host(state.params)["conv_in"]["kernel"])
 
 
+def test_frozen_arrays_enter_the_step_as_arguments():
+    # `frozen` (e.g. a frozen first stage) reaches loss_fn as a 4th argument, sharded, not donated, not trained.
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    frozen = {"w": jax.device_put(jnp.full((4,), 2.0), jax.sharding.NamedSharding(mesh, P("fsdp")))}
+
+    def loss_with_frozen(params, batch, key, frozen):
+        loss, aux = toy.deterministic_loss_fn(params, batch, key)
+        return loss * frozen["w"].mean(), aux
+
+    batch = parallel.host_local_to_global(toy.global_batch(0, BATCH), mesh)
+    state, _ = _setup(mesh)
+    want, _ = toy.deterministic_loss_fn(_host(state.params), toy.global_batch(0, BATCH), None)
+    step = make_train_step(loss_with_frozen, mesh=mesh, state_shardings=state_lib.shardings_of(state), frozen=frozen)
+    _, metrics = step(state, batch, jax.random.key(0))
+    np.testing.assert_allclose(metrics["loss"], 2.0 * want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(frozen["w"]), 2.0)  # still alive: not donated
+
+
 def test_optimizer_schedule_clipping_and_lr_scaling():
     assert optim.scaled_learning_rate(1e-6, batch_size=4, num_devices=8, accumulate_grad_batches=2) == pytest.approx(
         64e-6)
