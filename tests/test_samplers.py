@@ -179,8 +179,8 @@ def test_sampler_matches_diffusers_step_for_step(case, monkeypatch):
     assert max(errors) <= RTOL, f"{case}: relative error per step {np.array(errors)}"
 
 
-def _run_jit(sampler, noise, key, **kw):
-    return jax.jit(lambda s, n, k: samplers.sample(s, _model_jax, n, k, **kw))(sampler, noise, key)
+def _jitted_sample(**kw):
+    return jax.jit(lambda s, n, k: samplers.sample(s, _model_jax, n, k, **kw))
 
 
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
@@ -188,9 +188,10 @@ def test_scan_driver_equals_python_loop(name):
     sampler = samplers.make_sampler(name, SCHEDULE, 6, **({"eta": 0.5} if name == "ddim" else {}))
     noise = jax.random.normal(jax.random.key(2), SHAPE)
     key = jax.random.key(3)
-    ours = _run_jit(sampler, noise, key)
+    run = _jitted_sample()
+    ours = run(sampler, noise, key)
     np.testing.assert_allclose(ours, _python_loop(sampler, noise, key)[-1], rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(ours, _run_jit(sampler, noise, key))  # same key, same result
+    np.testing.assert_array_equal(ours, run(sampler, noise, key))  # same key, same result
 
 
 def _img2img_inpaint_loop(sampler, noise, key, init, mask, t_enc):
@@ -215,7 +216,7 @@ def test_img2img_inpainting_equals_written_out_loop(name):
     init = 0.5 * jax.random.normal(jax.random.key(5), SHAPE)
     mask = jnp.zeros(SHAPE[:3] + (1,)).at[:, 2:6, 3:7].set(1.0)
     key = jax.random.key(6)
-    out = _run_jit(sampler, noise, key, init_latent=init, strength=0.7, mask=mask)
+    out = _jitted_sample(init_latent=init, strength=0.7, mask=mask)(sampler, noise, key)
     np.testing.assert_allclose(out, _img2img_inpaint_loop(sampler, noise, key, init, mask, 7), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(out)[np.asarray(mask[..., 0]) == 0],
                                   np.asarray(init)[np.asarray(mask[..., 0]) == 0])
