@@ -47,6 +47,7 @@ class UNetConfig:
     `num_classes`: None, an int (class labels y of shape (B,)), or "sequential" (y of shape
     (B, adm_in_channels) through a 2-layer MLP).
     `flip_sin_to_cos`/`freq_shift`: timestep-feature convention (CompVis: [cos, sin], shift 0).
+    `dropout` applies inside the ResnetBlocks only (as in the reference; its transformers use none).
     `attention`: "xla", "jax_nn" or "chunked" (see `ldm_jax.models.attention`).
     `remat`: False, True (recompute every ResnetBlock / transformer block in the backward pass), or the
     name of a `jax.checkpoint_policies` policy applied to each such block.
@@ -170,8 +171,9 @@ class _Blocks(nn.Module):
         kw = dict(implementation=cfg.attention, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if not cfg.use_spatial_transformer:
             return _maybe_remat(AttentionBlock, cfg.remat)(heads, epsilon=NORM_EPS, **kw)
+        # The reference passes `dropout` to the ResBlocks only; its transformers run without dropout.
         return _maybe_remat(SpatialTransformer, cfg.remat)(
-            heads, head_dim, cfg.transformer_depth, cfg.use_linear_in_transformer, dropout=cfg.dropout, **kw
+            heads, head_dim, cfg.transformer_depth, cfg.use_linear_in_transformer, **kw
         )
 
 
