@@ -108,8 +108,23 @@ def _sigma_to_t(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
     return np.interp(np.log(np.maximum(sigmas, 1e-10)), log_train, np.arange(len(train_sigmas), dtype=np.float64))
 
 
+def _per_example(key: jax.Array) -> bool:
+    """Whether `key` is a (B,) array of typed per-example keys (rather than one key)."""
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
 def _normal(key: jax.Array, like: jax.Array) -> jax.Array:
+    """N(0, I) shaped like `like`; a (B,) array of per-example keys draws example b's noise from key[b]."""
+    if _per_example(key):
+        return jax.vmap(lambda k, x: jax.random.normal(k, x.shape, jnp.float32))(key, like)
     return jax.random.normal(key, like.shape, jnp.float32)
+
+
+def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
+    """fold_in for one key or for a (B,) array of per-example keys."""
+    if _per_example(key):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.random.fold_in(key, data)
 
 
 # ---------------------------------------------------------------------------------------------------- states
@@ -724,7 +739,8 @@ def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array, key: jax.Array
       model_fn: (x (B, H, W, C + C_extra) float32, t (B,) int32 or float32, cond) -> prediction (B, H, W, C)
         of the sampler's prediction_type. Wrap with `guidance.classifier_free_guidance` for CFG.
       noise: (B, H, W, C) standard normal: the start of a from-noise run, and img2img's added noise.
-      key: PRNG key; step i's stochastic noise uses fold_in(key, i). Same key, same result.
+      key: PRNG key; step i's stochastic noise uses fold_in(key, i). Same key, same result. Or a (B,) array
+        of typed per-example keys: example b's noise then comes from key[b] alone (independent of the batch).
       cond: any pytree, passed through to model_fn.
       init_latent: (B, H, W, C) clean latent for img2img (SDEdit) and mask blending.
       strength: img2img strength in [0, 1], may be traced: the last int(strength * steps) steps run, starting
@@ -739,6 +755,8 @@ def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array, key: jax.Array
       (B, H, W, C) float32, the final sample.
     """
     _check_inputs(noise, init_latent, mask, extra_channels)
+    if _per_example(key) and key.shape[0] != noise.shape[0]:
+        raise ValueError(f"{key.shape[0]} per-example keys for a batch of {noise.shape[0]}")
     n = sampler.num_steps
     noise = noise.astype(jnp.float32)
     if init_latent is None:
@@ -757,9 +775,9 @@ def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array, key: jax.Array
     batch = noise.shape[0]
 
     def evaluate(state):
-        step_key = jax.random.fold_in(key, state.step)
+        step_key = _fold_in(key, state.step)
         if mask is not None:
-            known = sampler.noise_to(init_latent, _normal(jax.random.fold_in(step_key, 1), noise), state.step)
+            known = sampler.noise_to(init_latent, _normal(_fold_in(step_key, 1), noise), state.step)
             state = state.replace(x=mask * state.x + (1 - mask) * known)
         x_in, t = sampler.model_input(state)
         if extra_channels is not None:
