@@ -43,12 +43,18 @@ def tiny_config(kind="kl", conditioning_key="crossattn", cond="clip", in_channel
     return ldm.LDMConfig(first_stage=fs, unet=unet, diffusion=d, cond_stage=cond_stage)
 
 
+def randomize_zero_kernels(params, key):
+    """The UNet's output conv and attention output projections start at zero (so context and input would
+    not reach the output); give every all-zero kernel small random values."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    out = [0.05 * jax.random.normal(k, x.shape) if path[-1].key == "kernel" and not jnp.any(x) else x
+           for (path, x), k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _params(config, seed=0):
-    params = ldm.init_params(config, jax.random.key(seed))
-    # conv_out is zero-initialised: give the UNet a non-trivial output.
-    out = params["unet"]["conv_out"]
-    out["kernel"] = 0.05 * jax.random.normal(jax.random.key(seed + 1), out["kernel"].shape)
-    return params
+    return randomize_zero_kernels(ldm.init_params(config, jax.random.key(seed)), jax.random.key(seed + 1))
 
 
 def _images(b=2, seed=0):

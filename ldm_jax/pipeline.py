@@ -1,0 +1,321 @@
+"""Sampling pipelines: txt2img, img2img and inpaint as pure functions, each jitted once per (shapes, sampler).
+
+Every pipeline is one `jax.jit` of a `jax.shard_map` over the mesh: the batch is split over the mesh's
+("data", "fsdp") axes and every device generates its share with no communication (the pmapped use);
+params and the sampler are replicated. Inside, per device: encode the prompt token ids (tokenised on the
+host, `encode_prompts`) with the cond stage, draw the initial noise, run the sampler (one `lax.scan`) with
+classifier-free guidance, decode with the first stage.
+
+Traced (changing them does not recompile): params, the sampler's tables and DDIM's `eta`, prompt token ids,
+guidance scale, seed, example indices, strength, init images and masks. Static (a new compilation each):
+config, mesh, dtype, the sampler kind and step count, batch size and image size. `trace_count(kind)` counts
+traces, for tests.
+
+Randomness, per example: example i (its global index, `first_index + position in the batch`) uses
+  e_i = fold_in(key(seed), i);  initial noise = normal(e_i, latent shape);
+  sampler step keys derive from fold_in(e_i, STEP_STREAM) (a counter no latent-sized draw from e_i reaches).
+So image i depends only on (seed, i, prompt, settings): not on the batch size or the device count.
+
+Conventions: images float32 NHWC in [-1, 1] (outputs clipped to it; `to_uint8` for files); masks
+(B, H, W, 1) in [0, 1] with 1 = repaint, binarised at 0.5; H and W multiples of the first stage's factor.
+Inpainting: models with concat channels (SD inpainting, 9-channel UNet) get [mask, masked-image latent]
+appended to x; other models blend: outside the mask the latent is replaced by the noised known latent
+before every step and by the known latent at the end. Init images are encoded to the posterior mode
+(diffusers and CompVis draw a posterior sample; the two differ by the VAE's posterior noise).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax import ldm, parallel
+from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
+from ldm_jax.diffusion.samplers import Sampler, make_sampler, sample
+from ldm_jax.ldm import LDMConfig, LoadedModel
+from ldm_jax.models.tokenizer import tokenize
+
+KINDS = ("txt2img", "img2img", "inpaint")
+STEP_STREAM = 2**32 - 1
+_TRACES: collections.Counter = collections.Counter()
+
+
+def trace_count(kind: str) -> int:
+    """How many times the pipeline `kind` has been traced (compiled) in this process."""
+    return _TRACES[kind]
+
+
+def make_model_sampler(config: LDMConfig, name: str, steps: int, **opts: Any) -> Sampler:
+    """`samplers.make_sampler` for this model: its noise schedule and prediction type (`opts` as there)."""
+    opts.setdefault("prediction_type", config.diffusion.prediction_type)
+    return make_sampler(name, ldm.noise_schedule(config), steps, **opts)
+
+
+def encode_prompts(model: LoadedModel, prompts: Sequence[str],
+                   negative_prompts: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises prompts on the host: (cond, uncond) int32 (B, max_length) token ids.
+
+    uncond is the negative prompts' ids, or the empty prompt's for every example.
+    """
+    cfg = model.config
+    if model.tokenizer is None or cfg.tokenizer_kind is None:
+        raise ValueError(f"encode_prompts: model {model.model_id!r} has no tokenizer / text cond stage")
+    kw = dict(pad_token_id=cfg.pad_token_id, max_length=cfg.max_length)
+    cond = tokenize(model.tokenizer, list(prompts), **kw)
+    if negative_prompts is None:
+        negative_prompts = [""] * len(cond)
+    if len(negative_prompts) != len(cond):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(cond)} prompts")
+    return cond, tokenize(model.tokenizer, list(negative_prompts), **kw)
+
+
+def to_uint8(images: Any) -> np.ndarray:
+    """Images in [-1, 1] (any shape) -> uint8 in [0, 255] on the host: round((x + 1) * 127.5), clipped."""
+    x = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
+    return np.round((x + 1.0) * 127.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any = None, *,
+            guidance_scale: Any = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
+            first_index: int = 0, noise: Any = None, batch_size: int | None = None, mesh: Mesh | None = None,
+            dtype: Any = jnp.float32, chunk_size: int | None = None) -> jax.Array:
+    """Generates B images from noise. Returns (B, H, W, 3) float32 in [-1, 1], sharded over the mesh's batch.
+
+    cond / uncond: conditioning inputs (B, L) token ids (text models, from `encode_prompts`) or (B,) labels
+      (class / "adm" models); uncond None = the null class / zero vector (give it for text models).
+      Unconditional models take cond=None and `batch_size` (or `noise`).
+    guidance_scale: scalar or (B,); 1 = the conditional prediction alone. Ignored by unconditional models.
+    height, width: image size (default: diffusion.image_size times the first-stage factor); multiples of f.
+    noise: optional (B, h, w, C) initial latent noise instead of the per-example draw (e.g. for parity tests).
+    mesh: default `parallel.make_mesh()` over all devices; B must divide by its size.
+    dtype: compute dtype of the models (norms, softmax and sampler arithmetic stay float32).
+    chunk_size: examples a device processes at once (static; default its whole share). With chunk_size=1
+      every image's arithmetic is the same whatever the batch size and device count, so images agree
+      bitwise; larger chunks are faster and agree to float32 rounding (XLA picks kernels by shape).
+    """
+    inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=None,
+                            batch_size=batch_size)
+    hw = _latent_hw(config, height, width)
+    return _run("txt2img", config, params, sampler, inputs, hw, mesh, dtype, chunk_size)
+
+
+def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any, *,
+            strength: float = 0.75, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
+            noise: Any = None, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+            chunk_size: int | None = None) -> jax.Array:
+    """SDEdit: encodes `images` (B, H, W, 3) in [-1, 1], noises them to `strength` in [0, 1] (the last
+    int(strength * steps) steps run), denoises. Returns (B, H, W, 3) float32 in [-1, 1]. Other arguments as
+    in `txt2img`."""
+    ldm.check_image_and_mask(config, images)
+    inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=images)
+    inputs.update(image=np.asarray(images, np.float32), strength=_strength(strength))
+    hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
+    return _run("img2img", config, params, sampler, inputs, hw, mesh, dtype, chunk_size)
+
+
+def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any,
+            mask: Any, *, strength: float = 1.0, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
+            noise: Any = None, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+            chunk_size: int | None = None) -> jax.Array:
+    """Repaints `images` (B, H, W, 3) in [-1, 1] where `mask` (B, H, W, 1) >= 0.5.
+
+    Models with concat channels (SD inpainting) see [mask, masked-image latent]; others blend (module doc).
+    strength < 1 starts from the image noised to that level. Returns (B, H, W, 3) float32 in [-1, 1].
+    Other arguments as in `txt2img`.
+    """
+    ldm.check_image_and_mask(config, images, mask)
+    concat = config.concat_channels
+    if concat not in (0, 1 + config.latent_channels):
+        raise ValueError(f"inpaint: the UNet takes {config.unet.in_channels} input channels; inpainting needs "
+                         f"{config.latent_channels} (mask blending) or {2 * config.latent_channels + 1} "
+                         f"(latent + mask + masked-image latent)")
+    inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=images)
+    inputs.update(image=np.asarray(images, np.float32), mask=np.asarray(mask, np.float32),
+                  strength=_strength(strength))
+    hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
+    return _run("inpaint", config, params, sampler, inputs, hw, mesh, dtype, chunk_size)
+
+
+# -------------------------------------------------------------------------------------------- input checks
+
+
+def _strength(strength: Any) -> np.ndarray:
+    value = float(strength)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {value}")
+    return np.asarray(value, np.float32)
+
+
+def _latent_hw(config: LDMConfig, height: int | None, width: int | None) -> tuple[int, int]:
+    f = config.downsample_factor
+    height = height or config.diffusion.image_size * f
+    width = width or config.diffusion.image_size * f
+    if height % f or width % f:
+        raise ValueError(f"image size {height}x{width} is not a multiple of {f} (the first stage's factor)")
+    return height // f, width // f
+
+
+def _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from, batch_size=None
+                   ) -> dict[str, Any]:
+    """Host-side inputs shared by every pipeline, checked; batch size from cond, noise or images."""
+    inputs: dict[str, Any] = {}
+    conditional = config.diffusion.conditioning_key in ("crossattn", "hybrid", "adm")
+    if conditional:
+        if cond is None:
+            raise ValueError(f"conditioning_key={config.diffusion.conditioning_key!r}: give cond (token ids or labels)")
+        cond = np.asarray(cond)
+        uncond = ldm.null_inputs(config, cond.shape[0]) if uncond is None and config.tokenizer_kind is None else uncond
+        if uncond is None:
+            raise ValueError("text models need uncond token ids (the empty or negative prompt; see encode_prompts)")
+        uncond = np.asarray(uncond)
+        _check_cond(config, cond, "cond")
+        if uncond.shape != cond.shape:
+            raise ValueError(f"uncond has shape {uncond.shape}; expected cond's {cond.shape}")
+        inputs.update(cond=cond, uncond=uncond)
+    elif cond is not None:
+        raise ValueError(f"conditioning_key={config.diffusion.conditioning_key!r} takes no cond")
+    batch = _batch_size(cond if conditional else None, noise, batch_from, batch_size)
+    scale = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch,)).copy()
+    inputs.update(scale=scale, seed=np.asarray(seed, np.uint32),
+                  index=np.arange(first_index, first_index + batch, dtype=np.int32))
+    if noise is not None:
+        inputs["noise"] = np.asarray(noise, np.float32)
+    return inputs
+
+
+def _check_cond(config: LDMConfig, cond: np.ndarray, what: str) -> None:
+    if config.tokenizer_kind is not None:
+        expected = f"(B, {config.max_length}) token ids"
+        ok = cond.ndim == 2 and cond.shape[1] == config.max_length and np.issubdtype(cond.dtype, np.integer)
+    elif config.diffusion.conditioning_key == "adm" and config.unet.num_classes == "sequential":
+        expected = f"(B, {config.unet.adm_in_channels}) vectors"
+        ok = cond.ndim == 2 and cond.shape[1] == config.unet.adm_in_channels
+    else:
+        expected = "(B,) integer labels"
+        ok = cond.ndim == 1 and np.issubdtype(cond.dtype, np.integer)
+    if not ok:
+        raise ValueError(f"{what} must be {expected}; got {cond.dtype}{cond.shape}")
+
+
+def _batch_size(cond, noise, images, batch_size) -> int:
+    sizes = {name: np.shape(x)[0] for name, x in (("cond", cond), ("noise", noise), ("images", images))
+             if x is not None}
+    if batch_size is not None:
+        sizes["batch_size"] = batch_size
+    if not sizes:
+        raise ValueError("cannot tell the batch size: an unconditional txt2img needs batch_size (or noise)")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch sizes disagree: {sizes}")
+    return sizes.popitem()[1]
+
+
+# ---------------------------------------------------------------------------------------------- the program
+
+
+def _run(kind, config, params, sampler, inputs, hw, mesh, dtype, chunk_size) -> jax.Array:
+    if kind != "inpaint" and config.concat_channels:
+        raise ValueError(f"{kind}: this UNet takes {config.concat_channels} concat channels beside the latents "
+                         f"(in_channels {config.unet.in_channels}); use inpaint() for inpainting models")
+    mesh = mesh or parallel.make_mesh()
+    batch = inputs["index"].shape[0]
+    if batch % mesh.size:
+        raise ValueError(f"batch size {batch} is not divisible by the {mesh.size} devices of the mesh; "
+                         f"pad the batch to a multiple of {mesh.size}")
+    if "noise" in inputs and inputs["noise"].shape != (batch, *hw, config.latent_channels):
+        raise ValueError(f"noise has shape {inputs['noise'].shape}; expected {(batch, *hw, config.latent_channels)}")
+    share = batch // mesh.size
+    chunk = share if chunk_size is None else min(chunk_size, share)
+    if chunk < 1 or share % chunk:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide each device's {share} examples")
+    fn = _compiled(kind, config, mesh, dtype, hw, chunk, tuple(sorted(inputs)))
+    replicated = parallel.replicated(mesh)
+    params, sampler = jax.device_put((params, sampler), replicated)
+    return fn(params, sampler, _place_inputs(inputs, mesh))
+
+
+def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    batched = {k: v for k, v in inputs.items() if np.ndim(v) > 0}
+    scalars = {k: v for k, v in inputs.items() if np.ndim(v) == 0}
+    if jax.process_count() > 1:
+        batched = parallel.host_local_to_global(batched, mesh)
+    else:
+        batched = jax.device_put(batched, parallel.batch_sharding(mesh))
+    return {**batched, **jax.device_put(scalars, parallel.replicated(mesh))}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(kind: str, config: LDMConfig, mesh: Mesh, dtype: Any, hw: tuple[int, int], chunk: int,
+              keys: tuple[str, ...]):
+    """The jitted program for one (kind, config, mesh, dtype, latent size, chunk size, set of inputs)."""
+    batch_spec, rep = P(parallel.BATCH_AXES), P()
+    in_specs = (rep, rep, {k: (rep if k in ("seed", "strength") else batch_spec) for k in keys})
+
+    def program(params, sampler, inputs):
+        _TRACES[kind] += 1
+        return _in_chunks(functools.partial(_generate, kind, config, dtype, hw, params, sampler), inputs, chunk)
+
+    per_device = jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)
+    return jax.jit(per_device, out_shardings=NamedSharding(mesh, batch_spec))
+
+
+def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
+    """generate(inputs) over the device's examples `chunk` at a time (a `lax.map`); scalars go to every chunk."""
+    scalars = {k: v for k, v in inputs.items() if k in ("seed", "strength")}
+    batched = {k: v for k, v in inputs.items() if k not in scalars}
+    share = batched["index"].shape[0]
+    if chunk == share:
+        return generate(inputs)
+    chunks = jax.tree.map(lambda x: x.reshape(share // chunk, chunk, *x.shape[1:]), batched)  # (n, chunk, ...)
+    images = jax.lax.map(lambda c: generate({**c, **scalars}), chunks)
+    return images.reshape(share, *images.shape[2:])
+
+
+def _generate(kind, config, dtype, hw, params, sampler, inputs) -> jax.Array:
+    """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1]."""
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(inputs["seed"]), i))(inputs["index"])
+    shape = (*hw, config.latent_channels)
+    if "noise" in inputs:
+        noise = inputs["noise"]
+    else:
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(example_keys)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, STEP_STREAM))(example_keys)
+    model_fn, cond = _denoiser(config, dtype, params, inputs)
+    extra = {}
+    if kind != "txt2img":
+        images = inputs["image"]
+        extra.update(init_latent=ldm.encode_first_stage(config, params, images, dtype=dtype),
+                     strength=inputs["strength"])
+    if kind == "inpaint":
+        if config.concat_channels:
+            extra["extra_channels"] = ldm.inpaint_conditioning(config, params, images, inputs["mask"], dtype=dtype)
+        else:
+            f = config.downsample_factor
+            extra["mask"] = (inputs["mask"][:, ::f, ::f, :] >= 0.5).astype(jnp.float32)
+    latents = sample(sampler, model_fn, noise, step_keys, cond, **extra)
+    return jnp.clip(ldm.decode_first_stage(config, params, latents, dtype=dtype), -1.0, 1.0)
+
+
+def _denoiser(config, dtype, params, inputs):
+    """(model_fn(x, t, cond), cond) for `sample`: classifier-free guided when the model is conditional."""
+
+    def model_fn(x, t, cond):
+        return ldm.apply_unet(config, params, x, t, cond, dtype=dtype)
+
+    if "cond" not in inputs:
+        return model_fn, None
+    cond = ldm.encode_conditioning(config, params, inputs["cond"], dtype=dtype)
+    uncond = ldm.encode_conditioning(config, params, inputs["uncond"], dtype=dtype)
+    return classifier_free_guidance(model_fn), guided_cond(cond, uncond, inputs["scale"])
+
+
+__all__ = ["KINDS", "STEP_STREAM", "encode_prompts", "img2img", "inpaint", "make_model_sampler", "to_uint8",
+           "trace_count", "txt2img"]
