@@ -10,6 +10,8 @@ diffusers' VQModel and a numpy transcription of openaimodel's QKVAttentionLegacy
 Parity tolerance: relative 1e-5 of the reference output's largest value (float32; measured ~1e-6).
 """
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,7 @@ from flax import traverse_util
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm_jax.convert import compvis
+from ldm_jax.convert import cache, compvis
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml
 from ldm_jax.ldm import apply_unet, ldm_config, modules
@@ -251,7 +253,8 @@ def test_nine_channel_weights_with_four_channel_config(exported):
     _, four_channel = _config("sd1")
     with pytest.raises(ConversionError) as err:
         compvis.load_compvis_checkpoint(path, four_channel)
-    assert "model.diffusion_model.input_blocks.0.0.weight: checkpoint (32, 9, 3, 3) vs model (32, 4, 3, 3)" in str(err.value)
+    expected = "model.diffusion_model.input_blocks.0.0.weight: checkpoint (32, 9, 3, 3) vs model (32, 4, 3, 3)"
+    assert expected in str(err.value)
 
 
 def test_wrong_model_and_bad_keys_are_named(exported):
@@ -381,9 +384,11 @@ def test_legacy_qkv_attention_matches_openaimodel():
     w = np.einsum("bct,bcs->bts", q * scale, k * scale)
     w = np.exp(w - w.max(-1, keepdims=True))
     a = np.einsum("bts,bcs->bct", w / w.sum(-1, keepdims=True), v).reshape(2, 128, 16)
-    ref = x + np.einsum("oc,bct->bot", state[prefix + "proj_out.weight"][:, :, 0], a) + state[prefix + "proj_out.bias"][:, None]
+    out = np.einsum("oc,bct->bot", state[prefix + "proj_out.weight"][:, :, 0], a)
+    ref = x + out + state[prefix + "proj_out.bias"][:, None]
     block = compvis.convert_compvis_state_dict(state, config)["unet"]["down_blocks_1"]["attentions_0"]
-    ours = AttentionBlock(4).apply({"params": block}, jnp.asarray(x.transpose(0, 2, 1).reshape(2, 4, 4, 128), jnp.float32))
+    x_nhwc = jnp.asarray(x.transpose(0, 2, 1).reshape(2, 4, 4, 128), jnp.float32)  # T = 16 = 4 x 4 positions
+    ours = AttentionBlock(4).apply({"params": block}, x_nhwc)
     _assert_close(np.asarray(ours).reshape(2, 16, 128).transpose(0, 2, 1), ref)
 
 
@@ -452,3 +457,50 @@ def test_load_compvis_model_with_tokenizer_and_trained_scale_factor(tmp_path):
     assert loaded.config.diffusion.scale_factor == 0.3125 and loaded.model_id == str(path)
     assert loaded.tokenizer("a red circle")["input_ids"][0] == loaded.tokenizer.cls_token_id
     _assert_equal_params(loaded.params, params)
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def test_load_or_convert_converts_once(exported, tmp_path):
+    _, config, params, path = exported["sd1"]
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(path.read_bytes())
+    calls = []
+
+    def convert(p, c, **options):
+        calls.append(options)
+        return compvis.load_compvis_checkpoint(p, c, **options)
+
+    first = cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert)
+    again = cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert)
+    assert len(calls) == 1
+    _assert_equal_params(first, params)
+    _assert_equal_params(again, params)
+    cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert, use_ema=False)
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # the file changed
+    cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert)
+    assert calls == [{}, {"use_ema": False}, {}] and len(list((tmp_path / "cache").iterdir())) == 3
+    entry = next((tmp_path / "cache").iterdir())
+    stored, _ = cache.load_converted(entry)
+    assert stored == config
+    _, sd2 = _config("sd2")
+    with pytest.raises(ValueError, match="holds params for another config"):
+        cache.load_converted(entry, sd2)
+    with pytest.raises(FileExistsError, match="not a converted-params cache entry"):
+        cache.save_converted(tmp_path, params, config)  # holds model.safetensors: never deleted
+
+
+@pytest.mark.parametrize("name", sorted(ZOO) + ["sd2"])
+def test_cached_config_json_round_trip(name):
+    config = _config(name)[1] if name in YAMLS else ldm_config(ZOO[name])
+    data = json.loads(json.dumps(cache.ldm_config_to_json(config)))
+    assert cache.ldm_config_from_json(data) == config
+
+
+def test_cache_refuses_params_of_another_shape(exported, tmp_path):
+    _, config, params, _ = exported["sd1"]
+    inpaint_params = exported["inpaint"][2]
+    expected = r"unet/conv_in/kernel: checkpoint \(3, 3, 9, 32\) vs model \(3, 3, 4, 32\)"
+    with pytest.raises(ConversionError, match=expected):
+        cache.save_converted(tmp_path / "entry", inpaint_params, config)

@@ -260,7 +260,8 @@ def _unet(b: _Builder, cfg, root: str) -> None:
         for j in range(cfg.num_res_blocks):
             _unet_resblock(b, f"{p}input_blocks.{k}.0", at(f"down_blocks_{level}/resnets_{j}"))
             if attn:
-                _unet_attention(b, cfg, channels[level], f"{p}input_blocks.{k}.1", at(f"down_blocks_{level}/attentions_{j}"))
+                _unet_attention(b, cfg, channels[level], f"{p}input_blocks.{k}.1",
+                                at(f"down_blocks_{level}/attentions_{j}"))
             k += 1
         if level < levels - 1:
             if cfg.conv_resample:
@@ -585,7 +586,8 @@ def _drop_known_extras(sd: dict[str, np.ndarray], layout: Layout, config: LDMCon
         unused = {f"{OPENCLIP_PREFIX}text_projection", f"{OPENCLIP_PREFIX}logit_scale"}
         rules.append((lambda k: k in unused, "OpenCLIP pooled-embedding projection / logit scale, unused for the "
                                              "cross-attention context"))
-        rules.append((lambda k: k == f"{OPENCLIP_PREFIX}attn_mask", "OpenCLIP causal-mask buffer, rebuilt by the model"))
+        rules.append((lambda k: k == f"{OPENCLIP_PREFIX}attn_mask",
+                      "OpenCLIP causal-mask buffer, rebuilt by the model"))
         extra = f"{OPENCLIP_PREFIX}transformer.resblocks.{cond.num_layers}."
         beyond = f"{OPENCLIP_PREFIX}transformer.resblocks.{cond.num_layers + 1}."
         if cond.output_layer == "last" and any(k.startswith(extra) for k in sd) and not any(

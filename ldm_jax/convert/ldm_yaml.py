@@ -202,7 +202,8 @@ def _unet(entry: Any) -> ml_collections.ConfigDict:
     num_heads = int(p.get("num_heads", -1))
     upsample_heads = p.get("num_heads_upsample", -1)
     if upsample_heads not in (-1, num_heads):
-        raise ValueError(f"{where}.params.num_heads_upsample={upsample_heads} != num_heads={num_heads} is not supported")
+        raise ValueError(f"{where}.params.num_heads_upsample={upsample_heads} != num_heads={num_heads} is not "
+                         "supported")
     context_dim = p.get("context_dim")
     if isinstance(context_dim, tuple):
         if len(set(context_dim)) != 1:
@@ -322,8 +323,9 @@ def _bert(p: _Section, where: str) -> dict[str, Any]:
     dropout = float(p.get("embedding_dropout", 0.0))
     if dropout:
         raise ValueError(f"{where}.embedding_dropout={dropout}: dropout in the BERT embedder is not implemented")
-    return dict(kind="bert", vocab_size=int(p.get("vocab_size", 30522)), max_length=_max_length(p, where, "max_seq_len"),
-                n_embed=int(p.need("n_embed")), n_layer=int(p.need("n_layer")), pad_token_id=0, tokenizer_kind="bert")
+    return dict(kind="bert", vocab_size=int(p.get("vocab_size", 30522)),
+                max_length=_max_length(p, where, "max_seq_len"), n_embed=int(p.need("n_embed")),
+                n_layer=int(p.need("n_layer")), pad_token_id=0, tokenizer_kind="bert")
 
 
 def _class(p: _Section, where: str) -> dict[str, Any]:
