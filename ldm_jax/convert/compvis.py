@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -50,8 +49,8 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
-from ldm_jax.convert.common import (ConversionError, assemble_params, conv_kernel, dense_kernel, expected_shapes,
-                                    to_numpy_state_dict)
+from ldm_jax.convert.common import (ConversionError, assemble_params, expected_shapes, flax_to_torch_leaf,
+                                    path_to_diffusers_key, to_numpy_state_dict, torch_to_flax_leaf)
 from ldm_jax.diffusion.schedule import NoiseSchedule, make_schedule
 from ldm_jax.ldm import LDMConfig, LoadedModel, init_params, ldm_config
 from ldm_jax.models.text import BertEmbedderConfig, ClassEmbedderConfig, ClipTextConfig
@@ -72,8 +71,6 @@ CLIP_LAYOUTS = ("hf", "openclip")
 # DDPM.register_schedule buffers: exactly the arrays of our NoiseSchedule, under the same names.
 SCHEDULE_BUFFERS = tuple(f.name for f in dataclasses.fields(NoiseSchedule))
 SCHEDULE_RTOL, SCHEDULE_ATOL = 1e-5, 1e-8  # both sides are float64 computations rounded to float32
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-_NUMBERED = re.compile(r"^(.*?)((?:_\d+)+)$")
 
 
 # --------------------------------------------------------------------------------------------------- codecs
@@ -92,10 +89,6 @@ class Codec(NamedTuple):
     torch_shape: Callable[[Sequence[Shape]], Shape]
 
 
-IDENTITY = Codec("identity", lambda a: (a,), lambda xs: xs[0], lambda ss: tuple(ss[0]))
-CONV = Codec("conv", lambda a: (conv_kernel(a),), lambda xs: np.transpose(xs[0], (3, 2, 0, 1)),
-             lambda ss: (ss[0][3], ss[0][2], ss[0][0], ss[0][1]))
-LINEAR = Codec("linear", lambda a: (dense_kernel(a),), lambda xs: np.transpose(xs[0]), lambda ss: tuple(ss[0][::-1]))
 # 1x1 convs (VAE attention q/k/v/proj_out) and conv1d (UNet AttentionBlock proj_out) stored as Dense kernels.
 CONV1X1_AS_DENSE = Codec("conv1x1", lambda a: (a[:, :, 0, 0].T,), lambda xs: xs[0].T[:, :, None, None],
                          lambda ss: (ss[0][1], ss[0][0], 1, 1))
@@ -143,10 +136,23 @@ def _in_proj(weight: bool) -> Codec:
     return Codec("in_proj", to_flax, to_torch, shape)
 
 
-def _leaf_codec(leaf: str, ndim: int) -> Codec:
-    if leaf == "kernel":
-        return {4: CONV, 2: LINEAR}[ndim]
-    return IDENTITY
+def _leaf_codec(path: Path) -> Codec:
+    """The shared layout rules of `common` (conv OIHW <-> HWIO, Linear transposed, norms / embeddings / biases
+    as stored) for our param leaf `path`."""
+    kind = "embedding" if path[-1] == "embedding" else "param"
+    torch_path = _torch_leaf_path(path)
+    return Codec("leaf", lambda a: (torch_to_flax_leaf(torch_path, a, kind)[1],),
+                 lambda xs: flax_to_torch_leaf(path, xs[0])[1],
+                 lambda ss: flax_to_torch_leaf(path, _abstract(ss[0]))[1].shape)
+
+
+def _torch_leaf_path(path: Path) -> Path:
+    """Our leaf path with the torch leaf name: kernel / scale / embedding -> weight, bias -> bias."""
+    return (*path[:-1], "bias" if path[-1] == "bias" else "weight")
+
+
+def _abstract(shape: Shape) -> np.ndarray:
+    return np.broadcast_to(np.float32(0), shape)  # a shape to transpose, without memory
 
 
 # --------------------------------------------------------------------------------------------------- layout
@@ -197,7 +203,7 @@ class _Builder:
         if path in self.claimed:
             raise RuntimeError(f"internal: {'/'.join(path)} is mapped twice (second time to {key})")
         self.claimed.add(path)
-        self.entries.append(Entry(key, (path,), codec or _leaf_codec(path[-1], len(self.shapes[path]))))
+        self.entries.append(Entry(key, (path,), codec or _leaf_codec(path)))
 
     def module(self, key: str, path: str | Path, codec: Codec | None = None, *, optional: bool = False) -> None:
         """Every leaf directly under our module `path` <-> `key`.weight / `key`.bias."""
@@ -206,17 +212,17 @@ class _Builder:
         if not leaves and not optional:
             raise RuntimeError(f"internal: CompVis module {key} has no counterpart {'/'.join(path)} in the model")
         for p in leaves:
-            self.leaf(f"{key}.{_TORCH_LEAF[p[-1]]}", p, codec if p[-1] == "kernel" else None)  # biases: as stored
+            self.leaf(f"{key}.{_torch_leaf_path(p)[-1]}", p, codec if p[-1] == "kernel" else None)  # biases: as stored
 
     def subtree(self, key: str, path: str | Path) -> None:
-        """A subtree whose names match the torch module's (numbered children `name_N` <-> `name.N`)."""
+        """A subtree named as the torch module is (numbered children `name_N` <-> `name.N`, see
+        `common.path_to_diffusers_key`)."""
         path = _path(path)
         leaves = self.under.get(path, [])
         if not leaves:
             raise RuntimeError(f"internal: CompVis module {key} has no counterpart {'/'.join(path)} in the model")
         for p in leaves:
-            names = [_torch_name(n) for n in p[len(path):-1]] + [_TORCH_LEAF[p[-1]]]
-            self.leaf(".".join([key, *names]), p)
+            self.leaf(f"{key}.{path_to_diffusers_key(_torch_leaf_path(p)[len(path):])}", p)
 
     def fused(self, key: str, parent: str | Path, children: Sequence[str], weight: Codec, bias: Codec,
               weight_name: str = "weight", bias_name: str = "bias") -> None:
@@ -233,12 +239,6 @@ class _Builder:
 
 def _path(path: str | Path) -> Path:
     return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
-
-
-def _torch_name(name: str) -> str:
-    """Our name of a numbered torch child -> the torch name: `layers_3` -> `layers.3`, `net_0_0` -> `net.0.0`."""
-    match = _NUMBERED.match(name)
-    return name if match is None else match.group(1) + match.group(2).replace("_", ".")
 
 
 def _unet(b: _Builder, cfg, root: str) -> None:
