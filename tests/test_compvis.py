@@ -12,6 +12,7 @@ Parity tolerance: relative 1e-5 of the reference output's largest value (float32
 import dataclasses
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from flax import traverse_util
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm_jax.config import load_config_file
 from ldm_jax.convert import cache, compvis
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml
@@ -34,6 +36,7 @@ from ldm_jax.models.attention import AttentionBlock
 from tokenizer_fixtures import write_bert_tokenizer
 
 RTOL = 1e-5
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 IMAGE = 32  # pixels; latents are 16x16 with the f=2 tiny first stage
 
 TEXT = {
@@ -315,6 +318,36 @@ def test_openclip_tower_with_the_unused_last_block(exported):
     _assert_equal_params(loaded, expected)
     whole = compvis.convert_compvis_state_dict(state, three_blocks)
     _assert_equal_params(whole, params)
+
+
+@pytest.mark.parametrize("name, counts, known", [
+    # Reference counts: diffusers' SD UNet (686 tensors), AutoencoderKL (248), CLIPTextModel ViT-L/14 (196);
+    # OpenCLIP ViT-H/14 with the 23 blocks SD 2.x evaluates: 23 x 12 + 4.
+    ("sd_v1", {"model": 686, "first_stage_model": 248, "cond_stage_model": 196}, {
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),  # a level without attention
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": (10240, 1280),
+        "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+        "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+        "first_stage_model.decoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}),
+    ("sd_v2", {"model": 686, "first_stage_model": 248, "cond_stage_model": 280}, {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+        "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
+        "cond_stage_model.model.positional_embedding": (77, 1024),
+        "cond_stage_model.model.ln_final.weight": (1024,)}),
+])
+def test_full_size_sd_layouts(name, counts, known):
+    config = ldm_config(load_config_file(CONFIGS / f"{name}.py"))
+    shapes = compvis.compvis_layout(config).torch_shapes()
+    found = {}
+    for key in shapes:
+        found[key.split(".")[0]] = found.get(key.split(".")[0], 0) + 1
+    assert found == counts
+    assert {k: shapes[k] for k in known} == known
 
 
 # ------------------------------------------------------------------------------------------ LDM-zoo layouts
