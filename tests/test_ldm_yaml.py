@@ -122,6 +122,10 @@ V2_INFERENCE_V = (_SD_HEAD.format(target="LatentDiffusion", extra='    parameter
         freeze: True
         layer: "penultimate"
 """)
+V2_INPAINTING = (_SD_HEAD.format(target="LatentInpaintDiffusion", extra="", key="hybrid")
+                 + _SD_UNET.format(in_channels=9, context=1024, heads=(
+                     "        num_head_channels: 64\n        use_linear_in_transformer: True\n"))
+                 + _KL_F8.format(resolution=256) + V2_INFERENCE_V[V2_INFERENCE_V.index("    cond_stage_config:"):])
 CIN256_V2 = """
 model:
   base_learning_rate: 0.0001
@@ -252,6 +256,9 @@ def test_yaml_defaults_follow_the_reference():
     assert (v2.cond_stage.num_layers, v2.cond_stage.output_layer, v2.cond_stage.pad_token_id) == (23, "last", 0)
     last = _from_yaml(V2_INFERENCE_V.replace('layer: "penultimate"', 'layer: "last"'))
     assert last.cond_stage.num_layers == 24
+    inpaint = _from_yaml(V2_INPAINTING)  # v2-inpainting-inference.yaml: SD 2 base + 9 channels, eps
+    assert inpaint == _replace(_ours("sd_v2"), unet={"in_channels": 9}, diffusion={
+        "conditioning_key": "hybrid", "prediction_type": "eps", "image_size": 64})
     # No conditioning_key: the reference picks "concat" when concat_mode (default True), else "crossattn".
     no_key = V1_INFERENCE.replace("conditioning_key: crossattn\n", "concat_mode: false\n")
     assert _from_yaml(no_key).diffusion.conditioning_key == "crossattn"
