@@ -1,8 +1,12 @@
-"""Text-to-image sampling entry point.
+"""Sample images from a latent diffusion model (the embedded captioned-shapes model by default).
 
-Sampling lands with the pipeline and embedded-model issues; until then this says so and exits non-zero.
+    python sample.py --prompt "a red circle at the top left" [--n 4 --sampler dpm++ --steps 25 --seed 1]
+
+All flags: python sample.py --help. The work is done by `ldm_jax.sampling`.
 """
 import sys
 
+from ldm_jax.sampling import main
+
 if __name__ == "__main__":
-    sys.exit("sample.py: sampling is not implemented yet (it lands with the pipeline and embedded-model issues).")
+    sys.exit(main())

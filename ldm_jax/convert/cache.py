@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from ldm_jax.convert.common import assemble_params
 from ldm_jax.convert.compvis import as_ldm_config, load_compvis_checkpoint, model_shapes
-from ldm_jax.ldm import LDMConfig, ldm_config
+from ldm_jax.ldm import LDMConfig, LoadedModel, ldm_config
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,25 @@ def load_converted(directory: str | os.PathLike, config: LDMConfig | Any = None)
     restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR)
     flat = _check(restored, stored, str(directory / PARAMS_DIR))
     return stored, traverse_util.unflatten_dict(flat)
+
+
+def is_cache_dir(directory: str | os.PathLike) -> bool:
+    """Whether `directory` is a complete cache entry (has its source.json, config.json and params/)."""
+    directory = pathlib.Path(directory)
+    return all((directory / name).exists() for name in (SOURCE_FILE, CONFIG_FILE, PARAMS_DIR))
+
+
+def load_cached_model(directory: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> LoadedModel:
+    """A cache entry as a `LoadedModel`; text models need `tokenizer`, a local tokenizer directory."""
+    config, params = load_converted(directory)
+    tok = None
+    if config.tokenizer_kind is not None:
+        if tokenizer is None:
+            raise ValueError(f"{directory}: a text model; give the tokenizer directory (--tokenizer)")
+        from ldm_jax.models.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, config.tokenizer_kind)
+    return LoadedModel(config=config, params=params, tokenizer=tok, model_id=str(directory))
 
 
 def load_or_convert(path: str | os.PathLike, config: LDMConfig | Any, *, cache_dir: str | os.PathLike,

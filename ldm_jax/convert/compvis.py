@@ -488,18 +488,25 @@ def load_compvis_checkpoint(path: str | os.PathLike, config: LDMConfig | Any, *,
 def load_compvis_model(path: str | os.PathLike, config: LDMConfig | Any, *, tokenizer: str | os.PathLike | None = None,
                        use_ema: bool = False) -> LoadedModel:
     """A `LoadedModel` from a CompVis single file: params, config, and the tokenizer of `tokenizer` (a local
-    directory, loaded as `config.tokenizer_kind`) or None.
+    directory, loaded as `config.tokenizer_kind`) or None."""
+    return loaded_model_from_state_dict(load_state_dict(path), config, tokenizer=tokenizer, use_ema=use_ema,
+                                        source=str(path))
+
+
+def loaded_model_from_state_dict(state_dict: Mapping[str, Any], config: LDMConfig | Any, *,
+                                 tokenizer: str | os.PathLike | None = None, use_ema: bool = False,
+                                 source: str = "checkpoint") -> LoadedModel:
+    """`load_compvis_model` for a state dict already read (e.g. to infer its config first).
 
     For scale_by_std models the checkpoint's `scale_factor` buffer (the value training settled on) replaces
     the config's, as the reference does when it restores such a model.
     """
     config = as_ldm_config(config)
-    state_dict = load_state_dict(path)
     if config.diffusion.scale_by_std and "scale_factor" in state_dict:
         value = float(np.asarray(state_dict["scale_factor"]))
-        log.info("%s: scale_by_std model, scale_factor %.8g from the checkpoint", path, value)
+        log.info("%s: scale_by_std model, scale_factor %.8g from the checkpoint", source, value)
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=value))
-    params = convert_compvis_state_dict(state_dict, config, use_ema=use_ema, source=str(path))
+    params = convert_compvis_state_dict(state_dict, config, use_ema=use_ema, source=source)
     tok = None
     if tokenizer is not None:
         if config.tokenizer_kind is None:
@@ -507,7 +514,22 @@ def load_compvis_model(path: str | os.PathLike, config: LDMConfig | Any, *, toke
         from ldm_jax.models.tokenizer import load_tokenizer  # transformers is imported only when needed
 
         tok = load_tokenizer(tokenizer, config.tokenizer_kind)
-    return LoadedModel(config=config, params=params, tokenizer=tok, model_id=str(path))
+    return LoadedModel(config=config, params=params, tokenizer=tok, model_id=source)
+
+
+def infer_stable_diffusion_config(state_dict: Mapping[str, Any]) -> str:
+    """Which Stable Diffusion config a CompVis state dict fits, by its keys and shapes: "sd_v1",
+    "sd_v1_inpainting" (9 input channels) or "sd_v2" (OpenCLIP text tower). The name of a configs/ file.
+
+    Raises ValueError when the file is not a Stable Diffusion checkpoint (no `model.diffusion_model.` UNet).
+    """
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    if conv_in not in state_dict:
+        raise ValueError(f"not a Stable Diffusion CompVis checkpoint: no {conv_in!r} (give --config for other "
+                         f"LDM models)")
+    if any(k.startswith("cond_stage_model.model.transformer.") for k in state_dict):
+        return "sd_v2"
+    return "sd_v1_inpainting" if np.shape(state_dict[conv_in])[1] == 9 else "sd_v1"
 
 
 def ema_key(key: str) -> str:
