@@ -46,13 +46,14 @@ def model():
     return config, params, tokens, empty
 
 
-def _txt2img(model, mesh, *, eta=0.5, steps=STEPS, batch=B, first_index=0, **kwargs):
-    config, params, tokens, empty = model
+def _txt2img(model, mesh=None, *, eta=0.5, steps=STEPS, tokens=None, **kwargs):
+    """txt2img of the fixture's prompts; the default mesh (8 devices) and settings share one compilation."""
+    config, params, default_tokens, empty = model
     sampler = pipeline.make_model_sampler(config, "ddim", steps, eta=eta)
-    rows = slice(first_index, first_index + batch)
     kwargs.setdefault("guidance_scale", 3.0)
-    return np.asarray(pipeline.txt2img(config, params, sampler, tokens[rows], empty[rows], seed=7,
-                                       first_index=first_index, mesh=mesh, **kwargs))
+    tokens = default_tokens if tokens is None else tokens
+    return np.asarray(pipeline.txt2img(config, params, sampler, tokens, empty, seed=7, mesh=mesh or make_mesh(),
+                                       **kwargs))
 
 
 def test_one_and_eight_devices_give_identical_images(model):
@@ -64,28 +65,28 @@ def test_one_and_eight_devices_give_identical_images(model):
     np.testing.assert_array_equal(on_eight, on_one)
     # All 8 at once on one device: XLA picks other kernels for the larger batch; float32 rounding only.
     np.testing.assert_allclose(_txt2img(model, one_device), on_eight, rtol=0, atol=5e-6)
-    # Image i depends on (seed, i) only: the last 4 examples alone, on 4 devices, are the same images.
-    tail = _txt2img(model, make_mesh(devices=jax.devices()[:4]), batch=4, first_index=4)
-    np.testing.assert_array_equal(tail, on_eight[4:])
+    # Image i depends on (seed, i, its prompt) only: examples 4..11 start with the same four images.
+    _, _, tokens, _ = model
+    shifted = _txt2img(model, tokens=np.roll(tokens, -4, axis=0), first_index=4)
+    np.testing.assert_array_equal(shifted[:4], on_eight[4:])
     # Different examples get different noise.
     assert not np.allclose(on_eight[0], on_eight[1], atol=1e-3)
 
 
 def test_traced_settings_do_not_recompile(model):
-    mesh = make_mesh(devices=jax.devices()[:2])
-    first = _txt2img(model, mesh, guidance_scale=3.0, eta=0.0)
+    first = _txt2img(model, guidance_scale=3.0, eta=0.0)
     traces = pipeline.trace_count("txt2img")
-    second = _txt2img(model, mesh, guidance_scale=5.0, eta=0.7)
-    per_example = _txt2img(model, mesh, guidance_scale=np.linspace(1, 8, B), eta=0.0)
+    second = _txt2img(model, guidance_scale=5.0, eta=0.7)
+    per_example = _txt2img(model, guidance_scale=np.linspace(1, 8, B), eta=0.0)
     assert pipeline.trace_count("txt2img") == traces
     assert not np.allclose(first, second) and not np.allclose(first, per_example)
-    _txt2img(model, mesh, steps=STEPS + 1)  # a new step count is a new program
+    _txt2img(model, steps=STEPS + 1)  # a new step count is a new program
     assert pipeline.trace_count("txt2img") == traces + 1
 
 
 def test_img2img_strength_limits(model):
     config, params, tokens, empty = model
-    mesh = make_mesh(devices=jax.devices()[:2])
+    mesh = make_mesh()
     images = np.asarray(jax.random.uniform(jax.random.key(3), (B, SIZE, SIZE, 3), minval=-1, maxval=1))
     sampler = pipeline.make_model_sampler(config, "ddim", STEPS)
     run = lambda s: np.asarray(pipeline.img2img(config, params, sampler, tokens, empty, images, strength=s,  # noqa: E731
@@ -95,14 +96,14 @@ def test_img2img_strength_limits(model):
     roundtrip = jnp.clip(ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, images)), -1, 1)
     np.testing.assert_allclose(run(0.0), roundtrip, atol=1e-5)
     # strength 1: every step from pure noise, as txt2img with the same seed.
-    np.testing.assert_allclose(run(1.0), _txt2img(model, mesh, eta=0.0), atol=1e-5)
+    np.testing.assert_allclose(run(1.0), _txt2img(model, eta=0.0), atol=1e-5)
     run(0.5)
     assert pipeline.trace_count("img2img") == traces + 1
 
 
 def test_inpaint_mask_blending_limits(model):
     config, params, tokens, empty = model
-    mesh = make_mesh(devices=jax.devices()[:2])
+    mesh = make_mesh()
     images = np.asarray(jax.random.uniform(jax.random.key(4), (B, SIZE, SIZE, 3), minval=-1, maxval=1))
     sampler = pipeline.make_model_sampler(config, "ddim", STEPS)
     run = lambda m: np.asarray(pipeline.inpaint(config, params, sampler, tokens, empty, images, m,  # noqa: E731
@@ -110,7 +111,7 @@ def test_inpaint_mask_blending_limits(model):
     ones = np.ones((B, SIZE, SIZE, 1), np.float32)
     roundtrip = jnp.clip(ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, images)), -1, 1)
     np.testing.assert_allclose(run(0 * ones), roundtrip, atol=1e-5)  # nothing to repaint
-    np.testing.assert_allclose(run(ones), _txt2img(model, mesh, eta=0.0), atol=1e-5)  # repaint all
+    np.testing.assert_allclose(run(ones), _txt2img(model, eta=0.0), atol=1e-5)  # repaint all
 
 
 def test_bad_inputs(model):
