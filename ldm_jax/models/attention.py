@@ -15,6 +15,7 @@ SpatialTransformer, and the plain AttentionBlock of UNets without a spatial tran
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -155,15 +156,13 @@ class CrossAttention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         context = x if context is None else context
         inner = self.heads * self.head_dim
-        dense = lambda features, name, bias: nn.Dense(  # noqa: E731
-            features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
-        q = dense(inner, "to_q", False)(x)
-        k = dense(inner, "to_k", False)(context)
-        v = dense(inner, "to_v", False)(context)
-        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)  # noqa: E731  (B, L, heads, d)
-        out = attention(split(q), split(k), split(v), implementation=self.implementation)
-        out = dense(x.shape[-1], "to_out_0", True)(out.reshape(*x.shape[:2], inner))
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense(inner, use_bias=False, name="to_q")(x)
+        k = dense(inner, use_bias=False, name="to_k")(context)
+        v = dense(inner, use_bias=False, name="to_v")(context)
+        q, k, v = (t.reshape(*t.shape[:2], self.heads, self.head_dim) for t in (q, k, v))  # (B, L, heads, d)
+        out = attention(q, k, v, implementation=self.implementation).reshape(*x.shape[:2], inner)
+        out = dense(x.shape[-1], name="to_out_0")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
@@ -200,9 +199,12 @@ class FeedForward(nn.Module):
         return nn.Dense(x.shape[-1], name="net_2", **kw)(h)
 
 
-def _layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
-    """LayerNorm (eps 1e-5, torch's default) computed and returned in float32."""
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name=name)
+def _layer_norm(name: str, x: jax.Array, *, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+    """LayerNorm over the last axis (eps 1e-5, torch's default) computed in float32, returned in `dtype`.
+
+    Call inside a compact method: creates the submodule `name` in the calling module.
+    """
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name=name)(x).astype(dtype)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -221,14 +223,11 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: CrossAttention(  # noqa: E731
-            self.heads, self.head_dim, self.implementation, self.dropout, name=name, **kw
-        )
-        cast = lambda t: t.astype(self.dtype)  # noqa: E731  (norms run in float32)
-        x = x + attn("attn1")(cast(_layer_norm("norm1", self.param_dtype)(x)), None, deterministic)
-        x = x + attn("attn2")(cast(_layer_norm("norm2", self.param_dtype)(x)), context, deterministic)
-        ff = FeedForward(dropout=self.dropout, name="ff", **kw)
-        return x + ff(cast(_layer_norm("norm3", self.param_dtype)(x)), deterministic)
+        attn = functools.partial(CrossAttention, self.heads, self.head_dim, self.implementation, self.dropout, **kw)
+        norm = functools.partial(_layer_norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x + attn(name="attn1")(norm("norm1", x), None, deterministic)
+        x = x + attn(name="attn2")(norm("norm2", x), context, deterministic)
+        return x + FeedForward(dropout=self.dropout, name="ff", **kw)(norm("norm3", x), deterministic)
 
 
 class SpatialTransformer(nn.Module):
@@ -292,8 +291,10 @@ class AttentionBlock(nn.Module):
         if channels % self.heads:
             raise ValueError(f"AttentionBlock: {channels} channels are not divisible by {self.heads} heads")
         h = GroupNorm32(epsilon=self.epsilon, name="group_norm", **kw)(x).reshape(batch, height * width, channels)
-        split = lambda t: t.reshape(batch, height * width, self.heads, channels // self.heads)  # noqa: E731
-        q, k, v = (split(nn.Dense(channels, name=n, **kw)(h)) for n in ("to_q", "to_k", "to_v"))
+        q, k, v = (
+            nn.Dense(channels, name=n, **kw)(h).reshape(batch, height * width, self.heads, channels // self.heads)
+            for n in ("to_q", "to_k", "to_v")
+        )
         out = attention(q, k, v, implementation=self.implementation).reshape(batch, height * width, channels)
         out = nn.Dense(channels, kernel_init=nn.initializers.zeros_init(), name="to_out_0", **kw)(out)
         return x + out.reshape(x.shape)
