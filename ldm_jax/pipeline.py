@@ -6,6 +6,7 @@ params and the sampler are replicated. Inside, per device: encode the prompt tok
 host, `encode_prompts`) with the cond stage, draw the initial noise, run the sampler (one `lax.scan`) with
 classifier-free guidance, decode with the first stage.
 
+Params are replicated on every device (`place_params` once; numpy params are copied on every call).
 Traced (changing them does not recompile): params, the sampler's tables and DDIM's `eta`, prompt token ids,
 guidance scale, seed, example indices, strength, init images and masks. Static (a new compilation each):
 config, mesh, dtype, the sampler kind and step count, batch size and image size. `trace_count(kind)` counts
@@ -73,6 +74,14 @@ def encode_prompts(model: LoadedModel, prompts: Sequence[str],
     if len(negative_prompts) != len(cond):
         raise ValueError(f"{len(negative_prompts)} negative prompts for {len(cond)} prompts")
     return cond, tokenize(model.tokenizer, list(negative_prompts), **kw)
+
+
+def place_params(params: Any, mesh: Mesh | None = None) -> Any:
+    """Puts params (numpy or jax arrays) on every device of `mesh`, replicated; do it once, before sampling.
+
+    The pipelines replicate their params argument on each call; already-placed params make that a no-op.
+    """
+    return jax.device_put(params, parallel.replicated(mesh or parallel.make_mesh()))
 
 
 def to_uint8(images: Any) -> np.ndarray:
@@ -317,5 +326,5 @@ def _denoiser(config, dtype, params, inputs):
     return classifier_free_guidance(model_fn), guided_cond(cond, uncond, inputs["scale"])
 
 
-__all__ = ["KINDS", "STEP_STREAM", "encode_prompts", "img2img", "inpaint", "make_model_sampler", "to_uint8",
-           "trace_count", "txt2img"]
+__all__ = ["KINDS", "STEP_STREAM", "encode_prompts", "img2img", "inpaint", "make_model_sampler", "place_params",
+           "to_uint8", "trace_count", "txt2img"]

@@ -4,7 +4,6 @@ from the same initial latents as diffusers (PyTorch), compare images; export bac
 Run: .venv/bin/python -m pytest -q tests/test_diffusers_pipeline.py
 """
 import json
-import pathlib
 import shutil
 
 import jax
@@ -14,8 +13,8 @@ import torch
 
 from ldm_jax import pipeline
 from ldm_jax.convert.common import ConversionError
-from ldm_jax.convert.diffusers_pipeline import (load_diffusers_pipeline, sampler_options, save_diffusers_pipeline,
-                                                unet_to_diffusers_config)
+from ldm_jax.convert.diffusers_pipeline import (load_diffusers_pipeline, read_scheduler_config, sampler_options,
+                                                save_diffusers_pipeline, unet_to_diffusers_config)
 from ldm_jax.convert.diffusers_unet import unet_config_from_diffusers
 from ldm_jax.parallel import make_mesh
 from tokenizer_fixtures import write_clip_tokenizer
@@ -89,8 +88,8 @@ def _diffusers_images(pipe, noise, **kwargs) -> np.ndarray:
 
 def _ours(model, kind, noise, **kwargs) -> np.ndarray:
     cond, uncond = pipeline.encode_prompts(model, PROMPTS)
-    scheduler = json.loads((pathlib.Path(model.model_id) / "scheduler" / "scheduler_config.json").read_text())
-    sampler = pipeline.make_model_sampler(model.config, "ddim", STEPS, **sampler_options(scheduler, "ddim"))
+    options = sampler_options(read_scheduler_config(model.model_id), "ddim")
+    sampler = pipeline.make_model_sampler(model.config, "ddim", STEPS, **options)
     fn = getattr(pipeline, kind)
     out = fn(model.config, model.params, sampler, cond, uncond, guidance_scale=GUIDANCE, noise=noise,
              mesh=make_mesh(devices=jax.devices()[:2]), **kwargs)

@@ -41,6 +41,7 @@ def _config(in_channels=4) -> ldm.LDMConfig:
 def model():
     config = _config()
     params = randomize_zero_kernels(ldm.init_params(config, jax.random.key(0)), jax.random.key(1))
+    params = pipeline.place_params(params)
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (B, 8), 0, 100), np.int32)
     empty = np.tile(np.array([[98] + [99] * 7], np.int32), (B, 1))
     return config, params, tokens, empty
@@ -89,8 +90,11 @@ def test_img2img_strength_limits(model):
     mesh = make_mesh()
     images = np.asarray(jax.random.uniform(jax.random.key(3), (B, SIZE, SIZE, 3), minval=-1, maxval=1))
     sampler = pipeline.make_model_sampler(config, "ddim", STEPS)
-    run = lambda s: np.asarray(pipeline.img2img(config, params, sampler, tokens, empty, images, strength=s,  # noqa: E731
-                                                guidance_scale=3.0, seed=7, mesh=mesh))
+
+    def run(strength):
+        return np.asarray(pipeline.img2img(config, params, sampler, tokens, empty, images, strength=strength,
+                                           guidance_scale=3.0, seed=7, mesh=mesh))
+
     traces = pipeline.trace_count("img2img")
     # strength 0: no step runs, the image comes back through the autoencoder.
     roundtrip = jnp.clip(ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, images)), -1, 1)
@@ -106,8 +110,11 @@ def test_inpaint_mask_blending_limits(model):
     mesh = make_mesh()
     images = np.asarray(jax.random.uniform(jax.random.key(4), (B, SIZE, SIZE, 3), minval=-1, maxval=1))
     sampler = pipeline.make_model_sampler(config, "ddim", STEPS)
-    run = lambda m: np.asarray(pipeline.inpaint(config, params, sampler, tokens, empty, images, m,  # noqa: E731
-                                                guidance_scale=3.0, seed=7, mesh=mesh))
+
+    def run(mask):
+        return np.asarray(pipeline.inpaint(config, params, sampler, tokens, empty, images, mask, guidance_scale=3.0,
+                                           seed=7, mesh=mesh))
+
     ones = np.ones((B, SIZE, SIZE, 1), np.float32)
     roundtrip = jnp.clip(ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, images)), -1, 1)
     np.testing.assert_allclose(run(0 * ones), roundtrip, atol=1e-5)  # nothing to repaint

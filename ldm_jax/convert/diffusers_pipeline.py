@@ -87,7 +87,7 @@ def load_diffusers_pipeline(folder: str | os.PathLike, **unet_overrides: Any) ->
     unet_json = _read_json(folder / "unet" / "config.json", what="the unet/ subfolder")
     unet_config = unet_config_from_diffusers(unet_json, **unet_overrides)
     unet_params = convert_diffusers_unet(_read_weights(folder / "unet", DIFFUSERS_WEIGHTS), unet_config)
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", what="the scheduler/ subfolder")
+    scheduler = read_scheduler_config(folder)
     latent = vae_config.embed_dim
     diffusion = DiffusionConfig(
         schedule=schedule_from_scheduler(scheduler),
@@ -100,6 +100,11 @@ def load_diffusers_pipeline(folder: str | os.PathLike, **unet_overrides: Any) ->
     config = LDMConfig(first_stage=vae_config, unet=unet_config, diffusion=diffusion, cond_stage=cond_stage)
     params = {"first_stage": vae_params, "cond_stage": cond_params, "unet": unet_params}
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, model_id=str(folder))
+
+
+def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The pipeline folder's scheduler/scheduler_config.json as a dict (for `sampler_options`)."""
+    return _read_json(pathlib.Path(folder) / "scheduler" / "scheduler_config.json", what="the scheduler/ subfolder")
 
 
 def schedule_from_scheduler(scheduler: Mapping[str, Any]) -> ScheduleConfig:
@@ -313,5 +318,5 @@ def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
 
 
 __all__ = ["clip_to_transformers_config", "load_diffusers_pipeline", "prediction_type_from_scheduler",
-           "sampler_options", "save_diffusers_pipeline", "schedule_from_scheduler", "scheduler_config",
-           "unet_to_diffusers_config"]
+           "read_scheduler_config", "sampler_options", "save_diffusers_pipeline", "schedule_from_scheduler",
+           "scheduler_config", "unet_to_diffusers_config"]
