@@ -103,6 +103,15 @@ def test_converter_is_strict(reference):
         convert_lpips_state_dict(sd, {"lin0.model.1.weight": sd["lin0.model.1.weight"]})
 
 
+def test_load_from_torch_files(reference, tmp_path):
+    model, params = reference
+    vgg_sd = {f"features.{k.split('.', 1)[1]}": v for k, v in model.net.state_dict().items()}
+    vgg_sd["classifier.0.bias"] = torch.zeros(8)
+    torch.save(vgg_sd, tmp_path / "vgg16-397923af.pth")
+    got = load_lpips_params(tmp_path / "vgg16-397923af.pth")  # heads: the lpips package's v0.1 file
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
 def test_missing_files_are_named(tmp_path):
     assert default_heads_path().is_file()
     with pytest.raises(FileNotFoundError) as info:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import ConversionError, convert_state_dict, expected_shapes, to_numpy_state_dict
 from ldm_jax.losses.lpips import LPIPS, MIN_SIZE, SCALING_SCALE, SCALING_SHIFT
 
@@ -122,7 +123,5 @@ def load_lpips_params(vgg_path: str | pathlib.Path, heads_path: str | pathlib.Pa
                         "(lpips/weights/v0.1/vgg.pth, `pip install lpips==0.1.4`)")
     if problems:
         raise FileNotFoundError("; ".join(problems))
-    from ldm_jax.convert.checkpoint_io import load_state_dict  # noqa: PLC0415 (owned by another module)
-
     return convert_lpips_state_dict(load_state_dict(vgg_path), load_state_dict(heads))
 
