@@ -96,11 +96,12 @@ def validate(request: SampleRequest) -> None:
 
 
 def _check_writable(outdir: pathlib.Path) -> None:
-    probe = outdir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--outdir {outdir}: cannot write there ({probe} is not a writable directory)")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--outdir {outdir}: cannot write there ({error.strerror})") from None
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise UserError(f"--outdir {outdir}: cannot write there (no write permission)")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -208,9 +209,7 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     model = load_model(request.checkpoint, tokenizer=request.tokenizer, config=request.config)
     config = model.config
     init, mask = _init_and_mask(request)
-    sampler_opts = {"eta": request.eta} if request.sampler == "ddim" else {}
-    if request.eta and request.sampler != "ddim":
-        raise UserError(f"--eta applies to ddim only; --sampler {request.sampler} takes no eta")
+    sampler_opts = sampler_options(request.sampler, request.eta)
     try:
         sampler = pipeline.make_model_sampler(config, request.sampler, request.steps, **sampler_opts)
     except ValueError as error:
@@ -241,6 +240,17 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
                                    **common)
         images.extend(pipeline.to_uint8(jax.device_get(out))[: len(chunk)])
     return write_outputs(request, model.model_id, prompts, images, height, width)
+
+
+def sampler_options(name: str, eta: float) -> dict[str, Any]:
+    """Sampler options of the command line. DDIM and PLMS space their timesteps the diffusers "leading" way
+    with offset 1: the CompVis "uniform" timesteps whenever --steps divides the training timesteps, and exactly
+    --steps of them otherwise (CompVis would run more, or step past the last timestep)."""
+    if eta and name != "ddim":
+        raise UserError(f"--eta applies to ddim only; --sampler {name} takes no eta")
+    if name in ("ddim", "plms"):
+        return dict(timestep_spacing="leading", steps_offset=1, **({"eta": eta} if name == "ddim" else {}))
+    return {}
 
 
 def _init_and_mask(request: SampleRequest) -> tuple[np.ndarray | None, np.ndarray | None]:
