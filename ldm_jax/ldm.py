@@ -31,7 +31,7 @@ from ldm_jax.diffusion.guidance import inpaint_channels
 from ldm_jax.diffusion.schedule import (LOSS_WEIGHTINGS, PREDICTION_TYPES, NoiseSchedule, ScheduleConfig,
                                         logvar_weighted_loss, loss_weights, make_schedule, q_sample,
                                         training_target)
-from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder, init_autoencoder
+from ldm_jax.models.autoencoder import AutoencoderConfig, DiagonalGaussian, build_autoencoder, init_autoencoder
 from ldm_jax.models.text import (ClassEmbedderConfig, CondStageConfig, build_cond_stage, cond_stage_config,
                                  cond_stage_inputs_shape)
 from ldm_jax.models.tokenizer import tokenize
@@ -318,6 +318,30 @@ def decode_first_stage(config: LDMConfig, params: Mapping[str, Any], latents: ja
                        method=model.decode).astype(jnp.float32)
 
 
+def first_stage_moments(config: LDMConfig, params: Mapping[str, Any], images: jax.Array, *,
+                        dtype: Dtype = jnp.float32) -> jax.Array:
+    """Images (B, H, W, 3) in [-1, 1] -> what the encoder determines, unscaled float32: KL: the posterior's
+    [mean, logvar] (B, H/f, W/f, 2C) (logvar clipped as DiagonalGaussian does); VQ: the pre-quantisation h
+    (B, H/f, W/f, C). Precomputed-latent training stores these (`latents_from_moments`)."""
+    model = modules(config, dtype).first_stage
+    encoded = model.apply({"params": _part(params, "first_stage")}, images, method=model.encode)
+    if config.first_stage.kind == "kl":
+        return jnp.concatenate([encoded.mean, encoded.logvar], axis=-1).astype(jnp.float32)
+    return encoded.astype(jnp.float32)
+
+
+def latents_from_moments(config: LDMConfig, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """`first_stage_moments` output -> scaled latents (B, h, w, C) float32, exactly as `encode_first_stage`:
+    KL: a posterior sample when `key` is given, else the mean; VQ: h. Both times `diffusion.scale_factor`."""
+    moments = jnp.asarray(moments, jnp.float32)
+    if config.first_stage.kind == "kl":
+        posterior = DiagonalGaussian.from_moments(moments)
+        z = posterior.mode() if key is None else posterior.sample(key)
+    else:
+        z = moments
+    return z * config.diffusion.scale_factor
+
+
 def scale_by_std(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
                  key: jax.Array | None = None) -> jax.Array:
     """The reference's `scale_by_std`: 1 / std of the first batch's unscaled latents, a float32 scalar.
@@ -448,9 +472,10 @@ def conditioning_inputs(config: LDMConfig, batch: Mapping[str, Any]) -> jax.Arra
     """The batch entry the conditioning is made from: "tokens" (text), "label" (class / adm labels) or
     "y" ("adm" vectors); None for models without conditioning inputs ("concat"-only or unconditional)."""
     key = config.diffusion.conditioning_key
+    labels = isinstance(config.cond_stage, ClassEmbedderConfig) or (key == "adm" and config.unet.num_classes != "sequential")
     if config.tokenizer_kind is not None:
         name = "tokens"
-    elif isinstance(config.cond_stage, ClassEmbedderConfig) or (key == "adm" and config.unet.num_classes != "sequential"):
+    elif labels:
         name = "label"
     elif key == "adm":
         name = "y"
@@ -475,7 +500,7 @@ def drop_conditioning(inputs: jax.Array, null: jax.Array, prob: float, key: jax.
 
 def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array, *,
                   empty_prompt: Any = None, dtype: Dtype = jnp.float32, train: bool = True,
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  sample_posterior: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LDM training loss of one batch; returns (loss scalar, metrics {name: scalar}).
 
     batch: "image" (B, H, W, 3) in [-1, 1]; the conditioning entry (`conditioning_inputs`: "tokens" (B, L),
@@ -484,6 +509,8 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     key: one PRNG key, split here into the posterior sample, timesteps, noise, conditioning dropout and
     UNet dropout.
     empty_prompt: (1, L) ids of "" for text models trained with cond_drop_prob > 0 (`empty_prompt_ids`).
+    batch["moments"] (precomputed `first_stage_moments`) replaces encoding batch["image"] when present.
+    sample_posterior: False takes KL latents' mean instead of a posterior sample (both paths alike).
     Steps: latents z = scale * sample(E(image)) (no gradient into the first stage); t ~ U{0..T-1}; x_t =
     q_sample(z, t, noise); per-example conditioning dropout with prob cond_drop_prob; prediction vs target
     (eps, x0 or v); per-example mean l2/l1 times the loss weight (uniform / min-SNR); then the reference's
@@ -491,8 +518,12 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     """
     d = config.diffusion
     k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
-    images = jnp.asarray(batch["image"])
-    z = jax.lax.stop_gradient(encode_first_stage(config, params, images, k_post, dtype=dtype))
+    post_key = k_post if sample_posterior else None
+    if "moments" in batch:
+        z = jax.lax.stop_gradient(latents_from_moments(config, batch["moments"], post_key))
+    else:
+        z = jax.lax.stop_gradient(encode_first_stage(config, params, jnp.asarray(batch["image"]), post_key,
+                                                     dtype=dtype))
     b = z.shape[0]
     schedule = noise_schedule(config)
     t = jax.random.randint(k_t, (b,), 0, d.schedule.num_timesteps)
@@ -539,13 +570,15 @@ def _training_conditioning(config, params, batch, key, empty_prompt, dtype):
     return cond, metrics
 
 
-def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, dtype: Dtype = jnp.float32):
+def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, dtype: Dtype = jnp.float32,
+                 sample_posterior: bool = True):
     """`loss_fn(params, batch, key) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`."""
     if config.tokenizer_kind is not None and config.diffusion.cond_drop_prob > 0 and empty_prompt is None:
         raise ValueError("cond_drop_prob > 0 with a text cond stage needs empty_prompt (see empty_prompt_ids)")
     empty = None if empty_prompt is None else np.asarray(empty_prompt, np.int32)
 
     def loss_fn(params, batch, key):
-        return training_loss(config, params, batch, key, empty_prompt=empty, dtype=dtype)
+        return training_loss(config, params, batch, key, empty_prompt=empty, dtype=dtype,
+                             sample_posterior=sample_posterior)
 
     return loss_fn
