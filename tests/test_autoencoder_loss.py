@@ -1,7 +1,7 @@
 """Autoencoder loss terms vs PyTorch: the reference formulas of CompVis `LPIPSWithDiscriminator` /
 `VQLPIPSWithDiscriminator`, with lpips' LPIPS, a torch PatchGAN written from taming's definition, and the
-adaptive weight taken with torch.autograd. Float32 on both sides; tolerances are relative ~1e-5 (losses)
-and relative to the largest entry (gradients, which pass through 13 VGG convs and the discriminator)."""
+adaptive weight taken with torch.autograd. Float32 on both sides; tolerance 1e-5, relative to the largest
+entry of each compared array (measured ~1e-7 on losses and d_weight, <1e-6 on gradients through LPIPS)."""
 import dataclasses
 import functools
 
@@ -213,10 +213,10 @@ def test_generator_matches_reference(lpips_pair, problem, kind, overrides, step,
     if (kind == "vq" or cfg.disc_factor > 0):
         assert float(logs["d_weight"]) > 0
     for name in ("h", "mean", "lv", "q"):
-        assert_close(grads[name], want_grads[name], rtol=5e-5)
+        assert_close(grads[name], want_grads[name])
     for name in ("kernel", "bias"):
-        assert_close(grads["decoder"]["conv_out"][name], want_grads[name], rtol=5e-5)
-    assert_close(logvar_grad, want_logvar_grad if kind == "kl" else 0.0, rtol=5e-5)
+        assert_close(grads["decoder"]["conv_out"][name], want_grads[name])
+    assert_close(logvar_grad, want_logvar_grad if kind == "kl" else 0.0)
     # The discriminator ran once, in training mode: BatchNorm running means moved as torch's did
     # (running variances differ by design: torch uses the unbiased batch variance, flax the biased one).
     for name, stats in new_state["batch_stats"].items():
@@ -242,9 +242,9 @@ def test_discriminator_loss_matches_reference(problem):
         assert_close(logs["logits_real"], logits_real.mean().item())
         assert_close(logs["logits_fake"], logits_fake.mean().item())
         if step >= cfg.disc_start:
-            assert_close(grads["main_0"]["kernel"], conv_kernel(disc[0].weight.grad.numpy()), rtol=5e-5)
-            assert_close(grads["main_3"]["scale"], disc[3].weight.grad.numpy(), rtol=5e-5)
-            assert_close(grads["main_5"]["kernel"], conv_kernel(disc[5].weight.grad.numpy()), rtol=5e-5)
+            assert_close(grads["main_0"]["kernel"], conv_kernel(disc[0].weight.grad.numpy()))
+            assert_close(grads["main_3"]["scale"], disc[3].weight.grad.numpy())
+            assert_close(grads["main_5"]["kernel"], conv_kernel(disc[5].weight.grad.numpy()))
         else:
             assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
         # Two training-mode calls (real, then fake) moved the running mean twice, as in torch.
