@@ -5,6 +5,7 @@ limits that are known exactly, and clear errors for bad inputs.
 Run: .venv/bin/python -m pytest -q tests/test_pipeline.py
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import pytest
 from ldm_jax import ldm, pipeline
 from ldm_jax.diffusion.schedule import ScheduleConfig
 from ldm_jax.models.autoencoder import AutoencoderConfig
-from ldm_jax.models.text import ClipTextConfig
+from ldm_jax.models.text import ClassEmbedderConfig, ClipTextConfig
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.parallel import make_mesh
 from test_ldm import randomize_zero_kernels
@@ -119,6 +120,31 @@ def test_inpaint_mask_blending_limits(model):
     roundtrip = jnp.clip(ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, images)), -1, 1)
     np.testing.assert_allclose(run(0 * ones), roundtrip, atol=1e-5)  # nothing to repaint
     np.testing.assert_allclose(run(ones), _txt2img(model, eta=0.0), atol=1e-5)  # repaint all
+
+
+@pytest.mark.parametrize("cond", ["class", None])
+def test_vq_class_conditional_and_unconditional(cond):
+    """VQ first stage (decode quantises); class labels with the null class as uncond, or no conditioning."""
+    base = _config()
+    cross = cond == "class"
+    config = ldm.LDMConfig(
+        first_stage=dataclasses.replace(base.first_stage, kind="vq", double_z=False, n_embed=16),
+        unet=dataclasses.replace(base.unet, use_spatial_transformer=cross, attention_resolutions=(1,) if cross else (),
+                                 context_dim=32 if cross else None),
+        cond_stage=ClassEmbedderConfig(n_classes=5, embed_dim=32) if cross else None,
+        diffusion=dataclasses.replace(base.diffusion, scale_factor=1.0, conditioning_key="crossattn" if cross else None))
+    params = randomize_zero_kernels(ldm.init_params(config, jax.random.key(0)), jax.random.key(1))
+    sampler = pipeline.make_model_sampler(config, "ddim", 2)
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32) if cross else None
+    run = functools.partial(pipeline.txt2img, config, params, sampler, labels, mesh=make_mesh(), guidance_scale=2.0)
+    if not cross:
+        with pytest.raises(ValueError, match="needs batch_size"):
+            run(seed=0)
+        run = functools.partial(run, batch_size=B)
+    images = np.asarray(run(seed=0))
+    assert images.shape == (B, SIZE, SIZE, 3) and np.isfinite(images).all()
+    np.testing.assert_array_equal(np.asarray(run(seed=0)), images)
+    assert not np.allclose(np.asarray(run(seed=1)), images)
 
 
 def test_bad_inputs(model):
