@@ -194,6 +194,10 @@ def _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, nois
         raise ValueError(f"conditioning_key={config.diffusion.conditioning_key!r} takes no cond")
     batch = _batch_size(cond if conditional else None, noise, batch_from, batch_size)
     scale = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch,)).copy()
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if first_index < 0 or first_index + batch > 2**31:
+        raise ValueError(f"example indices {first_index}..{first_index + batch - 1} must lie in [0, 2**31)")
     inputs.update(scale=scale, seed=np.asarray(seed, np.uint32),
                   index=np.arange(first_index, first_index + batch, dtype=np.int32))
     if noise is not None:
@@ -235,13 +239,14 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, dtype, chunk_size) -> 
         raise ValueError(f"{kind}: this UNet takes {config.concat_channels} concat channels beside the latents "
                          f"(in_channels {config.unet.in_channels}); use inpaint() for inpainting models")
     mesh = mesh or parallel.make_mesh()
-    batch = inputs["index"].shape[0]
-    if batch % mesh.size:
-        raise ValueError(f"batch size {batch} is not divisible by the {mesh.size} devices of the mesh; "
-                         f"pad the batch to a multiple of {mesh.size}")
+    batch = inputs["index"].shape[0]  # this process's examples
     if "noise" in inputs and inputs["noise"].shape != (batch, *hw, config.latent_channels):
         raise ValueError(f"noise has shape {inputs['noise'].shape}; expected {(batch, *hw, config.latent_channels)}")
-    share = batch // mesh.size
+    global_batch = batch * jax.process_count()
+    if global_batch % mesh.size:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices of the mesh; "
+                         f"pad the batch to a multiple of {mesh.size}")
+    share = global_batch // mesh.size
     chunk = share if chunk_size is None else min(chunk_size, share)
     if chunk < 1 or share % chunk:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide each device's {share} examples")

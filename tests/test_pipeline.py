@@ -168,6 +168,8 @@ def test_bad_inputs(model):
         pipeline.txt2img(config, params, sampler, tokens[:3], empty[:3], **common)
     with pytest.raises(ValueError, match=r"cond must be \(B, 8\) token ids"):
         pipeline.txt2img(config, params, sampler, tokens[:, :5], empty[:, :5], **common)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        pipeline.txt2img(config, params, sampler, tokens, empty, mesh=mesh, seed=-1)
     with pytest.raises(ValueError, match="uncond has shape"):
         pipeline.txt2img(config, params, sampler, tokens, empty[:4], **common)
     # 9-channel weights under a 4-channel config, and a 9-channel model outside inpaint().
