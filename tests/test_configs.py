@@ -39,7 +39,8 @@ SECTION_BUILDERS = {
     "cond_stage": _cond_stage,
     "unet": _unet,
 }
-NON_MODEL_SECTIONS = {"diffusion", "sampler", "loss", "train", "data", "mesh", "eval", "sample", "ldm"}
+NON_MODEL_SECTIONS = {"diffusion", "sampler", "loss", "train", "data", "mesh", "eval", "sample", "ldm",
+                      "stage", "optimizer", "checkpoint"}  # the last three: training configs (train.py)
 PENDING_SECTIONS = {
 }
 

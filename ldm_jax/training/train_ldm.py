@@ -1,0 +1,617 @@
+"""The "ldm" stage: the latent diffusion model trained on a frozen first stage, and its export.
+
+What trains: the UNet, the cond stage when `train.train_cond_stage` (the captioned-shapes and txt2img-1p4B
+text transformers are trained jointly; SD's CLIP stays frozen), and the per-timestep logvar when learned.
+Everything else (the first stage, a frozen cond stage) is a frozen input of the jitted step
+(`loop.make_train_step(frozen=...)`), sharded by the same `mesh` rules, never in the optimiser. The loss is
+`ldm.training_loss` (conditioning dropout for classifier-free guidance with `ldm.cond_drop_prob`); the
+optimiser is AdamW with linear warm-up and gradient clipping in one optax chain (`optim`), with the reference's
+lr scaling rule (`optimizer.scale_lr`) and gradient accumulation (`optimizer.accumulate_grad_batches`
+micro-batches per update); EMA of the trained params with LitEma's warm-up (`train.ema_decay`, None = off);
+bf16 compute with `train.dtype="bfloat16"` (params, norms, softmax and the loss stay float32); remat with
+`unet.remat`.
+
+Where the params start: `train.init_from` (a model directory, a diffusers folder or a CompVis .ckpt /
+.safetensors file: every part, e.g. SD for fine-tuning) or, without it, a fresh UNet (and cond stage) on the
+autoencoder of `train.first_stage` (an autoencoder directory or the autoencoder stage's workdir). The frozen
+params are copied into WORKDIR/frozen_params.safetensors on the first start, so resuming and exporting need
+nothing outside the workdir.
+
+scale_by_std (`ldm.scale_by_std=True`): on a fresh start, scale_factor = 1 / std of the first training batch's
+latents (posterior samples); it is written into the config that every checkpoint stores, and a resumed run
+takes it from there.
+
+Precomputed latents (`train.precompute_latents`): one pass over the training split stores the first stage's
+moments (KL mean and logvar, or VQ's h) and the token ids in WORKDIR/latents/ (reused when present); training
+then reads those (`LatentIterator`, the same example order and checkpointable position as the image
+pipeline) and samples the posterior in the step exactly as encoding would.
+
+Periodic sample grids (`train.image_every`): txt2img (`ldm_jax.pipeline`, `train.sampler` with
+`train.sample_steps` steps, guidance `train.guidance_scale`) from the EMA params for the first
+`train.num_images` captions (or labels) of `train.eval_split`; PNG + TensorBoard; with `train.check_shapes`
+each grid is also scored by the captioned-shapes checker (eval.jsonl and the log).
+
+Export: WORKDIR/model/ at the end (`ldm_jax.model_dir`: config.json, params.safetensors with the EMA weights,
+tokenizer/); `export_model(workdir, out_dir)` does the same from the latest checkpoint of any run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ldm_jax import ldm, model_dir, parallel, pipeline as sampling
+from ldm_jax.convert.checkpoint_io import load_state_dict
+from ldm_jax.convert.common import assemble_params
+from ldm_jax.data import pipeline
+from ldm_jax.models.tokenizer import load_tokenizer, tokenize
+from ldm_jax.training import main as common
+from ldm_jax.training import optim
+from ldm_jax.training import state as state_lib
+from ldm_jax.training.checkpoint import ITEMS
+from ldm_jax.training.loop import Hook, make_train_step, train_loop
+from ldm_jax.training.state import TrainState
+
+log = logging.getLogger("ldm_jax.train")
+EXPORT_DIR = "model"
+FROZEN_FILE = "frozen_params.safetensors"
+TOKENIZER_DIR = "tokenizer"
+LATENTS_DIR = "latents"
+SHAPES_TOKENIZER = "shapes"
+
+
+@dataclasses.dataclass(frozen=True)
+class LDMTrainConfig:
+    """The `train` section of an LDM config (see the module doc for what each part does).
+
+    num_steps: optimiser updates; log_every / image_every: scalar and sample-grid intervals; num_images:
+    samples per grid (a multiple of the device count); eval_split: where the grid's prompts come from ("" =
+    the training split); dtype: "float32" or "bfloat16" compute. first_stage / init_from: where params come
+    from. tokenizer: a tokenizer directory, "shapes" (train the captioned-shapes word-level tokenizer into
+    WORKDIR/tokenizer) or "" (no text). sample_posterior: False trains on the KL posterior's mean.
+    """
+
+    num_steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    image_every: int = 1000
+    num_images: int = 16
+    eval_split: str = "validation"
+    dtype: str = "float32"
+    progress_bar: bool = True
+    first_stage: str = ""
+    init_from: str = ""
+    tokenizer: str = ""
+    train_cond_stage: bool = True
+    ema_decay: float | None = 0.9999
+    precompute_latents: bool = False
+    sample_posterior: bool = True
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    guidance_scale: float = 5.0
+    check_shapes: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Everything built from the config (nothing allocated). `config` is the run's ConfigDict, with the
+    resolved scale_factor once known."""
+
+    config: ml_collections.ConfigDict
+    model: ldm.LDMConfig
+    train: LDMTrainConfig
+    data: pipeline.DataConfig
+    optimizer: optim.OptimizerConfig
+    mesh: Any
+    rules: Any
+    dtype: Any
+    tokenizer: Any
+    tokenizer_dir: pathlib.Path | None
+    trainable: tuple[str, ...]
+
+    @property
+    def frozen_names(self) -> tuple[str, ...]:
+        """The LDM param parts that are inputs, not trained."""
+        names = ["first_stage"] + (["cond_stage"] if self.model.cond_stage is not None else [])
+        return tuple(n for n in names if n not in self.trainable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What the stage returns: the final state, the export directory and the last grid's checker scores."""
+
+    state: TrainState
+    export_dir: pathlib.Path
+    adherence: dict[str, float] | None
+
+
+# -------------------------------------------------------------------------------------------- the stage
+
+
+def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Stage:
+    """Parses and checks every section; prepares the tokenizer (WORKDIR/tokenizer for "shapes")."""
+    train = common.section(LDMTrainConfig, config, "train")
+    model = ldm.ldm_config(config)
+    if train.ema_decay is not None and not 0.0 < train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={train.ema_decay}; expected a value in (0, 1) or None (EMA off)")
+    keys = {"crossattn": ("image", "tokens") if model.tokenizer_kind else ("image", "label"),
+            "adm": ("image", "label"), None: ("image",)}.get(model.diffusion.conditioning_key)
+    if keys is None:
+        raise ValueError(f"the ldm stage trains conditioning_key crossattn, adm or None (unconditional); got "
+                         f"{model.diffusion.conditioning_key!r} (concat/hybrid models need mask or concat inputs "
+                         f"the data pipeline does not make)")
+    data = common.data_config(config, keys)
+    f = model.downsample_factor
+    if data.resolution % f:
+        raise ValueError(f"data.resolution {data.resolution} is not a multiple of the first stage's factor {f}")
+    tokenizer, tokenizer_dir = _tokenizer(model, train, workdir)
+    trainable = ["unet"]
+    if model.cond_stage is not None and train.train_cond_stage:
+        trainable.append("cond_stage")
+    if model.diffusion.learn_logvar:
+        trainable.append("logvar")
+    mesh, rules = common.mesh_and_rules(config)
+    if train.num_images % mesh.size:
+        raise ValueError(f"train.num_images {train.num_images} is not a multiple of the {mesh.size} devices")
+    return Stage(config=config, model=model, train=train, data=data,
+                 optimizer=common.section(optim.OptimizerConfig, config, "optimizer"), mesh=mesh, rules=rules,
+                 dtype=common.compute_dtype(train.dtype), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
+                 trainable=tuple(trainable))
+
+
+def _tokenizer(model: ldm.LDMConfig, train: LDMTrainConfig, workdir: pathlib.Path):
+    """(tokenizer, its directory) for text models, checked against the cond stage's vocabulary."""
+    if model.tokenizer_kind is None:
+        if train.tokenizer:
+            raise ValueError(f"train.tokenizer={train.tokenizer!r} but the model has no text cond stage")
+        return None, None
+    if not train.tokenizer:
+        raise ValueError("a text model needs train.tokenizer: a tokenizer directory, or 'shapes' for the "
+                         "captioned-shapes word-level tokenizer")
+    if train.tokenizer == SHAPES_TOKENIZER:
+        directory = workdir / TOKENIZER_DIR
+        if not (directory / "tokenizer.json").is_file() and jax.process_index() == 0:
+            from ldm_jax.data.train_tokenizer import train_tokenizer  # noqa: PLC0415
+
+            train_tokenizer(directory)
+        _sync("tokenizer")
+    else:
+        directory = pathlib.Path(train.tokenizer)
+    tokenizer = load_tokenizer(directory, model.tokenizer_kind)
+    vocab = model.cond_stage.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer in {directory} has {len(tokenizer)} tokens; cond_stage.vocab_size is {vocab}")
+    return tokenizer, directory
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
+
+
+def with_scale_factor(stage: Stage, value: float) -> Stage:
+    """The stage with `diffusion.scale_factor = value`, in its LDMConfig and in the config it saves."""
+    config = ml_collections.ConfigDict(stage.config.to_dict())  # an unlocked copy
+    target = "ldm" if "ldm" in config and "scale_factor" in config.ldm else "diffusion"
+    if "scale_factor" not in config[target] and "ldm" in config:
+        target = "ldm"
+    config[target]["scale_factor"] = float(value)
+    config.lock()
+    model = dataclasses.replace(stage.model, diffusion=dataclasses.replace(stage.model.diffusion,
+                                                                          scale_factor=float(value)))
+    return dataclasses.replace(stage, config=config, model=model)
+
+
+# ------------------------------------------------------------------------------------------------- params
+
+
+def load_pretrained(path: str | os.PathLike, config: ldm.LDMConfig) -> dict[str, Any]:
+    """Every LDM param from a model directory, a diffusers folder or a CompVis file, checked against `config`."""
+    path = pathlib.Path(path)
+    if (path / model_dir.CONFIG_FILE).is_file() and (path / model_dir.PARAMS_FILE).is_file():
+        params = model_dir.load_model(path).params
+    elif (path / "model_index.json").is_file():
+        from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline  # noqa: PLC0415
+
+        params = load_diffusers_pipeline(path).params
+    elif path.is_file():
+        from ldm_jax.convert.compvis import load_compvis_checkpoint  # noqa: PLC0415
+
+        params = load_compvis_checkpoint(path, config)
+    else:
+        raise FileNotFoundError(f"train.init_from={str(path)!r} is neither a model directory (config.json + "
+                                f"params.safetensors), a diffusers folder (model_index.json) nor a checkpoint file")
+    return _checked(params, model_dir.ldm_param_shapes(config), source=str(path))
+
+
+def _checked(params: Mapping[str, Any], expected: Mapping[tuple[str, ...], tuple[int, ...]], *, source: str) -> dict:
+    flat = model_dir.flatten_params(params)
+    return assemble_params({tuple(k.split("/")): (k, v) for k, v in flat.items()}, expected, source=source)
+
+
+def _first_stage_params(stage: Stage) -> dict[str, Any]:
+    path = pathlib.Path(stage.train.first_stage)
+    if not stage.train.first_stage:
+        raise ValueError("train.first_stage is required without train.init_from: the autoencoder directory "
+                         "(or autoencoder workdir) the LDM is trained on")
+    if (path / "autoencoder" / model_dir.FIRST_STAGE_CONFIG_FILE).is_file():
+        path = path / "autoencoder"  # the autoencoder stage's workdir
+    _, params = model_dir.load_first_stage_dir(path, stage.model.first_stage)
+    return params
+
+
+def frozen_params(stage: Stage, workdir: pathlib.Path, pretrained: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The frozen parts as numpy arrays: WORKDIR's copy when present, else from their sources (`pretrained`,
+    the params of train.init_from when already loaded), then copied into WORKDIR."""
+    names = stage.frozen_names
+    shapes = {p: s for p, s in model_dir.ldm_param_shapes(stage.model).items() if p[0] in names}
+    copy = workdir / FROZEN_FILE
+    if copy.is_file():
+        return model_dir.load_params(copy, shapes, source=str(copy))
+    if stage.train.init_from:
+        if pretrained is None:
+            pretrained = load_pretrained(stage.train.init_from, stage.model)
+        frozen = {name: pretrained[name] for name in names}
+    else:
+        if names != ("first_stage",):
+            raise ValueError(f"the frozen parts {names} need train.init_from (only the first stage comes from "
+                             f"train.first_stage)")
+        frozen = {"first_stage": _first_stage_params(stage)}
+    if jax.process_index() == 0:
+        model_dir.save_params(copy, frozen)
+    _sync("frozen")
+    return frozen
+
+
+def _trainable_of(params: Mapping[str, Any], stage: Stage) -> dict[str, Any]:
+    return {name: params[name] for name in stage.trainable}
+
+
+def init_state(stage: Stage, key: jax.Array, *, pretrained: Mapping[str, Any] | None = None,
+               abstract: bool = False) -> TrainState:
+    """The sharded train state: fresh (random trained parts), from `pretrained` numpy params, or only its
+    shapes and shardings (`abstract=True`, a restore target that allocates nothing)."""
+    tx, _ = _optimizer(stage)
+    ema = stage.train.ema_decay
+    model = stage.model
+
+    def create(key_data, given):
+        def init_params(k):
+            return _trainable_of(ldm.init_params(model, k) if given is None else given, stage)
+
+        return state_lib.create_train_state(init_params, tx=tx, key=jax.random.wrap_key_data(key_data),
+                                            ema_decay=ema)
+
+    key_data = np.asarray(jax.random.key_data(key))
+    given = None if pretrained is None else _trainable_of(pretrained, stage)
+    shapes = jax.eval_shape(create, key_data, given)
+    shardings = state_lib.state_shardings(shapes, stage.mesh, stage.rules)
+    if abstract:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    rep = parallel.replicated(stage.mesh)
+    if given is None:
+        return jax.jit(lambda kd: create(kd, None), in_shardings=rep, out_shardings=shardings)(key_data)
+    return jax.jit(create, in_shardings=(rep, shardings.params), out_shardings=shardings)(key_data, given)
+
+
+def _optimizer(stage: Stage):
+    """(tx, schedule) with the peak rate of `optim.learning_rate` for this global batch and device count."""
+    peak = optim.learning_rate(stage.optimizer, global_batch_size=stage.data.global_batch_size,
+                               num_devices=stage.mesh.size)
+    return optim.make_optimizer(stage.optimizer, peak)
+
+
+def place(tree: Any, stage: Stage) -> Any:
+    """numpy params -> device arrays sharded by the mesh rules."""
+    return jax.device_put(tree, parallel.param_shardings(tree, stage.rules, stage.mesh))
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def _tokenize_fn(stage: Stage):
+    if stage.tokenizer is None:
+        return None
+    m = stage.model
+    return lambda captions: tokenize(stage.tokenizer, list(captions), pad_token_id=m.pad_token_id,
+                                     max_length=m.max_length)
+
+
+def image_iterator(stage: Stage) -> pipeline.DataIterator:
+    """The training batches as images (+ tokens / labels)."""
+    return pipeline.make_iterator(stage.data, tokenizer=_tokenize_fn(stage))
+
+
+class LatentIterator:
+    """Host-local batches of precomputed first-stage moments (+ "tokens" / "label"), in the order the image
+    pipeline would read the same dataset (`pipeline.host_indices` with its seed and shuffling), with the
+    same checkpointable position ({"epoch", "position"} and the order-defining settings)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int, shuffle: bool = True,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.arrays = dict(arrays)
+        sizes = {name: len(a) for name, a in self.arrays.items()}
+        if len(set(sizes.values())) != 1 or not sizes:
+            raise ValueError(f"LatentIterator: arrays must share a leading size, got {sizes}")
+        self.num_examples = next(iter(sizes.values()))
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if self.num_examples < self.process_count:
+            raise ValueError(f"LatentIterator: {self.num_examples} examples for {self.process_count} processes")
+        self._epoch, self._position, self._order = 0, 0, None
+
+    def get_state(self) -> dict[str, Any]:
+        """The JSON-able position (as `pipeline.DataIterator.get_state`)."""
+        return {"epoch": self._epoch, "position": self._position, "seed": self.seed, "shuffle": self.shuffle,
+                "num_examples": self.num_examples, "process_index": self.process_index,
+                "process_count": self.process_count}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a `get_state()` dict (ValueError when it describes another order)."""
+        for field in ("seed", "shuffle", "num_examples", "process_index", "process_count"):
+            if field in state and state[field] != getattr(self, field):
+                raise ValueError(f"iterator state has {field}={state[field]!r}, this iterator {getattr(self, field)!r}")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        indices = []
+        while len(indices) < self.batch_size:
+            if self._order is None or self._order[0] != self._epoch:
+                self._order = (self._epoch, pipeline.host_indices(
+                    self.num_examples, self._epoch, seed=self.seed, shuffle=self.shuffle,
+                    process_index=self.process_index, process_count=self.process_count))
+            order = self._order[1]
+            if self._position >= len(order):
+                self._epoch, self._position = self._epoch + 1, 0
+                continue
+            take = min(self.batch_size - len(indices), len(order) - self._position)
+            indices.extend(order[self._position:self._position + take])
+            self._position += take
+        index = np.asarray(indices)
+        return {name: a[index] for name, a in self.arrays.items()}
+
+
+def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path, *,
+                       batch_size: int = 256) -> dict[str, np.ndarray]:
+    """One pass over the training split: {"moments": (N, h, w, 2C or C) float32, + "tokens" / "label"} in
+    dataset-index order, cached in WORKDIR/latents/ (every process computes and reads the whole set)."""
+    cache = workdir / LATENTS_DIR / f"{stage.data.split}.npz"
+    cond_key = [k for k in stage.data.batch_keys if k != "image"]
+    if cache.is_file():
+        with np.load(cache) as f:
+            arrays = {name: f[name] for name in f.files}
+        log.info("precomputed latents: %d examples from %s", len(arrays["moments"]), cache)
+        return arrays
+    one_pass = dataclasses.replace(stage.data, shuffle=False, num_epochs=1, drop_remainder=False,
+                                   global_batch_size=batch_size, batch_keys=("index", *stage.data.batch_keys))
+    it = pipeline.make_iterator(one_pass, tokenizer=_tokenize_fn(stage), process_index=0, process_count=1)
+    encode = jax.jit(lambda p, x: ldm.first_stage_moments(stage.model, p, x, dtype=stage.dtype))
+    fs = jax.device_put({"first_stage": frozen["first_stage"]}, jax.local_devices()[0])
+    parts: dict[str, list[np.ndarray]] = {"index": [], "moments": [], **{k: [] for k in cond_key}}
+    for batch in it:
+        n = len(batch["index"])
+        images = np.zeros((batch_size, *batch["image"].shape[1:]), np.float32)
+        images[:n] = batch["image"]  # padded to one shape: one compilation
+        parts["moments"].append(np.asarray(encode(fs, images))[:n])
+        for k in ("index", *cond_key):
+            parts[k].append(np.asarray(batch[k]))
+        done = sum(len(i) for i in parts["index"])
+        if len(parts["index"]) % 20 == 0 or done == it.num_examples:
+            log.info("precomputing latents: %d / %d examples", done, it.num_examples)
+    order = np.argsort(np.concatenate(parts.pop("index")))
+    arrays = {k: np.concatenate(v)[order] for k, v in parts.items()}
+    if len(arrays["moments"]) != it.num_examples:
+        raise ValueError(f"precomputed {len(arrays['moments'])} latents for {it.num_examples} examples: unreadable "
+                         "images cannot be precomputed (train on images instead)")
+    if jax.process_index() == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache)
+        log.info("precomputed latents of %d examples -> %s", it.num_examples, cache)
+    _sync("latents")
+    return arrays
+
+
+def latent_iterator(stage: Stage, arrays: Mapping[str, np.ndarray]) -> LatentIterator:
+    """The training batches from precomputed moments (global batch split over processes)."""
+    per_host = stage.data.global_batch_size // jax.process_count()
+    return LatentIterator(arrays, batch_size=per_host, seed=stage.data.seed, shuffle=stage.data.shuffle)
+
+
+# ------------------------------------------------------------------------------------------ scale_by_std
+
+
+def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+    """The config JSON of WORKDIR's latest checkpoint, or None when there is none."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    finally:
+        manager.close()
+
+
+def first_batch_scale(stage: Stage, frozen: Mapping[str, Any], batches: Any, key: jax.Array) -> float:
+    """scale_by_std: 1 / std (ddof 1) of the first global batch's unscaled latents (posterior samples when
+    training samples them). The iterator is left where it was."""
+    position = batches.get_state()
+    batch = next(batches)
+    batches.set_state(position)
+    unit = dataclasses.replace(stage.model, diffusion=dataclasses.replace(stage.model.diffusion, scale_factor=1.0))
+    sample_key = key if stage.train.sample_posterior else None
+
+    def inv_std(fs, batch):
+        if "moments" in batch:
+            z = ldm.latents_from_moments(unit, batch["moments"], sample_key)
+        else:
+            z = ldm.encode_first_stage(unit, fs, batch["image"], sample_key, dtype=stage.dtype)
+        return 1.0 / jnp.std(z, ddof=1)
+
+    inputs = {k: v for k, v in batch.items() if k in ("image", "moments")}
+    value = jax.jit(inv_std)({"first_stage": frozen["first_stage"]}, parallel.host_local_to_global(inputs, stage.mesh))
+    return float(parallel.fetch_replicated(value))
+
+
+# ----------------------------------------------------------------------------------------- sample grids
+
+
+def _eval_conditioning(stage: Stage) -> tuple[Any, Any, list[str] | None]:
+    """(cond, uncond, captions) for the sample grids from the first examples of eval_split."""
+    m, n = stage.model, stage.train.num_images
+    if m.diffusion.conditioning_key is None:
+        return None, None, None
+    split = stage.train.eval_split or stage.data.split
+    cfg = common.eval_data_config(stage.data, split, n)
+    if m.tokenizer_kind is not None:
+        batch = next(pipeline.make_iterator(dataclasses.replace(cfg, batch_keys=("caption",))))
+        captions = list(batch["caption"])
+        cond = _tokenize_fn(stage)(captions)
+        return cond, np.repeat(ldm.empty_prompt_ids(m, stage.tokenizer), n, axis=0), captions
+    labels = next(pipeline.make_iterator(dataclasses.replace(cfg, batch_keys=("label",))))["label"]
+    return labels, None, None  # the pipeline guides class models with the null class
+
+
+def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path, scores: list) -> Hook:
+    train = stage.train
+    cond, uncond, captions = _eval_conditioning(stage)
+    sampler = sampling.make_model_sampler(stage.model, train.sampler, train.sample_steps)
+
+    def fn(state: TrainState, step: int):
+        params = {**(state.ema_params if state.ema_params is not None else state.params), **frozen}
+        images = sampling.txt2img(stage.model, params, sampler, cond, uncond, guidance_scale=train.guidance_scale,
+                                  seed=train.seed, batch_size=None if cond is not None else train.num_images,
+                                  mesh=stage.mesh, dtype=stage.dtype)
+        if train.check_shapes and captions is not None:
+            from ldm_jax.metrics.shapes_checker import prompt_adherence  # noqa: PLC0415
+
+            summary = prompt_adherence(sampling.to_uint8(jax.device_get(images)), captions)
+            scores.append(summary)
+            if jax.process_index() == 0:
+                log.info("step %d: prompt adherence %.1f%% of %d %s prompts (object accuracy %.1f%%)", step,
+                         100 * summary["accuracy"], len(captions), train.eval_split, 100 * summary["object_accuracy"])
+                with open(workdir / "eval.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, **summary}) + "\n")
+        return {"samples": images}
+
+    return Hook(every_steps=train.image_every, fn=fn)
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Result:
+    """Trains (or resumes) the LDM in `workdir`, then exports WORKDIR/model/."""
+    stage = build_stage(config, workdir)
+    train = stage.train
+    saved = saved_config(workdir)
+    pretrained = None
+    if train.init_from and saved is None:  # a resumed run restores every trained param from its checkpoint
+        pretrained = load_pretrained(train.init_from, stage.model)
+    frozen_np = frozen_params(stage, workdir, pretrained)
+    frozen = place(frozen_np, stage)
+    if train.precompute_latents:
+        batches = latent_iterator(stage, precompute_latents(stage, frozen_np, workdir))
+    else:
+        batches = image_iterator(stage)
+    key = jax.random.key(train.seed)
+    if saved is not None:
+        stage = _resumed_scale(stage, saved)
+    elif stage.model.diffusion.scale_by_std:
+        value = first_batch_scale(stage, frozen, batches, jax.random.fold_in(key, 1))
+        log.info("scale_by_std: scale_factor = %.6g (1 / std of the first batch's latents)", value)
+        stage = with_scale_factor(stage, value)
+    state = init_state(stage, key, pretrained=pretrained)
+    del pretrained
+    tx_schedule = _optimizer(stage)[1]
+    empty = ldm.empty_prompt_ids(stage.model, stage.tokenizer) if stage.tokenizer is not None else None
+    base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty, dtype=stage.dtype,
+                                 sample_posterior=train.sample_posterior)
+
+    def loss_fn(params, batch, key, frozen_params):
+        return base_loss({**params, **frozen_params}, batch, key)
+
+    step = make_train_step(loss_fn, mesh=stage.mesh, state_shardings=state_lib.shardings_of(state),
+                           accumulate_grad_batches=stage.optimizer.accumulate_grad_batches,
+                           learning_rate_fn=tx_schedule, frozen=frozen)
+    scores: list[dict[str, float]] = []
+    hooks = [_sample_hook(stage, frozen, workdir, scores)]
+    common.describe_outputs(workdir, "ldm", train.num_steps, f"model:       {workdir / EXPORT_DIR} (written at the end)")
+    state = train_loop(state, step, batches, num_steps=train.num_steps, workdir=workdir, mesh=stage.mesh,
+                       checkpoint=common.checkpoint_config(stage.config), config=stage.config,
+                       log_every=train.log_every, hooks=hooks, progress_bar=train.progress_bar)
+    out = workdir / EXPORT_DIR
+    write_export(stage, state, frozen, out)
+    return Result(state=state, export_dir=out, adherence=scores[-1] if scores else None)
+
+
+def _resumed_scale(stage: Stage, saved: Mapping[str, Any]) -> Stage:
+    """The stage with the scale_factor a previous run of this workdir stored (its checkpoint's config)."""
+    values = [saved[s]["scale_factor"] for s in ("ldm", "diffusion") if s in saved and "scale_factor" in saved[s]]
+    if not values or values[0] == stage.model.diffusion.scale_factor:
+        return stage
+    log.info("resuming with the stored scale_factor %.6g", values[0])
+    return with_scale_factor(stage, values[0])
+
+
+def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
+    """Writes the model directory: EMA (or live) trained params + frozen params, config, tokenizer files."""
+    trained = state.ema_params if state.ema_params is not None else state.params
+    params = {**jax.device_get(trained), **jax.device_get(dict(frozen))}
+    if jax.process_index() == 0:
+        model_dir.write_model_dir(out_dir, stage.config, params, tokenizer_dir=stage.tokenizer_dir)
+        log.info("exported the model to %s (load with ldm_jax.model_dir.load_model)", out_dir)
+    _sync("export")
+    return out_dir
+
+
+def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Exports the latest checkpoint of an LDM run in `workdir` as a model directory (`ldm_jax.model_dir`).
+
+    The config, the scale factor and the frozen params come from the workdir itself; the EMA params are used
+    when the run kept them. Raises FileNotFoundError when the workdir has no checkpoint.
+    """
+    from ldm_jax.training.checkpoint import Checkpointer  # noqa: PLC0415
+
+    workdir = pathlib.Path(workdir).absolute()
+    saved = saved_config(workdir)
+    if saved is None:
+        raise FileNotFoundError(f"{workdir} holds no LDM checkpoint (expected {workdir / 'checkpoints'})")
+    config = ml_collections.ConfigDict(saved)
+    config.lock()
+    stage = build_stage(config, workdir)
+    frozen = frozen_params(stage, workdir)
+    target = init_state(stage, jax.random.key(stage.train.seed), abstract=True)
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        state = ckpt.restore(target).state
+    finally:
+        ckpt.close()
+    return write_export(stage, state, frozen, pathlib.Path(out_dir))
+
+
+__all__ = ["LDMTrainConfig", "LatentIterator", "Result", "build_stage", "export_model", "frozen_params",
+           "init_state", "load_pretrained", "precompute_latents", "train_and_evaluate", "write_export"]
