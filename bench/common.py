@@ -1,0 +1,221 @@
+"""Shared helpers of the bench/ scripts: benchmark model configs, random models written as diffusers folders
+(so every side loads the same weights), the inputs every side reads, timing, subprocess workers and tables.
+
+Configs (`bench_config`):
+- "tiny":  configs/unet_tiny.py's UNet (1.1M params) + the tiny CLIP of configs/text_tiny.py (77 tokens) + a
+           tiny f=4 KL autoencoder without attention levels (diffusers Flax's VAE has none), 8x8x4 latents.
+- "small": SD v1's architecture at a fraction of the width: UNet channels 64-128-256-256 (4 heads, context 256),
+           a 4-layer 256-wide CLIP, a KL-f8 VAE with 64-128-256-256 channels and 1 resnet per level.
+- "sd_v1": configs/sd_v1.py: the SD v1 UNet (860M), CLIP ViT-L/14 text encoder (123M), KL-f8 VAE (84M).
+Latent size and batch are arguments. Weights are random (`random_params`: flax init, then the zero-initialised
+output kernels get small random values so no branch is a no-op).
+
+A model folder (`write_model_folder`) is a diffusers StableDiffusionPipeline folder (our exporter) plus
+`bench_inputs.npz`: prompt and empty-prompt token ids (B, 77) and the initial noise (B, h, w, 4) NHWC, so that
+ours, diffusers PyTorch and diffusers Flax (bench/reference_flax.py in .venv-ref) do the same work.
+
+Workers print one line `BENCH_RESULT <json>`; `run_worker` runs one and parses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.modules.setdefault("torchvision", None)  # diffusers must not import the broken torchvision wheel
+
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+REF_VENV_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+CONFIG_NAMES = ("tiny", "small", "sd_v1")
+RESULT_TAG = "BENCH_RESULT "
+INPUTS_FILE = "bench_inputs.npz"
+# glibc malloc settings that keep freed memory mapped (ENVIRONMENT.md: every SD-scale step otherwise re-faults
+# ~1.8 GB of fresh pages); `--malloc=tuned` gives them to every side alike.
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(2**28),
+                "MALLOC_ARENA_MAX": "1"}
+
+
+# -------------------------------------------------------------------------------------------------- models
+
+
+def bench_config(name: str, latent_size: int, *, attention: str = "xla"):
+    """The `LDMConfig` of benchmark config `name` (see CONFIG_NAMES) at `latent_size` x `latent_size` latents.
+
+    The UNet's remat is off (it only matters under grad) and its attention implementation is `attention`.
+    """
+    from ldm_jax import ldm
+    from ldm_jax.config import load_config_file
+
+    if name not in CONFIG_NAMES:
+        raise ValueError(f"unknown bench config {name!r}; expected one of {CONFIG_NAMES}")
+    config = load_config_file(ROOT / "configs" / ("unet_tiny.py" if name == "tiny" else "sd_v1.py"))
+    with config.unlocked():
+        if name == "tiny":
+            tiny_text = load_config_file(ROOT / "configs" / "text_tiny.py")
+            config.cond_stage = tiny_text.cond_stage
+            config.first_stage.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=32)
+        elif name == "small":
+            config.unet.update(model_channels=64, num_heads=4, context_dim=256)
+            config.cond_stage.update(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)
+            config.first_stage.update(ch=64, num_res_blocks=1)
+        config.ldm.image_size = latent_size
+        config.unet.remat = False
+        config.unet.attention = attention
+    cfg = ldm.ldm_config(config)
+    return dataclasses.replace(cfg, first_stage=dataclasses.replace(
+        cfg.first_stage, resolution=latent_size * cfg.downsample_factor))
+
+
+def random_params(config, seed: int = 0) -> dict[str, Any]:
+    """Random LDM params for `config` as numpy float32, drawn on the host from the shapes of `ldm.init_params`
+    (no compiled init: the SD init program alone takes minutes to compile on 2 cores). Kernels and embeddings
+    N(0, 1/fan_in), norm scales 1 + N(0, 0.02^2), biases N(0, 0.02^2): every block contributes (no zero
+    output kernels) and activations keep unit scale."""
+    import jax
+
+    from ldm_jax import ldm
+
+    shapes = jax.eval_shape(lambda key: ldm.init_params(config, key), jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if name in ("kernel", "embedding") and len(shape) >= 2:
+            fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
+            return (rng.standard_normal(shape, np.float32) / np.sqrt(fan_in)).astype(leaf.dtype)
+        base = 1.0 if name == "scale" else 0.0
+        return (base + 0.02 * rng.standard_normal(shape, np.float32)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def write_tokenizer(folder: pathlib.Path) -> pathlib.Path:
+    """A minimal CLIP tokenizer directory (a few lower-case letters; the benchmark feeds token ids directly)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {**{c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")},
+             **{c + "</w>": 26 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")},
+             "<|startoftext|>": 52, "<|endoftext|>": 53}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def write_model_folder(name: str, folder: str | os.PathLike, *, latent_size: int, batch: int, seed: int = 0):
+    """Writes benchmark model `name` with random weights as a diffusers SD folder (DDIMScheduler config) plus
+    `bench_inputs.npz` (token ids and initial noise for `batch` images). Returns (folder, LDMConfig)."""
+    from ldm_jax.convert.diffusers_pipeline import save_diffusers_pipeline
+    from ldm_jax.ldm import LoadedModel
+    from ldm_jax.models.tokenizer import load_tokenizer
+
+    folder = pathlib.Path(folder)
+    config = bench_config(name, latent_size)
+    tokenizer = load_tokenizer(write_tokenizer(folder / "_tokenizer_src"), "clip")
+    model = LoadedModel(config=config, params=random_params(config, seed), tokenizer=tokenizer, model_id=name)
+    save_diffusers_pipeline(model, folder, scheduler_class="DDIMScheduler")
+    cond, uncond, noise = bench_inputs(config, batch, latent_size, seed)
+    np.savez(folder / INPUTS_FILE, cond=cond, uncond=uncond, noise=noise)
+    (folder / "bench.json").write_text(json.dumps(dict(config=name, latent_size=latent_size, batch=batch)))
+    return folder, config
+
+
+def bench_inputs(config, batch: int, latent_size: int, seed: int = 0):
+    """(cond, uncond, noise): random prompt ids [BOS, 10 tokens, EOS, pad...] and empty-prompt ids, int32 (B, L),
+    and N(0, 1) initial latents (B, h, w, C) float32 NHWC."""
+    cs = config.cond_stage
+    rng = np.random.default_rng(seed + 2)
+    bos, eos, length = cs.eos_token_id - 1, cs.eos_token_id, cs.max_length
+    cond = np.full((batch, length), cs.pad_token_id, np.int32)
+    uncond = cond.copy()
+    cond[:, 0] = uncond[:, 0] = bos
+    cond[:, 1:11] = rng.integers(0, bos, (batch, 10))
+    cond[:, 11] = uncond[:, 1] = eos
+    noise = rng.standard_normal((batch, latent_size, latent_size, config.latent_channels)).astype(np.float32)
+    return cond, uncond, noise
+
+
+# -------------------------------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of fn() (which must block until its result is ready)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternating(fns: Sequence[Callable[[], Any]], repeats: int, warmup: bool = True) -> list[list[float]]:
+    """Wall seconds of each blocking fn() over `repeats` rounds that run them in turn (after a warm-up round
+    when `warmup`): one list of times per fn, in order."""
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats + int(warmup)):
+        for fn, ts in zip(fns, times):
+            t = timed(fn)
+            if round_ or not warmup:
+                ts.append(t)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages and core count, for the record of each table."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------------------------------------- workers
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """Prints a worker's result line (parsed by `run_worker`), with the process's peak RSS in GiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(RESULT_TAG + json.dumps({**result, "peak_rss_gib": peak}), flush=True)
+
+
+def run_worker(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float | None = None,
+               python: pathlib.Path = VENV_PYTHON) -> dict[str, Any]:
+    """Runs `python argv...` in a fresh process (cwd: the repo root) and returns its `BENCH_RESULT` dict.
+
+    Raises RuntimeError with the worker's output tail when it fails or prints no result.
+    """
+    if not python.exists():
+        raise FileNotFoundError(f"{python} does not exist" + (" (build it with bash bench/make_reference_venv.sh)"
+                                                             if python == REF_VENV_PYTHON else ""))
+    cmd = [str(python), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
+                          cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker {' '.join(map(str, argv))} failed (exit {proc.returncode}):\n{out[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: floats with 3 significant decimals, right-aligned columns after the first."""
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if v != v else (f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
+        return str(v)
+
+    cells = [list(header)] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
