@@ -183,6 +183,31 @@ def _vp_noise_to(sqrt_alpha: jax.Array, sqrt_one_minus_alpha: jax.Array, x0: jax
 # ------------------------------------------------------------------------------------------------------ DDIM
 
 
+class _VPStepSampler:
+    """The methods DDIM and DDPM share: one model evaluation per step, x in the variance-preserving
+    coordinates, tables `timesteps`, `sqrt_alpha`, `sqrt_one_minus_alpha` indexed by the step."""
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def num_evals(self) -> int:
+        return self.num_steps
+
+    def prior(self, noise: jax.Array) -> jax.Array:
+        return noise.astype(jnp.float32)
+
+    def noise_to(self, x0: jax.Array, noise: jax.Array, step: jax.Array) -> jax.Array:
+        return _vp_noise_to(self.sqrt_alpha, self.sqrt_one_minus_alpha, x0, noise, step)
+
+    def init_state(self, x: jax.Array, step: Any = 0) -> StepState:
+        return _step_state(x, step)
+
+    def model_input(self, state: StepState) -> tuple[jax.Array, jax.Array]:
+        return state.x, self.timesteps[state.step]
+
+
 @dataclasses.dataclass(frozen=True)
 class DDIMConfig:
     """DDIM (Song et al. 2021). Defaults are CompVis: "uniform" spacing, +1 offset, last alpha_prev = a[0].
@@ -200,7 +225,7 @@ class DDIMConfig:
 
 
 @flax.struct.dataclass
-class DDIMSampler:
+class DDIMSampler(_VPStepSampler):
     """DDIM with a traced `eta` (0: deterministic DDIM, 1: DDPM-like ancestral noise). Tables are (N,)."""
 
     config: DDIMConfig = flax.struct.field(pytree_node=False)
@@ -224,26 +249,6 @@ class DDIMSampler:
         return cls(config=config, timesteps=jnp.asarray(ts, jnp.int32), sqrt_alpha=_f32(np.sqrt(a_t)),
                    sqrt_one_minus_alpha=_f32(np.sqrt(1 - a_t)), alpha_prev=_f32(a_prev),
                    variance=_f32((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)), eta=jnp.asarray(eta, jnp.float32))
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    @property
-    def num_evals(self) -> int:
-        return self.num_steps
-
-    def prior(self, noise: jax.Array) -> jax.Array:
-        return noise.astype(jnp.float32)
-
-    def noise_to(self, x0: jax.Array, noise: jax.Array, step: jax.Array) -> jax.Array:
-        return _vp_noise_to(self.sqrt_alpha, self.sqrt_one_minus_alpha, x0, noise, step)
-
-    def init_state(self, x: jax.Array, step: Any = 0) -> StepState:
-        return _step_state(x, step)
-
-    def model_input(self, state: StepState) -> tuple[jax.Array, jax.Array]:
-        return state.x, self.timesteps[state.step]
 
     def update(self, state: StepState, prediction: jax.Array, key: jax.Array) -> StepState:
         k = state.step
@@ -368,7 +373,7 @@ class DDPMConfig:
 
 
 @flax.struct.dataclass
-class DDPMSampler:
+class DDPMSampler(_VPStepSampler):
     """DDPM: x_prev = c_x0 x0 + c_xt x_t + std noise; no noise on the last step. Tables are (N,)."""
 
     config: DDPMConfig = flax.struct.field(pytree_node=False)
@@ -394,26 +399,6 @@ class DDPMSampler:
         return cls(config=config, timesteps=jnp.asarray(ts, jnp.int32), sqrt_alpha=_f32(np.sqrt(a_t)),
                    sqrt_one_minus_alpha=_f32(np.sqrt(1 - a_t)), coef_x0=_f32(np.sqrt(a_prev) * beta / (1 - a_t)),
                    coef_xt=_f32(np.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t)), std=_f32(std))
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    @property
-    def num_evals(self) -> int:
-        return self.num_steps
-
-    def prior(self, noise: jax.Array) -> jax.Array:
-        return noise.astype(jnp.float32)
-
-    def noise_to(self, x0: jax.Array, noise: jax.Array, step: jax.Array) -> jax.Array:
-        return _vp_noise_to(self.sqrt_alpha, self.sqrt_one_minus_alpha, x0, noise, step)
-
-    def init_state(self, x: jax.Array, step: Any = 0) -> StepState:
-        return _step_state(x, step)
-
-    def model_input(self, state: StepState) -> tuple[jax.Array, jax.Array]:
-        return state.x, self.timesteps[state.step]
 
     def update(self, state: StepState, prediction: jax.Array, key: jax.Array) -> StepState:
         k = state.step
