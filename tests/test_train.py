@@ -71,7 +71,7 @@ def _ae_config(dataset, **overrides):
 
 def _ldm_config(dataset, first_stage, **overrides):
     tiny = {"unet.model_channels": 32, "unet.channel_mult": "(1, 2)", "unet.num_res_blocks": 1,
-            "unet.attention_resolutions": "(1, 2)", "unet.num_heads": 2, "unet.context_dim": 32,
+            "unet.attention_resolutions": "(1, 2)", "unet.num_heads": 2, "unet.num_head_channels": -1, "unet.context_dim": 32,
             "cond_stage.hidden_size": 32, "cond_stage.intermediate_size": 64, "cond_stage.num_layers": 1,
             "cond_stage.num_heads": 2, "data.global_batch_size": 8, "train.num_steps": 2, "train.log_every": 1,
             "train.image_every": 2, "train.num_images": 8, "train.sample_steps": 2, "train.progress_bar": False,

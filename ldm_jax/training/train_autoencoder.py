@@ -256,7 +256,7 @@ def _grid_hook(stage: Stage, workdir: pathlib.Path, images: np.ndarray, psnrs: l
     device_images = parallel.host_local_to_global(images, stage.mesh)
 
     def fn(state: TrainState, step: int):
-        recon = np.asarray(jax.device_get(recon_fn(state.params["ae"], device_images)))
+        recon = common.host_copy(recon_fn(state.params["ae"], device_images))
         value = float(np.mean(psnr(images, recon)))
         psnrs.append(value)
         if jax.process_index() == 0:
@@ -293,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     if not psnrs or train.num_steps % train.image_every:
         hooks[0].fn(state, train.num_steps)  # a final grid and PSNR of the exported weights
     export = workdir / EXPORT_DIR
+    ae_params = common.host_copy(state.params["ae"])  # a collective: every process
     if jax.process_index() == 0:
-        model_dir.write_first_stage_dir(export, stage.ae_config, state.params["ae"])
+        model_dir.write_first_stage_dir(export, stage.ae_config, ae_params)
         log.info("exported the autoencoder to %s (PSNR %.2f dB)", export, psnrs[-1])
     return Result(state=state, export_dir=export, psnr=psnrs[-1])

@@ -508,7 +508,7 @@ def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path,
         if train.check_shapes and captions is not None:
             from ldm_jax.metrics.shapes_checker import prompt_adherence  # noqa: PLC0415
 
-            summary = prompt_adherence(sampling.to_uint8(jax.device_get(images)), captions)
+            summary = prompt_adherence(sampling.to_uint8(common.host_copy(images)), captions)
             scores.append(summary)
             if jax.process_index() == 0:
                 log.info("step %d: prompt adherence %.1f%% of %d %s prompts (object accuracy %.1f%%)", step,
@@ -580,7 +580,7 @@ def _resumed_scale(stage: Stage, saved: Mapping[str, Any]) -> Stage:
 def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
     """Writes the model directory: EMA (or live) trained params + frozen params, config, tokenizer files."""
     trained = state.ema_params if state.ema_params is not None else state.params
-    params = {**jax.device_get(trained), **jax.device_get(dict(frozen))}
+    params = {**common.host_copy(trained), **common.host_copy(dict(frozen))}
     if jax.process_index() == 0:
         model_dir.write_model_dir(out_dir, stage.config, params, tokenizer_dir=stage.tokenizer_dir)
         log.info("exported the model to %s (load with ldm_jax.model_dir.load_model)", out_dir)
