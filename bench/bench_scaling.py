@@ -1,8 +1,9 @@
 """How our txt2img scales: time vs number of DDIM steps, vs latent resolution, vs batch (ours only, in process).
 
 Around a base point (DDIM `--base_steps` steps, the config's default latent size, batch 1, CFG 7.5, float32,
-random weights from bench/common.py), each axis is varied alone. Every point is compiled once (its first call;
-"compile s" = first - steady) and the points of one axis are then timed in turn, `--repeats` rounds, medians.
+random weights from bench/common.py), each axis is varied alone. Every point is compiled by its first call
+("compile s": JAX's trace + lower + compile seconds; 0 for a point already compiled) and the points of one axis
+are then timed in turn, `--repeats` rounds, medians.
 "x linear" divides the time by what linear scaling from the axis' first point predicts (steps: a fixed part
 plus per-step work; resolution: pixels; batch: images), so < 1 means better than linear.
 
@@ -44,10 +45,14 @@ def sweep(name: str, axis: str, values: list[int], base: dict, args, params_cach
     """Rows for one axis of config `name`: the other two settings stay at `base`."""
     points = [dict(base, **{axis: v}) for v in values]
     runs = [_point(name, params_cache, p["steps"], p["latent"], p["batch"], args.attention) for p in points]
-    first = [common.timed(run) for run in runs]
+    compile_s = []
+    for run in runs:  # the first call of each point compiles it (a point seen before costs nothing)
+        before = args.clock.seconds
+        run()
+        compile_s.append(args.clock.seconds - before)
     steady = [common.median(ts) for ts in common.alternating(runs, args.repeats, warmup=False)]
     rows = []
-    for p, f, s in zip(points, first, steady):
+    for p, c, s in zip(points, compile_s, steady):
         p0, s0 = points[0], steady[0]
         if axis == "steps":  # fit fixed + per-step from the first and last points
             per_step = (steady[-1] - s0) / (points[-1]["steps"] - p0["steps"]) if len(points) > 1 else s0 / p0["steps"]
@@ -57,9 +62,8 @@ def sweep(name: str, axis: str, values: list[int], base: dict, args, params_cach
         else:
             predicted = s0 * p["batch"] / p0["batch"]
         per = s / (p["batch"] * p["steps"]) * 1e3
-        rows.append([name, axis, p[axis], f"{p['latent'] * 8 if name != 'tiny' else p['latent'] * 4}px", f - s, s,
-                     per, s / predicted])
-        print(f"  {name} {axis}={p[axis]}: compile {f - s:.2f} s, steady {s:.3f} s", flush=True)
+        rows.append([name, axis, p[axis], f"{p['latent'] * (4 if name == 'tiny' else 8)}px", c, s, per, s / predicted])
+        print(f"  {name} {axis}={p[axis]}: compile {c:.2f} s, steady {s:.3f} s", flush=True)
     return rows
 
 
@@ -73,6 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="xla")
     args = parser.parse_args(argv)
+    args.clock = common.CompileClock()
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     rows = []

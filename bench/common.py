@@ -168,6 +168,24 @@ def alternating(fns: Sequence[Callable[[], Any]], repeats: int, warmup: bool = T
     return times
 
 
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling in this process (from `jax.monitoring` events), so
+    compile time is measured directly instead of as first call - steady call (which drifts with the load)."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -10,15 +10,13 @@ as their pipeline's jit path does. The PyTorch -> Flax weight conversion (diffus
 `from_pt` code, op by op, minutes at SD size) runs once; its Flax weights are cached in F/flax_cache/.
 
 Prints one line `BENCH_RESULT <json>`: load_s, first_s (compile + one run), run_s (later runs), peak_rss_gib;
-writes the images to F/out_flax.npy as NHWC float32 in [-1, 1]. Imports nothing from ldm_jax (another venv).
+compile_s (JAX trace + lower + compile of the first call); writes the images to F/out_flax.npy as NHWC float32
+in [-1, 1]. Imports nothing from ldm_jax (another venv); bench/common.py only for its stdlib helpers.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import resource
 import sys
 import time
 import warnings
@@ -30,7 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-RESULT_TAG = "BENCH_RESULT "  # as bench/common.py
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402  (stdlib + numpy at import: usable from this venv)
 
 
 def _load_components(folder: pathlib.Path):
@@ -83,6 +82,7 @@ def main() -> None:
 
     diffusers.utils.logging.set_verbosity_error()  # one "Flax classes are deprecated" line per module otherwise
 
+    clock = common.CompileClock()
     start = time.perf_counter()
     text_encoder, unet, vae, scheduler, params = _load_components(args.folder)
     # Unused (token ids are given); the vocab.json/merges.txt source, as transformers 5 saved tokenizer.json only.
@@ -103,18 +103,18 @@ def main() -> None:
         return np.asarray(generate(cond, params, jax.random.key(0), args.steps, height, width, args.guidance,
                                    latents, uncond))
 
+    compiled_before = clock.seconds
     start = time.perf_counter()
     images = run()
     first_s = time.perf_counter() - start
+    compile_s = clock.seconds - compiled_before
     run_s = []
     for _ in range(args.runs):
         start = time.perf_counter()
         images = run()
         run_s.append(time.perf_counter() - start)
     np.save(args.folder / "out_flax.npy", (images * 2.0 - 1.0).astype(np.float32))  # their [0, 1] -> [-1, 1]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(RESULT_TAG + json.dumps(dict(side="flax", load_s=load_s, first_s=first_s, run_s=run_s, peak_rss_gib=peak,
-                                       pid=os.getpid())), flush=True)
+    common.emit_result(dict(side="flax", load_s=load_s, first_s=first_s, run_s=run_s, compile_s=compile_s))
 
 
 if __name__ == "__main__":
