@@ -26,7 +26,6 @@ def tiny_model(tmp_path_factory) -> pathlib.Path:
         config.unet.channel_mult = (1, 2)
         config.unet.num_res_blocks = 1
         config.unet.attention_resolutions = (2,)
-        config.unet.num_heads = 2
         config.unet.context_dim = 32
         config.cond_stage.hidden_size = 32
         config.cond_stage.intermediate_size = 64
