@@ -90,6 +90,7 @@ def run_variant(overrides: dict, *, kind: str, dtype: str, remat: bool, batch: i
     import tempfile
 
     import jax
+    import numpy as np
 
     from ldm_jax import ldm
     from ldm_jax.training import loop, state as state_lib, train_ldm
@@ -118,9 +119,12 @@ def run_variant(overrides: dict, *, kind: str, dtype: str, remat: bool, batch: i
             lambda kk: train_ldm._trainable_of(ldm.init_params(stage.model, kk), stage),
             tx=tx, key=k, ema_decay=stage.train.ema_decay))(jax.random.key(0))
         n_params = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
-        holder["state"] = jax.device_put_replicated(state, devices)
-        frozen = jax.device_put_replicated(frozen_np, devices)
-        keys = jax.device_put_replicated(jax.random.key_data(key), devices)
+        # flax's old `replicate` (device_put_replicated is gone from JAX): one copy per device, device-resident.
+        replicate = jax.pmap(lambda tree: tree)
+        stacked = lambda tree: jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)  # noqa: E731
+        holder["state"] = replicate(stacked(state))
+        frozen = replicate(stacked(frozen_np))
+        keys = replicate(stacked(jax.random.key_data(key)))
         sharded = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), host_batch)
 
         def train_step(state, frozen, batch, key_data):
@@ -187,9 +191,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", "--devices", str(n), "--steps", str(args.steps),
                "--configs", args.configs]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.exit(f"worker with {n} device(s) failed:\n{proc.stderr[-4000:]}")
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode:
+            print(_table(rows) if rows else "(no rows)")
+            sys.exit(f"worker with {n} device(s) failed:\n{proc.stderr[-4000:]}")
         print(f"... {n} device(s) done", file=sys.stderr, flush=True)
     print(f"LDM train step, batch {BATCH}, 8x8x4 latents from 32x32 images (median of {args.steps} steps)")
     print(_table(rows))
