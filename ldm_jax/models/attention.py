@@ -69,10 +69,10 @@ def attention(
 
 
 def _attention_xla(q, k, v, mask):
-    # Same formula on every platform; on CPU, from _CPU_MIN_LOGITS logits up, it runs one (batch, head) and block
-    # of queries at a time, which is 2-10x faster there than XLA's batched heads-last dots over the whole
-    # (B, H, Lq, Lk) logits (bench/README.md); below, the loop's per-iteration cost outweighs the gain.
-    if q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] < _CPU_MIN_LOGITS:
+    # Same formula on every platform; on CPU, from _CPU_MIN_LOGITS logits per head up, it runs one (batch, head)
+    # and block of queries at a time, which is 2-4x faster there than XLA's batched heads-last dots over the whole
+    # (B, H, Lq, Lk) logits (bench/README.md); below, the batched form is as fast or faster.
+    if q.shape[1] * k.shape[1] < _CPU_MIN_LOGITS:
         return _attention_dense(q, k, v, mask=mask)
     return jax.lax.platform_dependent(q, k, v, cpu=functools.partial(_attention_per_head, mask=mask),
                                       default=functools.partial(_attention_dense, mask=mask))
@@ -80,8 +80,9 @@ def _attention_xla(q, k, v, mask):
 
 # Logits elements per block of the CPU path (4 MiB of float32): about what stays in cache between its passes.
 _CPU_BLOCK_ELEMENTS = 2**20
-# Smallest B * H * Lq * Lk that takes the CPU path (tiny models' attention is faster in one batched op).
-_CPU_MIN_LOGITS = 2**16
+# Smallest Lq * Lk (one head's logits) that takes the CPU path: 512 x 512 tokens; SD's 1024- and 4096-token
+# self-attention gain, its 256-token and cross-attention do not (measured in bench/bench_attention.py).
+_CPU_MIN_LOGITS = 2**18
 
 
 def _attention_per_head(q, k, v, *, mask):
