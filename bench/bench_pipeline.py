@@ -9,13 +9,17 @@ diffusers folder (bench/common.py) and every side loads it: ours through our con
 Every side runs in its own process, one after the other, `--rounds` times in turn (timings drift +-15% on
 shared machines: compare the medians, and the ratios, of one invocation). In a process: load, a first call
 (compile + run), then `--runs` timed calls ("steady", median). "compile s" is JAX's own trace + lower +
-compile time of the first call (jax.monitoring events) for ours and diffusers Flax, and first - steady
-(warm-up) for PyTorch. The images of the sides are compared (max |difference| vs the first side's) to show the
-work is the same; "GFLOP/s" (with --flops) is XLA's cost-analysis FLOPs of one txt2img over ours' steady time.
+compile time of the first call (jax.monitoring events) for ours and diffusers Flax ("-" for eager PyTorch).
+The images of the sides are compared (max |difference| vs the first side's) to show the work is the same;
+"GFLOP/s" (with --flops) is XLA's cost-analysis FLOPs of one txt2img over ours' steady time.
 
     .venv/bin/python bench/bench_pipeline.py --configs tiny                 # tiny, 8x8 latents, 50 steps
     .venv/bin/python bench/bench_pipeline.py --configs sd_v1 --rounds 1 --runs 1   # SD v1 UNet/VAE/CLIP, 32x32
     .venv/bin/python bench/bench_pipeline.py --configs tiny --sides ours --steps 10 --malloc tuned
+    .venv/bin/python bench/bench_pipeline.py --configs sd_v1 --sides ours,flax --unet_loop --steps 3 --rounds 2
+
+--unet_loop times only a jitted fori_loop of guided UNet calls (no text encoder, scheduler or VAE) for ours and
+diffusers Flax: the UNets alone, on the same weights.
 
 Worker mode (used by the driver): --worker ours|torch --folder F.
 """
@@ -74,6 +78,9 @@ def worker_ours(args) -> dict:
         return np.asarray(pipeline.txt2img(config, params, sampler, inputs["cond"], inputs["uncond"],
                                            guidance_scale=args.guidance, noise=inputs["noise"]))
 
+    if args.unet_loop:
+        run = _unet_loop(config, params, inputs, args.steps, args.guidance)
+
     compiled_before = clock.seconds
     first_s, run_s, images = _timed_runs(run, args.runs)
     np.save(args.folder / "out_ours.npy", images)
@@ -82,6 +89,29 @@ def worker_ours(args) -> dict:
     if args.flops:
         result["gflop"] = pipeline_gflop(config, params, inputs, args.steps)
     return result
+
+
+def _unet_loop(config, params, inputs, steps: int, guidance: float):
+    """A jitted `fori_loop` of `steps` classifier-free-guided UNet calls (no scheduler, text encoder or VAE):
+    the UNet alone, as bench/reference_flax.py --unet_loop runs diffusers' UNet."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax import ldm
+
+    ids = jnp.asarray(np.concatenate([inputs["uncond"], inputs["cond"]]))
+    context = jax.jit(lambda p, c: ldm.encode_conditioning(config, p, c))(params, ids)
+
+    @jax.jit
+    def loop(p, x, context):
+        def body(i, x):
+            t = jnp.full((2 * x.shape[0],), 999 - 20 * i)
+            eps_uncond, eps_cond = jnp.split(ldm.apply_unet(config, p, jnp.concatenate([x, x]), t, context), 2)
+            return x - 0.01 * (eps_uncond + guidance * (eps_cond - eps_uncond))
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    noise = jnp.asarray(inputs["noise"])
+    return lambda: np.asarray(loop(params, noise, context))
 
 
 def pipeline_gflop(config, params, inputs, steps: int) -> dict:
@@ -149,7 +179,7 @@ def worker_torch(args) -> dict:
 
 def _worker_argv(side: str, folder: pathlib.Path, args, flops: bool) -> tuple[list[str], pathlib.Path]:
     common_args = ["--folder", str(folder), "--steps", str(args.steps), "--runs", str(args.runs),
-                   "--guidance", str(args.guidance)]
+                   "--guidance", str(args.guidance)] + (["--unet_loop"] if args.unet_loop else [])
     if side == "flax":
         return [str(common.ROOT / "bench" / "reference_flax.py"), *common_args], common.REF_VENV_PYTHON
     extra = ["--threads", str(args.threads), "--attention", args.attention] + (["--flops"] if flops else [])
@@ -181,10 +211,10 @@ def bench_config(name: str, args, env: dict[str, str]) -> list[list]:
     steady = {side: common.median([t for r in rs for t in r["run_s"]]) for side, rs in results.items()}
     rows = []
     for side, rs in results.items():
-        # JAX sides: trace + lower + compile seconds of the first call; torch: first call - steady (warm-up).
-        compile_s = common.median([r.get("compile_s", r["first_s"] - common.median(r["run_s"])) for r in rs])
+        # JAX sides: trace + lower + compile seconds of the first call; torch runs eagerly ("-").
+        compile_s = common.median([r["compile_s"] for r in rs]) if "compile_s" in rs[0] else "-"
         diff = float(np.abs(outputs[side] - outputs[args.sides[0]]).max())
-        ratio = steady["ours"] / steady[side] if "ours" in steady and side != "ours" else float("nan")
+        ratio = steady["ours"] / steady[side] if "ours" in steady and side != "ours" else "-"
         gflop = rs[0].get("gflop", {}).get("total")
         rate = f"{gflop / steady[side]:.1f}" if gflop and side == "ours" else ""
         rows.append([f"{name} {latent}x{latent} b{args.batch}", side, common.median([r["load_s"] for r in rs]),
@@ -214,6 +244,8 @@ def main(argv=None) -> None:
     parser.add_argument("--malloc", choices=("default", "tuned"), default="default",
                         help="tuned: common.TUNED_MALLOC glibc settings for every side")
     parser.add_argument("--flops", action="store_true", help="ours: XLA cost-analysis GFLOP and GFLOP/s")
+    parser.add_argument("--unet_loop", action="store_true",
+                        help="time only a fori_loop of --steps guided UNet calls (sides ours, flax)")
     parser.add_argument("--workdir", type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / "ldm_jax_bench_pipeline")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
@@ -226,11 +258,14 @@ def main(argv=None) -> None:
     bad = sorted(set(args.sides) - set(SIDES))
     if bad:
         parser.error(f"unknown sides {bad}; expected some of {SIDES}")
+    if args.unet_loop and ("torch" in args.sides or args.flops):
+        parser.error("--unet_loop compares the JAX UNets: use --sides ours,flax and no --flops")
     env = dict(common.TUNED_MALLOC) if args.malloc == "tuned" else {}
     header = ["config", "side", "load s", "compile s", "steady s", "ours/side", "max|diff|",
               "peak GiB", "GFLOP/s"]
     rows = []
-    print(f"txt2img, DDIM {args.steps} steps, CFG {args.guidance}, float32, torch threads {args.threads}, "
+    what = f"guided UNet loop, {args.steps} steps" if args.unet_loop else f"txt2img, DDIM {args.steps} steps"
+    print(f"{what}, CFG {args.guidance}, float32, torch threads {args.threads}, "
           f"malloc {args.malloc}; {common.load_average()} at start", flush=True)
     for name in args.configs.split(","):
         rows += bench_config(name, args, env)

@@ -68,12 +68,29 @@ def _convert(folder: pathlib.Path, cache: pathlib.Path) -> None:
     (cache / "done").write_text(f"converted in {time.perf_counter() - start:.1f} s\n")
 
 
+def _unet_loop(text_encoder, unet, params, cond, uncond, latents, steps: int, guidance: float):
+    """A jitted fori_loop of `steps` guided UNet calls, as bench_pipeline.py's --unet_loop for ours."""
+    context = text_encoder(jnp.concatenate([uncond, cond]), params=params["text_encoder"])[0]
+
+    @jax.jit
+    def loop(p, x, context):
+        def body(i, x):
+            t = jnp.full((2 * x.shape[0],), 999 - 20 * i, jnp.int32)
+            eps = unet.apply({"params": p}, jnp.concatenate([x, x]), t, encoder_hidden_states=context).sample
+            eps_uncond, eps_cond = jnp.split(eps, 2)
+            return x - 0.01 * (eps_uncond + guidance * (eps_cond - eps_uncond))
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    return lambda: np.asarray(loop(params["unet"], latents, context)).transpose(0, 2, 3, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, type=pathlib.Path)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--runs", type=int, default=2, help="timed runs after the first (compiling) one")
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--unet_loop", action="store_true", help="time a fori_loop of guided UNet calls only")
     args = parser.parse_args()
 
     import diffusers
@@ -103,6 +120,9 @@ def main() -> None:
         return np.asarray(generate(cond, params, jax.random.key(0), args.steps, height, width, args.guidance,
                                    latents, uncond))
 
+    if args.unet_loop:
+        run = _unet_loop(text_encoder, unet, params, cond, uncond, latents, args.steps, args.guidance)
+
     compiled_before = clock.seconds
     start = time.perf_counter()
     images = run()
@@ -113,7 +133,9 @@ def main() -> None:
         start = time.perf_counter()
         images = run()
         run_s.append(time.perf_counter() - start)
-    np.save(args.folder / "out_flax.npy", (images * 2.0 - 1.0).astype(np.float32))  # their [0, 1] -> [-1, 1]
+    if not args.unet_loop:
+        images = images * 2.0 - 1.0  # their [0, 1] -> [-1, 1]
+    np.save(args.folder / "out_flax.npy", images.astype(np.float32))
     common.emit_result(dict(side="flax", load_s=load_s, first_s=first_s, run_s=run_s, compile_s=compile_s))
 
 
