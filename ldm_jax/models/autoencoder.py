@@ -142,14 +142,15 @@ class SpatialSelfAttention(nn.Module):
         return x + out.reshape(b, h, w, c)
 
 
-class EncoderBlock(nn.Module):
-    """One encoder level: `num_layers` resnets (each followed by attention if `add_attention`), then an
-    optional asymmetric stride-2 downsample. (B, H, W, C_in) -> (B, H/2 or H, W/2 or W, out_channels)."""
+class LevelBlock(nn.Module):
+    """One encoder or decoder level: `num_layers` resnets (each followed by attention if `add_attention`),
+    then an optional resample: "down" (asymmetric stride-2 conv, `downsamplers_0`), "up" (nearest x2 + conv,
+    `upsamplers_0`) or None. (B, H, W, C_in) -> (B, H', W', out_channels)."""
 
     out_channels: int
     num_layers: int
     add_attention: bool
-    add_downsample: bool
+    resample: str | None
     dropout: float = 0.0
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
@@ -162,32 +163,9 @@ class EncoderBlock(nn.Module):
             x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{j}", **kw)(x, deterministic=deterministic)
             if self.add_attention:
                 x = SpatialSelfAttention(self.attention_impl, name=f"attentions_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(with_conv=True, asymmetric_padding=True, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    """One decoder level: `num_layers` resnets (each followed by attention if `add_attention`), then an
-    optional nearest-neighbour x2 upsample + conv. (B, H, W, C_in) -> (B, 2H or H, 2W or W, out_channels)."""
-
-    out_channels: int
-    num_layers: int
-    add_attention: bool
-    add_upsample: bool
-    dropout: float = 0.0
-    attention_impl: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{j}", **kw)(x, deterministic=deterministic)
-            if self.add_attention:
-                x = SpatialSelfAttention(self.attention_impl, name=f"attentions_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(with_conv=True, name="upsamplers_0", **kw)(x)
         return x
 
@@ -227,13 +205,13 @@ class Encoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(dropout=cfg.dropout, attention_impl=cfg.attention_impl, **kw)
         x = conv(cfg.ch, 3, name="conv_in", **kw)(x)
-        down_cls, mid_cls = _maybe_remat(EncoderBlock, cfg.remat), _maybe_remat(MidBlock, cfg.remat)
+        down_cls, mid_cls = _maybe_remat(LevelBlock, cfg.remat), _maybe_remat(MidBlock, cfg.remat)
         for i, mult in enumerate(cfg.ch_mult):
             x = down_cls(
                 cfg.ch * mult,
                 cfg.num_res_blocks,
                 add_attention=cfg.level_has_attention(i),
-                add_downsample=i != len(cfg.ch_mult) - 1,
+                resample="down" if i != len(cfg.ch_mult) - 1 else None,
                 name=f"down_blocks_{i}",
                 **block_kw,
             )(x, deterministic)
@@ -256,7 +234,7 @@ class Decoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(dropout=cfg.dropout, attention_impl=cfg.attention_impl, **kw)
         x = conv(cfg.ch * cfg.ch_mult[-1], 3, name="conv_in", **kw)(z)
-        up_cls, mid_cls = _maybe_remat(DecoderBlock, cfg.remat), _maybe_remat(MidBlock, cfg.remat)
+        up_cls, mid_cls = _maybe_remat(LevelBlock, cfg.remat), _maybe_remat(MidBlock, cfg.remat)
         x = mid_cls(name="mid_block", **block_kw)(x, deterministic)
         n = len(cfg.ch_mult)
         for i in range(n):  # up_blocks_0 is the deepest level
@@ -265,7 +243,7 @@ class Decoder(nn.Module):
                 cfg.ch * cfg.ch_mult[level],
                 cfg.num_res_blocks + 1,
                 add_attention=cfg.level_has_attention(level),
-                add_upsample=level != 0,
+                resample="up" if level != 0 else None,
                 name=f"up_blocks_{i}",
                 **block_kw,
             )(x, deterministic)
