@@ -39,11 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
         config.loss = ml_collections.ConfigDict(dict(
             disc_start=50001, kl_weight=1e-6, disc_weight=0.5, disc_factor=0.0, perceptual_weight=1.0,
             pixel_loss="l1", disc_num_layers=2, disc_ndf=32, lpips_vgg_path=""))
-        config.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-5, scale_lr=True,
+        config.optimizer = ml_collections.ConfigDict(dict(learning_rate=6e-5, scale_lr=True,
                                                           disc_learning_rate=None))
         config.optimizer.disc_learning_rate = ml_collections.config_dict.placeholder(float)
         config.train = ml_collections.ConfigDict(dict(
-            num_steps=3000, seed=0, log_every=100, image_every=1000, num_images=16, eval_split="validation",
+            num_steps=5000, seed=0, log_every=100, image_every=250, num_images=16, eval_split="validation",
             dtype="float32", progress_bar=True))
         config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
         config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, param_rules=((".*", "fsdp_auto"),)))

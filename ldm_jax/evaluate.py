@@ -1,9 +1,15 @@
 """Evaluation from the command line: prompt adherence, reconstruction quality and FID.
 
+    python -m ldm_jax.evaluate split --data_dir D --split validation [--num N] --outdir DIR
+    python -m ldm_jax.evaluate autoencode [--checkpoint M] --images DIR --outdir DIR2
     python -m ldm_jax.evaluate adherence --images DIR [--per-image]
     python -m ldm_jax.evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
     python -m ldm_jax.evaluate fid --stats A.npz B.npz
 
+split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
+one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` samples them in that order).
+autoencode: the first-stage reconstructions (posterior mode; VQ: quantised) of every PNG in DIR, same names, by
+a model (`sample.py`'s --checkpoint kinds; the embedded model when omitted).
 adherence: every *.png in DIR is checked against its caption (`ldm_jax.metrics.shapes_checker`); the caption
 is the PNG text chunk "prompt" or a sidecar DIR/<name>.txt (when both exist they must agree).
 reconstruction: PSNR and SSIM (and LPIPS with --lpips-vgg) between same-named PNGs of the two directories.
@@ -19,9 +25,60 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ldm_jax import ldm, pipeline
+from ldm_jax.data import readers
 from ldm_jax.metrics import fid, image_quality, shapes_checker
 
 CAPTION_KEY = "prompt"
+SHAPES_DATASET = "captioned_shapes/res32"
+
+
+def write_split(data_dir: str | pathlib.Path, split: str, outdir: str | pathlib.Path, *, num: int | None = None,
+                name: str = SHAPES_DATASET) -> int:
+    """Writes the first `num` (all when None) examples of a prepared TFDS split as OUTDIR/%05d.png with their
+    captions as the "prompt" text chunk, and OUTDIR/prompts.txt; returns the number written."""
+    from PIL import Image, PngImagePlugin  # noqa: PLC0415
+
+    source = readers.TfdsSource(name, data_dir=data_dir, split=split)
+    count = len(source) if num is None else min(num, len(source))
+    outdir = pathlib.Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for index in range(count):
+        example = source[index]
+        info = PngImagePlugin.PngInfo()
+        info.add_text(CAPTION_KEY, example["caption"])
+        Image.fromarray(example["image"]).save(outdir / f"{index:05d}.png", pnginfo=info)
+        captions.append(example["caption"])
+    (outdir / "prompts.txt").write_text("\n".join(captions) + "\n")
+    return count
+
+
+def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: str | pathlib.Path, *,
+               batch_size: int = 64) -> int:
+    """Writes the model's first-stage reconstruction of every PNG of `images_dir` (uint8, same names) into
+    `outdir`; KL uses the posterior mode. Images must share one size, a multiple of the downsampling factor.
+    Returns the number written."""
+    import jax  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    config, params = model.config, model.params
+
+    @jax.jit
+    def reconstruct(x):
+        return ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, x))
+
+    files = png_files(images_dir)
+    outdir = pathlib.Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = np.stack([read_png(path)[0] for path in chunk]).astype(np.float32) / 127.5 - 1.0
+        padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(chunk), axis=0)])
+        out = pipeline.to_uint8(reconstruct(padded))[:len(chunk)]
+        for path, image in zip(chunk, out):
+            Image.fromarray(image).save(outdir / path.name)
+    return len(files)
 
 
 def read_png(path: pathlib.Path) -> tuple[np.ndarray, str | None]:
@@ -129,9 +186,29 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry (see the module doc); returns the exit status."""
+    """Command-line entry (see the module doc); returns the exit status (2 with one line on a bad input)."""
+    from ldm_jax.sampling import UserError  # noqa: PLC0415
+
+    try:
+        return _main(argv)
+    except (UserError, FileNotFoundError, ValueError) as error:
+        print(f"python -m ldm_jax.evaluate: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm_jax.evaluate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("split", help="write a prepared captioned-shapes split as captioned PNGs")
+    p.add_argument("--data_dir", required=True, help="where the TFDS dataset was prepared")
+    p.add_argument("--split", default="validation", help="train, validation or heldout")
+    p.add_argument("--name", default=SHAPES_DATASET, help="TFDS dataset name")
+    p.add_argument("--num", type=int, help="only the first NUM examples")
+    p.add_argument("--outdir", required=True)
+    p = commands.add_parser("autoencode", help="first-stage reconstructions of a PNG directory")
+    p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
+    p.add_argument("--images", required=True)
+    p.add_argument("--outdir", required=True)
     p = commands.add_parser("adherence", help="check captioned-shapes PNGs against their captions")
     p.add_argument("--images", required=True)
     p.add_argument("--per-image", action="store_true", help="also list every image's verdict")
@@ -146,7 +223,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reconstruction" and args.lpips_heads and not args.lpips_vgg:
         parser.error("--lpips-heads needs --lpips-vgg (LPIPS needs both the VGG16 trunk and the heads)")
 
-    if args.command == "adherence":
+    if args.command == "split":
+        count = write_split(args.data_dir, args.split, args.outdir, num=args.num, name=args.name)
+        print(f"wrote {count} captioned PNG(s) and prompts.txt to {pathlib.Path(args.outdir).resolve()}")
+    elif args.command == "autoencode":
+        from ldm_jax import sampling  # noqa: PLC0415
+
+        count = autoencode(sampling.load_model(args.checkpoint), args.images, args.outdir)
+        print(f"wrote {count} reconstruction(s) to {pathlib.Path(args.outdir).resolve()}")
+    elif args.command == "adherence":
         summary, rows = adherence(args.images)
         if args.per_image:
             print(format_table(rows, ("image", "verdict", "caption")) + "\n")

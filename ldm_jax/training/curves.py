@@ -1,0 +1,127 @@
+"""Training curves as a PNG, from a run's JSONL logs, with Pillow only (no plotting library needed).
+
+    python -m ldm_jax.training.curves --out curve.png \\
+        --panel "autoencoder PSNR (dB)=runs/shapes_autoencoder/eval.jsonl:psnr" \\
+        --panel "LDM loss=runs/shapes_ldm/metrics.jsonl:loss"
+
+Each panel is "TITLE=FILE:KEY": the KEY of every JSON line of FILE that has it, against that line's "step".
+Panels sit side by side, each a line with its first and last value printed; the y axis spans the data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+PANEL_SIZE = (360, 260)
+MARGIN = (52, 34, 16, 34)  # left, top, right, bottom
+LINE_COLOUR = (31, 119, 180)
+AXIS_COLOUR = (90, 90, 90)
+
+
+def read_series(path: str | pathlib.Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) float64 of every line of a JSONL file holding `key` (and "step"), in file order."""
+    steps, values = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if key in record and "step" in record:
+                steps.append(float(record["step"]))
+                values.append(float(record[key]))
+    if not steps:
+        raise ValueError(f"{path}: no line has both 'step' and {key!r}")
+    return np.array(steps), np.array(values)
+
+
+def _ticks(low: float, high: float, count: int = 4) -> np.ndarray:
+    return np.linspace(low, high, count + 1)
+
+
+def draw_panel(title: str, steps: np.ndarray, values: np.ndarray):
+    """One PIL RGB image PANEL_SIZE: the series as a polyline on labelled axes."""
+    from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
+
+    width, height = PANEL_SIZE
+    left, top, right, bottom = MARGIN
+    font = ImageFont.load_default(size=11)
+    image = Image.new("RGB", PANEL_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    x0, x1 = float(steps.min()), float(steps.max()) or 1.0
+    y0, y1 = float(values.min()), float(values.max())
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def to_px(x, y):
+        px = left + (x - x0) / ((x1 - x0) or 1.0) * (width - left - right)
+        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=AXIS_COLOUR)
+    for y in _ticks(y0 + pad, y1 - pad):
+        _, py = to_px(x0, y)
+        draw.line([left - 4, py, left, py], fill=AXIS_COLOUR)
+        draw.text((left - 6, py), f"{y:.3g}", fill="black", font=font, anchor="rm")
+    for x in _ticks(x0, x1):
+        px, _ = to_px(x, y0)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill=AXIS_COLOUR)
+        draw.text((px, height - bottom + 6), f"{x:.0f}", fill="black", font=font, anchor="mt")
+    draw.text((width / 2, height - 4), "step", fill="black", font=font, anchor="md")
+    summary = f"{title}: {values[0]:.3g} -> {values[-1]:.3g}"
+    draw.text((width / 2, 8), summary, fill="black", font=ImageFont.load_default(size=12), anchor="mt")
+    draw.line([to_px(x, y) for x, y in zip(steps, values)], fill=LINE_COLOUR, width=2)
+    return image
+
+
+def plot_curves(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], out: str | pathlib.Path) -> pathlib.Path:
+    """Writes the (title, steps, values) panels side by side as one PNG; returns its path."""
+    from PIL import Image  # noqa: PLC0415
+
+    images = [draw_panel(*panel) for panel in panels]
+    sheet = Image.new("RGB", (PANEL_SIZE[0] * len(images), PANEL_SIZE[1]), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, (index * PANEL_SIZE[0], 0))
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def parse_panel(spec: str) -> tuple[str, str, str]:
+    """ "TITLE=FILE:KEY" -> (title, file, key)."""
+    title, sep, rest = spec.partition("=")
+    path, sep2, key = rest.rpartition(":")
+    if not (sep and sep2 and title and path and key):
+        raise ValueError(f"--panel {spec!r}: expected TITLE=FILE:KEY")
+    return title, path, key
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line (see the module doc); 2 with one line on a bad panel or file."""
+    parser = argparse.ArgumentParser(prog="python -m ldm_jax.training.curves", description=__doc__.splitlines()[0])
+    parser.add_argument("--panel", action="append", required=True, help="TITLE=FILE:KEY (repeatable)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        panels = []
+        for spec in args.panel:
+            title, path, key = parse_panel(spec)
+            panels.append((title, *read_series(path, key)))
+    except (OSError, ValueError) as error:
+        print(f"curves: error: {error}")
+        return 2
+    print(f"wrote {plot_curves(panels, args.out).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The embedded captioned-shapes model (ldm_jax/assets/shapes_model) as a user meets it.
+
+What is checked: sample.py with no --checkpoint writes valid PNGs with their parameters, the same seed gives
+identical files, --n over 8 fake devices gives the images of one device; guidance makes the images follow their
+prompts (adherence at the default scale above guidance 1); its autoencoder reconstructs shapes at >= 30 dB
+PSNR; `python -m ldm_jax.evaluate split` / `autoencode` / `adherence` run end to end on a prepared split.
+Few sampling steps and small batches keep this cheap; README's numbers come from the full commands.
+"""
+import pathlib
+
+import jax
+import numpy as np
+from PIL import Image
+
+from ldm_jax import evaluate, parallel, sampling
+from ldm_jax.data import captioned_shapes, shapes
+
+PROMPTS = ["a large red circle at the top left and a large blue square at the bottom right",
+           "a small yellow triangle in the centre"]
+
+
+def _sample(outdir: pathlib.Path, *extra: str) -> list[np.ndarray]:
+    args = ["--steps", "10", "--n", "2", "--seed", "3", "--outdir", str(outdir)]
+    for prompt in PROMPTS:
+        args += ["--prompt", prompt]
+    assert sampling.main(args + list(extra)) == 0
+    return [np.asarray(Image.open(p)) for p in sorted(outdir.glob("0*.png"))]
+
+
+def test_sample_cli_default_model(tmp_path, monkeypatch, capsys):
+    images = _sample(tmp_path / "a")
+    assert "wrote 4 image(s) and grid.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "a" / "00003.png") as image:
+        assert image.size == (32, 32) and image.mode == "RGB" and image.format == "PNG"
+        meta = image.text
+    assert meta["prompt"] == PROMPTS[1] and meta["seed"] == "3" and meta["steps"] == "10"
+    assert meta["sampler"] == "ddim" and meta["size"] == "32x32"
+    assert meta["model"] == str(sampling.EMBEDDED_MODEL)
+    _sample(tmp_path / "b")
+    for path in sorted((tmp_path / "a").glob("*.png")):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+    assert len(jax.devices()) == 8
+    one_device = parallel.make_mesh(devices=jax.devices()[:1])
+    monkeypatch.setattr(parallel, "make_mesh", lambda *a, **k: one_device)
+    for eight, one in zip(images, _sample(tmp_path / "one"), strict=True):
+        assert np.abs(eight.astype(int) - one.astype(int)).max() <= 1  # float32 rounding of other batch shapes
+
+
+def test_guidance_raises_adherence(tmp_path):
+    rng = np.random.default_rng(11)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(shapes.caption(shapes.sample_scene(rng)) for _ in range(16)) + "\n")
+    accuracy = {}
+    for scale in (1.0, sampling.SampleRequest.guidance):
+        outdir = tmp_path / f"guidance_{scale}"
+        args = ["--prompts-file", str(prompts), "--steps", "20", "--guidance", str(scale), "--outdir", str(outdir)]
+        assert sampling.main(args) == 0
+        accuracy[scale] = evaluate.adherence(outdir)[0]["accuracy"]
+    low, default = accuracy.values()
+    assert default >= low + 0.25 and default >= 0.75, accuracy
+
+
+def test_split_autoencode_reconstruction(tmp_path, capsys):
+    data_dir = tmp_path / "tfds"
+    name = captioned_shapes.prepare_captioned_shapes(data_dir, 32, num_train=4, num_validation=16, num_heldout=4)
+    split_dir, recon_dir = tmp_path / "validation", tmp_path / "reconstructions"
+    assert evaluate.main(["split", "--data_dir", str(data_dir), "--name", name, "--num", "12",
+                          "--outdir", str(split_dir)]) == 0
+    assert len(list(split_dir.glob("*.png"))) == 12
+    assert len((split_dir / "prompts.txt").read_text().splitlines()) == 12
+    summary, _ = evaluate.adherence(split_dir)
+    assert summary["accuracy"] == 1.0  # the checker agrees with the renderer
+    assert evaluate.main(["autoencode", "--images", str(split_dir), "--outdir", str(recon_dir)]) == 0
+    quality = evaluate.reconstruction(split_dir, recon_dir)
+    assert quality["num_images"] == 12 and quality["psnr"] >= 30.0 and quality["ssim"] >= 0.9, quality
+    capsys.readouterr()
+    assert evaluate.main(["autoencode", "--checkpoint", str(tmp_path / "missing"), "--images", str(split_dir),
+                          "--outdir", str(recon_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file or directory" in err[0], err
+
+
+def test_embedded_model_is_small():
+    files = list(sampling.EMBEDDED_MODEL.rglob("*"))
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    assert 0 < total < 40 * 2**20, total
+    assert (sampling.EMBEDDED_MODEL / "tokenizer").is_dir()
