@@ -1,10 +1,11 @@
-"""Evaluation from the command line: prompt adherence, reconstruction quality and FID.
+"""Evaluation from the command line: prompt adherence, reconstruction quality, FID and CLIP score.
 
     python -m ldm_jax.evaluate split --data_dir D --split validation [--num N] --outdir DIR
     python -m ldm_jax.evaluate autoencode [--checkpoint M] --images DIR --outdir DIR2
     python -m ldm_jax.evaluate adherence --images DIR [--per-image]
     python -m ldm_jax.evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
     python -m ldm_jax.evaluate fid --stats A.npz B.npz
+    python -m ldm_jax.evaluate clip-score --images DIR --clip CLIP_DIR [--per-image] [--batch-size N]
 
 split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
 one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` samples them in that order).
@@ -14,6 +15,10 @@ adherence: every *.png in DIR is checked against its caption (`ldm_jax.metrics.s
 is the PNG text chunk "prompt" or a sidecar DIR/<name>.txt (when both exist they must agree).
 reconstruction: PSNR and SSIM (and LPIPS with --lpips-vgg) between same-named PNGs of the two directories.
 fid: the Frechet distance between two pytorch-fid --save-stats files or feature files (`metrics.fid`).
+clip-score: the CLIP score (torchmetrics' 100 * max(cos, 0), `metrics.clip_score`) of every captioned PNG in DIR
+against its caption (found as for adherence), with a CLIP model from CLIP_DIR, a local transformers CLIPModel
+folder (config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt or tokenizer.json, optional
+preprocessor_config.json; e.g. a copy of openai/clip-vit-large-patch14); prints the mean and standard deviation.
 Each command prints a table and returns its numbers from the library function of the same name.
 """
 from __future__ import annotations
@@ -177,6 +182,28 @@ def fid_from_files(stats_a: str | pathlib.Path, stats_b: str | pathlib.Path) -> 
     return fid.frechet_distance(*fid.load_statistics(stats_a), *fid.load_statistics(stats_b))
 
 
+def clip_scores(images_dir: str | pathlib.Path, clip_dir: str | pathlib.Path, *, batch_size: int = 32
+                ) -> tuple[dict[str, float], list[tuple[str, float, str]]]:
+    """CLIP score of every captioned PNG of a directory against its caption, with the CLIP model of `clip_dir`
+    (`metrics.clip_score.clip_score`). Images are read and scored `batch_size` at a time.
+
+    Returns ({"num_images", "clip_score" (mean), "std" (population)}, per-image (name, score in [0, 100], caption)).
+    """
+    from ldm_jax.convert.transformers_clip import load_clip_model  # noqa: PLC0415 (imports transformers)
+    from ldm_jax.metrics import clip_score  # noqa: PLC0415
+
+    files = png_files(images_dir)
+    model = load_clip_model(clip_dir)
+    rows = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images, captions = zip(*(read_captioned(path) for path in chunk))
+        scores = clip_score.clip_score(list(images), list(captions), model, batch_size=batch_size)
+        rows += [(path.name, float(score), caption) for path, score, caption in zip(chunk, scores, captions)]
+    values = np.array([row[1] for row in rows])
+    return {"num_images": len(rows), "clip_score": float(values.mean()), "std": float(values.std())}, rows
+
+
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     """Left-aligned plain-text table; floats with 4 decimals."""
     cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in [header, *rows]]
@@ -219,9 +246,16 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--lpips-heads", help="lpips weights/v0.1/vgg.pth (default: the installed lpips package's)")
     p = commands.add_parser("fid", help="FID between two statistics/feature files")
     p.add_argument("--stats", nargs=2, required=True, metavar=("A", "B"))
+    p = commands.add_parser("clip-score", help="CLIP score of captioned PNGs against their captions")
+    p.add_argument("--images", required=True)
+    p.add_argument("--clip", required=True, help="a local transformers CLIPModel folder (see the module doc)")
+    p.add_argument("--per-image", action="store_true", help="also list every image's score")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     args = parser.parse_args(argv)
     if args.command == "reconstruction" and args.lpips_heads and not args.lpips_vgg:
         parser.error("--lpips-heads needs --lpips-vgg (LPIPS needs both the VGG16 trunk and the heads)")
+    if args.command == "clip-score" and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     if args.command == "split":
         count = write_split(args.data_dir, args.split, args.outdir, num=args.num, name=args.name)
@@ -242,6 +276,11 @@ def _main(argv: Sequence[str] | None) -> int:
             lpips_fn = image_quality.lpips_metric(args.lpips_vgg, args.lpips_heads)
         print(format_table(list(reconstruction(args.images, args.reconstructions, lpips_fn).items()),
                            ("metric", "value")))
+    elif args.command == "clip-score":
+        summary, rows = clip_scores(args.images, args.clip, batch_size=args.batch_size)
+        if args.per_image:
+            print(format_table(rows, ("image", "clip_score", "caption")) + "\n")
+        print(format_table(list(summary.items()), ("metric", "value")))
     else:
         print(format_table([("fid", fid_from_files(*args.stats))], ("metric", "value")))
     return 0

@@ -9,7 +9,8 @@ Every cond-stage module maps integer inputs to a cross-attention context:
 
 CLIP follows transformers' `CLIPTextModel` (module names mirror its keys, see convert/transformers_clip.py):
 token + position embedding, pre-LN blocks (causal self-attention, MLP with quick_gelu or gelu), final
-LayerNorm. `ClipTextTransformer.encode` returns all of:
+LayerNorm. The blocks (`ClipEncoder`, whose `causal=False` drops the causal mask) are shared with the CLIP
+vision tower in models/clip_vision.py. `ClipTextTransformer.encode` returns all of:
 - last_hidden_state:        final LN of the last block's output (transformers' `last_hidden_state`);
 - penultimate_hidden_state: the second-to-last block's output WITHOUT the final LN (transformers'
                             `hidden_states[-2]`);
@@ -303,15 +304,19 @@ class ClipMLP(nn.Module):
 
 
 class ClipEncoderLayer(nn.Module):
-    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x)). (B, L, D) -> (B, L, D)."""
+    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x)). (B, L, D) -> (B, L, D).
 
-    config: ClipTextConfig
+    config: a ClipTextConfig or `clip_vision.ClipVisionConfig` (reads num_heads, intermediate_size,
+    hidden_act, layer_norm_eps). mask: boolean, broadcastable to (B, heads, L, L), or None (no mask).
+    """
+
+    config: Any
     attention_implementation: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm1")(x).astype(self.dtype)
         x = x + ClipAttention(c.num_heads, self.attention_implementation, name="self_attn", **kw)(h, mask)
@@ -320,22 +325,28 @@ class ClipEncoderLayer(nn.Module):
 
 
 class ClipEncoder(nn.Module):
-    """The stack of `num_layers` causal blocks. (B, L, D) -> (last block output, penultimate block output)."""
+    """The stack of `num_layers` blocks. (B, L, D) -> (last block output, penultimate block output).
 
-    config: ClipTextConfig
+    causal=True (the text tower): position i attends to positions <= i. causal=False (the vision tower,
+    `clip_vision.ClipVisionTransformer`): every position attends to every position. config: a ClipTextConfig
+    or `clip_vision.ClipVisionConfig` (reads num_layers and what `ClipEncoderLayer` reads).
+    """
+
+    config: Any
     attention_implementation: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         length = x.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # (1, 1, Lq, Lk)
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None  # (1, 1, Lq, Lk)
         penultimate = x
         for i in range(self.config.num_layers):
             penultimate = x
             x = ClipEncoderLayer(self.config, self.attention_implementation, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=f"layers_{i}")(x, causal)
+                                 param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
         return x, penultimate
 
 
