@@ -32,6 +32,7 @@ import numpy as np
 
 from ldm_jax import ldm, pipeline
 from ldm_jax.data import readers
+from ldm_jax.sampling import GRID_FILE
 from ldm_jax.metrics import fid, image_quality, shapes_checker
 
 CAPTION_KEY = "prompt"
@@ -98,11 +99,12 @@ def read_png(path: pathlib.Path) -> tuple[np.ndarray, str | None]:
 
 
 def png_files(directory: str | pathlib.Path) -> list[pathlib.Path]:
-    """The directory's *.png files, sorted by name; an error when the directory is missing or has none."""
+    """The directory's *.png files but sample.py's grid.png, sorted by name; an error when the directory is
+    missing or has none."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image directory {directory} does not exist")
-    files = sorted(directory.glob("*.png"))
+    files = sorted(p for p in directory.glob("*.png") if p.name != GRID_FILE)
     if not files:
         raise FileNotFoundError(f"image directory {directory} holds no *.png files")
     return files

@@ -34,6 +34,9 @@ EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "shapes_model"
 REPO_CONFIGS = PACKAGE_DIR.parent / "configs"
 
 
+GRID_FILE = "grid.png"  # the contact sheet written beside the images (evaluate skips it)
+
+
 class UserError(Exception):
     """A problem with what the user asked for (a flag value, a path); reported as one line, no traceback."""
 
@@ -300,8 +303,8 @@ def write_outputs(request: SampleRequest, model_id: str, prompts: Sequence[str],
         path = outdir / f"{index:05d}.png"
         Image.fromarray(image).save(path, pnginfo=info)
         paths.append(path)
-    grid_path = outdir / "grid.png"
-    Image.fromarray(make_grid(np.stack(images), columns=request.n if len(request.prompts) > 1 else None)).save(grid_path)
+    grid_path = outdir / GRID_FILE
+    Image.fromarray(make_grid(np.stack(images), columns=request.n if request.n > 1 and len(request.prompts) > 1 else None)).save(grid_path)
     paths.append(grid_path)
     print(f"wrote {len(images)} image(s) and grid.png to {outdir.resolve()}")
     return paths
