@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     ldm = config.ldm
     ldm.image_size = 8
     with config.unlocked():
+        unet.position_embedding = (8, 8)  # a learned absolute-position table: "at the top left" needs it
         ldm.scale_by_std = True
         ldm.cond_drop_prob = 0.1
         config.stage = "ldm"
@@ -64,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
         config.data.global_batch_size = 64
         config.data.batch_keys = ("image", "tokens")
         config.optimizer = ml_collections.ConfigDict(dict(
-            learning_rate=2e-4, scale_lr=False, warmup_steps=200, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+            learning_rate=1e-3, scale_lr=False, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
             grad_clip_norm=1.0, accumulate_grad_batches=1))
         config.train = ml_collections.ConfigDict(dict(
             num_steps=2500, seed=0, log_every=100, image_every=500, num_images=64, eval_split="validation",
@@ -72,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
             train_cond_stage=True, ema_decay=0.999, precompute_latents=True, sample_posterior=True,
             sampler="ddim", sample_steps=50, guidance_scale=5.0, check_shapes=True))
         config.checkpoint = autoencoder.checkpoint
+        config.checkpoint.every_steps = 500
         config.mesh = autoencoder.mesh
     config.lock()
     return config

@@ -243,3 +243,20 @@ def test_converter_refuses_unsupported_options_and_mismatched_weights():
     with pytest.raises(ConversionError, match=r"(?s)missing \(1\): conv_in/bias.*unexpected \(1\): conv_in.extra"
                                               r".*conv_out.bias: checkpoint \(5,\) vs model \(4,\)"):
         convert_diffusers_unet(fake, cfg)
+
+
+def test_position_embedding_is_added_after_conv_in_and_checks_the_size():
+    x, t, context = _tiny_inputs()
+    plain, positioned = UNetModel(_one_level()), UNetModel(_one_level(position_embedding=(8, 8)))
+    params = _random_params(positioned, x, t, context)["params"]
+    assert params["position_embedding"].shape == (8, 8, 32)
+    table = params["position_embedding"]
+    without = {k: v for k, v in params.items() if k != "position_embedding"}
+    zero = dict(without, position_embedding=jnp.zeros_like(table))
+    np.testing.assert_array_equal(positioned.apply({"params": zero}, x, t, context),
+                                  plain.apply({"params": without}, x, t, context))
+    assert not np.allclose(positioned.apply({"params": params}, x, t, context),
+                           plain.apply({"params": without}, x, t, context))
+    assert init_unet(positioned, jax.random.key(0))["params"]["position_embedding"].shape == (8, 8, 32)
+    with pytest.raises(ValueError, match=r"inputs are 4x4 latents but the learned position embedding is 8x8"):
+        positioned.apply({"params": params}, x[:, :4, :4], t, context)

@@ -51,6 +51,10 @@ class UNetConfig:
     `attention`: "xla", "jax_nn" or "chunked" (see `ldm_jax.models.attention`).
     `remat`: False, True (recompute every ResnetBlock / transformer block in the backward pass), or the
     name of a `jax.checkpoint_policies` policy applied to each such block.
+    `position_embedding`: None (CompVis / SD), or the latent (height, width): a learned (height, width,
+    model_channels) embedding is added after conv_in, giving the network absolute positions (param
+    `position_embedding`, zeros at init). Not in the reference; the captioned-shapes model uses it to place
+    objects where the prompt says. Inputs must then be exactly that size.
     `dtype` is not here: compute and parameter dtypes are attributes of the `UNetModel` module.
     """
 
@@ -76,6 +80,7 @@ class UNetConfig:
     freq_shift: float = 0.0
     attention: str = "xla"
     remat: bool | str = False
+    position_embedding: tuple[int, int] | None = None
 
     def __post_init__(self):
         if (self.num_heads > 0) == (self.num_head_channels > 0):
@@ -272,6 +277,14 @@ class UNetModel(nn.Module):
 
         # 2. Encoder; every block output is kept as a skip connection.
         h = conv(cfg.model_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
+        if cfg.position_embedding is not None:
+            size = tuple(cfg.position_embedding)
+            if x.shape[1:3] != size:
+                raise ValueError(f"UNet: inputs are {x.shape[1]}x{x.shape[2]} latents but the learned position "
+                                 f"embedding is {size[0]}x{size[1]} (unet.position_embedding); sample at that size")
+            table = self.param("position_embedding", nn.initializers.zeros, (*size, cfg.model_channels),
+                               self.param_dtype)
+            h = h + table.astype(self.dtype)
         skips = [h]
         for level in range(levels):
             h, level_skips = DownBlock(
@@ -347,11 +360,12 @@ def build_unet(section_or_config: UNetConfig | Any, *, dtype: Dtype = jnp.float3
 def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1):
     """Initialises `model`'s params (a {"params": ...} dict) from dummy inputs of the right shapes.
 
-    `size` defaults to the smallest spatial size the config accepts. Works under `jax.eval_shape`.
+    `size` defaults to the smallest spatial size the config accepts (the position embedding's size when the
+    config has one). Works under `jax.eval_shape`.
     """
     cfg = model.config
-    size = size or 2 ** (len(cfg.channel_mult) - 1)
-    x = jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32)
+    height, width = cfg.position_embedding or (size or 2 ** (len(cfg.channel_mult) - 1),) * 2
+    x = jnp.zeros((batch, height, width, cfg.in_channels), jnp.float32)
     context = jnp.zeros((batch, context_len, cfg.context_dim), jnp.float32) if cfg.use_spatial_transformer else None
     y = None
     if cfg.num_classes == "sequential":
