@@ -5,6 +5,7 @@
     python -m ldm_jax.evaluate adherence --images DIR [--per-image]
     python -m ldm_jax.evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
     python -m ldm_jax.evaluate fid --stats A.npz B.npz
+    python -m ldm_jax.evaluate fid --images DIR_A DIR_B --inception pt_inception.pth [--batch-size N]
     python -m ldm_jax.evaluate clip-score --images DIR --clip CLIP_DIR [--per-image] [--batch-size N]
 
 split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
@@ -14,7 +15,10 @@ a model (`sample.py`'s --checkpoint kinds; the embedded model when omitted).
 adherence: every *.png in DIR is checked against its caption (`ldm_jax.metrics.shapes_checker`); the caption
 is the PNG text chunk "prompt" or a sidecar DIR/<name>.txt (when both exist they must agree).
 reconstruction: PSNR and SSIM (and LPIPS with --lpips-vgg) between same-named PNGs of the two directories.
-fid: the Frechet distance between two pytorch-fid --save-stats files or feature files (`metrics.fid`).
+fid: the Frechet distance between two pytorch-fid --save-stats files or feature files (`metrics.fid`), or standard
+FID between the PNGs of two directories (pytorch-fid's Inception-v3 pool3 features, images resized to 299 x 299, as
+`python -m pytorch_fid DIR_A DIR_B`) with pytorch-fid's weights file pt_inception-2015-12-05-6726825d.pth, which
+you download yourself (`metrics.fid.INCEPTION_URL`).
 clip-score: the CLIP score (torchmetrics' 100 * max(cos, 0), `metrics.clip_score`) of every captioned PNG in DIR
 against its caption (found as for adherence), with a CLIP model from CLIP_DIR, a local transformers CLIPModel
 folder (config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt or tokenizer.json, optional
@@ -184,6 +188,35 @@ def fid_from_files(stats_a: str | pathlib.Path, stats_b: str | pathlib.Path) -> 
     return fid.frechet_distance(*fid.load_statistics(stats_a), *fid.load_statistics(stats_b))
 
 
+def fid_from_images(images_a: str | pathlib.Path, images_b: str | pathlib.Path, weights: str | pathlib.Path, *,
+                    batch_size: int = 50) -> float:
+    """Standard FID between the PNGs of two directories with pytorch-fid's Inception weights file (see
+    `ldm_jax.metrics.fid.inception_feature_fn`). Images are read `batch_size` at a time (at most the number of
+    files, as pytorch-fid does); a batch holds images of one size (a change of size starts a new batch) and short
+    batches are padded by repeating their last image (outputs dropped), so one program serves every batch of one
+    image size."""
+    files = [png_files(images_a), png_files(images_b)]
+    batch_size = min(batch_size, max(len(f) for f in files))
+    feature_fn = fid.inception_feature_fn(weights)
+
+    def batches(paths):
+        chunk: list[np.ndarray] = []
+        for path in paths:
+            image = read_png(path)[0]
+            if chunk and (len(chunk) == batch_size or image.shape != chunk[0].shape):
+                yield chunk
+                chunk = []
+            chunk.append(image)
+        yield chunk
+
+    def features(chunk):
+        padded = np.stack(chunk + [chunk[-1]] * (batch_size - len(chunk)))
+        return feature_fn(padded)[:len(chunk)]
+
+    return fid.fid_from_features(*(np.concatenate([features(chunk) for chunk in batches(paths)])
+                                   for paths in files))
+
+
 def clip_scores(images_dir: str | pathlib.Path, clip_dir: str | pathlib.Path, *, batch_size: int = 32
                 ) -> tuple[dict[str, float], list[tuple[str, float, str]]]:
     """CLIP score of every captioned PNG of a directory against its caption, with the CLIP model of `clip_dir`
@@ -246,8 +279,12 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--reconstructions", required=True)
     p.add_argument("--lpips-vgg", help="torchvision vgg16-397923af.pth; enables LPIPS")
     p.add_argument("--lpips-heads", help="lpips weights/v0.1/vgg.pth (default: the installed lpips package's)")
-    p = commands.add_parser("fid", help="FID between two statistics/feature files")
-    p.add_argument("--stats", nargs=2, required=True, metavar=("A", "B"))
+    p = commands.add_parser("fid", help="FID between two statistics/feature files or two PNG directories")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stats", nargs=2, metavar=("A", "B"), help="pytorch-fid --save-stats or feature files")
+    source.add_argument("--images", nargs=2, metavar=("DIR_A", "DIR_B"), help="PNG directories (needs --inception)")
+    p.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (with --images)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (with --images)")
     p = commands.add_parser("clip-score", help="CLIP score of captioned PNGs against their captions")
     p.add_argument("--images", required=True)
     p.add_argument("--clip", required=True, help="a local transformers CLIPModel folder (see the module doc)")
@@ -256,7 +293,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "reconstruction" and args.lpips_heads and not args.lpips_vgg:
         parser.error("--lpips-heads needs --lpips-vgg (LPIPS needs both the VGG16 trunk and the heads)")
-    if args.command == "clip-score" and args.batch_size < 1:
+    if args.command == "fid" and args.images and not args.inception:
+        parser.error("--images needs --inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    if args.command == "fid" and args.stats and args.inception:
+        parser.error("--inception applies to --images, not to --stats")
+    if args.command in ("clip-score", "fid") and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     if args.command == "split":
@@ -284,7 +325,9 @@ def _main(argv: Sequence[str] | None) -> int:
             print(format_table(rows, ("image", "clip_score", "caption")) + "\n")
         print(format_table(list(summary.items()), ("metric", "value")))
     else:
-        print(format_table([("fid", fid_from_files(*args.stats))], ("metric", "value")))
+        value = fid_from_files(*args.stats) if args.stats else fid_from_images(*args.images, args.inception,
+                                                                                 batch_size=args.batch_size)
+        print(format_table([("fid", value)], ("metric", "value")))
     return 0
 
 
