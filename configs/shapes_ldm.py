@@ -56,9 +56,6 @@ def get_config() -> ml_collections.ConfigDict:
     cond.tokenizer_kind = "tokenizer_json"
     ldm = config.ldm
     ldm.image_size = 8
-    # SD's schedule leaves 8x8 latents visible at t = T (the layout is decided before the text matters);
-    # the cosine schedule (iDDPM, made for small images) ends in pure noise, so position must come from the prompt.
-    config.diffusion.beta_schedule = "cosine"
     with config.unlocked():
         unet.position_embedding = (8, 8)  # a learned absolute-position table: "at the top left" needs it
         ldm.scale_by_std = True

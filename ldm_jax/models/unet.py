@@ -37,6 +37,8 @@ NORM_EPS = 1e-5  # the UNet's GroupNorms (ResBlocks, output norm) use torch's de
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
+POSITION_EMBEDDING_INIT_STD = 0.5
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """Hyper-parameters of the UNet, named as in the CompVis `UNetModel` config (defaults: Stable Diffusion v1).
@@ -53,8 +55,8 @@ class UNetConfig:
     name of a `jax.checkpoint_policies` policy applied to each such block.
     `position_embedding`: None (CompVis / SD), or the latent (height, width): a learned (height, width,
     model_channels) embedding is added after conv_in, giving the network absolute positions (param
-    `position_embedding`, zeros at init). Not in the reference; the captioned-shapes model uses it to place
-    objects where the prompt says. Inputs must then be exactly that size.
+    `position_embedding`, normal with std 0.5 at init). Not in the reference; the captioned-shapes model
+    uses it to place objects where the prompt says. Inputs must then be exactly that size.
     `dtype` is not here: compute and parameter dtypes are attributes of the `UNetModel` module.
     """
 
@@ -282,8 +284,10 @@ class UNetModel(nn.Module):
             if x.shape[1:3] != size:
                 raise ValueError(f"UNet: inputs are {x.shape[1]}x{x.shape[2]} latents but the learned position "
                                  f"embedding is {size[0]}x{size[1]} (unet.position_embedding); sample at that size")
-            table = self.param("position_embedding", nn.initializers.zeros, (*size, cfg.model_channels),
-                               self.param_dtype)
+            # Random (not zero) at init: cross-attention queries must differ by location from the first step,
+            # or "left" / "right" never get a gradient that tells them apart (a zero start is a saddle).
+            table = self.param("position_embedding", nn.initializers.normal(POSITION_EMBEDDING_INIT_STD),
+                               (*size, cfg.model_channels), self.param_dtype)
             h = h + table.astype(self.dtype)
         skips = [h]
         for level in range(levels):
