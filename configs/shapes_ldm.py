@@ -1,23 +1,23 @@
 """Captioned-shapes text-to-image LDM (the embedded model): 8x8x4 latents of configs/shapes_autoencoder.py.
 
 UNet: model_channels 32, channel_mult (1, 2, 4), 2 res blocks per level, a spatial transformer (16-channel heads)
-at every level (8x8, 4x4, 2x2) cross-attending to the text; 6.2M parameters; SD v1's schedule (linear
-0.00085..0.012, 1000 steps, eps). Text: a CLIP-style transformer (2 layers, width 64, 4 heads, causal) over the
-captioned-shapes word-level tokenizer (26 ids, prompts padded to 32 with 0), trained jointly with the UNet.
-scale_by_std (the factor comes from the first batch), 10% prompt dropout for classifier-free guidance, EMA
-0.999, AdamW 2e-4 (not scaled by the batch) with 200 warm-up steps, gradient clipping at 1.0, batch 64, 2500
-steps (about 3 epochs of the 50k scenes), training on precomputed latents (one encoder pass over the dataset
-instead of one per step). Sample grids every 500 steps: 64 validation prompts, DDIM 50 steps, guidance 5.
+at every level (8x8, 4x4, 2x2) cross-attending to the text, and a learned 8x8 position embedding after conv_in
+(`unet.position_embedding`, not in SD); 6.2M parameters; SD v1's schedule (linear 0.00085..0.012, 1000 steps,
+eps). Text: a CLIP-style transformer (2 layers, width 64, 4 heads, causal) over the captioned-shapes word-level
+tokenizer (26 ids, prompts padded to 32 with 0), trained jointly with the UNet. scale_by_std (the factor comes
+from the first batch), 10% prompt dropout for classifier-free guidance, EMA 0.999 (with LitEma's warm-up),
+AdamW 1e-3 (not scaled by the batch) after 500 linear warm-up steps, gradient clipping at 1.0, batch 64, 2000
+steps, training on precomputed latents (one encoder pass over the dataset instead of one per step). Sample grids
+every 500 steps: 64 validation prompts, DDIM 50 steps, guidance 5, scored by the shapes checker (eval.jsonl).
 
-Step time measured on the shared 2-core CPU: 1.55 s/step at batch 64 under load ~4-5 (41 images/s); expect
-roughly 30-40 minutes on a quiet machine, about an hour under load. Target: >= 95% of validation prompts pass
-ldm_jax/metrics/shapes_checker.py (eval.jsonl); not yet confirmed by a full run.
+Measured on the 2-core CPU (quiet): 0.45 s/step (140 images/s), 2000 steps in about 17 minutes plus 80 s of
+latent precomputation. What it learns in that time: the colour, shape and size of the objects; not yet where
+they go (position accuracy stays at chance, 20-30%, in every run tried; README, "The embedded model").
 
 Train the autoencoder first (configs/shapes_autoencoder.py), then:
     python train.py --config configs/shapes_ldm.py --workdir runs/shapes_ldm \\
-        --config.train.first_stage=runs/shapes_autoencoder
-The exported model is runs/shapes_ldm/model/ (`ldm_jax.model_dir.load_model`); sample grids and their
-prompt-adherence scores (ldm_jax/metrics/shapes_checker.py, validation prompts) are logged along the way.
+        --config.data.data_dir=runs/tfds --config.train.first_stage=runs/shapes_autoencoder
+The exported model is runs/shapes_ldm/model/ (`ldm_jax.model_dir.load_model`).
 """
 import pathlib
 
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
             learning_rate=1e-3, scale_lr=False, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
             grad_clip_norm=1.0, accumulate_grad_batches=1))
         config.train = ml_collections.ConfigDict(dict(
-            num_steps=2500, seed=0, log_every=100, image_every=500, num_images=64, eval_split="validation",
+            num_steps=2000, seed=0, log_every=100, image_every=500, num_images=64, eval_split="validation",
             dtype="float32", progress_bar=True, first_stage="", init_from="", tokenizer="shapes",
             train_cond_stage=True, ema_decay=0.999, precompute_latents=True, sample_posterior=True,
             sampler="ddim", sample_steps=50, guidance_scale=5.0, check_shapes=True))
