@@ -93,8 +93,6 @@ def validate(request: SampleRequest) -> None:
     for flag, path in (("--init-image", request.init_image), ("--mask", request.mask)):
         if path is not None and not pathlib.Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
-    if request.checkpoint is not None and not pathlib.Path(request.checkpoint).exists():
-        raise UserError(f"--checkpoint {request.checkpoint}: no such file or directory")
     _check_writable(pathlib.Path(request.outdir))
 
 
@@ -115,6 +113,8 @@ def load_model(checkpoint: str | None, *, tokenizer: str | None = None, config: 
 
     Problems with the files (missing, corrupt, the wrong model, a bad tokenizer directory) become UserError.
     """
+    if checkpoint is not None and not pathlib.Path(checkpoint).exists():
+        raise UserError(f"--checkpoint {checkpoint}: no such file or directory")
     try:
         return _load_model(checkpoint, tokenizer=tokenizer, config=config)
     except (FileNotFoundError, ValueError) as error:  # CheckpointError and ConversionError are ValueErrors
