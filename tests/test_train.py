@@ -76,6 +76,7 @@ def _ldm_config(dataset, first_stage, **overrides):
             "cond_stage.num_heads": 2, "data.global_batch_size": 8, "train.num_steps": 2, "train.log_every": 1,
             "train.image_every": 2, "train.num_images": 8, "train.sample_steps": 2, "train.progress_bar": False,
             "train.first_stage": str(first_stage), "checkpoint.every_steps": 100, "optimizer.warmup_steps": 2,
+            "optimizer.learning_rate": 2e-4,
             "mesh.data": 1,
             "first_stage.num_res_blocks": 1}
     return _configure("shapes_ldm.py", {**dataset, **tiny, **overrides})
