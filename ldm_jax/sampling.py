@@ -355,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleRequest:
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
-                   "(default: the model's, 7.5 for Stable Diffusion)")
+                   "(default 7.5, for Stable Diffusion and the embedded model alike)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
