@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models.attention import AttentionImpl
-from ldm_jax.models.text import ACTIVATIONS, ClipEncoder, ClipTextConfig, ClipTextTransformer
+from ldm_jax.models.text import ACTIVATIONS, ClipEncoder, ClipTextConfig, ClipTextTransformer, _layer_norm
 
 Dtype = Any
 
@@ -173,10 +173,6 @@ class ClipVisionOutput:
 
     last_hidden_state: jax.Array
     pooled_output: jax.Array
-
-
-def _layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
 
 
 class ClipVisionEmbeddings(nn.Module):
