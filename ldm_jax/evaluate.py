@@ -72,10 +72,11 @@ def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: s
     import jax  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    config, params = model.config, model.params
+    config = model.config
+    params = jax.device_put({"first_stage": model.params["first_stage"]})  # an argument, not baked-in constants
 
     @jax.jit
-    def reconstruct(x):
+    def reconstruct(params, x):
         return ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, x))
 
     files = png_files(images_dir)
@@ -85,7 +86,7 @@ def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: s
         chunk = files[start:start + batch_size]
         images = np.stack([read_png(path)[0] for path in chunk]).astype(np.float32) / 127.5 - 1.0
         padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(chunk), axis=0)])
-        out = pipeline.to_uint8(reconstruct(padded))[:len(chunk)]
+        out = pipeline.to_uint8(reconstruct(params, padded))[:len(chunk)]
         for path, image in zip(chunk, out):
             Image.fromarray(image).save(outdir / path.name)
     return len(files)
