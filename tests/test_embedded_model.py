@@ -10,12 +10,15 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from ldm_jax import evaluate, parallel, sampling
 from ldm_jax.data import captioned_shapes, shapes
 
-GUIDANCE_MARGIN = 0.1  # measured: see the README's guidance table
+GUIDANCE_MARGIN = 0.03  # measured on these prompts: 0.898 at guidance 1, 0.953 at 7.5
+MIN_ADHERENCE = 0.85
+NUM_GUIDANCE_PROMPTS = 128
 PROMPTS = ["a large red circle at the top left and a large blue square at the bottom right",
            "a small yellow triangle in the centre"]
 
@@ -47,25 +50,35 @@ def test_sample_cli_default_model(tmp_path, monkeypatch, capsys):
         assert np.abs(eight.astype(int) - one.astype(int)).max() <= 1  # float32 rounding of other batch shapes
 
 
-def test_guidance_raises_adherence(tmp_path):
+@pytest.fixture
+def xla_optimizations():
+    """Compiles with XLA's optimisations (conftest turns most off): the guidance test then takes 34 s, not 219 s."""
+    previous = jax.config.jax_disable_most_optimizations
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_guidance_raises_adherence(tmp_path, xla_optimizations):
     """Classifier-free guidance at sample.py's default scale follows the prompts better than guidance 1.
 
-    Scored on what the embedded model follows today (README, "The embedded model"): the colour, shape and size
-    of each stated object (the checker's per-attribute accuracies); it does not place objects where the
-    prompt says yet, so whole-prompt adherence is near 0 at any scale.
+    Whole-prompt adherence (every object's colour, shape, size and cell, and no extra objects) on 128 random
+    held-out-style prompts (each names a colour+shape pair never seen in training), 20 DDIM steps. Validation
+    prompts are all followed even at guidance 1; the README's guidance table has the 256-prompt numbers.
     """
     rng = np.random.default_rng(11)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(shapes.caption(shapes.sample_scene(rng)) for _ in range(24)) + "\n")
-    followed = {}
+    scenes = [shapes.sample_scene(rng, heldout=True) for _ in range(NUM_GUIDANCE_PROMPTS)]
+    prompts.write_text("\n".join(shapes.caption(scene) for scene in scenes) + "\n")
+    adherence = {}
     for scale in (1.0, sampling.SampleRequest.guidance):
         outdir = tmp_path / f"guidance_{scale}"
-        args = ["--prompts-file", str(prompts), "--steps", "20", "--guidance", str(scale), "--outdir", str(outdir)]
+        args = ["--prompts-file", str(prompts), "--steps", "20", "--guidance", str(scale), "--outdir", str(outdir),
+                "--batch-size", str(NUM_GUIDANCE_PROMPTS)]
         assert sampling.main(args) == 0
-        summary = evaluate.adherence(outdir)[0]
-        followed[scale] = np.mean([summary[name] for name in ("colour", "shape", "size")])
-    low, default = followed.values()
-    assert default >= low + GUIDANCE_MARGIN, followed
+        adherence[scale] = evaluate.adherence(outdir)[0]["accuracy"]
+    low, default = adherence.values()
+    assert default >= MIN_ADHERENCE and default >= low + GUIDANCE_MARGIN, adherence
 
 
 def test_split_autoencode_reconstruction(tmp_path, capsys):
