@@ -53,7 +53,7 @@ def test_sample_cli_default_model(tmp_path, monkeypatch, capsys):
 @pytest.fixture
 def xla_optimizations():
     """Compiles with XLA's optimisations (conftest turns most off): the guidance test then takes 34 s, not 219 s."""
-    previous = jax.config.jax_disable_most_optimizations
+    previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
