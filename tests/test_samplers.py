@@ -179,6 +179,28 @@ def test_sampler_matches_diffusers_step_for_step(case, monkeypatch):
     assert max(errors) <= RTOL, f"{case}: relative error per step {np.array(errors)}"
 
 
+def test_plms_v_equals_plms_of_the_same_eps_model():
+    """PLMS with a v model takes the steps it takes with the eps model that v model is equivalent to.
+
+    The v outputs are turned into eps at the point each was evaluated and the eps values are combined, as the
+    method is derived. diffusers' PNDMScheduler instead combines the raw v outputs and converts the result at
+    the current sample, so it is not the reference for v; on the embedded shapes model (v, cosine) that way
+    follows 10 of 32 prompts at 25 steps, this one 22.
+    """
+    def v_model(x, t):
+        ac = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        eps = _model_jax(x, t)
+        x0 = (x - jnp.sqrt(1 - ac) * eps) / jnp.sqrt(ac)
+        return jnp.sqrt(ac) * eps - jnp.sqrt(1 - ac) * x0
+
+    noise = np.asarray(jax.random.normal(jax.random.key(0), SHAPE))
+    key = jax.random.key(1)
+    eps_run = _python_loop(samplers.make_sampler("plms", SCHEDULE, 10), noise, key)
+    v_run = _python_loop(samplers.make_sampler("plms", SCHEDULE, 10, prediction_type="v"), noise, key, v_model)
+    for i, (a, b) in enumerate(zip(eps_run, v_run, strict=True)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=f"step {i}")
+
+
 def _jitted_sample(**kw):
     return jax.jit(lambda s, n, k: samplers.sample(s, _model_jax, n, k, **kw))
 
