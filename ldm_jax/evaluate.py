@@ -7,6 +7,7 @@
     python -m ldm_jax.evaluate fid --stats A.npz B.npz
     python -m ldm_jax.evaluate fid --images DIR_A DIR_B --inception pt_inception.pth [--batch-size N]
     python -m ldm_jax.evaluate clip-score --images DIR --clip CLIP_DIR [--per-image] [--batch-size N]
+    python -m ldm_jax.evaluate sensitivity [--checkpoint M] --images DIR [--timesteps 50,300,600,850,950]
 
 split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
 one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` samples them in that order).
@@ -23,6 +24,9 @@ clip-score: the CLIP score (torchmetrics' 100 * max(cos, 0), `metrics.clip_score
 against its caption (found as for adherence), with a CLIP model from CLIP_DIR, a local transformers CLIPModel
 folder (config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt or tokenizer.json, optional
 preprocessor_config.json; e.g. a copy of openai/clip-vit-large-patch14); prints the mean and standard deviation.
+sensitivity: the denoising loss of a model on the captioned PNGs of DIR (e.g. a split written by `split`) at fixed
+timesteps and noise, with the true captions, with each attribute made wrong, and with the empty prompt
+(`metrics.prompt_sensitivity`): which words the model reads.
 Each command prints a table and returns its numbers from the library function of the same name.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 from ldm_jax import ldm, pipeline
 from ldm_jax.data import readers
 from ldm_jax.sampling import GRID_FILE
-from ldm_jax.metrics import fid, image_quality, shapes_checker
+from ldm_jax.metrics import fid, image_quality, prompt_sensitivity, shapes_checker
 
 CAPTION_KEY = "prompt"
 SHAPES_DATASET = "captioned_shapes/res32"
@@ -240,6 +244,23 @@ def clip_scores(images_dir: str | pathlib.Path, clip_dir: str | pathlib.Path, *,
     return {"num_images": len(rows), "clip_score": float(values.mean()), "std": float(values.std())}, rows
 
 
+def sensitivity(args: argparse.Namespace) -> dict[str, list[float]]:
+    """The `sensitivity` command: prints the loss table (rows: timesteps; columns: prompt variants)."""
+    from ldm_jax import sampling  # noqa: PLC0415
+
+    try:
+        timesteps = [int(t) for t in args.timesteps.split(",")]
+    except ValueError:
+        raise ValueError(f"--timesteps must be comma-separated integers, got {args.timesteps!r}") from None
+    pairs = [read_captioned(path) for path in png_files(args.images)]
+    images = np.stack([image for image, _ in pairs]).astype(np.float32) / 127.5 - 1.0
+    table = prompt_sensitivity.prompt_sensitivity(sampling.load_model(args.checkpoint), images,
+                                                  [caption for _, caption in pairs], timesteps, seed=args.seed)
+    rows = [(t, *(values[i] for values in table.values())) for i, t in enumerate(timesteps)]
+    print(format_table(rows, ("t", *table)))
+    return table
+
+
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     """Left-aligned plain-text table; floats with 4 decimals."""
     cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in [header, *rows]]
@@ -291,6 +312,11 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--clip", required=True, help="a local transformers CLIPModel folder (see the module doc)")
     p.add_argument("--per-image", action="store_true", help="also list every image's score")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p = commands.add_parser("sensitivity", help="denoising loss with true, corrupted and empty captions")
+    p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
+    p.add_argument("--images", required=True, help="captioned PNGs (e.g. from `split`)")
+    p.add_argument("--timesteps", default="50,300,600,850,950", help="comma-separated training timesteps")
+    p.add_argument("--seed", type=int, default=0, help="draws the noise and the corruptions")
     args = parser.parse_args(argv)
     if args.command == "reconstruction" and args.lpips_heads and not args.lpips_vgg:
         parser.error("--lpips-heads needs --lpips-vgg (LPIPS needs both the VGG16 trunk and the heads)")
@@ -320,6 +346,8 @@ def _main(argv: Sequence[str] | None) -> int:
             lpips_fn = image_quality.lpips_metric(args.lpips_vgg, args.lpips_heads)
         print(format_table(list(reconstruction(args.images, args.reconstructions, lpips_fn).items()),
                            ("metric", "value")))
+    elif args.command == "sensitivity":
+        sensitivity(args)
     elif args.command == "clip-score":
         summary, rows = clip_scores(args.images, args.clip, batch_size=args.batch_size)
         if args.per_image:
