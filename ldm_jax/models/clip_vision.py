@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models.attention import AttentionImpl
-from ldm_jax.models.text import ACTIVATIONS, ClipEncoder, ClipTextConfig, ClipTextTransformer, _layer_norm
+from ldm_jax.models.text import (ACTIVATIONS, ClipEncoder, ClipTextConfig, ClipTextTransformer,
+                                 float32_layer_norm)
 
 Dtype = Any
 
@@ -218,9 +219,9 @@ class ClipVisionTransformer(nn.Module):
                              f"{pixel_values.shape}")
         # 1. patches + class token + positions; 2. pre_layrnorm; 3. unmasked blocks; 4. post_layernorm of token 0.
         x = ClipVisionEmbeddings(c, name="embeddings", **kw)(pixel_values.astype(self.dtype))
-        x = _layer_norm(c.layer_norm_eps, self.param_dtype, "pre_layrnorm")(x).astype(self.dtype)
+        x = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "pre_layrnorm")(x).astype(self.dtype)
         last, _ = ClipEncoder(c, self.attention_implementation, causal=False, name="encoder", **kw)(x)
-        pooled = _layer_norm(c.layer_norm_eps, self.param_dtype, "post_layernorm")(last[:, 0]).astype(self.dtype)
+        pooled = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "post_layernorm")(last[:, 0]).astype(self.dtype)
         return ClipVisionOutput(last, pooled)
 
 

@@ -249,7 +249,7 @@ def _lookup(table: nn.Embed, ids: jax.Array) -> jax.Array:
     return table(ids)  # jnp.take's default mode "fill" gives NaN for index == num_embeddings
 
 
-def _layer_norm(eps: float, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def float32_layer_norm(eps: float, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
     """LayerNorm over the last axis with float32 statistics and float32 output (cast by the caller)."""
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
 
@@ -318,9 +318,9 @@ class ClipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm1")(x).astype(self.dtype)
+        h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm1")(x).astype(self.dtype)
         x = x + ClipAttention(c.num_heads, self.attention_implementation, name="self_attn", **kw)(h, mask)
-        h = _layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm2")(x).astype(self.dtype)
+        h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm2")(x).astype(self.dtype)
         return x + ClipMLP(c.intermediate_size, c.hidden_act, name="mlp", **kw)(h)
 
 
@@ -383,7 +383,7 @@ class ClipTextTransformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = ClipTextEmbeddings(self.config, **kw)
         self.encoder = ClipEncoder(self.config, self.attention_implementation, **kw)
-        self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, self.param_dtype)
+        self.final_layer_norm = float32_layer_norm(self.config.layer_norm_eps, self.param_dtype)
 
     def encode(self, input_ids: jax.Array) -> ClipTextOutput:
         """All outputs: (B, L, D) last/penultimate hidden states and context, (B, D) pooled output."""
@@ -456,9 +456,9 @@ class XEncoder(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(c.n_layer):
             a, f = 2 * i, 2 * i + 1  # x-transformers numbers attention and feed-forward layers in one list
-            h = _layer_norm(c.layer_norm_eps, self.param_dtype, f"layers_{a}_0")(x).astype(self.dtype)
+            h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, f"layers_{a}_0")(x).astype(self.dtype)
             x = x + XAttention(c.heads, c.dim_head, self.attention_implementation, name=f"layers_{a}_1", **kw)(h)
-            h = _layer_norm(c.layer_norm_eps, self.param_dtype, f"layers_{f}_0")(x).astype(self.dtype)
+            h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, f"layers_{f}_0")(x).astype(self.dtype)
             x = x + XFeedForward(c.ff_mult, name=f"layers_{f}_1", **kw)(h)
         return x
 
@@ -497,7 +497,7 @@ class BertEmbedder(nn.Module):
         x = _lookup(token, input_ids) + XPositionalEmbedding(c.max_length, c.n_embed, name="pos_emb", **kw)(
             input_ids.shape[1])
         x = XEncoder(c, self.attention_implementation, name="attn_layers", **kw)(x)
-        return _layer_norm(c.layer_norm_eps, self.param_dtype, "norm")(x).astype(self.dtype)
+        return float32_layer_norm(c.layer_norm_eps, self.param_dtype, "norm")(x).astype(self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- classes

@@ -35,9 +35,8 @@ from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample
 Dtype = Any
 NORM_EPS = 1e-5  # the UNet's GroupNorms (ResBlocks, output norm) use torch's default epsilon
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+POSITION_EMBEDDING_INIT_STD = 0.5  # of the learned position table (`UNetConfig.position_embedding`)
 
-
-POSITION_EMBEDDING_INIT_STD = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
