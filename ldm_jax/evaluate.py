@@ -244,21 +244,13 @@ def clip_scores(images_dir: str | pathlib.Path, clip_dir: str | pathlib.Path, *,
     return {"num_images": len(rows), "clip_score": float(values.mean()), "std": float(values.std())}, rows
 
 
-def sensitivity(args: argparse.Namespace) -> dict[str, list[float]]:
-    """The `sensitivity` command: prints the loss table (rows: timesteps; columns: prompt variants)."""
-    from ldm_jax import sampling  # noqa: PLC0415
-
-    try:
-        timesteps = [int(t) for t in args.timesteps.split(",")]
-    except ValueError:
-        raise ValueError(f"--timesteps must be comma-separated integers, got {args.timesteps!r}") from None
-    pairs = [read_captioned(path) for path in png_files(args.images)]
+def sensitivity(model: ldm.LoadedModel, images_dir: str | pathlib.Path, timesteps: Sequence[int], *,
+                seed: int = 0) -> dict[str, list[float]]:
+    """`prompt_sensitivity.prompt_sensitivity` of the captioned PNGs of a directory (one batch)."""
+    pairs = [read_captioned(path) for path in png_files(images_dir)]
     images = np.stack([image for image, _ in pairs]).astype(np.float32) / 127.5 - 1.0
-    table = prompt_sensitivity.prompt_sensitivity(sampling.load_model(args.checkpoint), images,
-                                                  [caption for _, caption in pairs], timesteps, seed=args.seed)
-    rows = [(t, *(values[i] for values in table.values())) for i, t in enumerate(timesteps)]
-    print(format_table(rows, ("t", *table)))
-    return table
+    return prompt_sensitivity.prompt_sensitivity(model, images, [caption for _, caption in pairs], timesteps,
+                                                 seed=seed)
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -326,6 +318,11 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error("--inception applies to --images, not to --stats")
     if args.command in ("clip-score", "fid") and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.command == "sensitivity":
+        try:
+            timesteps = [int(t) for t in args.timesteps.split(",")]
+        except ValueError:
+            parser.error(f"--timesteps must be comma-separated integers, got {args.timesteps!r}")
 
     if args.command == "split":
         count = write_split(args.data_dir, args.split, args.outdir, num=args.num, name=args.name)
@@ -347,7 +344,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(format_table(list(reconstruction(args.images, args.reconstructions, lpips_fn).items()),
                            ("metric", "value")))
     elif args.command == "sensitivity":
-        sensitivity(args)
+        from ldm_jax import sampling  # noqa: PLC0415
+
+        table = sensitivity(sampling.load_model(args.checkpoint), args.images, timesteps, seed=args.seed)
+        rows = [(t, *(values[i] for values in table.values())) for i, t in enumerate(timesteps)]
+        print(format_table(rows, ("t", *table)))
     elif args.command == "clip-score":
         summary, rows = clip_scores(args.images, args.clip, batch_size=args.batch_size)
         if args.per_image:

@@ -10,6 +10,7 @@ position words (README, "The embedded model").
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,9 +37,8 @@ def corrupt_scene(scene: shapes.Scene, attribute: str, rng: np.random.Generator)
     if attribute not in _VOCABULARIES:
         raise ValueError(f"unknown attribute {attribute!r}; expected one of {CORRUPTIONS}")
     vocabulary = _VOCABULARIES[attribute]
-    return tuple(
-        dataclasses.replace(obj, **{attribute: str(rng.choice([v for v in vocabulary if v != getattr(obj, attribute)]))})
-        for obj in scene)
+    others = [[v for v in vocabulary if v != getattr(obj, attribute)] for obj in scene]
+    return tuple(dataclasses.replace(obj, **{attribute: str(rng.choice(o))}) for obj, o in zip(scene, others))
 
 
 def prompt_sensitivity(model: ldm.LoadedModel, images: np.ndarray, captions: Sequence[str],
@@ -47,7 +47,8 @@ def prompt_sensitivity(model: ldm.LoadedModel, images: np.ndarray, captions: Seq
 
     images: (B, H, W, 3) float in [-1, 1]; captions: B captioned-shapes captions; timesteps: training timesteps
     in [0, T). Latents are the first stage's (posterior mode), the noise one draw from `seed`, the same for every
-    prompt variant. Returns {"correct", "position", "colour", "shape", "size", "empty": [loss per timestep]}.
+    prompt variant; all images go through the model as one batch. Returns {"correct", "position", "colour",
+    "shape", "size", "empty": [loss per timestep]}.
     """
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -70,16 +71,15 @@ def prompt_sensitivity(model: ldm.LoadedModel, images: np.ndarray, captions: Seq
     ids = {name: pipeline.encode_prompts(model, texts)[0] for name, texts in prompts.items()}
     schedule = ldm.noise_schedule(config)
     params = jax.device_put(model.params)
+    z = jax.jit(functools.partial(ldm.encode_first_stage, config))(params, jnp.asarray(images, jnp.float32))
+    noise = jax.random.normal(jax.random.key(seed), z.shape, jnp.float32)
+    target_type = config.diffusion.prediction_type
 
     @jax.jit
-    def losses(params, x, tokens, t, noise):
-        z = ldm.encode_first_stage(config, params, x)
-        x_t = q_sample(schedule, z, t, noise)
-        pred = ldm.apply_unet(config, params, x_t, t, ldm.encode_conditioning(config, params, tokens))
-        return jnp.mean(jnp.square(pred - training_target(schedule, z, noise, t, config.diffusion.prediction_type)))
+    def loss(params, z, noise, tokens, t):  # arrays as arguments, not constants baked into the program
+        t = jnp.full((z.shape[0],), t, jnp.int32)
+        pred = ldm.apply_unet(config, params, q_sample(schedule, z, t, noise), t,
+                              ldm.encode_conditioning(config, params, tokens))
+        return jnp.mean(jnp.square(pred - training_target(schedule, z, noise, t, target_type)))
 
-    x = jnp.asarray(images, jnp.float32)
-    latent_shape = jax.eval_shape(lambda p, v: ldm.encode_first_stage(config, p, v), params, x).shape
-    noise = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
-    return {name: [float(losses(params, x, tokens, jnp.full((len(x),), t, jnp.int32), noise)) for t in timesteps]
-            for name, tokens in ids.items()}
+    return {name: [float(loss(params, z, noise, tokens, t)) for t in timesteps] for name, tokens in ids.items()}
