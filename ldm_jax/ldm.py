@@ -224,14 +224,33 @@ def ldm_config(config: Any) -> LDMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Run-time choices that are not architecture: never saved in a model's config, given at load or call time.
+
+    attention: the attention implementation of every block (UNet, autoencoder, text encoder): "xla",
+      "jax_nn" or "chunked" (`ldm_jax.models.attention`).
+    remat: False, True (recompute each block in the backward pass) or a `jax.checkpoint_policies` name.
+    dtype: the compute dtype (float32 or bfloat16); norms, softmax and sampler arithmetic stay float32.
+    param_dtype: the dtype params are stored in while training or sampling.
+    """
+
+    attention: str = "xla"
+    remat: bool | str = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """A model ready to sample or fine-tune: its config, params (layout in the module docstring), a
-    tokenizer (transformers tokenizer object) or None, and where it came from (`model_id`, e.g. a path)."""
+    tokenizer (transformers tokenizer object) or None, where it came from (`model_id`, e.g. a path) and the
+    run-time options it was loaded with (`options`)."""
 
     config: LDMConfig
     params: dict[str, Any]
     tokenizer: Any = None
     model_id: str = ""
+    options: RunOptions = RunOptions()
 
 
 # ---------------------------------------------------------------------------------------------------- models

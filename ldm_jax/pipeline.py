@@ -40,6 +40,7 @@ from ldm_jax import ldm, parallel
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
 from ldm_jax.diffusion.samplers import Sampler, make_sampler, sample
 from ldm_jax.ldm import LDMConfig, LoadedModel
+from ldm_jax.images import to_uint8  # noqa: F401 (re-exported: pipeline.to_uint8)
 from ldm_jax.models.tokenizer import tokenize
 
 KINDS = ("txt2img", "img2img", "inpaint")
@@ -82,12 +83,6 @@ def place_params(params: Any, mesh: Mesh | None = None) -> Any:
     The pipelines replicate their params argument on each call; already-placed params make that a no-op.
     """
     return jax.device_put(params, parallel.replicated(mesh or parallel.make_mesh()))
-
-
-def to_uint8(images: Any) -> np.ndarray:
-    """Images in [-1, 1] (any shape) -> uint8 in [0, 255] on the host: round((x + 1) * 127.5), clipped."""
-    x = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
-    return np.round((x + 1.0) * 127.5).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- public API

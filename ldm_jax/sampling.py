@@ -293,6 +293,8 @@ def write_outputs(request: SampleRequest, model_id: str, prompts: Sequence[str],
     """One PNG per image with its parameters as PNG text chunks, plus grid.png; prints where they went."""
     from PIL import Image, PngImagePlugin
 
+    from ldm_jax.images import image_grid
+
     outdir = pathlib.Path(request.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -304,7 +306,8 @@ def write_outputs(request: SampleRequest, model_id: str, prompts: Sequence[str],
         Image.fromarray(image).save(path, pnginfo=info)
         paths.append(path)
     grid_path = outdir / GRID_FILE
-    Image.fromarray(make_grid(np.stack(images), columns=request.n if request.n > 1 and len(request.prompts) > 1 else None)).save(grid_path)
+    columns = request.n if request.n > 1 and len(request.prompts) > 1 else None
+    Image.fromarray(image_grid(np.stack(images), columns=columns, pad=2)).save(grid_path)
     paths.append(grid_path)
     print(f"wrote {len(images)} image(s) and grid.png to {outdir.resolve()}")
     return paths
@@ -328,18 +331,6 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "strength": request.strength if request.init_image else "",
         "mask": request.mask or "",
     }
-
-
-def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one uint8 grid image, `columns` wide (default about square), black padding."""
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
-    return grid
 
 
 # ---------------------------------------------------------------------------------------- command line

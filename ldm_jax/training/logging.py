@@ -10,7 +10,6 @@ the JSONL file and purged from TensorBoard, so each step is logged once.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 
@@ -20,23 +19,7 @@ import tensorboardX
 import tqdm
 from PIL import Image
 
-
-def image_grid(images: np.ndarray, *, columns: int | None = None) -> np.ndarray:
-    """(N, H, W, C) float images in [-1, 1] (C = 1 or 3) -> one uint8 (rows*H, columns*W, C) grid.
-
-    Columns default to ceil(sqrt(N)); empty cells are black. Values outside [-1, 1] are clipped.
-    """
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"image_grid: expected (N, H, W, 1 or 3) images, got shape {images.shape}")
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    grid = np.zeros((rows * columns, h, w, c), np.uint8)
-    grid[:n] = pixels
-    # (rows, columns, H, W, C) -> (rows, H, columns, W, C) -> (rows*H, columns*W, C)
-    return grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+from ldm_jax.images import image_grid
 
 
 class ProgressBar:
