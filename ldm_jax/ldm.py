@@ -244,13 +244,15 @@ class RunOptions:
 class LoadedModel:
     """A model ready to sample or fine-tune: its config, params (layout in the module docstring), a
     tokenizer (transformers tokenizer object) or None, where it came from (`model_id`, e.g. a path) and the
-    run-time options it was loaded with (`options`)."""
+    run-time options it was loaded with (`options`). `scheduler_config`: the diffusers scheduler_config.json
+    the model came with (its sampling timesteps, spacing and offset), or None."""
 
     config: LDMConfig
     params: dict[str, Any]
     tokenizer: Any = None
     model_id: str = ""
     options: RunOptions = RunOptions()
+    scheduler_config: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- models
