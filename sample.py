@@ -2,7 +2,7 @@
 
     python sample.py --prompt "a red circle at the top left" [--n 4 --sampler dpm++ --steps 25 --seed 1]
 
-All flags: python sample.py --help. The work is done by `ldm_jax.sampling`.
+The same as `ldm-jax sample`; all flags: python sample.py --help. The work is done by `ldm_jax.sampling`.
 """
 import sys
 

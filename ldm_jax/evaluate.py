@@ -1,13 +1,13 @@
 """Evaluation from the command line: prompt adherence, reconstruction quality, FID and CLIP score.
 
-    python -m ldm_jax.evaluate split --data_dir D --split validation [--num N] --outdir DIR
-    python -m ldm_jax.evaluate autoencode [--checkpoint M] --images DIR --outdir DIR2
-    python -m ldm_jax.evaluate adherence --images DIR [--per-image]
-    python -m ldm_jax.evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
-    python -m ldm_jax.evaluate fid --stats A.npz B.npz
-    python -m ldm_jax.evaluate fid --images DIR_A DIR_B --inception pt_inception.pth [--batch-size N]
-    python -m ldm_jax.evaluate clip-score --images DIR --clip CLIP_DIR [--per-image] [--batch-size N]
-    python -m ldm_jax.evaluate sensitivity [--checkpoint M] --images DIR [--timesteps 50,300,600,850,950]
+    ldm-jax evaluate split --data_dir D --split validation [--num N] --outdir DIR
+    ldm-jax evaluate autoencode [--checkpoint M] --images DIR --outdir DIR2
+    ldm-jax evaluate adherence --images DIR [--per-image]
+    ldm-jax evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
+    ldm-jax evaluate fid --stats A.npz B.npz
+    ldm-jax evaluate fid --images DIR_A DIR_B --inception pt_inception.pth [--batch-size N]
+    ldm-jax evaluate clip-score --images DIR --clip CLIP_DIR [--per-image] [--batch-size N]
+    ldm-jax evaluate sensitivity [--checkpoint M] --images DIR [--timesteps 50,300,600,850,950]
 
 split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
 one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` samples them in that order).
@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ldm_jax import ldm, pipeline
+from ldm_jax import ldm, pipeline, store
 from ldm_jax.data import readers
 from ldm_jax.sampling import GRID_FILE
 from ldm_jax.metrics import fid, image_quality, prompt_sensitivity, shapes_checker
@@ -261,19 +261,17 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "ldm-jax evaluate") -> int:
     """Command-line entry (see the module doc); returns the exit status (2 with one line on a bad input)."""
-    from ldm_jax.sampling import UserError  # noqa: PLC0415
-
     try:
-        return _main(argv)
-    except (UserError, FileNotFoundError, ValueError) as error:
-        print(f"python -m ldm_jax.evaluate: error: {error}", file=sys.stderr)
+        return _main(argv, prog)
+    except (OSError, ValueError) as error:  # the store's and the converters' errors name the file and key
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm_jax.evaluate", description=__doc__.splitlines()[0])
+def _main(argv: Sequence[str] | None, prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("split", help="write a prepared captioned-shapes split as captioned PNGs")
     p.add_argument("--data_dir", required=True, help="where the TFDS dataset was prepared")
@@ -283,6 +281,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--outdir", required=True)
     p = commands.add_parser("autoencode", help="first-stage reconstructions of a PNG directory")
     p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
+    p.add_argument("--attention", help="attention implementation: xla, jax_nn or chunked")
     p.add_argument("--images", required=True)
     p.add_argument("--outdir", required=True)
     p = commands.add_parser("adherence", help="check captioned-shapes PNGs against their captions")
@@ -306,6 +305,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p = commands.add_parser("sensitivity", help="denoising loss with true, corrupted and empty captions")
     p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
+    p.add_argument("--attention", help="attention implementation: xla, jax_nn or chunked")
     p.add_argument("--images", required=True, help="captioned PNGs (e.g. from `split`)")
     p.add_argument("--timesteps", default="50,300,600,850,950", help="comma-separated training timesteps")
     p.add_argument("--seed", type=int, default=0, help="draws the noise and the corruptions")
@@ -328,9 +328,7 @@ def _main(argv: Sequence[str] | None) -> int:
         count = write_split(args.data_dir, args.split, args.outdir, num=args.num, name=args.name)
         print(f"wrote {count} captioned PNG(s) and prompts.txt to {pathlib.Path(args.outdir).resolve()}")
     elif args.command == "autoencode":
-        from ldm_jax import sampling  # noqa: PLC0415
-
-        count = autoencode(sampling.load_model(args.checkpoint), args.images, args.outdir)
+        count = autoencode(store.load_model(args.checkpoint, attention=args.attention), args.images, args.outdir)
         print(f"wrote {count} reconstruction(s) to {pathlib.Path(args.outdir).resolve()}")
     elif args.command == "adherence":
         summary, rows = adherence(args.images)
@@ -344,9 +342,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(format_table(list(reconstruction(args.images, args.reconstructions, lpips_fn).items()),
                            ("metric", "value")))
     elif args.command == "sensitivity":
-        from ldm_jax import sampling  # noqa: PLC0415
-
-        table = sensitivity(sampling.load_model(args.checkpoint), args.images, timesteps, seed=args.seed)
+        table = sensitivity(store.load_model(args.checkpoint, attention=args.attention), args.images, timesteps,
+                            seed=args.seed)
         rows = [(t, *(values[i] for values in table.values())) for i, t in enumerate(timesteps)]
         print(format_table(rows, ("t", *table)))
     elif args.command == "clip-score":
@@ -362,4 +359,4 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m ldm_jax.evaluate"))

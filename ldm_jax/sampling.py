@@ -1,19 +1,24 @@
-"""What `sample.py` does: resolve a model, validate the request, generate on every local device, write PNGs.
+"""What `ldm-jax sample` (and `sample.py`) does: load a model, validate the request, generate on every local
+device, write PNGs.
 
 `main(argv)` is the command line; `run(request)` is the library call tests make. User errors (a missing
-file, a bad flag value) raise `UserError`, which the command line prints as one line and exits with 2.
+file, a bad flag value, a model that does not load) raise `UserError`, which the command line prints as one
+line and exits with 2.
 
-Models (`--checkpoint`):
-- omitted: the embedded captioned-shapes model shipped in `ldm_jax/assets/shapes_model`;
-- a model directory written by training (`config.json` + `params.safetensors` + `tokenizer/`);
-- a diffusers Stable Diffusion folder (`model_index.json`, unet/, vae/, text_encoder/, tokenizer/, scheduler/);
-- a converted-params cache directory (`ldm_jax.convert.cache`);
-- a CompVis single file (`.ckpt`, `.safetensors`): its config is `--config` (a configs/*.py file or a CompVis
-  yaml), else `config.yaml` beside it (the LDM zoo layout), else inferred from the weights (SD 1.x, SD 1.x
-  inpainting, SD 2.x); its tokenizer is `--tokenizer` (a local tokenizer directory).
+Models (`--checkpoint`, alias `--ckpt`) load through the one model store (`ldm_jax.store.load_model`):
+omitted, the embedded captioned-shapes model; a model directory; a diffusers folder; a CompVis / SGM single
+file (config from `--config`, `config.yaml` beside it, or inferred from the weights; `--tokenizer DIR`).
 
 Each image i of the run (prompt p, copy k: i = p * n + k) uses the key fold_in(key(seed), i), so an image
 depends on (seed, its index, its prompt and the settings), not on how many devices share the batch.
+`--latents FILE.npy` replaces those draws by given initial noise, as diffusers' `latents=` argument: shape
+(images, channels, h, w), unit variance; the sampler scales it by its initial sigma. With the same weights
+and a deterministic sampler the images then equal diffusers' (tests/test_sample_cli.py). With
+`--init-image` it is the unit noise added to the encoded image at the first timestep of the strength's
+schedule.
+
+The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps, --ddim_eta, --n_samples,
+--H, --W, --from-file, --plms.
 """
 from __future__ import annotations
 
@@ -29,11 +34,8 @@ from typing import Any
 import numpy as np
 
 SAMPLERS = ("ddim", "plms", "dpm++", "euler", "euler-a", "ddpm")
-PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "shapes_model"
-REPO_CONFIGS = PACKAGE_DIR.parent / "configs"
-
-
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+ATTENTIONS = ("xla", "jax_nn", "chunked")
 GRID_FILE = "grid.png"  # the contact sheet written beside the images (evaluate skips it)
 
 
@@ -62,6 +64,11 @@ class SampleRequest:
     tokenizer: str | None = None
     config: str | None = None
     precision: str = "fp32"
+    attention: str | None = None
+    latents: str | None = None
+    timestep_spacing: str | None = None
+    steps_offset: int | None = None
+    text_encoder_config: str | None = None
     outdir: str = "outputs"
     batch_size: int | None = None
 
@@ -85,12 +92,18 @@ def validate(request: SampleRequest) -> None:
         raise UserError(f"--eta must be >= 0, got {request.eta}")
     if request.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {request.precision!r}")
+    if request.attention is not None and request.attention not in ATTENTIONS:
+        raise UserError(f"--attention {request.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
+    if request.timestep_spacing is not None and request.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UserError(f"--timestep-spacing {request.timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    if request.steps_offset is not None and request.steps_offset < 0:
+        raise UserError(f"--steps-offset must be >= 0, got {request.steps_offset}")
     if request.mask is not None and request.init_image is None:
         raise UserError("--mask needs --init-image (the image to inpaint)")
     for flag, value in (("--height", request.height), ("--width", request.width), ("--batch-size", request.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    for flag, path in (("--init-image", request.init_image), ("--mask", request.mask)):
+    for flag, path in (("--init-image", request.init_image), ("--mask", request.mask), ("--latents", request.latents)):
         if path is not None and not pathlib.Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
     _check_writable(pathlib.Path(request.outdir))
@@ -108,76 +121,18 @@ def _check_writable(outdir: pathlib.Path) -> None:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def load_model(checkpoint: str | None, *, tokenizer: str | None = None, config: str | None = None):
-    """Resolves `--checkpoint` (see the module docstring) to an `ldm.LoadedModel`.
+def load_model(request: SampleRequest):
+    """The request's model through the store (`ldm_jax.store.load_model`) with its run-time options; any
+    problem with the files (missing, corrupt, the wrong model, a bad tokenizer directory) becomes UserError."""
+    from ldm_jax import store
 
-    Problems with the files (missing, corrupt, the wrong model, a bad tokenizer directory) become UserError.
-    """
-    if checkpoint is not None and not pathlib.Path(checkpoint).exists():
-        raise UserError(f"--checkpoint {checkpoint}: no such file or directory")
+    where = request.checkpoint or f"the embedded model ({store.SHIPPED_MODELS[store.DEFAULT_MODEL]})"
     try:
-        return _load_model(checkpoint, tokenizer=tokenizer, config=config)
-    except (FileNotFoundError, ValueError) as error:  # CheckpointError and ConversionError are ValueErrors
-        raise UserError(f"--checkpoint {checkpoint or EMBEDDED_MODEL}: {error}") from None
-
-
-def _load_model(checkpoint: str | None, *, tokenizer: str | None, config: str | None):
-    from ldm_jax import model_dir
-
-    if checkpoint is None:
-        if not (EMBEDDED_MODEL / model_dir.CONFIG_FILE).is_file():
-            raise UserError(f"the embedded model is missing from {EMBEDDED_MODEL}; pass --checkpoint")
-        return model_dir.load_model(EMBEDDED_MODEL)
-    path = pathlib.Path(checkpoint)
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline
-
-            return load_diffusers_pipeline(path)
-        if (path / model_dir.CONFIG_FILE).is_file() and (path / model_dir.PARAMS_FILE).is_file():
-            return model_dir.load_model(path)
-        from ldm_jax.convert import cache
-
-        if cache.is_cache_dir(path):
-            return cache.load_cached_model(path, tokenizer=tokenizer)
-        raise UserError(f"--checkpoint {path}: a directory, but not a model directory (config.json + "
-                        f"params.safetensors), a diffusers folder (model_index.json) or a converted-params cache")
-    if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth", ".bin"):
-        return _load_single_file(path, tokenizer=tokenizer, config=config)
-    raise UserError(f"--checkpoint {path}: unknown kind of file (expected .ckpt or .safetensors, or a directory)")
-
-
-def _load_single_file(path: pathlib.Path, *, tokenizer: str | None, config: str | None):
-    from ldm_jax.convert import compvis
-    from ldm_jax.convert.checkpoint_io import load_state_dict
-
-    state_dict = load_state_dict(path)
-    if config is not None:
-        cfg, where = _read_config(pathlib.Path(config)), config
-    elif (path.parent / "config.yaml").is_file():
-        cfg, where = _read_config(path.parent / "config.yaml"), str(path.parent / "config.yaml")
-    else:
-        name = compvis.infer_stable_diffusion_config(state_dict)
-        cfg, where = _read_config(REPO_CONFIGS / f"{name}.py"), f"configs/{name}.py (inferred from the weights)"
-    print(f"config: {where}", file=sys.stderr)
-    cfg = compvis.as_ldm_config(cfg)
-    if cfg.tokenizer_kind is not None and tokenizer is None:
-        raise UserError(f"--checkpoint {path} is a single file: give --tokenizer DIR, a local "
-                        f"{cfg.tokenizer_kind} tokenizer directory (e.g. a Hugging Face cache snapshot of "
-                        f"openai/clip-vit-large-patch14 for SD 1.x)")
-    return compvis.loaded_model_from_state_dict(state_dict, cfg, tokenizer=tokenizer, source=str(path))
-
-
-def _read_config(path: pathlib.Path):
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    if path.suffix in (".yaml", ".yml"):
-        from ldm_jax.convert.ldm_yaml import load_ldm_yaml
-
-        return load_ldm_yaml(path)
-    from ldm_jax.config import load_config_file
-
-    return load_config_file(path)
+        return store.load_model(request.checkpoint, config=request.config, tokenizer=request.tokenizer,
+                                dtype=request.precision, attention=request.attention,
+                                text_encoder_config=request.text_encoder_config)
+    except (OSError, ValueError) as error:  # StoreError, ConversionError and CheckpointError are ValueErrors
+        raise UserError(f"--checkpoint {where}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -203,16 +158,15 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     Returns the written image paths (the grid last).
     """
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from ldm_jax import parallel, pipeline
 
     validate(request)
-    model = load_model(request.checkpoint, tokenizer=request.tokenizer, config=request.config)
+    model = load_model(request)
     config = model.config
     init, mask = _init_and_mask(request)
-    sampler_opts = sampler_options(request.sampler, request.eta)
+    sampler_opts = sampler_options(request, model.scheduler_config)
     try:
         sampler = pipeline.make_model_sampler(config, request.sampler, request.steps, **sampler_opts)
     except ValueError as error:
@@ -222,8 +176,8 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     devices = mesh.devices.size
     batch = request.batch_size or devices * max(1, min(8, math.ceil(len(prompts) / devices)))
     batch = math.ceil(batch / devices) * devices
-    dtype = jnp.bfloat16 if request.precision == "bf16" else jnp.float32
     height, width = _size(request, config, init)
+    latents = read_latents(request.latents, len(prompts), config, height, width) if request.latents else None
     images = []
     print(f"model {model.model_id}: {len(prompts)} image(s), {request.sampler} {request.steps} steps, "
           f"guidance {request.guidance}, {height}x{width}, {devices} device(s)", file=sys.stderr)
@@ -231,7 +185,11 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
         chunk = prompts[start:start + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # every device gets an equal share
         cond, uncond = pipeline.encode_prompts(model, padded, [request.negative_prompt] * batch)
-        common = dict(guidance_scale=request.guidance, seed=request.seed, first_index=start, mesh=mesh, dtype=dtype)
+        common = dict(guidance_scale=request.guidance, seed=request.seed, first_index=start, mesh=mesh,
+                      options=model.options)
+        if latents is not None:
+            noise = latents[start:start + batch]
+            common["noise"] = np.concatenate([noise, np.repeat(noise[-1:], batch - len(noise), axis=0)])
         if init is None:
             out = pipeline.txt2img(config, model.params, sampler, cond, uncond, height=height, width=width, **common)
         elif mask is None:
@@ -245,15 +203,48 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     return write_outputs(request, model.model_id, prompts, images, height, width)
 
 
-def sampler_options(name: str, eta: float) -> dict[str, Any]:
-    """Sampler options of the command line. DDIM and PLMS space their timesteps the diffusers "leading" way
-    with offset 1: the CompVis "uniform" timesteps whenever --steps divides the training timesteps, and exactly
-    --steps of them otherwise (CompVis would run more, or step past the last timestep)."""
-    if eta and name != "ddim":
+def sampler_options(request: SampleRequest, scheduler_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Sampler options: a diffusers model's scheduler_config.json decides timesteps, spacing, offset and the
+    final step (`diffusers_pipeline.sampler_options`); otherwise DDIM and PLMS space their timesteps the
+    diffusers "leading" way with offset 1 (the CompVis "uniform" timesteps whenever --steps divides the
+    training timesteps, and exactly --steps of them otherwise). --timestep-spacing / --steps-offset override."""
+    name = request.sampler
+    if request.eta and name != "ddim":
         raise UserError(f"--eta applies to ddim only; --sampler {name} takes no eta")
-    if name in ("ddim", "plms"):
-        return dict(timestep_spacing="leading", steps_offset=1, **({"eta": eta} if name == "ddim" else {}))
-    return {}
+    if scheduler_config is not None:
+        from ldm_jax.convert.diffusers_pipeline import sampler_options as diffusers_options
+
+        opts = diffusers_options(scheduler_config, name)
+        opts.pop("prediction_type", None)  # the model's own (make_model_sampler)
+    elif name in ("ddim", "plms"):
+        opts = dict(timestep_spacing="leading", steps_offset=1)
+    else:
+        opts = {}
+    if request.timestep_spacing is not None:
+        opts["timestep_spacing"] = request.timestep_spacing
+        if request.timestep_spacing != "leading":
+            opts.pop("steps_offset", None)
+    if request.steps_offset is not None:
+        opts["steps_offset"] = request.steps_offset
+    if name == "ddim":
+        opts["eta"] = request.eta
+    return opts
+
+
+def read_latents(path: str, images: int, config, height: int, width: int) -> np.ndarray:
+    """--latents FILE.npy: (images, C, h, w) initial unit noise, diffusers' layout -> (images, h, w, C) float32."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--latents {path}: cannot read a .npy array ({error})") from None
+    f = config.downsample_factor
+    expected = (images, config.latent_channels, height // f, width // f)
+    if array.shape != expected:
+        raise UserError(f"--latents {path} has shape {array.shape}; expected {expected} (images, channels, "
+                        f"height/{f}, width/{f}) for {images} image(s) of {width}x{height}")
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise UserError(f"--latents {path}: expected finite floating-point values, got dtype {array.dtype}")
+    return np.ascontiguousarray(np.transpose(array, (0, 2, 3, 1)), np.float32)
 
 
 def _init_and_mask(request: SampleRequest) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -326,6 +317,8 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "eta": request.eta,
         "size": f"{width}x{height}",
         "precision": request.precision,
+        "attention": request.attention or "xla",
+        "latents": request.latents or "",
         "model": model_id,
         "init_image": request.init_image or "",
         "strength": request.strength if request.init_image else "",
@@ -336,33 +329,46 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
 # ---------------------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> SampleRequest:
-    """sample.py's flags -> SampleRequest."""
-    p = argparse.ArgumentParser(prog="sample.py", description="Text-to-image, image-to-image and inpainting "
-                                "with a latent diffusion model (the embedded captioned-shapes model by default).")
+def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
+    """The sampling flags (and the CompVis txt2img aliases) on an argparse parser."""
+    p = argparse.ArgumentParser(prog=prog, description="Text-to-image, image-to-image and inpainting with a "
+                                "latent diffusion model (the embedded captioned-shapes model by default).")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--prompts-file", "--from-file", dest="prompts_file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch)")
-    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
-                   "(default 7.5, for Stable Diffusion and the embedded model alike)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default ddim)")
+    p.add_argument("--plms", action="store_true", help="CompVis alias of --sampler plms")
+    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=50)
+    p.add_argument("--guidance", "--scale", dest="guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default 7.5, for Stable Diffusion and the embedded model alike)")
+    p.add_argument("--eta", "--ddim_eta", dest="eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--n", "--n_samples", dest="n", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", "--H", dest="height", type=int, help="image height in pixels")
+    p.add_argument("--width", "--W", dest="width", type=int, help="image width in pixels")
     p.add_argument("--init-image", help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, in [0, 1]")
     p.add_argument("--mask", help="inpainting: white = repaint, black = keep (same size as --init-image)")
-    p.add_argument("--checkpoint", help="model: a CompVis .ckpt/.safetensors, a diffusers folder, a model or "
-                   "cache directory (default: the embedded model)")
+    p.add_argument("--latents", help="initial noise, a .npy of shape (images, channels, h, w) as diffusers' latents=")
+    p.add_argument("--checkpoint", "--ckpt", dest="checkpoint", help="model: a model directory, a diffusers "
+                   "folder or a CompVis .ckpt/.safetensors (default: the embedded model)")
     p.add_argument("--tokenizer", help="tokenizer directory for single-file checkpoints")
-    p.add_argument("--config", help="config for a single-file checkpoint (configs/*.py or a CompVis yaml)")
+    p.add_argument("--config", help="config of a single-file checkpoint: a preset name, configs/*.py or a CompVis yaml")
+    p.add_argument("--text-encoder-config", help="a transformers CLIP config.json (or its directory) for a yaml "
+                   "whose text encoder is not a known version")
     p.add_argument("--precision", default="fp32", help="fp32 or bf16 compute")
+    p.add_argument("--attention", help=f"attention implementation: {', '.join(ATTENTIONS)} (default xla; "
+                   "jax_nn is the fastest at Stable Diffusion sizes)")
+    p.add_argument("--timestep-spacing", help=f"override the sampler's timestep spacing: {', '.join(TIMESTEP_SPACINGS)}")
+    p.add_argument("--steps-offset", type=int, help="override the leading spacing's offset")
     p.add_argument("--batch-size", type=int, help="images generated at once (a multiple of the device count)")
     p.add_argument("--outdir", default="outputs")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "sample.py") -> SampleRequest:
+    """The sampling flags -> SampleRequest."""
+    args = build_parser(prog).parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
@@ -370,17 +376,20 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleRequest:
         except OSError as error:
             raise UserError(f"--prompts-file {args.prompts_file}: {error.strerror}") from None
         prompts += [line.strip() for line in lines if line.strip()]
-    fields = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts_file", "guidance")}
+    if args.plms and args.sampler not in (None, "plms"):
+        raise UserError(f"--plms and --sampler {args.sampler} disagree; give one")
+    fields = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts_file", "guidance", "plms", "sampler")}
+    fields["sampler"] = "plms" if args.plms else (args.sampler or "ddim")
     if args.guidance is not None:
         fields["guidance"] = args.guidance
     return SampleRequest(prompts=tuple(prompts), **fields)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The sample.py command line: 0 on success, 2 (with one line on stderr) on a user error."""
+def main(argv: Sequence[str] | None = None, prog: str = "sample.py") -> int:
+    """The sampling command line: 0 on success, 2 (with one line on stderr) on a user error."""
     try:
-        run(parse_args(argv))
+        run(parse_args(argv, prog))
     except UserError as error:
-        print(f"sample.py: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0

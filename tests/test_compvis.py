@@ -11,7 +11,6 @@ Parity tolerance: relative 1e-5 of the reference output's largest value (float32
 """
 import dataclasses
 import json
-import os
 import pathlib
 
 import jax
@@ -28,12 +27,13 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_jax.config import load_config_file
-from ldm_jax.convert import cache, compvis
+from ldm_jax import store
+from ldm_jax.convert import compvis
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml
-from ldm_jax.ldm import apply_unet, ldm_config, modules
+from ldm_jax.ldm import LoadedModel, apply_unet, ldm_config, modules
 from ldm_jax.models.attention import AttentionBlock
-from tokenizer_fixtures import write_bert_tokenizer
+from tokenizer_fixtures import write_bert_tokenizer, write_clip_tokenizer
 
 RTOL = 1e-5
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -492,48 +492,31 @@ def test_load_compvis_model_with_tokenizer_and_trained_scale_factor(tmp_path):
     _assert_equal_params(loaded.params, params)
 
 
-# ---------------------------------------------------------------------------------------------------- cache
+# ------------------------------------------------------------------------------- convert once (the store)
 
 
-def test_load_or_convert_converts_once(exported, tmp_path):
+def test_convert_once_into_a_model_directory(exported, tmp_path):
+    """A CompVis file converted once into a model directory loads back bit for bit, with its config."""
     _, config, params, path = exported["sd1"]
-    source = tmp_path / "model.safetensors"
-    source.write_bytes(path.read_bytes())
-    calls = []
-
-    def convert(p, c, **options):
-        calls.append(options)
-        return compvis.load_compvis_checkpoint(p, c, **options)
-
-    first = cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert)
-    again = cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert)
-    assert len(calls) == 1
-    _assert_equal_params(first, params)
-    _assert_equal_params(again, params)
-    cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert, use_ema=False)
-    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # the file changed
-    cache.load_or_convert(source, config, cache_dir=tmp_path / "cache", convert=convert)
-    assert calls == [{}, {"use_ema": False}, {}] and len(list((tmp_path / "cache").iterdir())) == 3
-    entry = next((tmp_path / "cache").iterdir())
-    stored, _ = cache.load_converted(entry)
-    assert stored == config
-    _, sd2 = _config("sd2")
-    with pytest.raises(ValueError, match="holds params for another config"):
-        cache.load_converted(entry, sd2)
-    with pytest.raises(FileExistsError, match="not a converted-params cache entry"):
-        cache.save_converted(tmp_path, params, config)  # holds model.safetensors: never deleted
+    model = store.load_model(path, config=config, tokenizer=write_clip_tokenizer(tmp_path / "tok"))
+    out = store.save_model(model, tmp_path / "model")
+    again = store.load_model(out)
+    assert again.config == config
+    _assert_equal_params(again.params, params)
+    with pytest.raises(store.StoreError, match="not empty and is not a model directory"):
+        store.save_model(model, tmp_path)  # holds other files: never written into
 
 
 @pytest.mark.parametrize("name", sorted(ZOO) + ["sd2"])
-def test_cached_config_json_round_trip(name):
+def test_config_json_round_trip(name):
     config = _config(name)[1] if name in YAMLS else ldm_config(ZOO[name])
-    data = json.loads(json.dumps(cache.ldm_config_to_json(config)))
-    assert cache.ldm_config_from_json(data) == config
+    data = json.loads(json.dumps(store.config_to_json(config)))
+    assert ldm_config(data) == config
 
 
-def test_cache_refuses_params_of_another_shape(exported, tmp_path):
+def test_store_refuses_params_of_another_shape(exported, tmp_path):
     _, config, params, _ = exported["sd1"]
     inpaint_params = exported["inpaint"][2]
     expected = r"unet/conv_in/kernel: checkpoint \(3, 3, 9, 32\) vs model \(3, 3, 4, 32\)"
     with pytest.raises(ConversionError, match=expected):
-        cache.save_converted(tmp_path / "entry", inpaint_params, config)
+        store.save_model(LoadedModel(config=config, params=inpaint_params), tmp_path / "entry")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax import ldm, model_dir, parallel, sampling
+from ldm_jax import ldm, parallel, sampling, store
 from ldm_jax.config import load_config_file
 from ldm_jax.data.train_tokenizer import train_tokenizer
+from ldm_jax.models.tokenizer import load_tokenizer
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a small red circle at the top left", "a large blue square at the bottom"]
@@ -31,11 +32,13 @@ def tiny_model(tmp_path_factory) -> pathlib.Path:
         config.cond_stage.intermediate_size = 64
         config.cond_stage.num_layers = 1
         config.cond_stage.num_heads = 2
-        config.ldm.scale_by_std = False
-    params = ldm.init_params(ldm.ldm_config(config), jax.random.key(0))
+        config.diffusion.scale_by_std = False
+    model_config = ldm.ldm_config(config)
+    params = ldm.init_params(model_config, jax.random.key(0))
     root = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = train_tokenizer(root / "tokenizer")
-    return model_dir.write_model_dir(root / "model", config, params, tokenizer_dir=tokenizer)
+    tokenizer = load_tokenizer(train_tokenizer(root / "tokenizer"), model_config.tokenizer_kind)
+    model = ldm.LoadedModel(config=model_config, params=params, tokenizer=tokenizer)
+    return store.save_model(model, root / "model")
 
 
 def _run(model: pathlib.Path, outdir: pathlib.Path, *extra: str) -> int:
@@ -87,6 +90,10 @@ def test_eight_devices_match_one(tiny_model, tmp_path, monkeypatch):
     (["--mask", "/nonexistent.png"], "--mask needs --init-image"),
     (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent: no such file or directory"),
     (["--checkpoint", __file__], "unknown kind of file"),
+    (["--attention", "flash"], "--attention 'flash' is unknown"),
+    (["--timestep-spacing", "karras"], "--timestep-spacing 'karras'"),
+    (["--latents", "/nonexistent.npy"], "--latents /nonexistent.npy: no such file"),
+    (["--plms", "--sampler", "ddim"], "--plms and --sampler ddim disagree"),
     (["--outdir", "/proc/ldm_jax_out"], "cannot write there"),
     (["--init-image", __file__], "cannot read the image"),
 ])
@@ -95,6 +102,30 @@ def test_user_errors_are_one_line(tiny_model, tmp_path, capsys, extra, message):
     assert sampling.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sample.py: error: ") and message in err[0], err
+
+
+def test_latents_flag_checks_the_shape_and_replaces_the_draw(tiny_model, tmp_path, capsys):
+    """--latents (diffusers' NCHW layout) replaces the seed's draws: two seeds give the same images."""
+    config = store.load_model(tiny_model).config
+    f, channels = config.downsample_factor, config.latent_channels
+    noise = np.random.default_rng(0).standard_normal((4, channels, 32 // f, 32 // f)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", noise)
+    assert _run(tiny_model, tmp_path / "s7", "--latents", str(tmp_path / "latents.npy")) == 0
+    assert _run(tiny_model, tmp_path / "s8", "--latents", str(tmp_path / "latents.npy"), "--seed", "8") == 0
+    for a, b in zip(_images(tmp_path / "s7"), _images(tmp_path / "s8"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.save(tmp_path / "wrong.npy", noise[:3])
+    assert _run(tiny_model, tmp_path / "bad", "--latents", str(tmp_path / "wrong.npy")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has shape (3, " in err[0] and f"expected (4, {channels}, " in err[0], err
+
+
+def test_compvis_flag_aliases():
+    """The CompVis txt2img flags map onto ours."""
+    request = sampling.parse_args(["--ckpt", "m.ckpt", "--scale", "5", "--ddim_steps", "20", "--ddim_eta", "0.5",
+                                   "--n_samples", "3", "--H", "64", "--W", "96", "--prompt", "x", "--plms"])
+    assert (request.checkpoint, request.guidance, request.steps, request.eta) == ("m.ckpt", 5.0, 20, 0.5)
+    assert (request.n, request.height, request.width, request.sampler) == (3, 64, 96, "plms")
 
 
 def test_mask_and_init_size_mismatch(tiny_model, tmp_path, capsys):

@@ -1,0 +1,75 @@
+"""`ldm-jax`: the installed command line. Subcommands:
+
+    ldm-jax sample   [--prompt TEXT ...] [--checkpoint MODEL] ...        images (ldm_jax.sampling)
+    ldm-jax train    --config configs/X.py --workdir DIR [--config.a.b=v] training (ldm_jax.training.main)
+    ldm-jax evaluate COMMAND ...                                          metrics (ldm_jax.evaluate)
+    ldm-jax convert  SRC DEST --to ldm|diffusers|compvis [--dtype fp16]   one model store format to another
+
+`python -m ldm_jax` is the same command. User errors are one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+COMMANDS = ("sample", "train", "evaluate", "convert")
+PROG = "ldm-jax"
+
+
+def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert") -> int:
+    """`ldm-jax convert SRC DEST --to FORMAT`: load any source through the store, save it as FORMAT."""
+    p = argparse.ArgumentParser(prog=prog, description="Convert a model between the formats of the model store: "
+                                "our model directory (ldm), a diffusers folder, a CompVis single .safetensors file.")
+    p.add_argument("source", help="a model directory, a diffusers folder, a CompVis .ckpt/.safetensors, or 'shapes'")
+    p.add_argument("dest", help="the directory (ldm, diffusers) or .safetensors file (compvis) to write")
+    p.add_argument("--to", required=True, choices=("ldm", "diffusers", "compvis"), help="the format to write")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="stored weight dtype")
+    p.add_argument("--config", help="single files: a preset name, configs/*.py or a CompVis yaml (default: inferred)")
+    p.add_argument("--tokenizer", help="single files: the local tokenizer directory of a text model")
+    p.add_argument("--text-encoder-config", help="a transformers CLIP config.json for an unknown yaml text encoder")
+    p.add_argument("--use-ema", action="store_true", help="single files: take the UNet's EMA weights")
+    args = p.parse_args(argv)
+    from ldm_jax import store  # noqa: PLC0415 (JAX starts after the arguments are checked)
+
+    try:
+        print(f"loading {args.source} ({store.detect_format(args.source)})", file=sys.stderr)
+        model = store.load_model(args.source, config=args.config, tokenizer=args.tokenizer,
+                                 text_encoder_config=args.text_encoder_config, use_ema=args.use_ema)
+        print(f"writing {args.to} ({args.dtype}) to {args.dest}", file=sys.stderr)
+        out = store.save_model(model, args.dest, format=args.to, dtype=args.dtype)
+    except (OSError, ValueError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out.resolve()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatches `ldm-jax COMMAND ...` to the command's own main; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    prog = f"{PROG} {command}"
+    if command == "sample":
+        from ldm_jax import sampling  # noqa: PLC0415
+
+        return sampling.main(rest, prog=prog)
+    if command == "train":
+        from ldm_jax.training import main as training_main  # noqa: PLC0415
+
+        return training_main.main(rest, prog=prog)
+    if command == "evaluate":
+        from ldm_jax import evaluate  # noqa: PLC0415
+
+        return evaluate.main(rest, prog=prog)
+    if command == "convert":
+        return convert_main(rest, prog=prog)
+    print(f"{PROG}: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""The one model store: every model enters and leaves the code here.
+
+`load_model(source)` and `save_model(model, dest, format=...)`; `detect_format(source)` is the only place
+that decides what a path is. Sources:
+
+- "ldm": our model directory, the one on-disk format of our own:
+
+      config.json           the model sections {"first_stage", "cond_stage"?, "unet", "diffusion"} (architecture
+                            and diffusion settings only; run-time options are never written here)
+      params.safetensors    every param, named by its "/"-joined Flax path ("unet/conv_in/kernel", ...), in
+                            float32, float16 or bfloat16 (loaded as float32)
+      tokenizer/            the tokenizer files (text models)
+      scheduler_config.json the diffusers scheduler settings the model came with (optional)
+
+  An autoencoder directory is the same with only a "first_stage" section (`save_first_stage`,
+  `load_first_stage`); directories written before the store (`first_stage.json`) are read too.
+- "diffusers": a diffusers Stable Diffusion folder (`model_index.json`, unet/, vae/, text_encoder/, ...).
+- "compvis": a CompVis / SGM single file (`.ckpt`, `.safetensors`, `.pt`, `.pth`, `.bin`). Its config is the
+  `config` argument, else `config.yaml` beside it (the LDM-zoo layout), else inferred from the weights'
+  shapes (`compvis.infer_config`, any size); text models need `tokenizer`, a local tokenizer directory.
+- "shipped": a model shipped inside the package, by name (`SHIPPED_MODELS`; None means "shapes").
+
+"Convert once" is `save_model(load_model(src), dest)`: later loads of `dest` skip every key mapping.
+`config` arguments (`resolve_config`) may be an LDMConfig, a ConfigDict, a preset name (`ldm_jax.presets`),
+a configs/*.py file or a CompVis yaml.
+
+Errors are plain exceptions naming the path and what was expected: `StoreError` (a ValueError) for sources
+the store cannot place, FileNotFoundError for missing files, and the converters' ConversionError /
+CheckpointError (ValueErrors) for weights that do not fit. Command lines print them as one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax import ldm
+from ldm_jax.config import build_dataclass
+from ldm_jax.convert.checkpoint_io import TORCH_EXTENSIONS, load_state_dict, save_safetensors
+from ldm_jax.convert.common import assemble_params, expected_shapes
+from ldm_jax.models.autoencoder import AutoencoderConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+SHIPPED_MODELS = {"shapes": PACKAGE_DIR / "assets" / "shapes_model"}
+DEFAULT_MODEL = "shapes"
+FORMATS = ("ldm", "diffusers", "compvis")  # what save_model writes; load_model also reads "shipped"
+SINGLE_FILE_SUFFIXES = (".safetensors", *TORCH_EXTENSIONS)
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+TOKENIZER_DIR = "tokenizer"
+SCHEDULER_FILE = "scheduler_config.json"
+LEGACY_FIRST_STAGE_FILE = "first_stage.json"  # autoencoder directories written before the store
+MODEL_SECTIONS = ("first_stage", "cond_stage", "unet", "diffusion")
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
+          "fp16": jnp.float16, "float16": jnp.float16}
+
+
+class StoreError(ValueError):
+    """A source the store cannot load or a destination it cannot write, with the path and what was expected."""
+
+
+# ------------------------------------------------------------------------------------------------ detection
+
+
+def detect_format(source: str | os.PathLike | None) -> str:
+    """"ldm", "diffusers", "compvis" or "shipped" for a source (see the module docstring).
+
+    Raises FileNotFoundError for a path that does not exist and StoreError for one of no known kind.
+    """
+    if source is None or str(source) in SHIPPED_MODELS:
+        return "shipped"
+    path = pathlib.Path(source)
+    if not path.exists():
+        hint = f" (shipped models: {', '.join(SHIPPED_MODELS)})" if os.sep not in str(source) else ""
+        raise FileNotFoundError(f"{source}: no such file or directory{hint}")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return "diffusers"
+        if (path / CONFIG_FILE).is_file() or (path / LEGACY_FIRST_STAGE_FILE).is_file():
+            return "ldm"
+        raise StoreError(f"{path}: a directory, but neither a model directory ({CONFIG_FILE} + {PARAMS_FILE}) nor "
+                         f"a diffusers folder (model_index.json)")
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return "compvis"
+    raise StoreError(f"{path}: unknown kind of file {path.suffix or '(no extension)'!r}; expected a single-file "
+                     f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) or a model / diffusers directory")
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+
+def resolve_config(config: Any, *, text_encoder_config: str | os.PathLike | None = None) -> ldm.LDMConfig:
+    """An LDMConfig from an LDMConfig, a ConfigDict / mapping with the model sections, a preset name, a
+    configs/*.py file or a CompVis yaml (whose text encoder may need `text_encoder_config`)."""
+    if isinstance(config, ldm.LDMConfig):
+        return config
+    if isinstance(config, (ml_collections.ConfigDict, Mapping)):
+        return ldm.ldm_config(config)
+    from ldm_jax import presets  # noqa: PLC0415
+
+    text = str(config)
+    if text in presets.PRESET_NAMES:
+        return ldm.ldm_config(presets.get_preset(text))
+    path = pathlib.Path(text)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path}: no such file")
+        from ldm_jax.convert.ldm_yaml import load_ldm_yaml  # noqa: PLC0415
+
+        return ldm.ldm_config(load_ldm_yaml(path, text_encoder_config=text_encoder_config))
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path}: no such file")
+        from ldm_jax.config import load_config_file  # noqa: PLC0415
+
+        return ldm.ldm_config(load_config_file(path))
+    raise StoreError(f"config {text!r}: not a preset ({', '.join(presets.PRESET_NAMES)}), a configs/*.py file "
+                     f"or a CompVis .yaml")
+
+
+def config_to_json(config: ldm.LDMConfig) -> dict[str, Any]:
+    """An LDMConfig as the JSON sections of a model directory's config.json (`ldm.ldm_config` reads it)."""
+    data = json.loads(json.dumps(dataclasses.asdict(config)))
+    if data.get("cond_stage") is None:
+        data.pop("cond_stage", None)
+    return {name: data[name] for name in MODEL_SECTIONS if name in data}
+
+
+def run_options(*, dtype: Any = None, attention: str | None = None, remat: bool | str | None = None,
+                base: ldm.RunOptions = ldm.RunOptions()) -> ldm.RunOptions:
+    """`base` with the given run-time options replaced (dtype may be a name: fp32, bf16, fp16, ...)."""
+    changes: dict[str, Any] = {}
+    if dtype is not None:
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise StoreError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        changes["dtype"] = dtype
+    if attention is not None:
+        from ldm_jax.models.attention import ATTENTION_IMPLS  # noqa: PLC0415
+
+        if attention not in ATTENTION_IMPLS:
+            raise StoreError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+        changes["attention"] = attention
+    if remat is not None:
+        changes["remat"] = remat
+    return dataclasses.replace(base, **changes)
+
+
+# -------------------------------------------------------------------------------------------------- params
+
+
+def param_shapes(config: ldm.LDMConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{param path: shape} of a fresh LDM of `config` (nothing allocated)."""
+    return expected_shapes(lambda key: ldm.init_params(config, key), jax.random.key(0))
+
+
+def flatten_params(params: Mapping[str, Any], dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Nested params -> {"a/b/kernel": numpy array of `dtype`} (host copies)."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    return {name: np.asarray(jax.device_get(value)).astype(dtype) for name, value in flat.items()}
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, Any], *, dtype: Any = np.float32) -> None:
+    """Writes nested params as one safetensors file keyed by "/"-joined paths (atomically), in `dtype`."""
+    save_safetensors(path, flatten_params(params, dtype))
+
+
+def load_params(path: str | os.PathLike, expected: Mapping[tuple[str, ...], tuple[int, ...]], *,
+                source: str | None = None) -> dict[str, Any]:
+    """Reads a `save_params` file (any float dtype, returned as float32) and checks it strictly against
+    `expected` {path tuple: shape}: a ConversionError lists missing, unexpected and mis-shaped names."""
+    arrays = load_state_dict(path)
+    converted = {tuple(name.split("/")): (name, array) for name, array in arrays.items()}
+    return assemble_params(converted, expected, source=source or str(path))
+
+
+def check_params(params: Mapping[str, Any], expected: Mapping[tuple[str, ...], tuple[int, ...]], *,
+                 source: str) -> dict[str, Any]:
+    """Nested params as float32 numpy arrays, after the same strict check as `load_params`."""
+    flat = flatten_params(params)
+    return assemble_params({tuple(k.split("/")): (k, v) for k, v in flat.items()}, expected, source=source)
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
+               tokenizer: str | os.PathLike | None = None, dtype: Any = None, attention: str | None = None,
+               remat: bool | str | None = None, text_encoder_config: str | os.PathLike | None = None,
+               use_ema: bool = False) -> ldm.LoadedModel:
+    """Loads any source (module docstring) into an `ldm.LoadedModel`: config, float32 numpy params, tokenizer.
+
+    config: the architecture, for sources that do not carry one (single files); for the others it must agree
+      with the source's own. tokenizer: a local tokenizer directory (single files; overrides a directory's).
+    dtype / attention / remat: run-time options (`ldm.RunOptions`), kept in `model.options`, never saved.
+    text_encoder_config: a transformers CLIP config.json (or its directory) for a CompVis yaml whose text
+      encoder is not a known version. use_ema: single files: take the UNet from its EMA copy.
+    """
+    options = run_options(dtype=dtype, attention=attention, remat=remat)
+    kind = detect_format(source)
+    if kind == "shipped":
+        name = DEFAULT_MODEL if source is None else str(source)
+        model = _load_model_dir(SHIPPED_MODELS[name], tokenizer=tokenizer)
+    elif kind == "ldm":
+        model = _load_model_dir(pathlib.Path(source), tokenizer=tokenizer)
+    elif kind == "diffusers":
+        from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline  # noqa: PLC0415
+
+        model = load_diffusers_pipeline(source)
+        if tokenizer is not None:
+            model = dataclasses.replace(model, tokenizer=_load_tokenizer(tokenizer, model.config.tokenizer_kind))
+    else:
+        model = _load_single_file(pathlib.Path(source), config=config, tokenizer=tokenizer,
+                                  text_encoder_config=text_encoder_config, use_ema=use_ema)
+        config = None  # consumed
+    if config is not None:
+        _check_same_config(resolve_config(config, text_encoder_config=text_encoder_config), model.config,
+                           str(source or DEFAULT_MODEL))
+    return dataclasses.replace(model, options=options)
+
+
+def _load_model_dir(path: pathlib.Path, *, tokenizer: str | os.PathLike | None) -> ldm.LoadedModel:
+    sections = _read_config_json(path)
+    if "unet" not in sections:
+        raise StoreError(f"{path} holds only an autoencoder (sections {sorted(sections)}); load it with "
+                         f"load_first_stage, or give a whole model (first_stage, unet, diffusion)")
+    config = ldm.ldm_config(sections)
+    params_path = path / PARAMS_FILE
+    if not params_path.is_file():
+        raise FileNotFoundError(f"model directory {path} lacks {PARAMS_FILE}")
+    params = load_params(params_path, param_shapes(config))
+    tok = None
+    if config.tokenizer_kind is not None:
+        tok = _load_tokenizer(tokenizer if tokenizer is not None else path / TOKENIZER_DIR, config.tokenizer_kind)
+    scheduler = path / SCHEDULER_FILE
+    scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else None
+    return ldm.LoadedModel(config=config, params=params, tokenizer=tok, model_id=str(path),
+                           scheduler_config=scheduler_config)
+
+
+def _read_config_json(path: pathlib.Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        legacy = path / LEGACY_FIRST_STAGE_FILE
+        if legacy.is_file():
+            return {"first_stage": _read_json(legacy)}
+        raise FileNotFoundError(f"{path} is not a model directory: {CONFIG_FILE} is missing (expected "
+                                f"{CONFIG_FILE}, {PARAMS_FILE} and, for text models, {TOKENIZER_DIR}/)")
+    return _read_json(config_path)
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StoreError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: expected a JSON object of config sections, got {type(data).__name__}")
+    return data
+
+
+def _load_tokenizer(directory: str | os.PathLike, kind: str | None):
+    """The tokenizer in `directory` as `kind`; a CLIP tokenizer saved by transformers 5 (tokenizer.json only,
+    no vocab.json / merges.txt) is read as "tokenizer_json", which tokenises identically."""
+    from ldm_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415 (transformers loads slowly)
+
+    if kind is None:
+        raise StoreError(f"tokenizer {directory} given, but this model has no text encoder")
+    directory = pathlib.Path(directory)
+    if kind == "clip" and not (directory / "vocab.json").is_file() and (directory / "tokenizer.json").is_file():
+        kind = "tokenizer_json"
+    return load_tokenizer(directory, kind)
+
+
+def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.PathLike | None,
+                      text_encoder_config: str | os.PathLike | None, use_ema: bool) -> ldm.LoadedModel:
+    from ldm_jax.convert import compvis  # noqa: PLC0415
+
+    state_dict = load_state_dict(path)
+    if text_encoder_config is None and tokenizer is not None and (pathlib.Path(tokenizer) / CONFIG_FILE).is_file():
+        text_encoder_config = tokenizer  # a Hugging Face snapshot holds both
+    if config is not None:
+        resolved, where = resolve_config(config, text_encoder_config=text_encoder_config), str(config)
+    elif (path.parent / "config.yaml").is_file():
+        yaml = path.parent / "config.yaml"
+        resolved, where = resolve_config(yaml, text_encoder_config=text_encoder_config), str(yaml)
+    else:
+        resolved = compvis.infer_config(state_dict)
+        preset = compvis.matching_preset(resolved)
+        where = f"{preset or 'a custom size'} (inferred from the weights)"
+    log.info("%s: config %s", path, where)
+    if resolved.tokenizer_kind is not None and tokenizer is None:
+        raise StoreError(f"{path} is a single file with a {resolved.tokenizer_kind} text encoder: give a local "
+                         f"tokenizer directory (tokenizer=DIR, --tokenizer DIR; e.g. a Hugging Face snapshot of "
+                         f"openai/clip-vit-large-patch14 for SD 1.x)")
+    model = compvis.loaded_model_from_state_dict(state_dict, resolved, use_ema=use_ema, source=str(path))
+    tok = None if tokenizer is None else _load_tokenizer(tokenizer, model.config.tokenizer_kind)
+    return dataclasses.replace(model, tokenizer=tok)
+
+
+def _check_same_config(wanted: ldm.LDMConfig, found: ldm.LDMConfig, source: str) -> None:
+    if wanted == found:
+        return
+    diffs = [name for name in ("first_stage", "cond_stage", "unet", "diffusion")
+             if getattr(wanted, name) != getattr(found, name)]
+    raise StoreError(f"{source}: the given config differs from the model's own in {', '.join(diffs)}; "
+                     f"leave config out for model directories and diffusers folders")
+
+
+def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str = "ldm",
+               dtype: Any = None) -> pathlib.Path:
+    """Writes `model` to `dest` as "ldm" (a model directory), "diffusers" (a folder diffusers'
+    `from_pretrained` loads) or "compvis" (one `.safetensors` file the CompVis / SGM code and diffusers'
+    single-file loader read; no tokenizer). dtype: the stored dtype of the weights ("fp32" default, "fp16",
+    "bf16"). Returns `dest`. Params that do not fit the config are refused before anything is written."""
+    if format not in FORMATS:
+        raise StoreError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    store_dtype = np.dtype(DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else (dtype or np.float32))
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
+    config, dest = model.config, pathlib.Path(dest)
+    check_params(model.params, param_shapes(config), source=f"the params of {model.model_id or 'the model'}")
+    if format == "compvis":
+        if dest.suffix.lower() != ".safetensors":
+            raise StoreError(f"{dest}: a CompVis export is one .safetensors file; name it *.safetensors")
+        from ldm_jax.convert.compvis import save_compvis  # noqa: PLC0415
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        save_compvis(dest, model.params, config, dtype=store_dtype)
+        return dest
+    _prepare_dir(dest)
+    if format == "diffusers":
+        from ldm_jax.convert.diffusers_pipeline import save_diffusers_pipeline  # noqa: PLC0415
+
+        cast = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in
+                                             flatten_params(model.params, store_dtype).items()})
+        return save_diffusers_pipeline(dataclasses.replace(model, params=cast), dest)
+    if config.tokenizer_kind is not None and model.tokenizer is None:
+        raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
+    save_params(dest / PARAMS_FILE, model.params, dtype=store_dtype)
+    (dest / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    if model.tokenizer is not None:
+        _save_tokenizer(model.tokenizer, dest / TOKENIZER_DIR, config)
+    if model.scheduler_config is not None:
+        (dest / SCHEDULER_FILE).write_text(json.dumps(model.scheduler_config, indent=2) + "\n")
+    return dest
+
+
+def _prepare_dir(dest: pathlib.Path) -> None:
+    """Creates `dest`; refuses a non-empty directory that is not a model directory (nothing is overwritten
+    but a model's own files)."""
+    if dest.exists() and not dest.is_dir():
+        raise StoreError(f"{dest} exists and is a file; a model directory is written there")
+    if dest.is_dir() and any(dest.iterdir()) and not ((dest / CONFIG_FILE).is_file()
+                                                       or (dest / "model_index.json").is_file()):
+        raise StoreError(f"{dest} exists, is not empty and is not a model directory; not writing into it")
+    dest.mkdir(parents=True, exist_ok=True)
+
+
+def _save_tokenizer(tokenizer: Any, directory: pathlib.Path, config: ldm.LDMConfig) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+    tokenizer.save_pretrained(str(directory))
+    settings = directory / "tokenizer_config.json"
+    if settings.is_file() and config.max_length is not None:  # diffusers needs model_max_length (ENVIRONMENT.md)
+        data = json.loads(settings.read_text())
+        if not isinstance(data.get("model_max_length"), int) or data["model_max_length"] > 10**6:
+            data["model_max_length"] = config.max_length
+            settings.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- first stage
+
+
+def autoencoder_param_shapes(config: AutoencoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{param path: shape} of a fresh autoencoder of `config`, without the "first_stage" prefix."""
+    from ldm_jax.models.autoencoder import build_autoencoder, init_autoencoder  # noqa: PLC0415
+
+    model = build_autoencoder(config)
+    return expected_shapes(lambda key: init_autoencoder(model, key), jax.random.key(0))
+
+
+def save_first_stage(dest: str | os.PathLike, config: AutoencoderConfig, params: Mapping[str, Any]) -> pathlib.Path:
+    """Writes an autoencoder directory: config.json {"first_stage": ...} and params.safetensors
+    ("first_stage/encoder/...", the LDM names). `params`: the autoencoder's own tree ("encoder", ...)."""
+    dest = pathlib.Path(dest)
+    checked = check_params(params, autoencoder_param_shapes(config), source="autoencoder params")
+    _prepare_dir(dest)
+    save_params(dest / PARAMS_FILE, {"first_stage": checked})
+    section = json.loads(json.dumps(dataclasses.asdict(config)))
+    (dest / CONFIG_FILE).write_text(json.dumps({"first_stage": section}, indent=2) + "\n")
+    return dest
+
+
+def load_first_stage(source: str | os.PathLike, *, expected: AutoencoderConfig | None = None
+                     ) -> tuple[AutoencoderConfig, dict[str, Any]]:
+    """(config, params) of the first stage of any source: an autoencoder directory, or any whole model
+    (`load_model`'s sources; its autoencoder is taken). With `expected`, a ValueError naming every field that
+    differs (an LDM must decode with the autoencoder it was trained on)."""
+    kind = detect_format(source)
+    path = pathlib.Path(source) if kind != "shipped" else SHIPPED_MODELS[str(source or DEFAULT_MODEL)]
+    sections = _read_config_json(path) if kind in ("ldm", "shipped") else None
+    if sections is not None and "unet" not in sections:
+        if "first_stage" not in sections:
+            raise StoreError(f"{path}/{CONFIG_FILE} has no first_stage section (it has {sorted(sections)})")
+        config = build_dataclass(AutoencoderConfig, _drop_runtime(sections["first_stage"]), where=f"{path} first_stage")
+        params = _read_first_stage_params(path, config)
+    else:
+        model = load_model(source)
+        config, params = model.config.first_stage, model.params["first_stage"]
+    if expected is not None and config != expected:
+        diffs = [f"{name}: {getattr(config, name)!r} in {source}, {getattr(expected, name)!r} in the config"
+                 for name in config.__dataclass_fields__ if getattr(config, name) != getattr(expected, name)]
+        raise ValueError(f"the autoencoder in {source} differs from the config's first_stage: " + "; ".join(diffs))
+    return config, params
+
+
+def _read_first_stage_params(path: pathlib.Path, config: AutoencoderConfig) -> dict[str, Any]:
+    params_path = path / PARAMS_FILE
+    if not params_path.is_file():
+        raise FileNotFoundError(f"autoencoder directory {path} lacks {PARAMS_FILE}")
+    shapes = autoencoder_param_shapes(config)
+    if (path / CONFIG_FILE).is_file():
+        return load_params(params_path, {("first_stage", *p): s for p, s in shapes.items()})["first_stage"]
+    return load_params(params_path, shapes)  # a legacy directory: names without the prefix
+
+
+def _drop_runtime(section: Mapping[str, Any]) -> dict[str, Any]:
+    from ldm_jax import config as config_lib  # noqa: PLC0415
+
+    dropper = getattr(config_lib, "drop_runtime_keys", None)
+    return dict(section) if dropper is None else dropper(section)
+
+
+__all__ = ["FORMATS", "SHIPPED_MODELS", "StoreError", "check_params", "config_to_json", "detect_format",
+           "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config", "run_options",
+           "save_first_stage", "save_model", "save_params"]
