@@ -17,6 +17,11 @@ COMMANDS = ("sample", "train", "evaluate", "convert")
 PROG = "ldm-jax"
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (a ConversionError lists its missing / mis-shaped keys on several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert") -> int:
     """`ldm-jax convert SRC DEST --to FORMAT`: load any source through the store, save it as FORMAT."""
     p = argparse.ArgumentParser(prog=prog, description="Convert a model between the formats of the model store: "
@@ -39,7 +44,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
         print(f"writing {args.to} ({args.dtype}) to {args.dest}", file=sys.stderr)
         out = store.save_model(model, args.dest, format=args.to, dtype=args.dtype)
     except (OSError, ValueError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
     print(f"wrote {out.resolve()}")
     return 0

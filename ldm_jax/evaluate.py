@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ldm_jax import ldm, pipeline, store
+from ldm_jax.cli import one_line
 from ldm_jax.data import readers
 from ldm_jax.sampling import GRID_FILE
 from ldm_jax.metrics import fid, image_quality, prompt_sensitivity, shapes_checker
@@ -266,7 +267,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "ldm-jax evaluate") -> i
     try:
         return _main(argv, prog)
     except (OSError, ValueError) as error:  # the store's and the converters' errors name the file and key
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -125,6 +125,7 @@ def load_model(request: SampleRequest):
     """The request's model through the store (`ldm_jax.store.load_model`) with its run-time options; any
     problem with the files (missing, corrupt, the wrong model, a bad tokenizer directory) becomes UserError."""
     from ldm_jax import store
+    from ldm_jax.cli import one_line
 
     where = request.checkpoint or f"the embedded model ({store.SHIPPED_MODELS[store.DEFAULT_MODEL]})"
     try:
@@ -132,7 +133,7 @@ def load_model(request: SampleRequest):
                                 dtype=request.precision, attention=request.attention,
                                 text_encoder_config=request.text_encoder_config)
     except (OSError, ValueError) as error:  # StoreError, ConversionError and CheckpointError are ValueErrors
-        raise UserError(f"--checkpoint {where}: {error}") from None
+        raise UserError(f"--checkpoint {where}: {one_line(error)}") from None
 
 
 # ------------------------------------------------------------------------------------------- generation

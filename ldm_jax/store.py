@@ -22,7 +22,7 @@ that decides what a path is. Sources:
 
 "Convert once" is `save_model(load_model(src), dest)`: later loads of `dest` skip every key mapping.
 `config` arguments (`resolve_config`) may be an LDMConfig, a ConfigDict, a preset name (`ldm_jax.presets`),
-a configs/*.py file or a CompVis yaml.
+a configs/*.py file, a CompVis yaml, or a model directory (its config.json).
 
 Errors are plain exceptions naming the path and what was expected: `StoreError` (a ValueError) for sources
 the store cannot place, FileNotFoundError for missing files, and the converters' ConversionError /
@@ -122,14 +122,19 @@ def resolve_config(config: Any, *, text_encoder_config: str | os.PathLike | None
         from ldm_jax.convert.ldm_yaml import load_ldm_yaml  # noqa: PLC0415
 
         return ldm.ldm_config(load_ldm_yaml(path, text_encoder_config=text_encoder_config))
+    if path.suffix == ".json" or path.is_dir():  # a model directory's config.json (or the directory)
+        path = path / CONFIG_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path}: no such file")
+        return ldm.ldm_config(_read_json(path))
     if path.suffix == ".py":
         if not path.is_file():
             raise FileNotFoundError(f"config {path}: no such file")
         from ldm_jax.config import load_config_file  # noqa: PLC0415
 
         return ldm.ldm_config(load_config_file(path))
-    raise StoreError(f"config {text!r}: not a preset ({', '.join(presets.PRESET_NAMES)}), a configs/*.py file "
-                     f"or a CompVis .yaml")
+    raise StoreError(f"config {text!r}: not a preset ({', '.join(presets.PRESET_NAMES)}), a configs/*.py file, "
+                     f"a CompVis .yaml or a model directory's config.json")
 
 
 def config_to_json(config: ldm.LDMConfig) -> dict[str, Any]:
@@ -300,8 +305,10 @@ def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.Pa
         yaml = path.parent / "config.yaml"
         resolved, where = resolve_config(yaml, text_encoder_config=text_encoder_config), str(yaml)
     else:
+        from ldm_jax import presets  # noqa: PLC0415
+
         resolved = compvis.infer_config(state_dict)
-        preset = compvis.matching_preset(resolved)
+        preset = presets.matching_preset(resolved)
         where = f"{preset or 'a custom size'} (inferred from the weights)"
     log.info("%s: config %s", path, where)
     if resolved.tokenizer_kind is not None and tokenizer is None:

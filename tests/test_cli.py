@@ -1,0 +1,102 @@
+"""The `ldm-jax` command line: cross-implementation reproduction with --latents, and `convert` between the
+store's formats, each checked against diffusers (PyTorch).
+
+Run: .venv/bin/python -m pytest -q tests/test_cli.py
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_jax import cli, store
+from test_diffusers_pipeline import PROMPTS, SIZE, _components
+
+diffusers = pytest.importorskip("diffusers")
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    pipe = diffusers.StableDiffusionPipeline(**_components(tmp_path_factory))
+    folder = tmp_path_factory.mktemp("cli_sd") / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe, folder
+
+
+def test_sample_with_latents_reproduces_diffusers(sd, tmp_path):
+    """DDIM 10 steps, CFG 7.5, the same initial latents: `ldm-jax sample` writes diffusers' image (uint8) to
+    within one grey level. The timesteps (leading, offset 1) come from the folder's scheduler_config.json."""
+    pipe, folder = sd
+    latents = np.random.default_rng(0).standard_normal((len(PROMPTS), 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    args = ["sample", "--ckpt", str(folder), "--ddim_steps", str(STEPS), "--scale", "7.5", "--H", str(SIZE),
+            "--W", str(SIZE), "--latents", str(tmp_path / "latents.npy"), "--outdir", str(tmp_path / "out")]
+    for prompt in PROMPTS:
+        args += ["--prompt", prompt]
+    assert cli.main(args) == 0
+    ours = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")) for i in range(len(PROMPTS))])
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+                      latents=torch.from_numpy(latents), output_type="np").images
+    theirs = np.round(theirs * 255).astype(np.uint8)
+    assert theirs.std() > 5  # a non-trivial image
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+def test_convert_between_formats(sd, tmp_path, capsys):
+    """diffusers -> ldm -> compvis -> diffusers: diffusers loads the result strictly with every weight equal;
+    --dtype fp16 stores half-size weights that load back as the fp16-rounded params."""
+    pipe, folder = sd
+    ldm_dir, single, back = tmp_path / "ldm", tmp_path / "model.safetensors", tmp_path / "back"
+    assert cli.main(["convert", str(folder), str(ldm_dir), "--to", "ldm"]) == 0
+    assert cli.main(["convert", str(ldm_dir), str(single), "--to", "compvis"]) == 0
+    assert cli.main(["convert", str(single), str(back), "--to", "diffusers", "--config", str(ldm_dir / "config.json"),
+                     "--tokenizer", str(ldm_dir / "tokenizer")]) == 0
+    capsys.readouterr()
+    again = diffusers.StableDiffusionPipeline.from_pretrained(back, local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, ref = getattr(again, name).state_dict(), getattr(pipe, name).state_dict()
+        assert ours.keys() == ref.keys(), name
+        for key, value in ref.items():
+            assert torch.equal(ours[key], value), f"{name}.{key}"
+    assert json.loads((back / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+
+    half = tmp_path / "half"
+    assert cli.main(["convert", str(ldm_dir), str(half), "--to", "ldm", "--dtype", "fp16"]) == 0
+    size, half_size = ((d / store.PARAMS_FILE).stat().st_size for d in (ldm_dir, half))
+    assert half_size < 0.51 * size
+    full, rounded = store.load_model(ldm_dir), store.load_model(half)
+    assert full.config == rounded.config
+    for path, value in store.flatten_params(full.params).items():
+        np.testing.assert_array_equal(store.flatten_params(rounded.params)[path], value.astype(np.float16), path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "README.md", "x", "--to", "ldm"], "unknown kind of file"),
+    (["convert", "/nonexistent", "x", "--to", "ldm"], "/nonexistent: no such file or directory"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+])
+def test_user_errors_are_one_line(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_config_that_does_not_fit_names_the_key(sd, tmp_path, capsys):
+    """A single file with a config of other widths: one line naming the first mismatched key and both shapes."""
+    _, folder = sd
+    single = tmp_path / "model.safetensors"
+    assert cli.main(["convert", str(folder), str(single), "--to", "compvis"]) == 0
+    model = store.load_model(folder)
+    config = store.config_to_json(model.config)
+    config["unet"]["model_channels"] = 16
+    (tmp_path / "other.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli.main(["convert", str(single), str(tmp_path / "out"), "--to", "ldm", "--config",
+                     str(tmp_path / "other.json"), "--tokenizer", str(folder / "tokenizer")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.diffusion_model.input_blocks.0.0.weight" in err[0], err
+    assert "(32, 4, 3, 3)" in err[0] and "(16, 4, 3, 3)" in err[0], err
