@@ -2,23 +2,17 @@
 
 256x256 images, 32x32x4 KL-f8 latents; the UNet is SD v1's with context width 1280, from a BERT-style
 transformer (n_embed 1280, 32 layers, bert-base-uncased tokenizer) trained jointly (the `cond_stage`).
-Schedule: linear 0.00085..0.012, 1000 steps; scale_factor 0.18215.
+Schedule: linear 0.00085..0.012, 1000 steps; scale_factor 0.18215. The preset `ldm_txt2img_1p4b`
+(ldm_jax/presets/ldm_zoo.py); trained by configs/txt2img_1p4b_train.py.
 
+    python sample.py --ckpt /models/txt2img-f8-large.ckpt --config configs/ldm_txt2img_1p4b.py \\
+        --tokenizer /models/bert-base-uncased --prompt "a virus monster is playing guitar, oil on canvas"
 Built by `.venv/bin/python -m pytest -q tests/test_configs.py -k ldm_txt2img_1p4b`.
 """
-import pathlib
-
 import ml_collections
 
-from ldm_jax.config import load_config_file
+from ldm_jax.presets import get_preset
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(pathlib.Path(__file__).with_name("sd_v1.py"))
-    config.unet.context_dim = 1280
-    config.ldm.image_size = 32
-    with config.unlocked():
-        config.cond_stage = ml_collections.ConfigDict(dict(
-            kind="bert", vocab_size=30522, max_length=77, n_embed=1280, n_layer=32, pad_token_id=0,
-            tokenizer_kind="bert"))
-    return config
+    return get_preset("ldm_txt2img_1p4b")

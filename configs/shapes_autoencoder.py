@@ -1,6 +1,7 @@
 """Captioned-shapes autoencoder: KL, f=4, 32x32x3 images <-> 8x8x4 latents (the embedded model's first stage).
 
-ch 32, ch_mult (1, 1, 2), 1 resnet per level, attention only in the mid blocks (0.73M parameters).
+ch 32, ch_mult (1, 1, 2), 1 resnet per level, attention only in the mid blocks (0.73M parameters): the
+preset autoencoder_tiny_kl with what differs.
 Loss: L1 + KL (weight 1e-6); no LPIPS unless --config.loss.lpips_vgg_path is given (then weight 1.0); the
 PatchGAN is off (disc_factor 0): flat-coloured shapes need no adversarial sharpening, and it would cost time.
 Adam (0.5, 0.9), base rate 6e-5 per example (x the global batch 16 = 9.6e-4), scaled as the reference scales it;
@@ -19,18 +20,14 @@ import pathlib
 import ml_collections
 
 from ldm_jax.config import load_config_file
+from ldm_jax.presets import get_preset
 
 CONFIGS = pathlib.Path(__file__).parent
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(CONFIGS / "autoencoder_kl_f8.py")
-    stage = config.first_stage
-    stage.ch = 32
-    stage.ch_mult = (1, 1, 2)
-    stage.num_res_blocks = 1
-    stage.attn_resolutions = ()
-    stage.resolution = 32
+    config = get_preset("autoencoder_tiny_kl")
+    config.first_stage.update(dict(ch_mult=(1, 1, 2), attn_resolutions=()))
     data = load_config_file(CONFIGS / "data_captioned_shapes.py").data
     with config.unlocked():
         config.stage = "autoencoder"
@@ -45,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         config.optimizer.disc_learning_rate = ml_collections.config_dict.placeholder(float)
         config.train = ml_collections.ConfigDict(dict(
             num_steps=5000, seed=0, log_every=100, image_every=250, num_images=16, eval_split="validation",
-            dtype="float32", progress_bar=True))
+            dtype="float32", attention="xla", remat=False, progress_bar=True))
         config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
         config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, param_rules=((".*", "fsdp_auto"),)))
     config.lock()

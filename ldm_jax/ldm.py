@@ -3,8 +3,8 @@
 Config: `LDMConfig` (frozen) holds the four parts: `first_stage` (AutoencoderConfig), `cond_stage`
 (ClipTextConfig | BertEmbedderConfig | ClassEmbedderConfig | None), `unet` (UNetConfig) and `diffusion`
 (DiffusionConfig: the noise schedule, prediction type, latent scaling, conditioning key and training-loss
-options). `ldm_config(config)` builds it from a config file's `first_stage`, `cond_stage`, `unet`,
-`diffusion` and `ldm` sections (the `ldm` section's fields are DiffusionConfig fields too).
+options). `ldm_config(config)` builds it from a config's `first_stage`, `cond_stage`, `unet` and `diffusion`
+sections (model configs written before the one `diffusion` section may also hold an `ldm` section; merged).
 
 Params: a dict {"first_stage": ..., "cond_stage": ..., "unet": ...} of Flax param trees without the
 "params" level (what the converters return), plus "logvar" (T,) when `diffusion.learn_logvar`. The
@@ -94,11 +94,16 @@ class DiffusionConfig:
             raise ValueError("invalid DiffusionConfig: " + "; ".join(errors))
 
 
-def diffusion_config(*sections: Any) -> DiffusionConfig:
-    """DiffusionConfig from flat config sections (ConfigDicts or mappings), merged left to right.
+LEGACY_DIFFUSION_SECTION = "ldm"  # read by `ldm_config` from old saved configs, never written
 
-    Fields of ScheduleConfig (beta_schedule, num_timesteps, linear_start, ...) go to `schedule`; the others
-    must be DiffusionConfig fields. A field given by two sections, or known to neither, is a ValueError.
+
+def diffusion_config(*sections: Any) -> DiffusionConfig:
+    """DiffusionConfig from a flat `diffusion` config section (ConfigDict or mapping).
+
+    Fields of ScheduleConfig (beta_schedule, num_timesteps, linear_start, ...) go to `schedule` (a nested
+    `schedule` mapping or ScheduleConfig is accepted too); the others must be DiffusionConfig fields. Several
+    sections are merged: `ldm_config` passes a legacy `ldm` section this way. A field given by two sections, or
+    known to neither, is a ValueError.
     """
     schedule_fields = {f.name for f in dataclasses.fields(ScheduleConfig)}
     merged: dict[str, Any] = {}
@@ -208,13 +213,19 @@ def _ldm_config_errors(cfg: LDMConfig) -> list[str]:
 
 
 def ldm_config(config: Any) -> LDMConfig:
-    """LDMConfig from a config file's ConfigDict (or mapping) with sections first_stage, unet, diffusion,
-    optionally cond_stage and ldm (whose fields are merged into diffusion). Unknown fields raise ValueError."""
+    """LDMConfig from a ConfigDict (or mapping: a config file's, a preset's, a saved config.json) with the
+    sections first_stage, unet, diffusion and optionally cond_stage. Unknown fields raise ValueError.
+
+    Legacy: configs saved before the one `diffusion` section (e.g. a model directory's config.json) may hold
+    the DiffusionConfig fields split over `diffusion` (the schedule) and `ldm` (the rest); `ldm` is merged into
+    `diffusion` (a field in both is a ValueError). Nothing writes an `ldm` section any more.
+    """
     missing = [name for name in ("first_stage", "unet", "diffusion") if name not in config]
     if missing:
         raise ValueError(f"ldm_config: the config lacks section(s) {missing}; it has {sorted(config.keys())}")
     cond = config["cond_stage"] if "cond_stage" in config else None
-    diffusion_sections = [config["diffusion"]] + ([config["ldm"]] if "ldm" in config else [])
+    diffusion_sections = [config["diffusion"]] + ([config[LEGACY_DIFFUSION_SECTION]]
+                                                  if LEGACY_DIFFUSION_SECTION in config else [])
     return LDMConfig(
         first_stage=build_dataclass(AutoencoderConfig, config["first_stage"], where="first_stage"),
         unet=build_dataclass(UNetConfig, config["unet"], where="unet"),

@@ -4,6 +4,7 @@ checked piece by piece against direct computations (float64 numpy schedule, the 
 Run: .venv/bin/python -m pytest -q tests/test_ldm.py
 """
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import ldm
+from ldm_jax import ldm, presets
 from ldm_jax.config import load_config_file
 from ldm_jax.diffusion.schedule import ScheduleConfig, make_betas
 from ldm_jax.models.autoencoder import AutoencoderConfig
@@ -68,14 +69,14 @@ def _tokens(b=2, seed=0):
 # ----------------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["sd_v1", "sd_v1_inpainting", "sd_v2", "ldm_cin256", "ldm_celebahq_vq4",
-                                  "ldm_txt2img_1p4b"])
+@pytest.mark.parametrize("name", ["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_768_v", "ldm_cin256",
+                                  "ldm_celebahq_vq4", "ldm_txt2img_1p4b"])
 def test_ldm_config_from_config_files(name):
     config = ldm.ldm_config(load_config_file(CONFIGS / f"{name}.py"))
     section = load_config_file(CONFIGS / f"{name}.py")
     assert config.diffusion.schedule.linear_start == section.diffusion.linear_start
-    assert config.diffusion.scale_factor == section.ldm.scale_factor
-    assert config.diffusion.conditioning_key == section.ldm.conditioning_key
+    assert config.diffusion.scale_factor == section.diffusion.scale_factor
+    assert config.diffusion.conditioning_key == section.diffusion.conditioning_key
     assert config.concat_channels == (5 if name == "sd_v1_inpainting" else 0)
     if name.startswith("sd_v1"):
         assert (config.tokenizer_kind, config.max_length, config.pad_token_id) == ("clip", 77, 49407)
@@ -95,6 +96,21 @@ def test_config_errors_name_the_problem():
         ldm.diffusion_config({"beta_schedule": "linear"}, {"scale_factr": 1.0})
     with pytest.raises(ValueError, match="set in two sections"):
         ldm.diffusion_config({"prediction_type": "eps"}, {"prediction_type": "v"})
+
+
+def test_legacy_ldm_section_is_merged_into_diffusion():
+    """Model configs saved before the one `diffusion` section (e.g. the config.json of a model directory written
+    then) split the DiffusionConfig fields over `diffusion` (the schedule) and `ldm` (the rest): they load the
+    same as the one-section config."""
+    one_section = presets.get_preset("tiny").to_dict()
+    schedule = ("beta_schedule", "num_timesteps", "linear_start", "linear_end")
+    saved = {**one_section, "diffusion": {k: one_section["diffusion"][k] for k in schedule},
+             "ldm": {k: v for k, v in one_section["diffusion"].items() if k not in schedule}}
+    saved = json.loads(json.dumps(saved))  # as read from a file: lists, not tuples
+    assert ldm.ldm_config(saved) == ldm.ldm_config(one_section)
+    twice = {**saved, "ldm": {**saved["ldm"], "beta_schedule": "cosine"}}
+    with pytest.raises(ValueError, match=r"\['beta_schedule'\] are set in two sections"):
+        ldm.ldm_config(twice)
 
 
 # ------------------------------------------------------------------------------------------ first stage
