@@ -49,9 +49,9 @@ def main() -> None:
 
     config = load_config_file(ROOT / "configs" / "unet_tiny.py")
     unet = build_unet(config.unet)
-    params = init_unet(unet, jax.random.key(0), size=config.ldm.image_size)
+    params = init_unet(unet, jax.random.key(0), size=config.diffusion.image_size)
     schedule = make_schedule(build_dataclass(ScheduleConfig, config.diffusion, where="diffusion"))
-    size, channels = config.ldm.image_size, config.unet.in_channels
+    size, channels = config.diffusion.image_size, config.unet.in_channels
     noise = jax.random.normal(jax.random.key(1), (args.batch, size, size, channels))
     context = jax.random.normal(jax.random.key(2), (args.batch, args.context_len, config.unet.context_dim))
     uncond = jnp.zeros_like(context)

@@ -70,7 +70,7 @@ def bench_config(name: str, latent_size: int, *, attention: str = "xla"):
             config.unet.update(model_channels=64, num_heads=4, context_dim=256)
             config.cond_stage.update(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)
             config.first_stage.update(ch=64, num_res_blocks=1)
-        config.ldm.image_size = latent_size
+        config.diffusion.image_size = latent_size
         config.unet.remat = False
         config.unet.attention = attention
     cfg = ldm.ldm_config(config)

@@ -154,7 +154,7 @@ def test_ldm_stage_end_to_end(ldm_run, autoencoder_run):
     assert scores["step"] == 2 and scores["num_images"] == 8 and 0.0 <= scores["accuracy"] <= 1.0
     # scale_by_std: the factor computed on the first batch is what the checkpoint's config holds.
     saved = train_ldm.saved_config(workdir)
-    scale = saved["ldm"]["scale_factor"]
+    scale = saved["diffusion"]["scale_factor"]
     assert scale != pytest.approx(0.18215) and 0.05 < scale < 20
     # The export loads as a model: EMA params, the frozen first stage, the stored scale, the tokenizer.
     model = model_dir.load_model(result.export_dir)
@@ -176,7 +176,8 @@ def test_ldm_resume_and_export_model(ldm_run, autoencoder_run, dataset, tmp_path
     result = main.train_and_evaluate(config, resumed)
     assert int(result.state.step) == 3 and _jsonl_steps(resumed / "metrics.jsonl") == [1, 2, 3]
     # The stored scale_factor was kept (the first batch of a resumed run is another batch).
-    assert train_ldm.saved_config(resumed)["ldm"]["scale_factor"] == train_ldm.saved_config(workdir)["ldm"]["scale_factor"]
+    scale_of = lambda d: train_ldm.saved_config(d)["diffusion"]["scale_factor"]  # noqa: E731
+    assert scale_of(resumed) == scale_of(workdir)
     out = train_ldm.export_model(resumed, tmp_path / "exported")
     exported = model_dir.load_model(out)
     np.testing.assert_array_equal(exported.params["unet"]["conv_in"]["kernel"],
