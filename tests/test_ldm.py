@@ -50,7 +50,7 @@ def randomize_zero_kernels(params, key):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
     out = [0.05 * jax.random.normal(k, x.shape) if path[-1].key == "kernel" and not jnp.any(x) else x
-           for (path, x), k in zip(leaves, keys)]
+           for (path, x), k in zip(leaves, keys, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -1,20 +1,20 @@
-"""CompVis config.yaml -> our config: the SD v1/v2 inference yamls and LDM-zoo yamls give the configs/ files.
+"""CompVis config.yaml -> our config: the SD v1/v2 inference yamls and LDM-zoo yamls give the presets.
 
 The yamls below are shaped like the real ones (CompVis/stable-diffusion configs/, Stability-AI/stablediffusion
 configs/stable-diffusion/), training-only entries included, so that the reader's explicit ignore lists are
-exercised; each must build the same LDMConfig as the matching python config file.
+exercised; each must build the same LDMConfig as the matching preset (`ldm_jax.presets`). A yaml whose text
+encoder is not known by name is read with a local transformers CLIP config (written here with transformers).
 """
 import dataclasses
-import pathlib
+import json
 
 import pytest
 import yaml
+from transformers import CLIPConfig, CLIPTextConfig
 
-from ldm_jax.config import load_config_file
-from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml, load_ldm_yaml
+from ldm_jax import presets
+from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml, load_ldm_yaml, read_text_encoder_config
 from ldm_jax.ldm import ldm_config
-
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 _KL_F8 = """
     first_stage_config:
@@ -126,6 +126,7 @@ V2_INPAINTING = (_SD_HEAD.format(target="LatentInpaintDiffusion", extra="", key=
                  + _SD_UNET.format(in_channels=9, context=1024, heads=(
                      "        num_head_channels: 64\n        use_linear_in_transformer: True\n"))
                  + _KL_F8.format(resolution=256) + V2_INFERENCE_V[V2_INFERENCE_V.index("    cond_stage_config:"):])
+V2_INFERENCE = V2_INFERENCE_V.replace('    parameterization: "v"\n', "")  # v2-inference.yaml (512, eps)
 CIN256_V2 = """
 model:
   base_learning_rate: 0.0001
@@ -218,7 +219,7 @@ TXT2IMG_1P4B = (_SD_HEAD.format(target="LatentDiffusion", extra="", key="crossat
 
 
 def _ours(name):
-    return ldm_config(load_config_file(CONFIGS / f"{name}.py"))
+    return ldm_config(presets.get_preset(name))
 
 
 def _from_yaml(text):
@@ -236,12 +237,14 @@ def _replace(config, **parts):
     # v1-inference.yaml describes the VAE at resolution 512 (only attn_resolutions depend on it: none).
     (V1_INFERENCE, "sd_v1", dict(first_stage={"resolution": 256})),
     (V1_INPAINTING, "sd_v1_inpainting", {}),
-    # The 768-v yaml keeps image_size 64 (sampling passes --H 768 --W 768); configs/sd_v2.py says 96.
-    (V2_INFERENCE_V, "sd_v2", dict(diffusion={"image_size": 96})),
+    # The 768-v yaml keeps image_size 64 (sampling passes --H 768 --W 768); the preset says 96.
+    (V2_INFERENCE_V, "sd_v2_768_v", dict(diffusion={"image_size": 96})),
+    (V2_INFERENCE, "sd_v2", {}),
     (CIN256_V2, "ldm_cin256", {}),
     (CELEBAHQ_VQ4, "ldm_celebahq_vq4", {}),
     (TXT2IMG_1P4B, "ldm_txt2img_1p4b", {}),
-], ids=["v1-inference", "v1-inpainting", "v2-inference-v", "cin256-v2", "celebahq-vq4", "txt2img-1p4B"])
+], ids=["v1-inference", "v1-inpainting", "v2-inference-v", "v2-inference", "cin256-v2", "celebahq-vq4",
+        "txt2img-1p4B"])
 def test_yaml_gives_our_config(text, name, differences):
     assert _replace(_from_yaml(text), **differences) == _ours(name)
 
@@ -250,7 +253,8 @@ def test_yaml_defaults_follow_the_reference():
     config = _from_yaml(CELEBAHQ_VQ4)
     assert config.diffusion.conditioning_key is None  # cond_stage_config: __is_unconditional__
     assert config.diffusion.scale_factor == 1.0  # LatentDiffusion's default, not SD's 0.18215
-    assert config.cond_stage is None and config.unet.remat is False
+    assert config.cond_stage is None
+    assert set(config_from_ldm_yaml(yaml.safe_load(CELEBAHQ_VQ4))) == {"first_stage", "unet", "diffusion"}
     v2 = _from_yaml(V2_INFERENCE_V)
     assert v2.diffusion.prediction_type == "v"
     assert (v2.cond_stage.num_layers, v2.cond_stage.output_layer, v2.cond_stage.pad_token_id) == (23, "last", 0)
@@ -292,7 +296,8 @@ def test_load_ldm_yaml_file(tmp_path):
     (("        model_channels: 320\n", ""), "unet_config.params.model_channels is missing"),
     (("target: ldm.modules.encoders.modules.FrozenCLIPEmbedder",
       "target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n      params:\n        version: openai/clip-vit-base"),
-     "version='openai/clip-vit-base'"),
+     "version='openai/clip-vit-base' is not a text encoder this reader knows (known: 'openai/clip-vit-large-patch14'"
+     "); pass its transformers CLIP config.json, or a directory holding one"),
     (("    timesteps: 1000\n", "    timesteps: 1000\n    original_elbo_weight: 0.5\n"),
      "original_elbo_weight=0.5 is not supported"),
 ], ids=["cond-target", "model-target", "personalization", "dims", "unknown-param", "attn-type", "missing",
@@ -303,3 +308,102 @@ def test_bad_yaml_is_refused(edit, message):
     with pytest.raises(ValueError) as err:
         config_from_ldm_yaml(yaml.safe_load(V1_INFERENCE.replace(old, new, 1)))
     assert message in str(err.value)
+
+
+# ------------------------------------------------------------------------------ text encoders by local config
+
+SMALL_CLIP = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=998, pad_token_id=0)
+# SD v1's yaml with a small CLIP of another version (and a UNet context width that fits it).
+V1_BASE_CLIP = V1_INFERENCE.replace("context_dim: 768", "context_dim: 64").replace(
+    "target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n",
+    "target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n      params:\n        version: my-org/clip-small\n")
+V2_OTHER_ARCH = V2_INFERENCE.replace('        layer: "penultimate"\n',
+                                     '        layer: "penultimate"\n        arch: ViT-bigG-14\n')
+
+
+def _write_clip_config(directory, **fields):
+    """A transformers CLIPTextConfig saved as config.json in `directory` (transformers writes it)."""
+    CLIPTextConfig(**{**SMALL_CLIP, **fields}).save_pretrained(directory)
+    return directory
+
+
+def test_any_clip_version_with_a_local_text_encoder_config(tmp_path):
+    yaml_path = tmp_path / "v1-small.yaml"
+    yaml_path.write_text(V1_BASE_CLIP)
+    with pytest.raises(ValueError) as err:
+        load_ldm_yaml(yaml_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{yaml_path}: ") and "version='my-org/clip-small'" in message
+    assert "text_encoder_config" in message
+    # A CLIPTextConfig directory, its config.json file, and a CLIPConfig (text_config) all describe the tower.
+    directory = _write_clip_config(tmp_path / "clip-small", eos_token_id=999)
+    config = ldm_config(load_ldm_yaml(yaml_path, text_encoder_config=directory))
+    cond = config.cond_stage
+    assert (cond.vocab_size, cond.hidden_size, cond.intermediate_size, cond.num_layers, cond.num_heads) == (
+        1000, 64, 128, 3, 4)
+    assert (cond.hidden_act, cond.output_layer, cond.pad_token_id, cond.eos_token_id, cond.max_length) == (
+        "quick_gelu", "last", 999, 999, 77)  # FrozenCLIPEmbedder pads with the end-of-text token
+    assert ldm_config(load_ldm_yaml(yaml_path, text_encoder_config=directory / "config.json")) == config
+    both = tmp_path / "clip-model"
+    CLIPConfig(text_config={**SMALL_CLIP, "eos_token_id": 999}).save_pretrained(both)
+    assert ldm_config(load_ldm_yaml(yaml_path, text_encoder_config=both)) == config
+    # The rest of the model is the yaml's.
+    assert config.unet == dataclasses.replace(_ours("sd_v1").unet, context_dim=64)
+    assert config.diffusion == _ours("sd_v1").diffusion
+
+
+def test_local_config_gives_legacy_eos_pooling_and_the_known_version_unchanged(tmp_path):
+    legacy = _write_clip_config(tmp_path / "legacy", eos_token_id=2)  # transformers' pre-2023 CLIP configs
+    cond = config_from_ldm_yaml(yaml.safe_load(V1_BASE_CLIP), read_text_encoder_config(legacy)).cond_stage
+    assert (cond.eos_token_id, cond.pooling, cond.pad_token_id) == (2, "argmax", 999)  # pad: the last id, EOT
+    assert _from_yaml(V1_INFERENCE).cond_stage == _ours("sd_v1").cond_stage  # no local config needed
+
+
+def test_any_openclip_arch_with_a_local_text_encoder_config(tmp_path):
+    with pytest.raises(ValueError, match=r"arch='ViT-bigG-14' is not a text encoder this reader knows \(known: "
+                                         r"'ViT-H-14'\)"):
+        config_from_ldm_yaml(yaml.safe_load(V2_OTHER_ARCH))
+    # A diffusers pipeline folder: text_encoder/config.json. The json counts every block of the open_clip tower;
+    # layer "penultimate" evaluates one fewer.
+    _write_clip_config(tmp_path / "pipeline" / "text_encoder", hidden_act="gelu", hidden_size=1024,
+                       intermediate_size=4096, num_attention_heads=16, num_hidden_layers=32, vocab_size=49408)
+    text = read_text_encoder_config(tmp_path / "pipeline")
+    section = config_from_ldm_yaml(yaml.safe_load(V2_OTHER_ARCH), text).cond_stage
+    assert (section.num_layers, section.output_layer, section.hidden_act, section.pad_token_id) == (
+        31, "last", "gelu", 0)
+    assert ldm_config(config_from_ldm_yaml(yaml.safe_load(V2_OTHER_ARCH), text)).unet == _ours("sd_v2").unet
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "text_encoder_config {tmp}/nothing: no such file or directory"),
+    ("empty-dir", "the directory holds none of ['config.json', 'text_encoder/config.json']"),
+    ("not-clip", "neither a CLIPTextConfig (no hidden_size) nor a CLIPConfig (no text_config)"),
+    ("positions", "max_length=64 but text_encoder_config"),
+    ("bert", "but the yaml's text encoder is BERTEmbedder, not a CLIP text tower"),
+    ("unconditional", "given, but the model is unconditional"),
+])
+def test_bad_text_encoder_configs_are_named(tmp_path, case, message):
+    good = _write_clip_config(tmp_path / "clip-small")
+    text, path = V1_BASE_CLIP, good
+    if case == "missing":
+        path = tmp_path / "nothing"
+    elif case == "empty-dir":
+        (tmp_path / "empty").mkdir()
+        path = tmp_path / "empty"
+    elif case == "not-clip":
+        path = tmp_path / "other.json"
+        path.write_text(json.dumps({"model_type": "t5", "d_model": 64}))
+    elif case == "positions":
+        text = V1_BASE_CLIP.replace("version: my-org/clip-small\n",
+                                    "version: my-org/clip-small\n        max_length: 64\n")
+    elif case == "bert":
+        text = TXT2IMG_1P4B
+    else:
+        text = CELEBAHQ_VQ4
+    yaml_path = tmp_path / "model.yaml"
+    yaml_path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_ldm_yaml(yaml_path, text_encoder_config=path)
+    assert message.format(tmp=tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{yaml_path}: ")

@@ -1,9 +1,10 @@
 """CompVis config.yaml files (the LDM model zoo, Stable Diffusion's v1/v2 inference yamls) -> our config.
 
-`load_ldm_yaml(path)` reads the file with `yaml.safe_load` (no tags, no code) and `config_from_ldm_yaml(data)`
-turns its `model:` entry into a locked ConfigDict with the sections of configs/sd_v1.py: `first_stage`,
-`unet`, `diffusion` (the beta schedule), `cond_stage` (absent for unconditional models) and `ldm` (the other
-DiffusionConfig fields). `ldm_jax.ldm.ldm_config(config)` then gives the LDMConfig, e.g. for
+`load_ldm_yaml(path, text_encoder_config=None)` reads the file with `yaml.safe_load` (no tags, no code) and
+`config_from_ldm_yaml(data, text_encoder_config)` turns its `model:` entry into a locked ConfigDict with the
+sections of the presets (`ldm_jax.presets`): `first_stage`, `unet`, `diffusion` (every DiffusionConfig field:
+schedule, parameterization, scale_factor, conditioning key, ...) and `cond_stage` (absent for unconditional
+models). `ldm_jax.ldm.ldm_config(config)` then gives the LDMConfig, e.g. for
 `ldm_jax.convert.compvis.load_compvis_checkpoint`.
 
 Understood `target:` classes (anything else is refused, naming the entry and the known targets):
@@ -11,9 +12,21 @@ Understood `target:` classes (anything else is refused, naming the entry and the
   [mask, masked-image latent]);
 - unet_config: ldm.modules.diffusionmodules.openaimodel.UNetModel;
 - first_stage_config: ldm.models.autoencoder.AutoencoderKL (kind "kl"), VQModelInterface / VQModel ("vq");
-- cond_stage_config: ldm.modules.encoders.modules.FrozenCLIPEmbedder (openai/clip-vit-large-patch14, SD v1),
-  FrozenOpenCLIPEmbedder (ViT-H-14, SD 2.x; layer "penultimate" becomes 23 blocks with output_layer "last", as
-  configs/sd_v2.py), BERTEmbedder (LDM txt2img), ClassEmbedder (LDM cin256), or "__is_unconditional__".
+- cond_stage_config: ldm.modules.encoders.modules.FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, BERTEmbedder
+  (LDM txt2img), ClassEmbedder (LDM cin256), or "__is_unconditional__".
+
+Text encoders: a yaml names a CLIP text tower by `version=` (FrozenCLIPEmbedder, a Hugging Face model id) or
+`arch=` (FrozenOpenCLIPEmbedder, an open_clip architecture) without its sizes. Two are known without help:
+openai/clip-vit-large-patch14 (SD v1: the preset sd_v1's cond_stage) and ViT-H-14 (SD 2.x: the preset sd_v2's,
+24 blocks). Any other needs `text_encoder_config`: a transformers CLIP config.json (a CLIPTextConfig, or a
+CLIPConfig whose `text_config` is used; fields it leaves out take CLIPTextConfig's defaults) or a directory
+holding one (its config.json, or text_encoder/config.json of a diffusers pipeline folder), e.g. the model's
+Hugging Face snapshot directory, which also holds its tokenizer. Given, it describes the tower whatever the
+version. How the embedders use the tower is fixed by the reference, not by the json: FrozenCLIPEmbedder pads
+prompts with the end-of-text token and takes the last layer; FrozenOpenCLIPEmbedder pads with 0, and its
+layer "penultimate" becomes (blocks - 1) blocks with output_layer "last" (the json counts every block of the
+open_clip tower, e.g. 24 for ViT-H-14), as the preset sd_v2; a CompVis file's unused last block is dropped
+on import (`ldm_jax.convert.compvis`).
 
 Every `params` entry is either read, or listed in an explicit table of entries that do not change the model
 (training-only settings such as `monitor`, `scheduler_config`, `use_ema`, `ckpt_path`), or required to have
@@ -22,11 +35,17 @@ its place in the file (`model.params.unet_config.params.dims`).
 """
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from ldm_jax.convert.transformers_clip import LEGACY_EOS_TOKEN_ID, clip_text_config_from_transformers
+from ldm_jax.presets import get_preset
+from ldm_jax.presets.sections import diffusion
 
 LDM_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion", "ldm.models.diffusion.ddpm.LatentInpaintDiffusion")
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
@@ -54,6 +73,7 @@ _LDM_REQUIRED = {
 _UNET_IGNORED = {
     "image_size",  # "unused" in the reference too: the UNet accepts any size divisible by its factor
     "use_fp16", "use_bf16",  # compute dtype is chosen at run time (`dtype=`)
+    "use_checkpoint",  # remat is a run-time option (`ldm.RunOptions.remat`)
     "legacy",  # only changes how head dims are derived; with num_heads or num_head_channels both give ours
 }
 _UNET_REQUIRED = {
@@ -67,28 +87,72 @@ _DDCONFIG_REQUIRED = {"attn_type": ("vanilla", "vanilla-xformers"), "tanh_out": 
                       "resamp_with_conv": (True,), "use_linear_attn": (False,)}
 _COND_IGNORED = {"device", "freeze", "key", "use_tokenizer"}
 
-_CLIP_L14 = dict(kind="clip", vocab_size=49408, hidden_size=768, intermediate_size=3072, num_layers=12,
-                 num_heads=12, max_length=77, hidden_act="quick_gelu", eos_token_id=49407, pooling="argmax",
-                 output_layer="last", pad_token_id=49407, tokenizer_kind="clip")
-_OPENCLIP_H14 = dict(kind="clip", vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_layers=24,
-                     num_heads=16, max_length=77, hidden_act="gelu", eos_token_id=49407, pooling="argmax",
-                     output_layer="last", pad_token_id=0, tokenizer_kind="clip")
+CLIP_L14_VERSION = "openai/clip-vit-large-patch14"  # FrozenCLIPEmbedder's default version (SD v1)
+OPENCLIP_H14_ARCH = "ViT-H-14"  # FrozenOpenCLIPEmbedder's default arch (SD 2.x)
+# transformers CLIPTextConfig's defaults, for the fields a saved json leaves out (a CLIPConfig's text_config
+# often holds only the fields that differ from them).
+CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                          layer_norm_eps=1e-5, attention_dropout=0.0, eos_token_id=49407)
+TEXT_ENCODER_CONFIG_FILES = ("config.json", "text_encoder/config.json")  # looked for in a directory, in order
 
 
-def load_ldm_yaml(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Reads a CompVis config.yaml (yaml.safe_load) and returns `config_from_ldm_yaml` of it."""
-    import yaml  # PyYAML: only needed for this entry point
+def load_ldm_yaml(path: str | os.PathLike, text_encoder_config: str | os.PathLike | None = None
+                  ) -> ml_collections.ConfigDict:
+    """Reads a CompVis config.yaml (yaml.safe_load) and returns `config_from_ldm_yaml` of it.
+
+    text_encoder_config: a transformers CLIP config.json, or a directory holding one, for a text encoder the
+    reader does not know by name (module docstring). Errors are one-line ValueErrors naming the yaml file.
+    """
+    import yaml  # noqa: PLC0415 (PyYAML: only needed for this entry point)
 
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     try:
-        return config_from_ldm_yaml(data)
+        text = None if text_encoder_config is None else read_text_encoder_config(text_encoder_config)
+        return config_from_ldm_yaml(data, text)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
 
-def config_from_ldm_yaml(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A parsed CompVis config (a mapping with a `model` entry) -> locked ConfigDict (see module docstring)."""
+def read_text_encoder_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The transformers CLIPTextConfig fields of a config.json (or a directory holding one, see
+    TEXT_ENCODER_CONFIG_FILES): a CLIPConfig's `text_config`, else the file's own fields, over
+    CLIP_TEXT_DEFAULTS. ValueError (one line, naming the path) when there is no such file or it is no CLIP
+    text config."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        found = [path / name for name in TEXT_ENCODER_CONFIG_FILES if (path / name).is_file()]
+        if not found:
+            raise ValueError(f"text_encoder_config {path}: the directory holds none of "
+                             f"{list(TEXT_ENCODER_CONFIG_FILES)}")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"text_encoder_config {path}: no such file or directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"text_encoder_config {path}: not a JSON file ({err})") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"text_encoder_config {path}: expected a JSON object, got {type(data).__name__}")
+    if isinstance(data.get("text_config"), Mapping):
+        data = data["text_config"]
+    elif "hidden_size" not in data:
+        raise ValueError(f"text_encoder_config {path}: neither a CLIPTextConfig (no hidden_size) nor a CLIPConfig "
+                         f"(no text_config); it has {sorted(data)}")
+    model_type = data.get("model_type", "clip_text_model")
+    if model_type not in ("clip_text_model", "clip"):
+        raise ValueError(f"text_encoder_config {path}: model_type {model_type!r} is not a CLIP text model")
+    return {**CLIP_TEXT_DEFAULTS, **{k: v for k, v in data.items() if v is not None}, "source": str(path)}
+
+
+def config_from_ldm_yaml(data: Mapping[str, Any], text_encoder_config: Mapping[str, Any] | None = None
+                         ) -> ml_collections.ConfigDict:
+    """A parsed CompVis config (a mapping with a `model` entry) -> locked ConfigDict (see module docstring).
+
+    text_encoder_config: transformers CLIPTextConfig fields (`read_text_encoder_config`) describing the yaml's
+    CLIP text tower; needed when its version/arch is not known, an error beside a non-CLIP cond stage.
+    """
     if not isinstance(data, Mapping) or not isinstance(data.get("model"), Mapping):
         raise ValueError("expected a CompVis config with a top-level `model:` entry (target + params)")
     model = data["model"]
@@ -100,16 +164,17 @@ def config_from_ldm_yaml(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.first_stage = _first_stage(p.need("first_stage_config"))
     config.unet = _unet(p.need("unet_config"))
     if not unconditional:
-        config.cond_stage = _cond_stage(cond_cfg)
-    config.diffusion = ml_collections.ConfigDict(dict(
+        config.cond_stage = _cond_stage(cond_cfg, text_encoder_config)
+    elif text_encoder_config is not None:
+        raise ValueError(f"text_encoder_config {text_encoder_config.get('source', '')} given, but the model is "
+                         f"unconditional (cond_stage_config: {UNCONDITIONAL})")
+    config.diffusion = diffusion(
         beta_schedule=p.get("beta_schedule", "linear"),
         num_timesteps=int(p.get("timesteps", 1000)),
         linear_start=float(p.get("linear_start", 1e-4)),
         linear_end=float(p.get("linear_end", 2e-2)),
         cosine_s=float(p.get("cosine_s", 8e-3)),
         v_posterior=float(p.get("v_posterior", 0.0)),
-    ))
-    config.ldm = ml_collections.ConfigDict(dict(
         conditioning_key=_conditioning_key(p, unconditional, model.get("target")),
         prediction_type=p.get("parameterization", "eps"),
         scale_factor=float(p.get("scale_factor", 1.0)),
@@ -119,7 +184,7 @@ def config_from_ldm_yaml(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
         loss_type=p.get("loss_type", "l2"),
         learn_logvar=bool(p.get("learn_logvar", False)),
         logvar_init=float(p.get("logvar_init", 0.0)),
-    ))
+    )
     p.done()
     config.lock()
     return config
@@ -235,8 +300,6 @@ def _unet(entry: Any) -> ml_collections.ConfigDict:
         dropout=float(p.get("dropout", 0.0)),
         flip_sin_to_cos=True,
         freq_shift=0.0,
-        attention="xla",
-        remat=bool(p.get("use_checkpoint", False)),
     )
     p.done()
     return ml_collections.ConfigDict(section)
@@ -264,23 +327,26 @@ def _first_stage(entry: Any) -> ml_collections.ConfigDict:
         n_embed=int(p.need("n_embed")) if kind == "vq" else 0,
         beta=0.25,  # taming VectorQuantizer2 default, which VQModel does not override
         legacy=True,
-        remat=False,
-        attention_impl="xla",
     )
     dd.done()
     p.done()
     return ml_collections.ConfigDict(section)
 
 
-def _cond_stage(entry: Any) -> ml_collections.ConfigDict:
+def _cond_stage(entry: Any, text: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
     where = "model.params.cond_stage_config"
     if entry == "__is_first_stage__":
         raise ValueError(f"{where}=__is_first_stage__ (conditioning on the first stage's latents) is not supported")
     params = _params(entry, where, COND_TARGETS)
     name = entry["target"][len(_ENCODERS):]
     p = _Section(params, f"{where}.params", ignored=_COND_IGNORED)
-    section = {"FrozenCLIPEmbedder": _clip, "FrozenOpenCLIPEmbedder": _openclip, "BERTEmbedder": _bert,
-               "ClassEmbedder": _class}[name](p, f"{where}.params")
+    if name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"):
+        section = (_clip if name == "FrozenCLIPEmbedder" else _openclip)(p, f"{where}.params", text)
+    elif text is not None:
+        raise ValueError(f"text_encoder_config {text.get('source', '')} given, but the yaml's text encoder is "
+                         f"{name}, not a CLIP text tower")
+    else:
+        section = {"BERTEmbedder": _bert, "ClassEmbedder": _class}[name](p, f"{where}.params")
     p.done()
     return ml_collections.ConfigDict(section)
 
@@ -292,30 +358,74 @@ def _max_length(p: _Section, where: str, name: str = "max_length") -> int:
     return value
 
 
-def _clip(p: _Section, where: str) -> dict[str, Any]:
-    version = p.get("version", "openai/clip-vit-large-patch14")
-    if version != "openai/clip-vit-large-patch14":
-        raise ValueError(f"{where}.version={version!r}: only openai/clip-vit-large-patch14 (SD v1) is known")
+def _unknown_text_encoder(where: str, name: str, value: str, known: str) -> ValueError:
+    return ValueError(f"{where}.{name}={value!r} is not a text encoder this reader knows (known: {known!r}); pass "
+                      f"its transformers CLIP config.json, or a directory holding one (e.g. its Hugging Face "
+                      f"snapshot), as text_encoder_config (ldm-jax sample --text-encoder-config)")
+
+
+def _from_text_encoder_config(text: Mapping[str, Any], where: str, max_length: int, *, pad_token_id: int
+                              ) -> dict[str, Any]:
+    """Our cond_stage section (CLIP) from transformers CLIPTextConfig fields; the yaml's max_length must be
+    the tower's number of positions (our position table is the padded length)."""
+    if text["max_position_embeddings"] != max_length:
+        raise ValueError(f"{where}.max_length={max_length} but text_encoder_config {text.get('source', '')} has "
+                         f"max_position_embeddings={text['max_position_embeddings']}; they must be equal")
+    fields = {k: v for k, v in text.items() if k != "source"}
+    try:
+        config = clip_text_config_from_transformers(fields, pad_token_id=pad_token_id)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"text_encoder_config {text.get('source', '')}: {err}") from None
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+def _max_length(p: _Section, where: str, name: str = "max_length", known: bool = True) -> int:
+    value = int(p.get(name, 77))
+    if known and value != 77:
+        raise ValueError(f"{where}.{name}={value}: the text encoders known here have 77 positions")
+    return value
+
+
+def _clip(p: _Section, where: str, text: Mapping[str, Any] | None) -> dict[str, Any]:
+    """FrozenCLIPEmbedder(version, layer="last", max_length=77): transformers CLIPTextModel, prompts padded with
+    the end-of-text token (the id `eos_token_id`, or the last id of the vocabulary for configs with the legacy
+    eos_token_id 2: CLIP's BPE vocabulary ends with <|endoftext|>)."""
+    version = p.get("version", CLIP_L14_VERSION)
+    if text is None and version != CLIP_L14_VERSION:
+        raise _unknown_text_encoder(where, "version", version, CLIP_L14_VERSION)
     layer = p.get("layer", "last")
     if layer != "last":
         raise ValueError(f"{where}.layer={layer!r} is not supported (supported: 'last')")
     p.get("layer_idx")
-    _max_length(p, where)
-    return dict(_CLIP_L14)
+    max_length = _max_length(p, where, known=text is None)
+    if text is None:
+        return get_preset("sd_v1").cond_stage.to_dict()
+    eos = text["eos_token_id"]
+    end_of_text = text["vocab_size"] - 1 if eos == LEGACY_EOS_TOKEN_ID else eos
+    return _from_text_encoder_config(text, where, max_length, pad_token_id=end_of_text)
 
 
-def _openclip(p: _Section, where: str) -> dict[str, Any]:
-    arch = p.get("arch", "ViT-H-14")
-    if arch != "ViT-H-14":
-        raise ValueError(f"{where}.arch={arch!r}: only ViT-H-14 (SD 2.x) is known")
+def _openclip(p: _Section, where: str, text: Mapping[str, Any] | None) -> dict[str, Any]:
+    """FrozenOpenCLIPEmbedder(arch, version, layer, max_length=77): open_clip's text tower, prompts padded with 0;
+    layer "penultimate" drops the last block (our output_layer "last" on one block fewer)."""
+    arch = p.get("arch", OPENCLIP_H14_ARCH)
+    if text is None and arch != OPENCLIP_H14_ARCH:
+        raise _unknown_text_encoder(where, "arch", arch, OPENCLIP_H14_ARCH)
     p.get("version")  # the pretrained tag (laion2b_s32b_b79k): the weights come from the checkpoint
     layer = p.get("layer", "last")
     if layer not in ("last", "penultimate"):
         raise ValueError(f"{where}.layer={layer!r} is not supported (supported: 'last', 'penultimate')")
-    _max_length(p, where)
-    section = dict(_OPENCLIP_H14)
+    max_length = _max_length(p, where, known=text is None)
+    if text is None:
+        section = get_preset("sd_v2").cond_stage.to_dict()
+        section["num_layers"] = 24  # ViT-H-14's text tower (the preset holds the 23 that SD 2.x evaluates)
+    else:
+        section = _from_text_encoder_config(text, where, max_length, pad_token_id=0)
     if layer == "penultimate":
-        section["num_layers"] = 23  # the 24th block is never evaluated; see ldm_jax.convert.compvis
+        if section["num_layers"] < 2:
+            raise ValueError(f"{where}.layer='penultimate' needs a tower of 2 or more blocks; the text encoder "
+                             f"has {section['num_layers']}")
+        section["num_layers"] -= 1  # the last block is never evaluated; see ldm_jax.convert.compvis
     return section
 
 
