@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import pathlib
 from typing import Any, TypeVar
 
 import ml_collections
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Run-time options that older saved model configs hold in their unet / first_stage / cond_stage sections
+# (they are `ldm.RunOptions` now, given at load or call time, never architecture).
+RUNTIME_KEYS = ("attention", "remat", "attention_impl", "attention_implementation", "implementation")
+
+
+def drop_runtime_keys(section: Any, *, where: str = "") -> dict[str, Any]:
+    """A model section (ConfigDict or mapping) as a dict without the legacy run-time keys of RUNTIME_KEYS.
+
+    Old configs (e.g. a config.json written before run-time options left the model configs) still load;
+    what was dropped is logged at debug level.
+    """
+    values = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+    dropped = {key: values.pop(key) for key in RUNTIME_KEYS if key in values}
+    if dropped:
+        log.debug("%s: ignoring run-time option(s) %s saved in the model config (give them at load time)",
+                  where or "config", dropped)
+    return values
 
 
 def build_dataclass(cls: type[T], section: Any, *, where: str = "") -> T:

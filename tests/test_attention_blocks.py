@@ -70,7 +70,7 @@ def test_attention_implementations_agree_in_blocks():
     """48x48 = 2304 tokens: the "chunked" path runs 3 query chunks of 1024 (the last one padded)."""
     x = jax.random.normal(jax.random.key(0), (1, 48, 48, 32))
     context = jax.random.normal(jax.random.key(1), (1, 5, 16))
-    blocks = {impl: SpatialTransformer(heads=2, head_dim=16, implementation=impl) for impl in ATTENTION_IMPLS}
+    blocks = {impl: SpatialTransformer(heads=2, head_dim=16, attention=impl) for impl in ATTENTION_IMPLS}
     params = blocks["xla"].init(jax.random.key(2), x, context)
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
     outs = {impl: np.asarray(jax.jit(block.apply)(params, x, context)) for impl, block in blocks.items()}

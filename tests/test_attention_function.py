@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models.attention import ATTENTION_IMPLS, attention
+from ldm_jax.models.attention import ATTENTION_IMPLS, attend
 
 
 def _reference(q, k, v, mask=None):
@@ -17,27 +17,27 @@ def _reference(q, k, v, mask=None):
     return np.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-@pytest.mark.parametrize("implementation", ATTENTION_IMPLS)
-def test_attention_matches_float64_reference(implementation):
+@pytest.mark.parametrize("attention", ATTENTION_IMPLS)
+def test_attention_matches_float64_reference(attention):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 37, 3, 8))
     k = jax.random.normal(kk, (2, 21, 3, 8))
     v = jax.random.normal(kv, (2, 21, 3, 8))
     causal = np.tril(np.ones((37, 21), bool))[None, None]
     for mask in (None, causal):
-        out = attention(q, k, v, mask=mask, implementation=implementation, query_chunk=16, key_chunk=8)
+        out = attend(q, k, v, mask=mask, attention=attention, query_chunk=16, key_chunk=8)
         np.testing.assert_allclose(out, _reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_bf16_keeps_float32_softmax():
     q = jax.random.normal(jax.random.key(1), (1, 64, 2, 16), jnp.bfloat16)
-    out = attention(q, q, q)
+    out = attend(q, q, q)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), _reference(q, q, q), atol=3e-2)
 
 
 def test_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="heads, head_dim"):
-        attention(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
-    with pytest.raises(ValueError, match="unknown attention implementation"):
-        attention(jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2, 1, 4)), implementation="flash")
+        attend(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"attend: attention='flash'; expected one of \('xla', 'jax_nn', 'chunked'\)"):
+        attend(jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2, 1, 4)), attention="flash")

@@ -31,6 +31,7 @@ from ldm_jax.models.autoencoder import (
     AutoencoderConfig,
     DiagonalGaussian,
     VectorQuantizer,
+    autoencoder_config,
     build_autoencoder,
     decoder_last_layer,
     decoder_last_layer_path,
@@ -297,7 +298,6 @@ def test_bad_input_is_refused(kl, vq):
         (dict(double_z=False), "kind='kl' needs double_z=True"),
         (dict(kind="vq", double_z=False), "kind='vq' needs n_embed >= 1"),
         (dict(resolution=33), "resolution=33 is not divisible by the factor 2"),
-        (dict(attention_impl="flash"), "attention_impl='flash'"),
     ],
 )
 def test_config_validation(changes, message):
@@ -310,13 +310,26 @@ def test_build_autoencoder_from_sections():
     assert build_autoencoder(section).config == KL_CONFIG
     with pytest.raises(ValueError, match=r"first_stage: unknown field\(s\) \['z_chanels'\]"):
         build_autoencoder({**section, "z_chanels": 4})
+    # Sections saved when attention and remat were config fields still build the same config.
+    legacy = {**section, "attention_impl": "chunked", "remat": True}
+    assert autoencoder_config(legacy) == KL_CONFIG
+    assert build_autoencoder(legacy).attention == "xla"  # the saved value is not a run-time option
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(attention="flash"), r"build_autoencoder: attention='flash'; expected one of \('xla', 'jax_nn', 'chunked'\)"),
+    (dict(remat="sometimes"), r"build_autoencoder: remat='sometimes'; expected False, True or one of"),
+])
+def test_bad_run_time_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_autoencoder(KL_CONFIG, **options)
 
 
 def test_remat_and_dropout():
     """Remat keeps the param tree and gives the same gradients (with dropout active, same dropout key)."""
     cfg = AutoencoderConfig(kind="kl", ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), resolution=4,
                             dropout=0.5)
-    plain, remat = build_autoencoder(cfg), build_autoencoder(dataclasses.replace(cfg, remat=True))
+    plain, remat = build_autoencoder(cfg), build_autoencoder(cfg, remat=True)
     shapes = jax.eval_shape(lambda k: init_autoencoder(plain, k), jax.random.key(0))
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(
         jax.eval_shape(lambda k: init_autoencoder(remat, k), jax.random.key(0)))

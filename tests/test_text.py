@@ -80,15 +80,15 @@ def test_clip_matches_transformers(hidden_act, eos_token_id):
     np.testing.assert_allclose(context, ref_penultimate_ln.numpy(), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "jax_nn"])
-def test_clip_attention_implementations_and_bfloat16(implementation):
+@pytest.mark.parametrize("attention", ["chunked", "jax_nn"])
+def test_clip_attention_implementations_and_bfloat16(attention):
     config = _tiny("clip")
     ids = jnp.asarray(_ids(eos=VOCAB - 1, pad=VOCAB - 1, lengths=(6, 40)), jnp.int32)
     params = ClipTextTransformer(config).init(jax.random.key(0), ids)
     ref = ClipTextTransformer(config).apply(params, ids)
-    out = ClipTextTransformer(config, attention_implementation=implementation).apply(params, ids)
+    out = ClipTextTransformer(config, attention=attention).apply(params, ids)
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
-    low = ClipTextTransformer(config, attention_implementation=implementation, dtype=jnp.bfloat16).apply(params, ids)
+    low = ClipTextTransformer(config, attention=attention, dtype=jnp.bfloat16).apply(params, ids)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(low, np.float32), ref, atol=0.1)  # bf16 has 8 mantissa bits
 
@@ -187,7 +187,7 @@ def test_long_prompt_warns_and_truncates(tokenizer_dirs):
 def test_other_tokenizers_match_transformers(tokenizer_dirs, kind, pad):
     tok = load_tokenizer(tokenizer_dirs[kind], kind)
     ids = tokenize(tok, PROMPTS, pad_token_id=pad, max_length=24)
-    for row, prompt in zip(ids, PROMPTS):
+    for row, prompt in zip(ids, PROMPTS, strict=True):
         ref = tok(prompt, max_length=24, truncation=True)["input_ids"]
         assert row.tolist() == ref + [pad] * (24 - len(ref))
     if kind == "bert":
@@ -362,6 +362,15 @@ def test_cond_stage_config_errors():
         cond_stage_config({"kind": "clip", "hidden_size": 30, "num_heads": 4})
     with pytest.raises(ValueError, match="output_layer"):
         ClipTextConfig(output_layer="second")
+    with pytest.raises(ValueError, match=r"build_cond_stage: attention='flash'; expected one of"):
+        build_cond_stage(ClipTextConfig(), attention="flash")
+
+
+def test_cond_stage_sections_of_old_configs_drop_run_time_keys():
+    for kind in ("clip", "bert", "class"):
+        section = _text_tiny(kind).cond_stage.to_dict()
+        legacy = {**section, "attention": "chunked", "attention_implementation": "jax_nn", "implementation": "xla"}
+        assert cond_stage_config(legacy) == cond_stage_config(section)
 
 
 @pytest.mark.parametrize("name", ["sd_v1", "sd_v1_inpainting", "sd_v2", "ldm_cin256", "ldm_txt2img_1p4b"])

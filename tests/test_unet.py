@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from ldm_jax.config import build_dataclass, load_config_file
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.diffusers_unet import convert_diffusers_unet, load_diffusers_unet, unet_config_from_diffusers
-from ldm_jax.models.unet import UNetConfig, UNetModel, init_unet
+from ldm_jax.models.unet import UNetConfig, UNetModel, build_unet, init_unet, unet_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 RTOL = 1e-5
@@ -116,7 +116,7 @@ def test_sd_v1_structure_matches_diffusers_without_allocating():
         ref = UNet2DConditionModel(**sd1)
     assert sum(p.numel() for p in ref.parameters()) == 859_520_964
     cfg = build_dataclass(UNetConfig, load_config_file(CONFIGS / "sd_v1.py").unet)
-    assert unet_config_from_diffusers(ref.config, remat=True) == cfg
+    assert unet_config_from_diffusers(ref.config) == cfg
     shapes = jax.eval_shape(lambda key: init_unet(UNetModel(cfg), key), jax.random.key(0))
     assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes)) == 859_520_964
     # Zero-stride stand-ins of the right shapes go through the strict converter (every key mapped, shapes equal).
@@ -171,7 +171,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     params = _random_params(UNetModel(_one_level()), x, t, context)
 
     def loss_and_grad(remat):
-        model = UNetModel(_one_level(remat=remat, dropout=0.1))
+        model = build_unet(_one_level(dropout=0.1), remat=remat)
         loss = lambda p: jnp.mean(  # noqa: E731
             model.apply(p, x, t, context, deterministic=False, rngs={"dropout": jax.random.key(3)}) ** 2
         )
@@ -180,7 +180,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     loss, grads = loss_and_grad(False)
     loss_r, grads_r = loss_and_grad("dots_saveable")
     np.testing.assert_allclose(loss_r, loss, rtol=1e-5)
-    for g_r, g in zip(jax.tree_util.tree_leaves(grads_r), jax.tree_util.tree_leaves(grads)):
+    for g_r, g in zip(jax.tree_util.tree_leaves(grads_r), jax.tree_util.tree_leaves(grads), strict=True):
         np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6)
 
 
@@ -214,8 +214,6 @@ def test_missing_class_labels_are_refused():
 @pytest.mark.parametrize("fields, message", [
     (dict(num_heads=8, num_head_channels=64), "exactly one of num_heads"),
     (dict(num_heads=-1, num_head_channels=-1), "exactly one of num_heads"),
-    (dict(attention="flash"), "attention='flash'"),
-    (dict(remat="sometimes"), "remat='sometimes'"),
     (dict(num_classes="sequential"), "adm_in_channels"),
     (dict(attention_resolutions=(3,)), r"attention_resolutions \[3\]"),
     (dict(context_dim=None), "needs context_dim"),
@@ -224,6 +222,25 @@ def test_missing_class_labels_are_refused():
 def test_bad_configs_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         UNetConfig(**fields)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(attention="flash"), r"build_unet: attention='flash'; expected one of \('xla', 'jax_nn', 'chunked'\)"),
+    (dict(remat="sometimes"), r"build_unet: remat='sometimes'; expected False, True or one of"),
+])
+def test_bad_run_time_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_unet(_tiny(), **options)
+
+
+def test_run_time_keys_of_old_configs_are_dropped():
+    """A `unet` section saved when attention and remat were config fields builds the same UNetConfig."""
+    fields = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1, 2],
+                  num_heads=2, context_dim=16)
+    assert unet_config({**fields, "attention": "chunked", "remat": True}) == unet_config(fields) == _tiny()
+    assert build_unet({**fields, "attention": "chunked"}).attention == "xla"  # the saved value is not an option
+    with pytest.raises(ValueError, match=r"unet: unknown field\(s\) \['atention'\]"):
+        unet_config({**fields, "atention": "xla"})
 
 
 def test_converter_refuses_unsupported_options_and_mismatched_weights():

@@ -1,8 +1,9 @@
 """Attention: the one attention function of the project, and the transformer blocks built on it.
 
-`attention(q, k, v)` is used by every model (autoencoder mid-block, UNet transformers, text encoders).
-It takes heads-last tensors (batch, length, heads, head_dim), computes the softmax in float32, and has
-three interchangeable implementations that agree to float tolerance:
+`attend(q, k, v, attention=...)` is used by every model (autoencoder mid-block, UNet transformers, text
+encoders). It takes heads-last tensors (batch, length, heads, head_dim), computes the softmax in float32, and
+has three interchangeable implementations that agree to float tolerance, picked by the run-time option
+`attention` (`ldm.RunOptions.attention`; every module that attends has an `attention` attribute):
 
 - "xla":       plain einsum -> float32 softmax -> einsum (materialises the (Lq, Lk) logits); on CPU the same
                formula per (batch, head) and block of queries in a sequential loop (see `_attention_xla`).
@@ -30,13 +31,20 @@ AttentionImpl = Literal["xla", "jax_nn", "chunked"]
 ATTENTION_IMPLS = ("xla", "jax_nn", "chunked")
 
 
-def attention(
+def check_attention(attention: str, where: str) -> str:
+    """Returns `attention` if it names an implementation, else a ValueError naming `where`, it and the choices."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"{where}: attention={attention!r}; expected one of {ATTENTION_IMPLS}")
+    return attention
+
+
+def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     *,
     mask: jax.Array | None = None,
-    implementation: AttentionImpl = "xla",
+    attention: AttentionImpl = "xla",
     query_chunk: int = 1024,
     key_chunk: int = 4096,
 ) -> jax.Array:
@@ -47,7 +55,7 @@ def attention(
       k: (batch, Lk, heads, head_dim) keys.
       v: (batch, Lk, heads, head_dim_v) values ("jax_nn" needs head_dim_v == head_dim).
       mask: optional boolean, broadcastable to (batch, heads, Lq, Lk); True means "may attend".
-      implementation: "xla", "jax_nn" or "chunked" (see module docstring).
+      attention: the implementation, "xla", "jax_nn" or "chunked" (see module docstring).
       query_chunk, key_chunk: chunk sizes of the "chunked" implementation.
 
     Returns:
@@ -55,17 +63,16 @@ def attention(
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"attention expects (batch, length, heads, head_dim) tensors; got q{q.shape} k{k.shape} v{v.shape}"
+            f"attend expects (batch, length, heads, head_dim) tensors; got q{q.shape} k{k.shape} v{v.shape}"
         )
     if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"attention shape mismatch: q{q.shape} k{k.shape} v{v.shape}")
-    if implementation == "xla":
-        return _attention_xla(q, k, v, mask)
-    if implementation == "jax_nn":
+        raise ValueError(f"attend: shape mismatch: q{q.shape} k{k.shape} v{v.shape}")
+    check_attention(attention, "attend")
+    if attention == "jax_nn":
         return _attention_jax_nn(q, k, v, mask)
-    if implementation == "chunked":
+    if attention == "chunked":
         return _attention_chunked(q, k, v, mask, query_chunk, key_chunk)
-    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}")
+    return _attention_xla(q, k, v, mask)
 
 
 def _attention_xla(q, k, v, mask):
@@ -205,7 +212,7 @@ class CrossAttention(nn.Module):
 
     heads: int
     head_dim: int
-    implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -219,7 +226,7 @@ class CrossAttention(nn.Module):
         k = dense(inner, use_bias=False, name="to_k")(context)
         v = dense(inner, use_bias=False, name="to_v")(context)
         q, k, v = (t.reshape(*t.shape[:2], self.heads, self.head_dim) for t in (q, k, v))  # (B, L, heads, d)
-        out = attention(q, k, v, implementation=self.implementation).reshape(*x.shape[:2], inner)
+        out = attend(q, k, v, attention=self.attention).reshape(*x.shape[:2], inner)
         out = dense(x.shape[-1], name="to_out_0")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
@@ -273,7 +280,7 @@ class BasicTransformerBlock(nn.Module):
 
     heads: int
     head_dim: int
-    implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -281,7 +288,7 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = functools.partial(CrossAttention, self.heads, self.head_dim, self.implementation, self.dropout, **kw)
+        attn = functools.partial(CrossAttention, self.heads, self.head_dim, self.attention, self.dropout, **kw)
         norm = functools.partial(_layer_norm, dtype=self.dtype, param_dtype=self.param_dtype)
         x = x + attn(name="attn1")(norm("norm1", x), None, deterministic)
         x = x + attn(name="attn2")(norm("norm2", x), context, deterministic)
@@ -300,7 +307,7 @@ class SpatialTransformer(nn.Module):
     head_dim: int
     depth: int = 1
     use_linear: bool = False
-    implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -317,7 +324,7 @@ class SpatialTransformer(nn.Module):
             h = conv(inner, 1, name="proj_in", **kw)(h).reshape(batch, height * width, inner)
         for i in range(self.depth):
             h = BasicTransformerBlock(
-                self.heads, self.head_dim, self.implementation, self.dropout, name=f"transformer_blocks_{i}", **kw
+                self.heads, self.head_dim, self.attention, self.dropout, name=f"transformer_blocks_{i}", **kw
             )(h, context, deterministic)
         zeros = nn.initializers.zeros_init()
         if self.use_linear:
@@ -337,7 +344,7 @@ class AttentionBlock(nn.Module):
 
     heads: int
     epsilon: float = 1e-5
-    implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -353,6 +360,6 @@ class AttentionBlock(nn.Module):
             nn.Dense(channels, name=n, **kw)(h).reshape(batch, height * width, self.heads, channels // self.heads)
             for n in ("to_q", "to_k", "to_v")
         )
-        out = attention(q, k, v, implementation=self.implementation).reshape(batch, height * width, channels)
+        out = attend(q, k, v, attention=self.attention).reshape(batch, height * width, channels)
         out = nn.Dense(channels, kernel_init=nn.initializers.zeros_init(), name="to_out_0", **kw)(out)
         return x + out.reshape(x.shape)

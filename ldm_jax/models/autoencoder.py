@@ -8,6 +8,8 @@ diffusers' `AutoencoderKL` / `VQModel` (`encoder/down_blocks_0/resnets_1/conv1`,
 Images are NHWC float32 in [-1, 1], (B, H, W, in_channels) with H and W divisible by the downsampling
 factor f = 2**(len(ch_mult) - 1). Latents are (B, H/f, W/f, embed_dim). Norms, the attention softmax, the
 encoder's moment convs, the vector quantiser and the decoder's last conv run in float32 whatever `dtype`.
+Run-time options (`attention`, `remat`, `dtype`, `param_dtype`) are module attributes given to
+`build_autoencoder`, not fields of `AutoencoderConfig` (which describes the weights only).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ldm_jax.config import build_dataclass
-from ldm_jax.models.attention import ATTENTION_IMPLS, attention
-from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample, conv
+from ldm_jax.config import build_dataclass, drop_runtime_keys
+from ldm_jax.models.attention import attend, check_attention
+from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample, check_remat, conv, maybe_remat
 
 Dtype = Any
 
@@ -37,8 +39,7 @@ class AutoencoderConfig:
     kind: "kl" (AutoencoderKL, needs double_z) or "vq" (VQModel, needs n_embed > 0 and not double_z).
     ch * m must be divisible by 32 for every m in ch_mult (GroupNorm with 32 groups). attn_resolutions
     lists feature-map sizes (relative to `resolution`) that get a self-attention block after each resnet.
-    beta weights the VQ codebook (legacy=True) or commitment (legacy=False) term; remat recomputes each
-    down/mid/up block in the backward pass; attention_impl is passed to `attention()`.
+    beta weights the VQ codebook (legacy=True) or commitment (legacy=False) term.
     """
 
     kind: str = "kl"
@@ -56,8 +57,6 @@ class AutoencoderConfig:
     n_embed: int = 0
     beta: float = 0.25
     legacy: bool = True
-    remat: bool = False
-    attention_impl: str = "xla"
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -96,8 +95,6 @@ class AutoencoderConfig:
             errors.append(f"kind='vq' needs n_embed >= 1, got {self.n_embed}")
         if self.beta < 0:
             errors.append(f"beta={self.beta} must be >= 0")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            errors.append(f"attention_impl={self.attention_impl!r}, expected one of {ATTENTION_IMPLS}")
         return errors
 
     @property
@@ -122,10 +119,10 @@ class AutoencoderConfig:
 class SpatialSelfAttention(nn.Module):
     """Single-head self-attention over the H*W positions with a residual: x + to_out(attn(GN(x))).
 
-    Input and output (B, H, W, C).
+    Input and output (B, H, W, C). `attention`: the implementation (`ldm_jax.models.attention`).
     """
 
-    attention_impl: str = "xla"
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -137,7 +134,7 @@ class SpatialSelfAttention(nn.Module):
         q = nn.Dense(c, name="to_q", **kw)(y)
         k = nn.Dense(c, name="to_k", **kw)(y)
         v = nn.Dense(c, name="to_v", **kw)(y)
-        out = attention(q, k, v, implementation=self.attention_impl).reshape(b, h * w, c)
+        out = attend(q, k, v, attention=self.attention).reshape(b, h * w, c)
         out = nn.Dense(c, name="to_out_0", **kw)(out)
         return x + out.reshape(b, h, w, c)
 
@@ -152,7 +149,7 @@ class LevelBlock(nn.Module):
     add_attention: bool
     resample: str | None
     dropout: float = 0.0
-    attention_impl: str = "xla"
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -162,7 +159,7 @@ class LevelBlock(nn.Module):
         for j in range(self.num_layers):
             x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{j}", **kw)(x, deterministic=deterministic)
             if self.add_attention:
-                x = SpatialSelfAttention(self.attention_impl, name=f"attentions_{j}", **kw)(x)
+                x = SpatialSelfAttention(self.attention, name=f"attentions_{j}", **kw)(x)
         if self.resample == "down":
             x = Downsample(with_conv=True, asymmetric_padding=True, name="downsamplers_0", **kw)(x)
         elif self.resample == "up":
@@ -174,7 +171,7 @@ class MidBlock(nn.Module):
     """resnet -> self-attention -> resnet at constant width. (B, H, W, C) -> (B, H, W, C)."""
 
     dropout: float = 0.0
-    attention_impl: str = "xla"
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -183,19 +180,25 @@ class MidBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
         x = ResnetBlock(c, self.dropout, name="resnets_0", **kw)(x, deterministic=deterministic)
-        x = SpatialSelfAttention(self.attention_impl, name="attentions_0", **kw)(x)
+        x = SpatialSelfAttention(self.attention, name="attentions_0", **kw)(x)
         return ResnetBlock(c, self.dropout, name="resnets_1", **kw)(x, deterministic=deterministic)
 
 
-def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+def _maybe_remat(cls: type[nn.Module], remat: bool | str) -> type[nn.Module]:
     # static_argnums counts `self`: argument 2 is the Python bool `deterministic`.
-    return nn.remat(cls, static_argnums=(2,)) if remat else cls
+    return maybe_remat(cls, remat, static_argnums=(2,))
 
 
 class Encoder(nn.Module):
-    """Image (B, H, W, in_channels) -> (B, H/f, W/f, 2*z_channels if double_z else z_channels), float32."""
+    """Image (B, H, W, in_channels) -> (B, H/f, W/f, 2*z_channels if double_z else z_channels), float32.
+
+    attention: the implementation of the attention blocks; remat: False, True (recompute each down/mid block
+    in the backward pass) or a `jax.checkpoint_policies` name.
+    """
 
     config: AutoencoderConfig
+    attention: str = "xla"
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -203,9 +206,9 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(dropout=cfg.dropout, attention_impl=cfg.attention_impl, **kw)
+        block_kw = dict(dropout=cfg.dropout, attention=self.attention, **kw)
         x = conv(cfg.ch, 3, name="conv_in", **kw)(x)
-        down_cls, mid_cls = _maybe_remat(LevelBlock, cfg.remat), _maybe_remat(MidBlock, cfg.remat)
+        down_cls, mid_cls = _maybe_remat(LevelBlock, self.remat), _maybe_remat(MidBlock, self.remat)
         for i, mult in enumerate(cfg.ch_mult):
             x = down_cls(
                 cfg.ch * mult,
@@ -222,9 +225,14 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, h, w, z_channels) -> image (B, h*f, w*f, out_ch), float32 (last conv in float32)."""
+    """Latent (B, h, w, z_channels) -> image (B, h*f, w*f, out_ch), float32 (last conv in float32).
+
+    attention, remat: as in `Encoder`.
+    """
 
     config: AutoencoderConfig
+    attention: str = "xla"
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -232,9 +240,9 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(dropout=cfg.dropout, attention_impl=cfg.attention_impl, **kw)
+        block_kw = dict(dropout=cfg.dropout, attention=self.attention, **kw)
         x = conv(cfg.ch * cfg.ch_mult[-1], 3, name="conv_in", **kw)(z)
-        up_cls, mid_cls = _maybe_remat(LevelBlock, cfg.remat), _maybe_remat(MidBlock, cfg.remat)
+        up_cls, mid_cls = _maybe_remat(LevelBlock, self.remat), _maybe_remat(MidBlock, self.remat)
         x = mid_cls(name="mid_block", **block_kw)(x, deterministic)
         n = len(cfg.ch_mult)
         for i in range(n):  # up_blocks_0 is the deepest level
@@ -323,9 +331,12 @@ class AutoencoderKL(nn.Module):
 
     encode(x) -> DiagonalGaussian over (B, H/f, W/f, embed_dim); decode(z) -> (B, H, W, out_ch) float32;
     __call__(x, key=, sample_posterior=True) -> (reconstruction, posterior).
+    Run-time options: attention, remat (as in `Encoder`), dtype, param_dtype.
     """
 
     config: AutoencoderConfig
+    attention: str = "xla"
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -334,8 +345,8 @@ class AutoencoderKL(nn.Module):
         if cfg.kind != "kl":
             raise ValueError(f"AutoencoderKL needs config.kind='kl', got {cfg.kind!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, **kw)
-        self.decoder = Decoder(cfg, **kw)
+        self.encoder = Encoder(cfg, self.attention, self.remat, **kw)
+        self.decoder = Decoder(cfg, self.attention, self.remat, **kw)
         self.quant_conv = conv(2 * cfg.embed_dim, 1, dtype=jnp.float32, param_dtype=self.param_dtype)
         self.post_quant_conv = conv(cfg.z_channels, 1, **kw)
 
@@ -447,9 +458,12 @@ class VQModel(nn.Module):
     decode(h, force_not_quantize=False) -> image: quantise h (unless forced not to), post_quant_conv, decoder;
     decode_indices(indices (B, h, w)) -> image from codebook entries (diffusers `lookup_from_codebook`);
     __call__(x) -> (reconstruction, vq_loss, info) with info as in `VectorQuantizer`.
+    Run-time options: attention, remat (as in `Encoder`), dtype, param_dtype.
     """
 
     config: AutoencoderConfig
+    attention: str = "xla"
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -458,8 +472,8 @@ class VQModel(nn.Module):
         if cfg.kind != "vq":
             raise ValueError(f"VQModel needs config.kind='vq', got {cfg.kind!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, **kw)
-        self.decoder = Decoder(cfg, **kw)
+        self.encoder = Encoder(cfg, self.attention, self.remat, **kw)
+        self.decoder = Decoder(cfg, self.attention, self.remat, **kw)
         self.quant_conv = conv(cfg.embed_dim, 1, dtype=jnp.float32, param_dtype=self.param_dtype)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy, **kw)
         self.post_quant_conv = conv(cfg.z_channels, 1, **kw)
@@ -496,19 +510,32 @@ class VQModel(nn.Module):
 # Construction helpers.
 
 
+def autoencoder_config(section: Mapping[str, Any] | Any, *, where: str = "first_stage") -> AutoencoderConfig:
+    """AutoencoderConfig from a `first_stage` section (ConfigDict or mapping); unknown fields are a ValueError.
+    Run-time keys that old saved configs hold (attention_impl, remat; `config.RUNTIME_KEYS`) are dropped."""
+    return build_dataclass(AutoencoderConfig, drop_runtime_keys(section, where=where), where=where)
+
+
 def build_autoencoder(
     section_or_config: AutoencoderConfig | Mapping[str, Any] | Any,
     *,
+    attention: str = "xla",
+    remat: bool | str = False,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> AutoencoderKL | VQModel:
-    """Builds AutoencoderKL (kind "kl") or VQModel (kind "vq") from an AutoencoderConfig, a dict or a
-    `first_stage` ConfigDict section (unknown fields are an error)."""
+    """Builds AutoencoderKL (kind "kl") or VQModel (kind "vq") from an AutoencoderConfig, or a dict /
+    `first_stage` ConfigDict section (`autoencoder_config`).
+
+    Run-time options: `attention` ("xla", "jax_nn", "chunked"), `remat` (False, True or a policy name),
+    `dtype` (compute), `param_dtype` (storage). A bad attention or remat value is a ValueError.
+    """
     cfg = section_or_config
     if not isinstance(cfg, AutoencoderConfig):
-        cfg = build_dataclass(AutoencoderConfig, cfg, where="first_stage")
+        cfg = autoencoder_config(cfg)
     cls = AutoencoderKL if cfg.kind == "kl" else VQModel
-    return cls(cfg, dtype=dtype, param_dtype=param_dtype)
+    return cls(cfg, attention=check_attention(attention, "build_autoencoder"),
+               remat=check_remat(remat, "build_autoencoder"), dtype=dtype, param_dtype=param_dtype)
 
 
 def init_autoencoder(model: AutoencoderKL | VQModel, key: jax.Array) -> dict[str, Any]:

@@ -206,7 +206,7 @@ class ClipVisionTransformer(nn.Module):
     """
 
     config: ClipVisionConfig
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -220,7 +220,7 @@ class ClipVisionTransformer(nn.Module):
         # 1. patches + class token + positions; 2. pre_layrnorm; 3. unmasked blocks; 4. post_layernorm of token 0.
         x = ClipVisionEmbeddings(c, name="embeddings", **kw)(pixel_values.astype(self.dtype))
         x = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "pre_layrnorm")(x).astype(self.dtype)
-        last, _ = ClipEncoder(c, self.attention_implementation, causal=False, name="encoder", **kw)(x)
+        last, _ = ClipEncoder(c, self.attention, causal=False, name="encoder", **kw)(x)
         pooled = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "post_layernorm")(last[:, 0]).astype(self.dtype)
         return ClipVisionOutput(last, pooled)
 
@@ -234,14 +234,14 @@ class ClipModel(nn.Module):
     """
 
     config: ClipModelConfig
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.text_model = ClipTextTransformer(c.text, self.attention_implementation, **kw)
-        self.vision_model = ClipVisionTransformer(c.vision, self.attention_implementation, **kw)
+        self.text_model = ClipTextTransformer(c.text, self.attention, **kw)
+        self.vision_model = ClipVisionTransformer(c.vision, self.attention, **kw)
         self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
         self.text_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
 

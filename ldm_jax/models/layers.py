@@ -15,6 +15,25 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+LECUN_NORMAL = nn.initializers.lecun_normal()  # flax's default kernel init
+# `jax.checkpoint_policies` a `remat` run-time option may name (besides False / True).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def check_remat(remat: bool | str, where: str) -> bool | str:
+    """Returns `remat` if it is a bool or a name in REMAT_POLICIES, else a ValueError naming `where` and the choices."""
+    if not isinstance(remat, bool) and remat not in REMAT_POLICIES:
+        raise ValueError(f"{where}: remat={remat!r}; expected False, True or one of {REMAT_POLICIES}")
+    return remat
+
+
+def maybe_remat(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """`cls` itself (remat False), or its `nn.remat` version recomputing it in the backward pass (True: save
+    nothing; a REMAT_POLICIES name: that `jax.checkpoint_policies` policy). `static_argnums` counts `self`."""
+    if check_remat(remat, cls.__name__) is False:
+        return cls
+    policy = None if remat is True else getattr(jax.checkpoint_policies, remat)
+    return nn.remat(cls, policy=policy, static_argnums=static_argnums)
 
 
 class GroupNorm32(nn.Module):
@@ -46,7 +65,7 @@ class GroupNorm32(nn.Module):
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: Any = None, dtype: Dtype, param_dtype: Dtype,
-         name: str | None = None, kernel_init: Any = nn.initializers.lecun_normal()) -> nn.Conv:
+         name: str | None = None, kernel_init: Any = LECUN_NORMAL) -> nn.Conv:
     """An NHWC `nn.Conv` with "same" padding for odd kernels unless `padding` is given."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2

@@ -4,8 +4,9 @@ Every cond-stage module maps integer inputs to a cross-attention context:
 - `ClipTextTransformer`  token ids (B, L<=max_length) -> (B, L, hidden_size)   (SD v1 / v2)
 - `BertEmbedder`         token ids (B, L<=max_length) -> (B, L, n_embed)       (LDM txt2img-1p4B)
 - `ClassEmbedder`        labels (B,)                  -> (B, 1, embed_dim)     (LDM cin256)
-`build_cond_stage(config)` builds the right one from its config; `cond_stage_config(section)` turns a
-`cond_stage` config section into the matching frozen dataclass (dispatching on `kind`).
+`build_cond_stage(config, attention=...)` builds the right one from its config; `cond_stage_config(section)`
+turns a `cond_stage` config section into the matching frozen dataclass (dispatching on `kind`). The attention
+implementation is a run-time option (module attribute `attention`), not a config field.
 
 CLIP follows transformers' `CLIPTextModel` (module names mirror its keys, see convert/transformers_clip.py):
 token + position embedding, pre-LN blocks (causal self-attention, MLP with quick_gelu or gelu), final
@@ -56,8 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.config import build_dataclass
-from ldm_jax.models.attention import AttentionImpl, attention
+from ldm_jax.config import build_dataclass, drop_runtime_keys
+from ldm_jax.models.attention import AttentionImpl, attend, check_attention
 
 Dtype = Any
 
@@ -190,8 +191,9 @@ def cond_stage_config(section: Any) -> CondStageConfig:
     """Builds the frozen config of a `cond_stage` section (ConfigDict or mapping), dispatching on its `kind`.
 
     Raises ValueError when `kind` is missing or unknown, or when the section has a field the kind lacks.
+    Run-time keys that old saved configs hold (`config.RUNTIME_KEYS`) are dropped.
     """
-    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    values = drop_runtime_keys(section, where="cond_stage")
     kind = values.get("kind")
     if kind not in COND_STAGE_CONFIGS:
         raise ValueError(f"cond_stage.kind is {kind!r}; expected one of {sorted(COND_STAGE_CONFIGS)}")
@@ -201,16 +203,21 @@ def cond_stage_config(section: Any) -> CondStageConfig:
 def build_cond_stage(
     config: CondStageConfig,
     *,
+    attention: AttentionImpl = "xla",
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-    attention_implementation: AttentionImpl = "xla",
 ) -> nn.Module:
-    """The cond-stage module for `config`; its `__call__` maps ids/labels to a (B, L, context_dim) context."""
+    """The cond-stage module for `config`; its `__call__` maps ids/labels to a (B, L, context_dim) context.
+
+    Run-time options: `attention` ("xla", "jax_nn", "chunked"; unused by the class embedder; a bad value is
+    a ValueError), `dtype` (compute), `param_dtype` (storage).
+    """
     kw = dict(dtype=dtype, param_dtype=param_dtype)
+    check_attention(attention, "build_cond_stage")
     if isinstance(config, ClipTextConfig):
-        return ClipTextTransformer(config, attention_implementation=attention_implementation, **kw)
+        return ClipTextTransformer(config, attention=attention, **kw)
     if isinstance(config, BertEmbedderConfig):
-        return BertEmbedder(config, attention_implementation=attention_implementation, **kw)
+        return BertEmbedder(config, attention=attention, **kw)
     if isinstance(config, ClassEmbedderConfig):
         return ClassEmbedder(config, **kw)
     raise TypeError(f"build_cond_stage: unsupported config type {type(config).__name__}")
@@ -275,7 +282,7 @@ class ClipAttention(nn.Module):
     """Multi-head self-attention with q/k/v/out projections (with bias). (B, L, D) -> (B, L, D)."""
 
     num_heads: int
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -284,7 +291,7 @@ class ClipAttention(nn.Module):
         width = x.shape[-1]
         dense = lambda name: nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         q, k, v = (_split_heads(dense(n)(x), self.num_heads) for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, mask=mask, implementation=self.attention_implementation)
+        out = attend(q, k, v, mask=mask, attention=self.attention)
         return dense("out_proj")(out.reshape(x.shape))
 
 
@@ -311,7 +318,7 @@ class ClipEncoderLayer(nn.Module):
     """
 
     config: Any
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -319,7 +326,7 @@ class ClipEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm1")(x).astype(self.dtype)
-        x = x + ClipAttention(c.num_heads, self.attention_implementation, name="self_attn", **kw)(h, mask)
+        x = x + ClipAttention(c.num_heads, self.attention, name="self_attn", **kw)(h, mask)
         h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, "layer_norm2")(x).astype(self.dtype)
         return x + ClipMLP(c.intermediate_size, c.hidden_act, name="mlp", **kw)(h)
 
@@ -333,7 +340,7 @@ class ClipEncoder(nn.Module):
     """
 
     config: Any
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     causal: bool = True
@@ -345,7 +352,7 @@ class ClipEncoder(nn.Module):
         penultimate = x
         for i in range(self.config.num_layers):
             penultimate = x
-            x = ClipEncoderLayer(self.config, self.attention_implementation, dtype=self.dtype,
+            x = ClipEncoderLayer(self.config, self.attention, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
         return x, penultimate
 
@@ -375,14 +382,14 @@ class ClipTextTransformer(nn.Module):
     """
 
     config: ClipTextConfig
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = ClipTextEmbeddings(self.config, **kw)
-        self.encoder = ClipEncoder(self.config, self.attention_implementation, **kw)
+        self.encoder = ClipEncoder(self.config, self.attention, **kw)
         self.final_layer_norm = float32_layer_norm(self.config.layer_norm_eps, self.param_dtype)
 
     def encode(self, input_ids: jax.Array) -> ClipTextOutput:
@@ -415,7 +422,7 @@ class XAttention(nn.Module):
 
     heads: int
     dim_head: int
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -425,7 +432,7 @@ class XAttention(nn.Module):
         inner = self.heads * self.dim_head
         q, k, v = (_split_heads(nn.Dense(inner, use_bias=False, name=n, **kw)(x), self.heads)
                    for n in ("to_q", "to_k", "to_v"))
-        out = attention(q, k, v, implementation=self.attention_implementation)
+        out = attend(q, k, v, attention=self.attention)
         return nn.Dense(x.shape[-1], name="to_out", **kw)(out.reshape(*x.shape[:-1], inner))
 
 
@@ -447,7 +454,7 @@ class XEncoder(nn.Module):
     """x-transformers Encoder(dim, depth): depth x (pre-LN attention, pre-LN feed-forward) with residual adds."""
 
     config: BertEmbedderConfig
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -457,7 +464,7 @@ class XEncoder(nn.Module):
         for i in range(c.n_layer):
             a, f = 2 * i, 2 * i + 1  # x-transformers numbers attention and feed-forward layers in one list
             h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, f"layers_{a}_0")(x).astype(self.dtype)
-            x = x + XAttention(c.heads, c.dim_head, self.attention_implementation, name=f"layers_{a}_1", **kw)(h)
+            x = x + XAttention(c.heads, c.dim_head, self.attention, name=f"layers_{a}_1", **kw)(h)
             h = float32_layer_norm(c.layer_norm_eps, self.param_dtype, f"layers_{f}_0")(x).astype(self.dtype)
             x = x + XFeedForward(c.ff_mult, name=f"layers_{f}_1", **kw)(h)
         return x
@@ -485,7 +492,7 @@ class BertEmbedder(nn.Module):
     """
 
     config: BertEmbedderConfig
-    attention_implementation: AttentionImpl = "xla"
+    attention: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -496,7 +503,7 @@ class BertEmbedder(nn.Module):
         token = nn.Embed(c.vocab_size, c.n_embed, embedding_init=nn.initializers.normal(0.02), name="token_emb", **kw)
         x = _lookup(token, input_ids) + XPositionalEmbedding(c.max_length, c.n_embed, name="pos_emb", **kw)(
             input_ids.shape[1])
-        x = XEncoder(c, self.attention_implementation, name="attn_layers", **kw)(x)
+        x = XEncoder(c, self.attention, name="attn_layers", **kw)(x)
         return float32_layer_norm(c.layer_norm_eps, self.param_dtype, "norm")(x).astype(self.dtype)
 
 

@@ -28,13 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.config import build_dataclass
-from ldm_jax.models.attention import ATTENTION_IMPLS, AttentionBlock, SpatialTransformer
-from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample, conv, timestep_embedding
+from ldm_jax.config import build_dataclass, drop_runtime_keys
+from ldm_jax.models.attention import AttentionBlock, SpatialTransformer, check_attention
+from ldm_jax.models.layers import (Downsample, GroupNorm32, ResnetBlock, Upsample, check_remat, conv, maybe_remat,
+                                   timestep_embedding)
 
 Dtype = Any
 NORM_EPS = 1e-5  # the UNet's GroupNorms (ResBlocks, output norm) use torch's default epsilon
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 POSITION_EMBEDDING_INIT_STD = 0.5  # of the learned position table (`UNetConfig.position_embedding`)
 
 
@@ -49,14 +49,12 @@ class UNetConfig:
     (B, adm_in_channels) through a 2-layer MLP).
     `flip_sin_to_cos`/`freq_shift`: timestep-feature convention (CompVis: [cos, sin], shift 0).
     `dropout` applies inside the ResnetBlocks only (as in the reference; its transformers use none).
-    `attention`: "xla", "jax_nn" or "chunked" (see `ldm_jax.models.attention`).
-    `remat`: False, True (recompute every ResnetBlock / transformer block in the backward pass), or the
-    name of a `jax.checkpoint_policies` policy applied to each such block.
     `position_embedding`: None (CompVis / SD), or the latent (height, width): a learned (height, width,
     model_channels) embedding is added after conv_in, giving the network absolute positions (param
     `position_embedding`, normal with std 0.5 at init). Not in the reference; the captioned-shapes model
     uses it to place objects where the prompt says. Inputs must then be exactly that size.
-    `dtype` is not here: compute and parameter dtypes are attributes of the `UNetModel` module.
+    Run-time options are not here (a config describes the weights only): the attention implementation, remat,
+    compute and parameter dtypes are attributes of the `UNetModel` module (`build_unet`).
     """
 
     in_channels: int = 4
@@ -79,8 +77,6 @@ class UNetConfig:
     dropout: float = 0.0
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
-    attention: str = "xla"
-    remat: bool | str = False
     position_embedding: tuple[int, int] | None = None
 
     def __post_init__(self):
@@ -100,10 +96,6 @@ class UNetConfig:
                 "UNetConfig: resblock_updown=True (ResBlocks that resample) is not implemented; "
                 "Stable Diffusion and the LDM configs use conv/avg-pool resampling (resblock_updown=False)"
             )
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"UNetConfig: attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
-        if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"UNetConfig: remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
         bad = sorted(set(self.attention_resolutions) - {2**level for level in range(len(self.channel_mult))})
         if bad:
             raise ValueError(
@@ -144,24 +136,23 @@ class _ResnetBlock(ResnetBlock):
 
 def _maybe_remat(cls: type[nn.Module], remat: bool | str) -> type[nn.Module]:
     """`cls` itself, or its `nn.remat` version (call signature (x, temb_or_context, deterministic))."""
-    if remat is False:
-        return cls
-    policy = None if remat is True else getattr(jax.checkpoint_policies, remat)
-    return nn.remat(cls, policy=policy, static_argnums=(3,))  # self, x, temb/context, deterministic
+    return maybe_remat(cls, remat, static_argnums=(3,))  # self, x, temb/context, deterministic
 
 
 class _Blocks(nn.Module):
-    """Shared constructors of the blocks of one UNet level."""
+    """Shared constructors of the blocks of one UNet level (run-time options as in `UNetModel`)."""
 
     config: UNetConfig
     channels: int
     has_attention: bool
+    attention: str = "xla"
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def resnet(self, name: str) -> nn.Module:
         cfg = self.config
-        return _maybe_remat(_ResnetBlock, cfg.remat)(
+        return _maybe_remat(_ResnetBlock, self.remat)(
             self.channels,
             dropout=cfg.dropout,
             time_embedding_norm="scale_shift" if cfg.use_scale_shift_norm else "default",
@@ -171,14 +162,14 @@ class _Blocks(nn.Module):
             name=name,
         )
 
-    def attention(self, name: str) -> nn.Module:
+    def attn_block(self, name: str) -> nn.Module:
         cfg = self.config
         heads, head_dim = cfg.heads_at(self.channels)
-        kw = dict(implementation=cfg.attention, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        kw = dict(attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if not cfg.use_spatial_transformer:
-            return _maybe_remat(AttentionBlock, cfg.remat)(heads, epsilon=NORM_EPS, **kw)
+            return _maybe_remat(AttentionBlock, self.remat)(heads, epsilon=NORM_EPS, **kw)
         # The reference passes `dropout` to the ResBlocks only; its transformers run without dropout.
-        return _maybe_remat(SpatialTransformer, cfg.remat)(
+        return _maybe_remat(SpatialTransformer, self.remat)(
             heads, head_dim, cfg.transformer_depth, cfg.use_linear_in_transformer, **kw
         )
 
@@ -197,7 +188,7 @@ class DownBlock(_Blocks):
         for j in range(self.config.num_res_blocks):
             h = self.resnet(f"resnets_{j}")(h, temb, deterministic)
             if self.has_attention:
-                h = self.attention(f"attentions_{j}")(h, context, deterministic)
+                h = self.attn_block(f"attentions_{j}")(h, context, deterministic)
             skips.append(h)
         if self.add_downsample:
             h = Downsample(
@@ -214,7 +205,7 @@ class MidBlock(_Blocks):
     @nn.compact
     def __call__(self, h, temb, context, deterministic=True):
         h = self.resnet("resnets_0")(h, temb, deterministic)
-        h = self.attention("attentions_0")(h, context, deterministic)
+        h = self.attn_block("attentions_0")(h, context, deterministic)
         return self.resnet("resnets_1")(h, temb, deterministic)
 
 
@@ -232,7 +223,7 @@ class UpBlock(_Blocks):
             h = jnp.concatenate([h, skip], axis=-1)
             h = self.resnet(f"resnets_{j}")(h, temb, deterministic)
             if self.has_attention:
-                h = self.attention(f"attentions_{j}")(h, context, deterministic)
+                h = self.attn_block(f"attentions_{j}")(h, context, deterministic)
         if self.add_upsample:
             h = Upsample(
                 with_conv=self.config.conv_resample, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -253,9 +244,16 @@ class UNetModel(nn.Module):
       y: (B,) int class labels or (B, adm_in_channels) vectors; required iff `num_classes` is set.
       deterministic: False enables dropout (needs a "dropout" rng).
     Returns (B, H, W, out_channels) float32 (the final norm and conv run in float32).
+
+    Run-time options (attributes, not config): `attention` ("xla", "jax_nn" or "chunked", see
+    `ldm_jax.models.attention`); `remat`: False, True (recompute every ResnetBlock / transformer block in
+    the backward pass) or the name of a `jax.checkpoint_policies` policy applied to each such block;
+    `dtype` (compute) and `param_dtype` (storage).
     """
 
     config: UNetConfig
+    attention: str = "xla"
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -264,6 +262,7 @@ class UNetModel(nn.Module):
         cfg = self.config
         timesteps = self._check_inputs(x, timesteps, context, y)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_kw = dict(attention=self.attention, remat=self.remat, **kw)
         levels = len(cfg.channel_mult)
         channels = [cfg.model_channels * m for m in cfg.channel_mult]
 
@@ -292,12 +291,12 @@ class UNetModel(nn.Module):
         for level in range(levels):
             h, level_skips = DownBlock(
                 cfg, channels[level], 2**level in cfg.attention_resolutions, add_downsample=level < levels - 1,
-                name=f"down_blocks_{level}", **kw,
+                name=f"down_blocks_{level}", **block_kw,
             )(h, temb, context, deterministic)
             skips += level_skips
 
         # 3. Bottleneck.
-        h = MidBlock(cfg, channels[-1], True, name="mid_block", **kw)(h, temb, context, deterministic)
+        h = MidBlock(cfg, channels[-1], True, name="mid_block", **block_kw)(h, temb, context, deterministic)
 
         # 4. Decoder; up_blocks_i is level levels-1-i and takes num_res_blocks + 1 skips.
         for i, level in enumerate(reversed(range(levels))):
@@ -305,7 +304,7 @@ class UNetModel(nn.Module):
             level_skips, skips = skips[-n:], skips[:-n]
             h = UpBlock(
                 cfg, channels[level], 2**level in cfg.attention_resolutions, add_upsample=level > 0,
-                name=f"up_blocks_{i}", **kw,
+                name=f"up_blocks_{i}", **block_kw,
             )(h, level_skips, temb, context, deterministic)
 
         # 5. Output head in float32.
@@ -348,16 +347,23 @@ class UNetModel(nn.Module):
         return timesteps
 
 
-def build_unet(section_or_config: UNetConfig | Any, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> UNetModel:
-    """Builds a UNetModel from a UNetConfig, a dict or a `unet` ConfigDict section (unknown fields are an error).
+def unet_config(section: Any) -> UNetConfig:
+    """UNetConfig from a `unet` section (ConfigDict or mapping); unknown fields are a ValueError. Run-time keys
+    that old saved configs hold (attention, remat; `config.RUNTIME_KEYS`) are dropped."""
+    return build_dataclass(UNetConfig, drop_runtime_keys(section, where="unet"), where="unet")
 
-    `dtype` is the compute dtype (e.g. bfloat16), `param_dtype` the storage dtype of the parameters.
+
+def build_unet(section_or_config: UNetConfig | Any, *, attention: str = "xla", remat: bool | str = False,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> UNetModel:
+    """Builds a UNetModel from a UNetConfig, or a dict / `unet` ConfigDict section (`unet_config`).
+
+    Run-time options: `attention` ("xla", "jax_nn", "chunked"), `remat` (False, True or a policy name),
+    `dtype` the compute dtype (e.g. bfloat16), `param_dtype` the storage dtype of the parameters. A bad
+    attention or remat value is a ValueError naming it and the choices.
     """
-    cfg = section_or_config
-    if not isinstance(cfg, UNetConfig):
-        cfg = build_dataclass(UNetConfig, cfg, where="unet")
-    return UNetModel(cfg, dtype=dtype, param_dtype=param_dtype)
+    cfg = section_or_config if isinstance(section_or_config, UNetConfig) else unet_config(section_or_config)
+    return UNetModel(cfg, attention=check_attention(attention, "build_unet"), remat=check_remat(remat, "build_unet"),
+                     dtype=dtype, param_dtype=param_dtype)
 
 
 def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1):
