@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 # B x Lq x heads x d x Lk: SD v1 at 32x32 latents with CFG (batch 2): self-attention per level, cross-attention
 # on 77 tokens; the tiny UNet's level 0; SD at 64x64 latents (512 px) level 0.
@@ -48,23 +48,23 @@ def main(argv=None) -> None:
             if impl == "torch":
                 tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (q, k, v))
                 sdpa = torch.nn.functional.scaled_dot_product_attention
-                fn = lambda tq=tq, tk=tk, tv=tv: sdpa(tq, tk, tv)  # noqa: E731
+                fn = lambda tq=tq, tk=tk, tv=tv, sdpa=sdpa: sdpa(tq, tk, tv)  # noqa: E731
                 outs[impl] = fn().numpy().transpose(0, 2, 1, 3)
             else:
                 if impl == "dense":
                     f = jax.jit(lambda q, k, v: attn._attention_dense(q, k, v, mask=None))
                 else:
-                    f = jax.jit(lambda q, k, v, impl=impl: attn.attention(q, k, v, implementation=impl))
+                    f = jax.jit(lambda q, k, v, impl=impl: attn.attend(q, k, v, attention=impl))
                 jq, jk, jv = jax.device_put((q, k, v))
                 fn = lambda f=f, jq=jq, jk=jk, jv=jv: f(jq, jk, jv).block_until_ready()  # noqa: E731
                 outs[impl] = np.asarray(fn())
             fns.append(fn)
         times = [common.median(t) for t in common.alternating(fns, args.repeats)]
         ref = outs[impls[0]]
-        for impl, t in zip(impls, times):
+        for impl, t in zip(impls, times, strict=True):
             gflops = 4 * b * h * lq * lk * d / t / 1e9
             rows.append([shape, impl, t * 1e3, float(np.abs(outs[impl] - ref).max()), gflops])
-        print(f"  {shape}: " + ", ".join(f"{i} {t * 1e3:.2f} ms" for i, t in zip(impls, times)), flush=True)
+        print(f"  {shape}: " + ", ".join(f"{i} {t * 1e3:.2f} ms" for i, t in zip(impls, times, strict=True)), flush=True)
     print(f"\n{common.load_average()}; medians of {args.repeats}; max|diff| vs {impls[0]}; "
           "GFLOP/s counts the two matmuls")
     print(common.format_table(["B x Lq x H x d x Lk", "implementation", "ms", "max|diff|", "GFLOP/s"], rows))

@@ -3,7 +3,7 @@
 One txt2img = text encoder on the prompt and the empty prompt, N-step DDIM (eta 0) with classifier-free
 guidance (the UNet sees the batch twice), VAE decode. Each config's random-weight model is written once as a
 diffusers folder (bench/common.py) and every side loads it: ours through our converter
-(`load_diffusers_pipeline`), diffusers Flax through diffusers'/transformers' own PyTorch -> Flax conversion
+(`store.load_model`), diffusers Flax through diffusers'/transformers' own PyTorch -> Flax conversion
 (bench/reference_flax.py, run in .venv-ref: `bash bench/make_reference_venv.sh`), PyTorch directly.
 
 Every side runs in its own process, one after the other, `--rounds` times in turn (timings drift +-15% on
@@ -26,7 +26,6 @@ Worker mode (used by the driver): --worker ours|torch --folder F.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -36,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 SIDES = ("ours", "flax", "torch")
 DEFAULT_LATENT = {"tiny": 8, "small": 32, "sd_v1": 32}
@@ -61,13 +60,13 @@ def worker_ours(args) -> dict:
     """Our pipeline.txt2img on the folder's model and inputs (one device, float32)."""
     import jax
 
-    from ldm_jax import pipeline
-    from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline, read_scheduler_config, sampler_options
+    from ldm_jax import pipeline, store
+    from ldm_jax.convert.diffusers_pipeline import read_scheduler_config, sampler_options
 
     clock = common.CompileClock()
     start = time.perf_counter()
-    model = load_diffusers_pipeline(args.folder, attention=args.attention)
-    config = model.config
+    model = store.load_model(args.folder, attention=args.attention)
+    config, options = model.config, model.options
     params = pipeline.place_params(model.params)
     sampler = pipeline.make_model_sampler(config, "ddim", args.steps,
                                           **sampler_options(read_scheduler_config(args.folder), "ddim"))
@@ -76,10 +75,10 @@ def worker_ours(args) -> dict:
 
     def run():
         return np.asarray(pipeline.txt2img(config, params, sampler, inputs["cond"], inputs["uncond"],
-                                           guidance_scale=args.guidance, noise=inputs["noise"]))
+                                           guidance_scale=args.guidance, noise=inputs["noise"], options=options))
 
     if args.unet_loop:
-        run = _unet_loop(config, params, inputs, args.steps, args.guidance)
+        run = _unet_loop(config, params, inputs, args.steps, args.guidance, options)
 
     compiled_before = clock.seconds
     first_s, run_s, images = _timed_runs(run, args.runs)
@@ -87,11 +86,11 @@ def worker_ours(args) -> dict:
     result = dict(side="ours", load_s=load_s, first_s=first_s, run_s=run_s, devices=jax.device_count(),
                   compile_s=clock.seconds - compiled_before)
     if args.flops:
-        result["gflop"] = pipeline_gflop(config, params, inputs, args.steps)
+        result["gflop"] = pipeline_gflop(config, params, inputs, args.steps, options)
     return result
 
 
-def _unet_loop(config, params, inputs, steps: int, guidance: float):
+def _unet_loop(config, params, inputs, steps: int, guidance: float, options):
     """A jitted `fori_loop` of `steps` classifier-free-guided UNet calls (no scheduler, text encoder or VAE):
     the UNet alone, as bench/reference_flax.py --unet_loop runs diffusers' UNet."""
     import jax
@@ -100,13 +99,14 @@ def _unet_loop(config, params, inputs, steps: int, guidance: float):
     from ldm_jax import ldm
 
     ids = jnp.asarray(np.concatenate([inputs["uncond"], inputs["cond"]]))
-    context = jax.jit(lambda p, c: ldm.encode_conditioning(config, p, c))(params, ids)
+    context = jax.jit(lambda p, c: ldm.encode_conditioning(config, p, c, options=options))(params, ids)
 
     @jax.jit
     def loop(p, x, context):
         def body(i, x):
             t = jnp.full((2 * x.shape[0],), 999 - 20 * i)
-            eps_uncond, eps_cond = jnp.split(ldm.apply_unet(config, p, jnp.concatenate([x, x]), t, context), 2)
+            eps = ldm.apply_unet(config, p, jnp.concatenate([x, x]), t, context, options=options)
+            eps_uncond, eps_cond = jnp.split(eps, 2)
             return x - 0.01 * (eps_uncond + guidance * (eps_cond - eps_uncond))
         return jax.lax.fori_loop(0, steps, body, x)
 
@@ -114,7 +114,7 @@ def _unet_loop(config, params, inputs, steps: int, guidance: float):
     return lambda: np.asarray(loop(params, noise, context))
 
 
-def pipeline_gflop(config, params, inputs, steps: int) -> dict:
+def pipeline_gflop(config, params, inputs, steps: int, options) -> dict:
     """XLA cost-analysis GFLOP of the parts of one txt2img: text encoder (x2), UNet forward (x steps, CFG
     batch), VAE decode; and their total."""
     import jax
@@ -129,12 +129,12 @@ def pipeline_gflop(config, params, inputs, steps: int) -> dict:
 
     noise, cond = jnp.asarray(inputs["noise"]), jnp.asarray(inputs["cond"])
     x2 = jnp.concatenate([noise, noise])
-    context = jax.eval_shape(lambda c: ldm.encode_conditioning(config, params, c), cond)["context"]
+    context = jax.eval_shape(lambda c: ldm.encode_conditioning(config, params, c, options=options), cond)["context"]
     context2 = jnp.zeros((2 * context.shape[0], *context.shape[1:]), context.dtype)
-    text = flops(lambda p, c: ldm.encode_conditioning(config, p, c), params, cond)
-    unet = flops(lambda p, x, c: ldm.apply_unet(config, p, x, jnp.full((x.shape[0],), 500), {"context": c}),
-                 params, x2, context2)
-    vae = flops(lambda p, z: ldm.decode_first_stage(config, p, z), params, noise)
+    text = flops(lambda p, c: ldm.encode_conditioning(config, p, c, options=options), params, cond)
+    unet = flops(lambda p, x, c: ldm.apply_unet(config, p, x, jnp.full((x.shape[0],), 500), {"context": c},
+                                                options=options), params, x2, context2)
+    vae = flops(lambda p, z: ldm.decode_first_stage(config, p, z, options=options), params, noise)
     return dict(text=text, unet=unet, vae=vae, total=2 * text + steps * unet + vae)
 
 

@@ -19,16 +19,17 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 BASE_LATENT = {"tiny": 8, "small": 32, "sd_v1": 32}
 
 
 def _point(name: str, params_cache: dict, steps: int, latent: int, batch: int, attention: str):
     """A blocking txt2img call for one (steps, latent, batch) point of config `name`."""
-    from ldm_jax import pipeline
+    from ldm_jax import ldm, pipeline
 
-    config = common.bench_config(name, latent, attention=attention)
+    config = common.bench_config(name, latent)
+    options = ldm.RunOptions(attention=attention)
     if name not in params_cache:
         params_cache[name] = pipeline.place_params(common.random_params(config))
     params = params_cache[name]
@@ -36,7 +37,8 @@ def _point(name: str, params_cache: dict, steps: int, latent: int, batch: int, a
     sampler = pipeline.make_model_sampler(config, "ddim", steps, timestep_spacing="leading", steps_offset=1)
 
     def run():
-        return np.asarray(pipeline.txt2img(config, params, sampler, cond, uncond, guidance_scale=7.5, noise=noise))
+        return np.asarray(pipeline.txt2img(config, params, sampler, cond, uncond, guidance_scale=7.5, noise=noise,
+                                           options=options))
 
     return run
 
@@ -52,7 +54,7 @@ def sweep(name: str, axis: str, values: list[int], base: dict, args, params_cach
         compile_s.append(args.clock.seconds - before)
     steady = [common.median(ts) for ts in common.alternating(runs, args.repeats, warmup=False)]
     rows = []
-    for p, c, s in zip(points, compile_s, steady):
+    for p, c, s in zip(points, compile_s, steady, strict=True):
         p0, s0 = points[0], steady[0]
         if axis == "steps":  # fit fixed + per-step from the first and last points
             per_step = (steady[-1] - s0) / (points[-1]["steps"] - p0["steps"]) if len(points) > 1 else s0 / p0["steps"]

@@ -46,7 +46,7 @@ def _setup(overrides: dict, dtype: str, remat: bool, workdir: str):
     from ldm_jax import ldm, parallel
     from ldm_jax.training import main as common, train_ldm
 
-    values = {**overrides, "train.dtype": dtype, "unet.remat": str(remat), "data.global_batch_size": str(BATCH),
+    values = {**overrides, "train.dtype": dtype, "train.remat": str(remat), "data.global_batch_size": str(BATCH),
               "train.num_images": "8"}
     config = common.load_config(os.path.join(ROOT, "configs", "shapes_ldm.py"),
                                 [f"--config.{k}={v}" for k, v in values.items()])
@@ -58,7 +58,7 @@ def _setup(overrides: dict, dtype: str, remat: bool, workdir: str):
                   "tokens": rng.integers(0, stage.model.cond_stage.vocab_size, (BATCH, stage.model.max_length),
                                          dtype=np.int32)}
     base = ldm.make_loss_fn(stage.model, empty_prompt=ldm.empty_prompt_ids(stage.model, stage.tokenizer),
-                            dtype=stage.dtype)
+                            options=stage.options)
     return stage, frozen_np, host_batch, base, parallel
 
 

@@ -12,7 +12,6 @@ UNet2DConditionModel on the same config, batch and threads is timed alongside (r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import pathlib
 import statistics
@@ -25,9 +24,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 sys.modules.setdefault("torchvision", None)  # diffusers must not import the broken torchvision wheel
 
-from ldm_jax.config import build_dataclass, load_config_file  # noqa: E402
+from ldm_jax.config import load_config_file  # noqa: E402
 from ldm_jax.models.attention import ATTENTION_IMPLS  # noqa: E402
-from ldm_jax.models.unet import UNetConfig, UNetModel, init_unet  # noqa: E402
+from ldm_jax.models.unet import UNetConfig, UNetModel, init_unet, unet_config  # noqa: E402
 
 CONFIGS = {"tiny": "unet_tiny.py", "sd_v1": "sd_v1.py"}
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -61,7 +60,7 @@ def bench_jax(cfg: UNetConfig, params, batch: int, size: int, context_len: int, 
     rows = []
     x, t, context = _inputs(cfg, batch, size, context_len)
     for impl in ATTENTION_IMPLS:
-        model = UNetModel(dataclasses.replace(cfg, attention=impl))
+        model = UNetModel(cfg, attention=impl)
         start = time.perf_counter()
         compiled = jax.jit(model.apply).lower(params, x, t, context).compile()
         compile_s = time.perf_counter() - start
@@ -69,7 +68,7 @@ def bench_jax(cfg: UNetConfig, params, batch: int, size: int, context_len: int, 
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", float("nan")))
         compiled(params, x, t, context).block_until_ready()  # warm-up
-        fwd = statistics.median(_timed(lambda: compiled(params, x, t, context).block_until_ready())
+        fwd = statistics.median(_timed(lambda c=compiled: c(params, x, t, context).block_until_ready())
                                 for _ in range(repeats))
         rows.append((f"jax {impl}", compile_s, fwd, flops, flops / fwd, flops / fwd / peak))
     return rows
@@ -115,8 +114,7 @@ def main(argv=None) -> None:
     header = f"{'config':8} {'implementation':22} {'compile s':>9} {'forward s':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'of matmul':>9}"
     lines = [header, "-" * len(header)]
     for name in args.configs.split(","):
-        cfg = build_dataclass(UNetConfig, load_config_file(ROOT / "configs" / CONFIGS[name]).unet)
-        cfg = dataclasses.replace(cfg, remat=False)  # remat only matters under grad
+        cfg = unet_config(load_config_file(ROOT / "configs" / CONFIGS[name]).unet)
         repeats = args.repeats or (20 if name == "tiny" else 3)
         params = jax.jit(lambda key, c=cfg: init_unet(UNetModel(c), key))(jax.random.key(0))
         rows = bench_jax(cfg, params, args.batch, args.size, args.context_len, repeats, peak)

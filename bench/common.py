@@ -50,10 +50,11 @@ TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "
 # -------------------------------------------------------------------------------------------------- models
 
 
-def bench_config(name: str, latent_size: int, *, attention: str = "xla"):
+def bench_config(name: str, latent_size: int):
     """The `LDMConfig` of benchmark config `name` (see CONFIG_NAMES) at `latent_size` x `latent_size` latents.
 
-    The UNet's remat is off (it only matters under grad) and its attention implementation is `attention`.
+    The attention implementation (and remat) are run-time options: pass `ldm.RunOptions(attention=...)` to
+    the pipeline or `ldm` function that runs the model.
     """
     from ldm_jax import ldm
     from ldm_jax.config import load_config_file
@@ -71,8 +72,6 @@ def bench_config(name: str, latent_size: int, *, attention: str = "xla"):
             config.cond_stage.update(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)
             config.first_stage.update(ch=64, num_res_blocks=1)
         config.diffusion.image_size = latent_size
-        config.unet.remat = False
-        config.unet.attention = attention
     cfg = ldm.ldm_config(config)
     return dataclasses.replace(cfg, first_stage=dataclasses.replace(
         cfg.first_stage, resolution=latent_size * cfg.downsample_factor))
@@ -161,7 +160,7 @@ def alternating(fns: Sequence[Callable[[], Any]], repeats: int, warmup: bool = T
     when `warmup`): one list of times per fn, in order."""
     times: list[list[float]] = [[] for _ in fns]
     for round_ in range(repeats + int(warmup)):
-        for fn, ts in zip(fns, times):
+        for fn, ts in zip(fns, times, strict=True):
             t = timed(fn)
             if round_ or not warmup:
                 ts.append(t)
@@ -233,7 +232,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     cells = [list(header)] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)

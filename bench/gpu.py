@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s; matched against jax's device_kind, first match wins.
 PEAK_BF16_TFLOPS = (
@@ -47,7 +47,8 @@ def one_config(args, attention: str, batch: int, dtype, mesh) -> dict:
 
     from ldm_jax import ldm, pipeline
 
-    config = common.bench_config(args.config, args.latent, attention=attention)
+    config = common.bench_config(args.config, args.latent)
+    options = ldm.RunOptions(attention=attention, dtype=dtype, param_dtype=jnp.dtype(args.param_dtype))
     params = common.random_params(config)
     params = jax.tree.map(lambda x: x.astype(args.param_dtype) if np.issubdtype(x.dtype, np.floating) else x, params)
     params = pipeline.place_params(params, mesh)
@@ -56,7 +57,7 @@ def one_config(args, attention: str, batch: int, dtype, mesh) -> dict:
 
     def run():
         return np.asarray(pipeline.txt2img(config, params, sampler, cond, uncond, guidance_scale=7.5, noise=noise,
-                                           mesh=mesh, dtype=dtype))
+                                           mesh=mesh, options=options))
 
     first = common.timed(run)
     latency = common.median([common.timed(run) for _ in range(args.repeats)])
@@ -73,13 +74,13 @@ def one_config(args, attention: str, batch: int, dtype, mesh) -> dict:
         return float(cost["flops"]) / 1e9
 
     cond_j = jnp.asarray(cond)
-    context = jax.eval_shape(lambda c: ldm.encode_conditioning(config, params, c, dtype=dtype), cond_j)["context"]
+    context = jax.eval_shape(lambda c: ldm.encode_conditioning(config, params, c, options=options), cond_j)["context"]
     x2 = jnp.zeros((2 * batch, args.latent, args.latent, config.latent_channels), jnp.float32)
     ctx2 = jnp.zeros((2 * batch, *context.shape[1:]), context.dtype)
     unet = compiled(lambda p, x, c: ldm.apply_unet(config, p, x, jnp.full((x.shape[0],), 500), {"context": c},
-                                                   dtype=dtype), params, x2, ctx2)
-    text = gflop(compiled(lambda p, c: ldm.encode_conditioning(config, p, c, dtype=dtype), params, cond_j))
-    vae = gflop(compiled(lambda p, z: ldm.decode_first_stage(config, p, z, dtype=dtype), params,
+                                                   options=options), params, x2, ctx2)
+    text = gflop(compiled(lambda p, c: ldm.encode_conditioning(config, p, c, options=options), params, cond_j))
+    vae = gflop(compiled(lambda p, z: ldm.decode_first_stage(config, p, z, options=options), params,
                          jnp.asarray(noise)))
     total = 2 * text + args.steps * gflop(unet) + vae
     return dict(compile_s=first - latency, latency_s=latency, images_per_s=batch / latency,

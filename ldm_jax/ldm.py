@@ -13,6 +13,10 @@ Params: a dict {"first_stage": ..., "cond_stage": ..., "unet": ...} of Flax para
 Latents: KL first stages are sampled (or their mode taken) and multiplied by `scale_factor` (0.18215 for SD);
 VQ first stages give the pre-quantisation h, multiplied by `scale_factor` (1.0 in every LDM VQ config);
 decoding divides by it and the VQ decoder quantises.
+
+Run-time options (`RunOptions`: attention implementation, remat, compute and param dtypes) are not part of
+LDMConfig: `modules(config, options)` builds the modules with them, and every function here that runs a
+module takes `options=`.
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ from ldm_jax.diffusion.guidance import inpaint_channels
 from ldm_jax.diffusion.schedule import (LOSS_WEIGHTINGS, PREDICTION_TYPES, NoiseSchedule, ScheduleConfig,
                                         logvar_weighted_loss, loss_weights, make_schedule, q_sample,
                                         training_target)
-from ldm_jax.models.autoencoder import AutoencoderConfig, DiagonalGaussian, build_autoencoder, init_autoencoder
+from ldm_jax.models.autoencoder import (AutoencoderConfig, DiagonalGaussian, autoencoder_config, build_autoencoder,
+                                        init_autoencoder)
 from ldm_jax.models.text import (ClassEmbedderConfig, CondStageConfig, build_cond_stage, cond_stage_config,
                                  cond_stage_inputs_shape)
 from ldm_jax.models.tokenizer import tokenize
-from ldm_jax.models.unet import UNetConfig, build_unet, init_unet
+from ldm_jax.models.unet import UNetConfig, build_unet, init_unet, unet_config
 
 CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "adm", None)
 LOSS_TYPES = ("l2", "l1")
@@ -227,8 +232,8 @@ def ldm_config(config: Any) -> LDMConfig:
     diffusion_sections = [config["diffusion"]] + ([config[LEGACY_DIFFUSION_SECTION]]
                                                   if LEGACY_DIFFUSION_SECTION in config else [])
     return LDMConfig(
-        first_stage=build_dataclass(AutoencoderConfig, config["first_stage"], where="first_stage"),
-        unet=build_dataclass(UNetConfig, config["unet"], where="unet"),
+        first_stage=autoencoder_config(config["first_stage"]),
+        unet=unet_config(config["unet"]),
         diffusion=diffusion_config(*diffusion_sections),
         cond_stage=None if cond is None else cond_stage_config(cond),
     )
@@ -268,16 +273,18 @@ class LoadedModel:
 
 # ---------------------------------------------------------------------------------------------------- models
 
-Dtype = Any
-
 
 @functools.lru_cache(maxsize=None)
-def modules(config: LDMConfig, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> LDMModules:
-    """The Flax modules of `config` (cached: configs are hashable), compute `dtype`, storage `param_dtype`."""
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
+def modules(config: LDMConfig, options: RunOptions = RunOptions()) -> LDMModules:
+    """The Flax modules of `config` built with the run-time `options` (cached: both are hashable).
+
+    `options.attention` and the dtypes reach all three modules; `options.remat` the UNet and the first stage
+    (the text encoder has no remat). A bad attention or remat value is a ValueError.
+    """
+    kw = dict(attention=options.attention, dtype=options.dtype, param_dtype=options.param_dtype)
     cond = None if config.cond_stage is None else build_cond_stage(config.cond_stage, **kw)
-    return LDMModules(first_stage=build_autoencoder(config.first_stage, **kw), cond_stage=cond,
-                      unet=build_unet(config.unet, **kw))
+    return LDMModules(first_stage=build_autoencoder(config.first_stage, remat=options.remat, **kw), cond_stage=cond,
+                      unet=build_unet(config.unet, remat=options.remat, **kw))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,13 +330,14 @@ def _part(params: Mapping[str, Any], name: str) -> Any:
 
 
 def encode_first_stage(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
-                       key: jax.Array | None = None, *, dtype: Dtype = jnp.float32) -> jax.Array:
+                       key: jax.Array | None = None, *, options: RunOptions = RunOptions()) -> jax.Array:
     """Images (B, H, W, 3) in [-1, 1] -> scaled latents (B, H/f, W/f, C) float32.
 
     KL: a posterior sample when `key` is given (the reference's `get_first_stage_encoding`), else its mode;
-    VQ: the pre-quantisation h (`key` unused). Both times `diffusion.scale_factor`.
+    VQ: the pre-quantisation h (`key` unused). Both times `diffusion.scale_factor`. `options`: the run-time
+    options of the modules (attention, remat, dtypes), as in every function below.
     """
-    model = modules(config, dtype).first_stage
+    model = modules(config, options).first_stage
     variables = {"params": _part(params, "first_stage")}
     if config.first_stage.kind == "kl":
         posterior = model.apply(variables, images, method=model.encode)
@@ -340,22 +348,22 @@ def encode_first_stage(config: LDMConfig, params: Mapping[str, Any], images: jax
 
 
 def decode_first_stage(config: LDMConfig, params: Mapping[str, Any], latents: jax.Array, *,
-                       dtype: Dtype = jnp.float32) -> jax.Array:
+                       options: RunOptions = RunOptions()) -> jax.Array:
     """Scaled latents (B, h, w, C) -> images (B, h*f, w*f, 3) float32 (about [-1, 1], not clipped).
 
     Divides by `diffusion.scale_factor` first; a VQ decoder quantises to its codebook.
     """
-    model = modules(config, dtype).first_stage
+    model = modules(config, options).first_stage
     return model.apply({"params": _part(params, "first_stage")}, latents / config.diffusion.scale_factor,
                        method=model.decode).astype(jnp.float32)
 
 
 def first_stage_moments(config: LDMConfig, params: Mapping[str, Any], images: jax.Array, *,
-                        dtype: Dtype = jnp.float32) -> jax.Array:
+                        options: RunOptions = RunOptions()) -> jax.Array:
     """Images (B, H, W, 3) in [-1, 1] -> what the encoder determines, unscaled float32: KL: the posterior's
     [mean, logvar] (B, H/f, W/f, 2C) (logvar clipped as DiagonalGaussian does); VQ: the pre-quantisation h
     (B, H/f, W/f, C). Precomputed-latent training stores these (`latents_from_moments`)."""
-    model = modules(config, dtype).first_stage
+    model = modules(config, options).first_stage
     encoded = model.apply({"params": _part(params, "first_stage")}, images, method=model.encode)
     if config.first_stage.kind == "kl":
         return jnp.concatenate([encoded.mean, encoded.logvar], axis=-1).astype(jnp.float32)
@@ -375,14 +383,14 @@ def latents_from_moments(config: LDMConfig, moments: jax.Array, key: jax.Array |
 
 
 def scale_by_std(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
-                 key: jax.Array | None = None) -> jax.Array:
+                 key: jax.Array | None = None, *, options: RunOptions = RunOptions()) -> jax.Array:
     """The reference's `scale_by_std`: 1 / std of the first batch's unscaled latents, a float32 scalar.
 
     images (B, H, W, 3) in [-1, 1]; KL latents are posterior samples when `key` is given (as the reference
     does), else modes. The std is torch's (unbiased, ddof=1) over every latent element.
     """
     unit = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=1.0))
-    z = encode_first_stage(unit, params, images, key)
+    z = encode_first_stage(unit, params, images, key, options=options)
     return 1.0 / jnp.std(z, ddof=1)
 
 
@@ -390,7 +398,7 @@ def scale_by_std(config: LDMConfig, params: Mapping[str, Any], images: jax.Array
 
 
 def encode_conditioning(config: LDMConfig, params: Mapping[str, Any], inputs: jax.Array, *,
-                        dtype: Dtype = jnp.float32) -> dict[str, jax.Array]:
+                        options: RunOptions = RunOptions()) -> dict[str, jax.Array]:
     """Conditioning inputs -> the UNet conditioning dict.
 
     inputs: token ids (B, L) int for a text cond stage, labels (B,) int for a class cond stage (context
@@ -403,7 +411,7 @@ def encode_conditioning(config: LDMConfig, params: Mapping[str, Any], inputs: ja
         return {"y": inputs}
     if key not in ("crossattn", "hybrid"):
         raise ValueError(f"encode_conditioning: conditioning_key={key!r} has no cond stage to encode with")
-    model = modules(config, dtype).cond_stage
+    model = modules(config, options).cond_stage
     return {"context": model.apply({"params": _part(params, "cond_stage")}, inputs)}
 
 
@@ -441,7 +449,7 @@ def empty_prompt_ids(config: LDMConfig, tokenizer: Any) -> np.ndarray:
 
 
 def inpaint_conditioning(config: LDMConfig, params: Mapping[str, Any], images: jax.Array, mask: jax.Array, *,
-                         dtype: Dtype = jnp.float32) -> jax.Array:
+                         options: RunOptions = RunOptions()) -> jax.Array:
     """The concat channels of an SD inpainting UNet: [mask, masked-image latent], (B, h, w, 1 + C).
 
     images (B, H, W, 3) in [-1, 1]; mask (B, H, W, 1) in [0, 1], 1 = repaint. As diffusers/CompVis: the mask
@@ -450,7 +458,7 @@ def inpaint_conditioning(config: LDMConfig, params: Mapping[str, Any], images: j
     """
     check_image_and_mask(config, images, mask)
     binary = (mask >= 0.5).astype(jnp.float32)
-    latents = encode_first_stage(config, params, images * (1.0 - binary), dtype=dtype)
+    latents = encode_first_stage(config, params, images * (1.0 - binary), options=options)
     f = config.downsample_factor
     small = binary[:, ::f, ::f, :]  # nearest-neighbour downsampling: F.interpolate(size=(h, w)) picks these
     return inpaint_channels(small, latents)
@@ -479,7 +487,7 @@ def check_image_and_mask(config: LDMConfig, images: Any, mask: Any = None) -> No
 
 
 def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: jax.Array,
-               cond: Mapping[str, jax.Array] | None, *, dtype: Dtype = jnp.float32, rngs: Any = None,
+               cond: Mapping[str, jax.Array] | None, *, options: RunOptions = RunOptions(), rngs: Any = None,
                deterministic: bool = True) -> jax.Array:
     """The denoiser: x (B, h, w, C) latents, t (B,) timesteps, cond {"context"?, "y"?, "concat"?}.
 
@@ -492,7 +500,7 @@ def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: ja
     unknown = sorted(set(cond) - {"context", "y"})
     if unknown:
         raise ValueError(f"apply_unet: unknown conditioning entries {unknown}; expected context, y, concat")
-    model = modules(config, dtype).unet
+    model = modules(config, options).unet
     return model.apply({"params": _part(params, "unet")}, x, t, cond.get("context"), cond.get("y"),
                        deterministic=deterministic, rngs=rngs).astype(jnp.float32)
 
@@ -531,7 +539,7 @@ def drop_conditioning(inputs: jax.Array, null: jax.Array, prob: float, key: jax.
 
 
 def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array, *,
-                  empty_prompt: Any = None, dtype: Dtype = jnp.float32, train: bool = True,
+                  empty_prompt: Any = None, options: RunOptions = RunOptions(), train: bool = True,
                   sample_posterior: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LDM training loss of one batch; returns (loss scalar, metrics {name: scalar}).
 
@@ -543,6 +551,7 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     empty_prompt: (1, L) ids of "" for text models trained with cond_drop_prob > 0 (`empty_prompt_ids`).
     batch["moments"] (precomputed `first_stage_moments`) replaces encoding batch["image"] when present.
     sample_posterior: False takes KL latents' mean instead of a posterior sample (both paths alike).
+    options: the run-time options (attention, remat, compute / param dtypes) of every module.
     Steps: latents z = scale * sample(E(image)) (no gradient into the first stage); t ~ U{0..T-1}; x_t =
     q_sample(z, t, noise); per-example conditioning dropout with prob cond_drop_prob; prediction vs target
     (eps, x0 or v); per-example mean l2/l1 times the loss weight (uniform / min-SNR); then the reference's
@@ -555,14 +564,14 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
         z = jax.lax.stop_gradient(latents_from_moments(config, batch["moments"], post_key))
     else:
         z = jax.lax.stop_gradient(encode_first_stage(config, params, jnp.asarray(batch["image"]), post_key,
-                                                     dtype=dtype))
+                                                     options=options))
     b = z.shape[0]
     schedule = noise_schedule(config)
     t = jax.random.randint(k_t, (b,), 0, d.schedule.num_timesteps)
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     x_t = q_sample(schedule, z, t, noise)
-    cond, metrics = _training_conditioning(config, params, batch, k_drop, empty_prompt, dtype)
-    pred = apply_unet(config, params, x_t, t, cond, dtype=dtype, rngs={"dropout": k_dropout},
+    cond, metrics = _training_conditioning(config, params, batch, k_drop, empty_prompt, options)
+    pred = apply_unet(config, params, x_t, t, cond, options=options, rngs={"dropout": k_dropout},
                       deterministic=not train)
     target = training_target(schedule, z, noise, t, d.prediction_type)
     err = pred - target
@@ -576,7 +585,7 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     return loss, metrics
 
 
-def _training_conditioning(config, params, batch, key, empty_prompt, dtype):
+def _training_conditioning(config, params, batch, key, empty_prompt, options):
     """(UNet conditioning dict, metrics) for a training batch, with conditioning dropout."""
     d, cond, metrics = config.diffusion, {}, {}
     inputs = conditioning_inputs(config, batch)
@@ -585,13 +594,13 @@ def _training_conditioning(config, params, batch, key, empty_prompt, dtype):
             null = null_inputs(config, inputs.shape[0], empty_prompt)
             inputs, dropped = drop_conditioning(inputs, null, d.cond_drop_prob, key)
             metrics["cond_dropped"] = jnp.mean(dropped.astype(jnp.float32))
-        cond.update(encode_conditioning(config, params, inputs, dtype=dtype))
+        cond.update(encode_conditioning(config, params, inputs, options=options))
     if d.conditioning_key in ("concat", "hybrid"):
         if "concat" in batch:
             cond["concat"] = jnp.asarray(batch["concat"], jnp.float32)
         elif "mask" in batch:
             concat = inpaint_conditioning(config, params, jnp.asarray(batch["image"]), jnp.asarray(batch["mask"]),
-                                          dtype=dtype)
+                                          options=options)
             cond["concat"] = jax.lax.stop_gradient(concat)
         else:
             raise KeyError(f"conditioning_key={d.conditioning_key!r} needs batch['concat'] (latent-space channels) "
@@ -602,7 +611,7 @@ def _training_conditioning(config, params, batch, key, empty_prompt, dtype):
     return cond, metrics
 
 
-def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, dtype: Dtype = jnp.float32,
+def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, options: RunOptions = RunOptions(),
                  sample_posterior: bool = True):
     """`loss_fn(params, batch, key) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`."""
     if config.tokenizer_kind is not None and config.diffusion.cond_drop_prob > 0 and empty_prompt is None:
@@ -610,7 +619,7 @@ def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, dtype: Dtype = 
     empty = None if empty_prompt is None else np.asarray(empty_prompt, np.int32)
 
     def loss_fn(params, batch, key):
-        return training_loss(config, params, batch, key, empty_prompt=empty, dtype=dtype,
+        return training_loss(config, params, batch, key, empty_prompt=empty, options=options,
                              sample_posterior=sample_posterior)
 
     return loss_fn

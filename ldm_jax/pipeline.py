@@ -9,7 +9,8 @@ classifier-free guidance, decode with the first stage.
 Params are replicated on every device (`place_params` once; numpy params are copied on every call).
 Traced (changing them does not recompile): params, the sampler's tables and DDIM's `eta`, prompt token ids,
 guidance scale, seed, example indices, strength, init images and masks. Static (a new compilation each):
-config, mesh, dtype, the sampler kind and step count, batch size and image size. `trace_count(kind)` counts
+config, mesh, the run-time options (`ldm.RunOptions`: attention implementation, remat, compute and param
+dtypes), the sampler kind and step count, batch size and image size. `trace_count(kind)` counts
 traces, for tests.
 
 Randomness, per example: example i (its global index, `first_index + position in the batch`) uses
@@ -39,8 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ldm_jax import ldm, parallel
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
 from ldm_jax.diffusion.samplers import Sampler, make_sampler, sample
-from ldm_jax.ldm import LDMConfig, LoadedModel
-from ldm_jax.images import to_uint8  # noqa: F401 (re-exported: pipeline.to_uint8)
+from ldm_jax.ldm import LDMConfig, LoadedModel, RunOptions
+from ldm_jax.images import to_uint8  # re-exported: pipeline.to_uint8 (in __all__)
 from ldm_jax.models.tokenizer import tokenize
 
 KINDS = ("txt2img", "img2img", "inpaint")
@@ -91,7 +92,7 @@ def place_params(params: Any, mesh: Mesh | None = None) -> Any:
 def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any = None, *,
             guidance_scale: Any = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
             first_index: int = 0, noise: Any = None, batch_size: int | None = None, mesh: Mesh | None = None,
-            dtype: Any = jnp.float32, chunk_size: int | None = None) -> jax.Array:
+            options: RunOptions = RunOptions(), chunk_size: int | None = None) -> jax.Array:
     """Generates B images from noise. Returns (B, H, W, 3) float32 in [-1, 1], sharded over the mesh's batch.
 
     cond / uncond: conditioning inputs (B, L) token ids (text models, from `encode_prompts`) or (B,) labels
@@ -101,7 +102,9 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     height, width: image size (default: diffusion.image_size times the first-stage factor); multiples of f.
     noise: optional (B, h, w, C) initial latent noise instead of the per-example draw (e.g. for parity tests).
     mesh: default `parallel.make_mesh()` over all devices; B must divide by its size.
-    dtype: compute dtype of the models (norms, softmax and sampler arithmetic stay float32).
+    options: the run-time options of the models (`ldm.RunOptions`: attention implementation, remat, compute
+      dtype, param dtype; a loaded model's are `model.options`). Norms, softmax and sampler arithmetic stay
+      float32 whatever the compute dtype.
     chunk_size: examples a device processes at once (static; default its whole share). With chunk_size=1
       every image's arithmetic is the same whatever the batch size and device count, so images agree
       bitwise; larger chunks are faster and agree to float32 rounding (XLA picks kernels by shape).
@@ -109,12 +112,12 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=None,
                             batch_size=batch_size)
     hw = _latent_hw(config, height, width)
-    return _run("txt2img", config, params, sampler, inputs, hw, mesh, dtype, chunk_size)
+    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size)
 
 
 def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any, *,
             strength: float = 0.75, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
-            noise: Any = None, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+            noise: Any = None, mesh: Mesh | None = None, options: RunOptions = RunOptions(),
             chunk_size: int | None = None) -> jax.Array:
     """SDEdit: encodes `images` (B, H, W, 3) in [-1, 1], noises them to `strength` in [0, 1] (the last
     int(strength * steps) steps run), denoises. Returns (B, H, W, 3) float32 in [-1, 1]. Other arguments as
@@ -123,12 +126,12 @@ def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=images)
     inputs.update(image=np.asarray(images, np.float32), strength=_strength(strength))
     hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
-    return _run("img2img", config, params, sampler, inputs, hw, mesh, dtype, chunk_size)
+    return _run("img2img", config, params, sampler, inputs, hw, mesh, options, chunk_size)
 
 
 def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any,
             mask: Any, *, strength: float = 1.0, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
-            noise: Any = None, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+            noise: Any = None, mesh: Mesh | None = None, options: RunOptions = RunOptions(),
             chunk_size: int | None = None) -> jax.Array:
     """Repaints `images` (B, H, W, 3) in [-1, 1] where `mask` (B, H, W, 1) >= 0.5.
 
@@ -146,7 +149,7 @@ def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     inputs.update(image=np.asarray(images, np.float32), mask=np.asarray(mask, np.float32),
                   strength=_strength(strength))
     hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
-    return _run("inpaint", config, params, sampler, inputs, hw, mesh, dtype, chunk_size)
+    return _run("inpaint", config, params, sampler, inputs, hw, mesh, options, chunk_size)
 
 
 # -------------------------------------------------------------------------------------------- input checks
@@ -229,7 +232,7 @@ def _batch_size(cond, noise, images, batch_size) -> int:
 # ---------------------------------------------------------------------------------------------- the program
 
 
-def _run(kind, config, params, sampler, inputs, hw, mesh, dtype, chunk_size) -> jax.Array:
+def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size) -> jax.Array:
     if kind != "inpaint" and config.concat_channels:
         raise ValueError(f"{kind}: this UNet takes {config.concat_channels} concat channels beside the latents "
                          f"(in_channels {config.unet.in_channels}); use inpaint() for inpainting models")
@@ -245,7 +248,9 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, dtype, chunk_size) -> 
     chunk = share if chunk_size is None else min(chunk_size, share)
     if chunk < 1 or share % chunk:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide each device's {share} examples")
-    fn = _compiled(kind, config, mesh, dtype, hw, chunk, tuple(sorted(inputs)))
+    if not isinstance(options, RunOptions):
+        raise TypeError(f"{kind}: options must be an ldm.RunOptions, got {type(options).__name__}")
+    fn = _compiled(kind, config, mesh, options, hw, chunk, tuple(sorted(inputs)))
     replicated = parallel.replicated(mesh)
     params, sampler = (_replicate(tree, replicated) for tree in (params, sampler))
     return fn(params, sampler, _place_inputs(inputs, mesh))
@@ -270,15 +275,15 @@ def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(kind: str, config: LDMConfig, mesh: Mesh, dtype: Any, hw: tuple[int, int], chunk: int,
+def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw: tuple[int, int], chunk: int,
               keys: tuple[str, ...]):
-    """The jitted program for one (kind, config, mesh, dtype, latent size, chunk size, set of inputs)."""
+    """The jitted program for one (kind, config, mesh, run-time options, latent size, chunk size, set of inputs)."""
     batch_spec, rep = P(parallel.BATCH_AXES), P()
     in_specs = (rep, rep, {k: (rep if k in ("seed", "strength") else batch_spec) for k in keys})
 
     def program(params, sampler, inputs):
         _TRACES[kind] += 1
-        return _in_chunks(functools.partial(_generate, kind, config, dtype, hw, params, sampler), inputs, chunk)
+        return _in_chunks(functools.partial(_generate, kind, config, options, hw, params, sampler), inputs, chunk)
 
     per_device = jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)
     return jax.jit(per_device, out_shardings=NamedSharding(mesh, batch_spec))
@@ -296,7 +301,7 @@ def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     return images.reshape(share, *images.shape[2:])
 
 
-def _generate(kind, config, dtype, hw, params, sampler, inputs) -> jax.Array:
+def _generate(kind, config, options, hw, params, sampler, inputs) -> jax.Array:
     """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1]."""
     example_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(inputs["seed"]), i))(inputs["index"])
     shape = (*hw, config.latent_channels)
@@ -305,32 +310,33 @@ def _generate(kind, config, dtype, hw, params, sampler, inputs) -> jax.Array:
     else:
         noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(example_keys)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, STEP_STREAM))(example_keys)
-    model_fn, cond = _denoiser(config, dtype, params, inputs)
+    model_fn, cond = _denoiser(config, options, params, inputs)
     extra = {}
     if kind != "txt2img":
         images = inputs["image"]
-        extra.update(init_latent=ldm.encode_first_stage(config, params, images, dtype=dtype),
+        extra.update(init_latent=ldm.encode_first_stage(config, params, images, options=options),
                      strength=inputs["strength"])
     if kind == "inpaint":
         if config.concat_channels:
-            extra["extra_channels"] = ldm.inpaint_conditioning(config, params, images, inputs["mask"], dtype=dtype)
+            extra["extra_channels"] = ldm.inpaint_conditioning(config, params, images, inputs["mask"],
+                                                               options=options)
         else:
             f = config.downsample_factor
             extra["mask"] = (inputs["mask"][:, ::f, ::f, :] >= 0.5).astype(jnp.float32)
     latents = sample(sampler, model_fn, noise, step_keys, cond, **extra)
-    return jnp.clip(ldm.decode_first_stage(config, params, latents, dtype=dtype), -1.0, 1.0)
+    return jnp.clip(ldm.decode_first_stage(config, params, latents, options=options), -1.0, 1.0)
 
 
-def _denoiser(config, dtype, params, inputs):
+def _denoiser(config, options, params, inputs):
     """(model_fn(x, t, cond), cond) for `sample`: classifier-free guided when the model is conditional."""
 
     def model_fn(x, t, cond):
-        return ldm.apply_unet(config, params, x, t, cond, dtype=dtype)
+        return ldm.apply_unet(config, params, x, t, cond, options=options)
 
     if "cond" not in inputs:
         return model_fn, None
-    cond = ldm.encode_conditioning(config, params, inputs["cond"], dtype=dtype)
-    uncond = ldm.encode_conditioning(config, params, inputs["uncond"], dtype=dtype)
+    cond = ldm.encode_conditioning(config, params, inputs["cond"], options=options)
+    uncond = ldm.encode_conditioning(config, params, inputs["uncond"], options=options)
     return classifier_free_guidance(model_fn), guided_cond(cond, uncond, inputs["scale"])
 
 

@@ -27,12 +27,15 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_jax.config import load_config_file
-from ldm_jax import store
+from ldm_jax import presets, store
 from ldm_jax.convert import compvis
+from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
 from ldm_jax.convert.common import ConversionError
+from ldm_jax.diffusion.schedule import make_schedule
 from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml
 from ldm_jax.ldm import LoadedModel, apply_unet, ldm_config, modules
 from ldm_jax.models.attention import AttentionBlock
+from ldm_jax.models.text import ClipTextConfig
 from tokenizer_fixtures import write_bert_tokenizer, write_clip_tokenizer
 
 RTOL = 1e-5
@@ -360,8 +363,7 @@ ZOO = {
         unet=dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(2,), num_heads=-1, num_head_channels=32, use_spatial_transformer=False,
                   context_dim=None),
-        diffusion=dict(linear_start=0.0015, linear_end=0.0195),
-        ldm=dict(conditioning_key=None, channels=3, scale_factor=1.0)),
+        diffusion=dict(linear_start=0.0015, linear_end=0.0195, conditioning_key=None, channels=3, scale_factor=1.0)),
     # cin256-v2-like: class embedder as the cross-attention context.
     "cin256": dict(
         first_stage=dict(kind="vq", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
@@ -369,14 +371,14 @@ ZOO = {
         unet=dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(2,), num_heads=1, context_dim=16),
         cond_stage=dict(kind="class", n_classes=11, embed_dim=16),
-        diffusion=dict(), ldm=dict(channels=3, scale_factor=1.0)),
+        diffusion=dict(channels=3, scale_factor=1.0)),
     # txt2img-1p4B-like: the BERT-style embedder (x-transformers names), scale_by_std buffer.
     "txt2img": dict(
         first_stage=dict(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32),
         unet=dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
                   context_dim=32),
         cond_stage=dict(kind="bert", vocab_size=50, n_embed=32, n_layer=2, heads=2, dim_head=8),
-        diffusion=dict(), ldm=dict(scale_by_std=True, scale_factor=0.25)),
+        diffusion=dict(scale_by_std=True, scale_factor=0.25)),
 }
 ZOO_KEYS = {
     "celebahq": ["model.diffusion_model.input_blocks.3.1.qkv.weight", "first_stage_model.quantize.embedding.weight",
@@ -455,7 +457,8 @@ def test_vq_first_stage_matches_diffusers_vqmodel():
 def test_class_embedding_keys_follow_diffusers_mapping(num_classes):
     """label_emb (an Embedding, or the "sequential" MLP label_emb.0.0 / .0.2) as diffusers' converter maps it."""
     unet = dict(ZOO["celebahq"]["unet"], num_classes=num_classes, adm_in_channels=12)
-    config = ldm_config({**ZOO["celebahq"], "unet": unet, "ldm": dict(ZOO["celebahq"]["ldm"], conditioning_key="adm")})
+    config = ldm_config({**ZOO["celebahq"], "unet": unet,
+                         "diffusion": dict(ZOO["celebahq"]["diffusion"], conditioning_key="adm")})
     params = _random_params(config, seed=9)
     checkpoint = {k: torch.from_numpy(v) for k, v in compvis.export_compvis(params, config).items()}
     original = {"model": {"params": {
@@ -490,6 +493,107 @@ def test_load_compvis_model_with_tokenizer_and_trained_scale_factor(tmp_path):
     assert loaded.config.diffusion.scale_factor == 0.3125 and loaded.model_id == str(path)
     assert loaded.tokenizer("a red circle")["input_ids"][0] == loaded.tokenizer.cls_token_id
     _assert_equal_params(loaded.params, params)
+
+
+# ------------------------------------------------------------------------------ config inference (any size)
+
+# A small KL first stage, attention at its second level, written as inference reads it (resolution 256).
+SMALL_VAE = dict(kind="kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(128,), resolution=256)
+ANY_SIZE = {
+    # SD 1.x-like: a 2-layer width-64 transformers CLIP, model_channels 32, SD's conventions (8 UNet heads).
+    "hf": dict(
+        first_stage=SMALL_VAE,
+        unet=dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2, 1), num_heads=8,
+                  context_dim=64),
+        cond_stage=dict(kind="clip", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=1,
+                        hidden_act="quick_gelu", eos_token_id=99, pad_token_id=99),
+        diffusion=dict(linear_start=0.00085, linear_end=0.012, scale_factor=0.18215, image_size=256)),
+    # SD 2.x-like: OpenCLIP tower (3 blocks in the file, the penultimate layer), linear proj_in, 64-wide UNet
+    # heads; a non-SD schedule, scale_by_std and a constant logvar, all read from the file's buffers.
+    "openclip": dict(
+        first_stage=SMALL_VAE,
+        unet=dict(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(1,), num_heads=-1,
+                  num_head_channels=64, use_linear_in_transformer=True, transformer_depth=2, context_dim=64),
+        cond_stage=dict(kind="clip", vocab_size=100, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=1,
+                        hidden_act="gelu", eos_token_id=99, pad_token_id=0),
+        diffusion=dict(num_timesteps=500, linear_start=0.0015, linear_end=0.0195, scale_by_std=True,
+                       scale_factor=0.3125, image_size=256)),
+}
+
+
+def _any_size_file(kind, tmp_path):
+    """(the explicit LDMConfig, its random params, a CompVis .safetensors written by our own save_compvis)."""
+    config = ldm_config(ANY_SIZE[kind])
+    params = _random_params(config, seed=11)
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "hf":
+        compvis.save_compvis(path, params, config)
+        return config, params, path
+    # A CompVis SD 2.x file holds every block of the OpenCLIP tower: one more than the penultimate layer uses.
+    full_tower = dataclasses.replace(config, cond_stage=dataclasses.replace(config.cond_stage, num_layers=3,
+                                                                             output_layer="penultimate"))
+    full_params = jax.tree.map(lambda a: a, params)
+    full_params["cond_stage"]["encoder"]["layers_2"] = _random_params(full_tower, seed=12)["cond_stage"]["encoder"][
+        "layers_2"]
+    state = compvis.export_compvis(full_params, full_tower)
+    state["logvar"] = np.zeros(500, np.float32)  # the reference's constant logvar buffer
+    save_safetensors(path, state)
+    return config, params, path
+
+
+@pytest.mark.parametrize("kind", sorted(ANY_SIZE))
+def test_any_size_file_loads_without_a_config(kind, tmp_path):
+    """A non-preset-size CompVis file: the config read off its weights is the explicit one, and the model
+    loaded with it equals, param for param, the model loaded with the explicit config."""
+    config, params, path = _any_size_file(kind, tmp_path)
+    state = load_state_dict(path)
+    inferred = compvis.infer_config(state)
+    assert inferred == config
+    assert presets.matching_preset(inferred) is None
+    loaded = compvis.loaded_model_from_state_dict(state, inferred, source=str(path))
+    explicit = compvis.load_compvis_model(path, config)
+    _assert_equal_params(loaded.params, explicit.params)
+    _assert_equal_params(loaded.params, params)
+    assert loaded.config == explicit.config
+
+
+@pytest.mark.parametrize("name", ["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_768_v", "ldm_celebahq_vq4",
+                                  "ldm_cin256", "ldm_txt2img_1p4b"])
+def test_full_size_files_infer_their_preset(name):
+    """Full-size layouts (shapes only: zero-stride arrays, nothing allocated) with the schedule buffers infer
+    the preset; a 768-v file has the shapes of a 512 eps one and infers sd_v2 (v needs the explicit preset)."""
+    config = ldm_config(presets.get_preset(name))
+    layout_config = config
+    if isinstance(config.cond_stage, ClipTextConfig) and config.cond_stage.hidden_act == "gelu":  # all 24 blocks
+        layout_config = dataclasses.replace(config, cond_stage=dataclasses.replace(
+            config.cond_stage, num_layers=24, output_layer="penultimate"))
+    shapes = compvis.compvis_layout(layout_config).torch_shapes()
+    state = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+    state["betas"] = np.asarray(make_schedule(config.diffusion.schedule).betas, np.float32)
+    inferred = compvis.infer_config(state)
+    expected = "sd_v2" if name == "sd_v2_768_v" else name
+    assert presets.matching_preset(inferred) == expected
+    assert inferred == ldm_config(presets.get_preset(expected))
+
+
+def test_not_an_ldm_file_names_the_missing_key(exported):
+    state = {k: v for k, v in load_file(exported["sd1"][3]).items() if not k.startswith(compvis.UNET_PREFIX)}
+    with pytest.raises(ValueError, match=r"not a CompVis latent diffusion checkpoint: no "
+                                         r"'model.diffusion_model.input_blocks.0.0.weight' \(a latent diffusion UNet"):
+        compvis.infer_config(state)
+    unet_only = {k: v for k, v in load_file(exported["sd1"][3]).items() if k.startswith(compvis.UNET_PREFIX)}
+    with pytest.raises(ValueError, match=r"no 'first_stage_model.encoder.conv_in.weight'"):
+        compvis.infer_config(unet_only)
+
+
+def test_a_config_that_does_not_fit_names_the_first_mismatch_on_the_first_line(tmp_path):
+    config, _, path = _any_size_file("hf", tmp_path)
+    wider = dataclasses.replace(config, unet=dataclasses.replace(config.unet, model_channels=64))
+    with pytest.raises(ConversionError) as err:
+        compvis.load_compvis_checkpoint(path, wider)
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"checkpoint does not match the model ({path}): first mismatch model.diffusion_model.")
+    assert ": checkpoint (" in first and ") vs model (" in first and "mis-shaped" in first
 
 
 # ------------------------------------------------------------------------------- convert once (the store)

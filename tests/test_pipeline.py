@@ -86,6 +86,20 @@ def test_traced_settings_do_not_recompile(model):
     assert pipeline.trace_count("txt2img") == traces + 1
 
 
+def test_run_options_are_static_and_reach_the_models(model):
+    """Another attention implementation is another program (the jit cache keys on the RunOptions) and gives the
+    same images to float32 rounding; an options object of the wrong type is refused."""
+    default = _txt2img(model, eta=0.0)
+    traces = pipeline.trace_count("txt2img")
+    chunked = _txt2img(model, eta=0.0, options=ldm.RunOptions(attention="chunked"))
+    assert pipeline.trace_count("txt2img") == traces + 1
+    np.testing.assert_allclose(chunked, default, rtol=0, atol=1e-4)
+    _txt2img(model, eta=0.0, options=ldm.RunOptions(attention="chunked"))
+    assert pipeline.trace_count("txt2img") == traces + 1
+    with pytest.raises(TypeError, match="txt2img: options must be an ldm.RunOptions, got"):
+        _txt2img(model, eta=0.0, options=jnp.bfloat16)
+
+
 def test_img2img_strength_limits(model):
     config, params, tokens, empty = model
     mesh = make_mesh()

@@ -175,7 +175,7 @@ def test_sampler_matches_diffusers_step_for_step(case, monkeypatch):
         # Karras timesteps are fractional: diffusers interpolates float32 log-sigmas (about 1e-3 off in t).
         np.testing.assert_allclose(np.asarray(sampler.timesteps), ref_t, rtol=1e-6, atol=2e-3)
     assert len(ours) == len(ref_xs)
-    errors = [_rel_err(a, b) for a, b in zip(ours, ref_xs)]
+    errors = [_rel_err(a, b) for a, b in zip(ours, ref_xs, strict=True)]
     assert max(errors) <= RTOL, f"{case}: relative error per step {np.array(errors)}"
 
 

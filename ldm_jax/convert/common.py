@@ -148,7 +148,17 @@ def convert_state_dict(
 
 
 def _report(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
-    lines = [f"checkpoint does not match the model ({source}):"]
+    """The first line says it all (the first mis-shaped key with both shapes, else the first missing or
+    unexpected key, and the counts); the lines below list the keys (20 of each kind at most)."""
+    if mismatched:
+        first = f"first mismatch {mismatched[0]}"
+    elif missing:
+        first = f"first missing key {missing[0]}"
+    else:
+        first = f"first unexpected key {unexpected[0]}"
+    counts = ", ".join(f"{len(items)} {title}" for title, items in (
+        ("mis-shaped", mismatched), ("missing", missing), ("unexpected", unexpected)) if items)
+    lines = [f"checkpoint does not match the model ({source}): {first} ({counts})"]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if items:
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])

@@ -23,12 +23,16 @@ param path(s), layout codec). Import and export both read that one table:
   transpose into our layout (conv OIHW -> HWIO, Linear (out, in) -> (in, out), fused qkv split);
 - `export_compvis` / `save_compvis` write our params back under CompVis names (plus the schedule buffers).
 
+`infer_config(state_dict)` reads a file's LDMConfig off its tensor shapes and buffers (any size; what the weights
+cannot tell follows the family's convention, see its docstring); `ldm_jax.presets.matching_preset` names the
+preset it equals.
+
 Keys that hold no parameter of our model are handled by the explicit rules in `_drop_known_extras` (each with
 its reason, logged); schedule buffers, `scale_factor` and a constant `logvar` are compared with the config and
 raise `ConversionError` when they differ. Nothing else is skipped.
 
 SD 2.x: the reference embeds prompts with OpenCLIP's penultimate layer (`layer="penultimate"`). Our SD2
-config (configs/sd_v2.py, and `ldm_yaml` for that yaml) has 23 blocks and `output_layer="last"`, as diffusers
+presets (sd_v2, sd_v2_768_v; `ldm_yaml` for that yaml) have 23 blocks and `output_layer="last"`, as diffusers
 ships it; a CompVis file's 24th block is then never evaluated and is dropped explicitly. A config with
 `num_layers=24, output_layer="penultimate"` loads all 24 blocks instead (same context).
 Exported OpenCLIP towers hold the blocks our params have; `text_projection` and `logit_scale` (unused for the
@@ -51,9 +55,11 @@ from flax import traverse_util
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
 from ldm_jax.convert.common import (ConversionError, assemble_params, expected_shapes, flax_to_torch_leaf,
                                     path_to_diffusers_key, to_numpy_state_dict, torch_to_flax_leaf)
-from ldm_jax.diffusion.schedule import NoiseSchedule, make_schedule
-from ldm_jax.ldm import LDMConfig, LoadedModel, init_params, ldm_config
+from ldm_jax.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
+from ldm_jax.ldm import DiffusionConfig, LDMConfig, LoadedModel, init_params, ldm_config
+from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.text import BertEmbedderConfig, ClassEmbedderConfig, ClipTextConfig
+from ldm_jax.models.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +478,7 @@ def convert_compvis_state_dict(state_dict: Mapping[str, Any], config: LDMConfig 
     # 2. Into our layout; assemble_params checks the result once more and nests it.
     converted: dict[Path, tuple[str, np.ndarray]] = {}
     for entry in layout.entries:
-        for path, array in zip(entry.paths, entry.codec.to_flax(sd[entry.key])):
+        for path, array in zip(entry.paths, entry.codec.to_flax(sd[entry.key]), strict=True):
             converted[path] = (entry.key, array)
     _log_dropped(dropped, source)
     return assemble_params(converted, layout.shapes, source=source)
@@ -503,7 +509,7 @@ def loaded_model_from_state_dict(state_dict: Mapping[str, Any], config: LDMConfi
     """
     config = as_ldm_config(config)
     if config.diffusion.scale_by_std and "scale_factor" in state_dict:
-        value = float(np.asarray(state_dict["scale_factor"]))
+        value = _scalar(state_dict["scale_factor"])
         log.info("%s: scale_by_std model, scale_factor %.8g from the checkpoint", source, value)
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=value))
     params = convert_compvis_state_dict(state_dict, config, use_ema=use_ema, source=source)
@@ -511,25 +517,296 @@ def loaded_model_from_state_dict(state_dict: Mapping[str, Any], config: LDMConfi
     if tokenizer is not None:
         if config.tokenizer_kind is None:
             raise ValueError(f"tokenizer={tokenizer!s} given, but this model has no text cond stage")
-        from ldm_jax.models.tokenizer import load_tokenizer  # transformers is imported only when needed
+        from ldm_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415 (transformers: only when needed)
 
         tok = load_tokenizer(tokenizer, config.tokenizer_kind)
     return LoadedModel(config=config, params=params, tokenizer=tok, model_id=source)
 
 
-def infer_stable_diffusion_config(state_dict: Mapping[str, Any]) -> str:
-    """Which Stable Diffusion config a CompVis state dict fits, by its keys and shapes: "sd_v1",
-    "sd_v1_inpainting" (9 input channels) or "sd_v2" (OpenCLIP text tower). The name of a configs/ file.
+# ------------------------------------------------------------------------------------------- config inference
 
-    Raises ValueError when the file is not a Stable Diffusion checkpoint (no `model.diffusion_model.` UNet).
+# What the weights cannot tell, by family (the text tower's layout names the family; see `infer_config`).
+FAMILY_CONVENTIONS = {
+    # SD 1.x: transformers CLIP (OpenAI ViT-L/14 in SD) and SD v1's UNet heads.
+    "hf_clip": dict(unet_heads=dict(num_heads=8, num_head_channels=-1), schedule=(0.00085, 0.012), pixels=512),
+    # SD 2.x: OpenCLIP text tower and 64-wide UNet heads.
+    "openclip": dict(unet_heads=dict(num_heads=-1, num_head_channels=64), schedule=(0.00085, 0.012), pixels=512),
+    # LDM-KL-8-G txt2img-1p4B: x-transformers BERT embedder, SD v1's UNet.
+    "bert": dict(unet_heads=dict(num_heads=8, num_head_channels=-1), schedule=(0.00085, 0.012), pixels=256),
+    # LDM cin256-v2: class embedder as the context, single-head transformers.
+    "class": dict(unet_heads=dict(num_heads=1, num_head_channels=-1), schedule=(0.0015, 0.0195), pixels=256),
+    # Unconditional LDMs (celebahq / ffhq / lsun-ldm-vq-4).
+    None: dict(unet_heads=dict(num_heads=8, num_head_channels=-1), schedule=(0.0015, 0.0195), pixels=256),
+}
+ATTENTION_BLOCK_HEADS = dict(num_heads=-1, num_head_channels=32)  # plain AttentionBlocks: the zoo's 32 per head
+CLIP_HEAD_WIDTH = 64  # CLIP and OpenCLIP text towers: heads = width / 64
+BERT_HEAD_WIDTH = 64  # x-transformers' default dim_head
+CONVENTIONAL_RESOLUTION = 256  # the first stage's `resolution` (only attn_resolutions are relative to it)
+SCALE_FACTORS = {"kl": 0.18215, "vq": 1.0}
+INFERABLE_SCHEDULES = ("linear", "sqrt_linear", "cosine")
+
+
+def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkpoint") -> LDMConfig:
+    """The LDMConfig of a CompVis LatentDiffusion state dict, read off its tensor shapes (any size).
+
+    Read from the weights: UNet in/out channels, model_channels, channel_mult, num_res_blocks, attention levels,
+    spatial transformer or plain attention, transformer depth, linear vs conv proj_in, context width, resample
+    convs, scale-shift norm, class embedding (int or "sequential" with adm_in_channels); first stage KL vs VQ
+    (a `quantize.embedding`), ch, ch_mult, num_res_blocks, attention levels, z_channels, double_z, embed_dim,
+    n_embed, in/out channels; the text tower's layout (transformers CLIP `transformer.text_model.*` or
+    `transformer.*`, OpenCLIP `model.*`, x-transformers BERT `transformer.token_emb`, class `embedding`),
+    width, depth, MLP width, vocabulary and positions. From the buffers when the file has them: the noise
+    schedule (`betas`: linear, sqrt_linear or cosine, end points rounded to float32 precision), scale_factor
+    (its buffer exists only for scale_by_std models) and a constant or learned `logvar`.
+    conditioning_key: "adm" with a class embedding, else "hybrid"/"crossattn" for spatial transformers and
+    "concat"/None without, by whether the UNet takes more input channels than the latents have.
+
+    What the weights cannot tell follows the family's convention (FAMILY_CONVENTIONS), named by the text tower:
+    - transformers CLIP (SD 1.x-like): UNet num_heads=8; CLIP heads = width / 64, quick_gelu, the last layer,
+      prompts padded with the end-of-text id = vocab_size - 1; images 512 px.
+    - OpenCLIP (SD 2.x-like): UNet num_head_channels=64; CLIP heads = width / 64, gelu, the penultimate layer
+      (a file's N blocks give num_layers N - 1 with output_layer "last", as the preset sd_v2; the last block is
+      dropped on import), prompts padded with 0; images 512 px.
+    - BERT (txt2img-1p4B-like): UNet num_heads=8; dim_head 64; bert tokenizer; images 256 px.
+    - class embedder (cin256-like): UNet num_heads=1; images 256 px. No cond stage: images 256 px.
+    Plain self-attention blocks (no spatial transformer) get 32 channels per head. Without schedule buffers:
+    1000 steps of the reference's "linear" schedule, 0.00085..0.012 for text models, 0.0015..0.0195 otherwise.
+    Always: eps prediction (v cannot be read from weights: a 768-v SD 2.x file needs the preset sd_v2_768_v),
+    scale_factor 0.18215 for KL and 1.0 for VQ first stages (unless the file's buffer says), first-stage
+    resolution 256, dropout 0, diffusion.image_size = images px / downsampling factor.
+    `ldm_jax.presets.matching_preset(config)` names the preset the result equals, if any.
+
+    Raises ValueError naming the missing key when the file is not a latent diffusion checkpoint (no
+    `model.diffusion_model.` UNet, no `first_stage_model.` autoencoder), and for layouts outside our configs
+    (per-level depths or res-block counts, a text width that is not a multiple of 64, an unknown cond stage).
     """
-    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
-    if conv_in not in state_dict:
-        raise ValueError(f"not a Stable Diffusion CompVis checkpoint: no {conv_in!r} (give --config for other "
-                         f"LDM models)")
-    if any(k.startswith("cond_stage_model.model.transformer.") for k in state_dict):
-        return "sd_v2"
-    return "sd_v1_inpainting" if np.shape(state_dict[conv_in])[1] == 9 else "sd_v1"
+    keys = _KeyIndex(state_dict, source)
+    keys.require(f"{UNET_PREFIX}input_blocks.0.0.weight", "a latent diffusion UNet (model.diffusion_model.*)")
+    keys.require(f"{FIRST_STAGE_PREFIX}encoder.conv_in.weight", "a first-stage autoencoder (first_stage_model.*)")
+    cond, family = _infer_cond_stage(keys)
+    first_stage = _infer_first_stage(keys)
+    unet = _infer_unet(keys, FAMILY_CONVENTIONS[family]["unet_heads"])
+    diffusion = _infer_diffusion(state_dict, keys, first_stage, unet, family)
+    return LDMConfig(first_stage=first_stage, unet=unet, diffusion=diffusion, cond_stage=cond)
+
+
+class _KeyIndex:
+    """Shapes and numbered children of a state dict's keys (no array is read)."""
+
+    def __init__(self, state_dict: Mapping[str, Any], source: str):
+        self.state_dict, self.source = state_dict, source
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state_dict
+
+    def require(self, key: str, what: str) -> None:
+        if key not in self.state_dict:
+            raise ValueError(f"{self.source}: not a CompVis latent diffusion checkpoint: no {key!r} ({what}); "
+                             f"it has {len(self.state_dict)} keys, e.g. {sorted(self.state_dict)[:3]}")
+
+    def shape(self, key: str) -> Shape:
+        self.require(key, "needed to infer the config")
+        return tuple(int(d) for d in np.shape(self.state_dict[key]))
+
+    def children(self, prefix: str) -> list[int]:
+        """The sorted numbers N of keys `prefix` + "N." + ..."""
+        numbers = set()
+        for key in self.state_dict:
+            if key.startswith(prefix):
+                head = key[len(prefix):].split(".", 1)[0]
+                if head.isdigit():
+                    numbers.add(int(head))
+        return sorted(numbers)
+
+    def any_under(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.state_dict)
+
+
+def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int]) -> UNetConfig:
+    p = UNET_PREFIX
+    model_channels, in_channels = keys.shape(f"{p}input_blocks.0.0.weight")[:2]
+    blocks = keys.children(f"{p}input_blocks.")
+    resblock = lambda i: f"{p}input_blocks.{i}.0.in_layers.0.weight" in keys  # noqa: E731
+    levels: list[list[int]] = [[]]
+    downsample_convs = []
+    for i in range(1, blocks[-1] + 1):
+        if resblock(i):
+            levels[-1].append(i)
+        else:  # a Downsample: a strided conv (`op`), or an average pool without weights (conv_resample=False)
+            downsample_convs.append(f"{p}input_blocks.{i}.0.op.weight" in keys)
+            levels.append([])
+    counts = sorted({len(level) for level in levels})
+    if len(counts) != 1 or counts[0] < 1:
+        raise ValueError(f"{keys.source}: UNet levels have {[len(level) for level in levels]} res blocks; "
+                         f"one num_res_blocks for every level is supported")
+    channel_mult = []
+    for level in levels:
+        width = keys.shape(f"{p}input_blocks.{level[0]}.0.out_layers.3.weight")[0]
+        if width % model_channels:
+            raise ValueError(f"{keys.source}: UNet level width {width} is not a multiple of model_channels "
+                             f"{model_channels}")
+        channel_mult.append(width // model_channels)
+    attention_levels = [2**n for n, level in enumerate(levels) if keys.any_under(f"{p}input_blocks.{level[0]}.1.")]
+    attention_levels.reverse()  # deepest first, as the reference's yamls list them: (4, 2, 1)
+    mid = f"{p}middle_block.1."
+    spatial = f"{mid}proj_in.weight" in keys
+    if not spatial:
+        keys.require(f"{mid}qkv.weight", "the UNet's middle attention block")
+    config = dict(in_channels=in_channels, out_channels=keys.shape(f"{p}out.2.weight")[0],
+                  model_channels=model_channels, channel_mult=tuple(channel_mult), num_res_blocks=counts[0],
+                  attention_resolutions=tuple(attention_levels), use_spatial_transformer=spatial,
+                  conv_resample=all(downsample_convs) if downsample_convs else True,
+                  use_scale_shift_norm=keys.shape(f"{p}input_blocks.1.0.emb_layers.1.weight")[0]
+                  == 2 * model_channels * channel_mult[0])
+    if spatial:
+        depths = {len(keys.children(f"{prefix}transformer_blocks."))
+                  for prefix in [mid] + [f"{p}input_blocks.{lv[0]}.1." for lv in levels
+                                         if keys.any_under(f"{p}input_blocks.{lv[0]}.1.")]}
+        if len(depths) != 1:
+            raise ValueError(f"{keys.source}: the UNet's spatial transformers have depths {sorted(depths)}; one "
+                             f"transformer_depth for every level is supported")
+        config.update(heads, transformer_depth=depths.pop(),
+                      context_dim=keys.shape(f"{mid}transformer_blocks.0.attn2.to_k.weight")[1],
+                      use_linear_in_transformer=len(keys.shape(f"{mid}proj_in.weight")) == 2)
+    else:
+        config.update(ATTENTION_BLOCK_HEADS, context_dim=None)
+    if f"{p}label_emb.weight" in keys:
+        config["num_classes"] = keys.shape(f"{p}label_emb.weight")[0]
+    elif f"{p}label_emb.0.0.weight" in keys:
+        config.update(num_classes="sequential", adm_in_channels=keys.shape(f"{p}label_emb.0.0.weight")[1])
+    return UNetConfig(**config)
+
+
+def _infer_first_stage(keys: _KeyIndex) -> AutoencoderConfig:
+    p = FIRST_STAGE_PREFIX
+    ch, in_channels = keys.shape(f"{p}encoder.conv_in.weight")[:2]
+    levels = keys.children(f"{p}encoder.down.")
+    num_res_blocks = len(keys.children(f"{p}encoder.down.0.block."))
+    ch_mult = []
+    for level in levels:
+        width = keys.shape(f"{p}encoder.down.{level}.block.0.conv2.weight")[0]
+        if width % ch:
+            raise ValueError(f"{keys.source}: first-stage level width {width} is not a multiple of ch {ch}")
+        ch_mult.append(width // ch)
+    attn = tuple(CONVENTIONAL_RESOLUTION // 2**level for level in levels
+                 if f"{p}encoder.down.{level}.attn.0.norm.weight" in keys)
+    z_channels = keys.shape(f"{p}decoder.conv_in.weight")[1]
+    vq = f"{p}quantize.embedding.weight" in keys
+    config = dict(kind="vq" if vq else "kl", in_channels=in_channels,
+                  out_ch=keys.shape(f"{p}decoder.conv_out.weight")[0], ch=ch, ch_mult=tuple(ch_mult),
+                  num_res_blocks=num_res_blocks, attn_resolutions=attn,
+                  resolution=CONVENTIONAL_RESOLUTION, z_channels=z_channels,
+                  double_z=keys.shape(f"{p}encoder.conv_out.weight")[0] == 2 * z_channels,
+                  embed_dim=keys.shape(f"{p}post_quant_conv.weight")[1])
+    if vq:
+        config["n_embed"] = keys.shape(f"{p}quantize.embedding.weight")[0]
+    return AutoencoderConfig(**config)
+
+
+def _heads(width: int, head_width: int, what: str, source: str) -> int:
+    if width % head_width:
+        raise ValueError(f"{source}: the {what} has width {width}, not a multiple of {head_width}: its head count "
+                         f"cannot be inferred; give a config")
+    return width // head_width
+
+
+def _infer_cond_stage(keys: _KeyIndex) -> tuple[Any, str | None]:
+    """(the cond stage config or None, the family name of FAMILY_CONVENTIONS)."""
+    hf = [prefix for prefix in (HF_CLIP_PREFIX, HF_CLIP_PREFIX_FLAT)
+          if f"{prefix}embeddings.token_embedding.weight" in keys]
+    if f"{OPENCLIP_PREFIX}token_embedding.weight" in keys:
+        p = OPENCLIP_PREFIX
+        vocab, width = keys.shape(f"{p}token_embedding.weight")
+        blocks = len(keys.children(f"{p}transformer.resblocks."))
+        if blocks < 2:
+            raise ValueError(f"{keys.source}: an OpenCLIP text tower of {blocks} block(s); SD 2.x-like models use "
+                             f"the penultimate layer, which needs 2 or more")
+        return ClipTextConfig(
+            vocab_size=vocab, hidden_size=width, max_length=keys.shape(f"{p}positional_embedding")[0],
+            intermediate_size=keys.shape(f"{p}transformer.resblocks.0.mlp.c_fc.weight")[0], num_layers=blocks - 1,
+            num_heads=_heads(width, CLIP_HEAD_WIDTH, "OpenCLIP text tower", keys.source), hidden_act="gelu",
+            eos_token_id=vocab - 1, pooling="argmax", output_layer="last", pad_token_id=0,
+            tokenizer_kind="clip"), "openclip"
+    if hf:
+        p = hf[0]
+        vocab, width = keys.shape(f"{p}embeddings.token_embedding.weight")
+        return ClipTextConfig(
+            vocab_size=vocab, hidden_size=width, max_length=keys.shape(f"{p}embeddings.position_embedding.weight")[0],
+            intermediate_size=keys.shape(f"{p}encoder.layers.0.mlp.fc1.weight")[0],
+            num_layers=len(keys.children(f"{p}encoder.layers.")),
+            num_heads=_heads(width, CLIP_HEAD_WIDTH, "CLIP text tower", keys.source), hidden_act="quick_gelu",
+            eos_token_id=vocab - 1, pooling="argmax", output_layer="last", pad_token_id=vocab - 1,
+            tokenizer_kind="clip"), "hf_clip"
+    p = f"{COND_PREFIX}transformer."
+    if f"{p}token_emb.weight" in keys:
+        vocab, width = keys.shape(f"{p}token_emb.weight")
+        inner = keys.shape(f"{p}attn_layers.layers.0.1.to_q.weight")[0]
+        hidden = keys.shape(f"{p}attn_layers.layers.1.1.net.0.0.weight")[0]
+        if hidden % width:
+            raise ValueError(f"{keys.source}: BERT feed-forward width {hidden} is not a multiple of {width}")
+        return BertEmbedderConfig(
+            vocab_size=vocab, max_length=keys.shape(f"{p}pos_emb.emb.weight")[0], n_embed=width,
+            n_layer=len(keys.children(f"{p}attn_layers.layers.")) // 2,
+            heads=_heads(inner, BERT_HEAD_WIDTH, "BERT attention", keys.source), dim_head=BERT_HEAD_WIDTH,
+            ff_mult=hidden // width), "bert"
+    if f"{COND_PREFIX}embedding.weight" in keys:
+        n_classes, width = keys.shape(f"{COND_PREFIX}embedding.weight")
+        return ClassEmbedderConfig(n_classes=n_classes, embed_dim=width), "class"
+    other = sorted(k for k in keys.state_dict if k.startswith(COND_PREFIX))
+    if other:
+        raise ValueError(f"{keys.source}: a cond stage this converter does not know ({len(other)} keys, e.g. "
+                         f"{other[0]!r}); give a config")
+    return None, None
+
+
+def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage: AutoencoderConfig,
+                     unet: UNetConfig, family: str | None) -> DiffusionConfig:
+    convention = FAMILY_CONVENTIONS[family]
+    latent = first_stage.embed_dim
+    if unet.num_classes is not None:
+        conditioning_key = "adm"
+    elif unet.use_spatial_transformer:
+        conditioning_key = "hybrid" if unet.in_channels > latent else "crossattn"
+    else:
+        conditioning_key = "concat" if unet.in_channels > latent else None
+    buffers = to_numpy_state_dict({k: state_dict[k] for k in ("betas", "scale_factor", "logvar") if k in keys})
+    schedule = (_schedule_from_betas(buffers["betas"], keys.source) if "betas" in buffers
+                else ScheduleConfig(beta_schedule="linear", num_timesteps=1000, linear_start=convention["schedule"][0],
+                                    linear_end=convention["schedule"][1]))
+    values = dict(schedule=schedule, prediction_type="eps", conditioning_key=conditioning_key,
+                  scale_factor=SCALE_FACTORS[first_stage.kind],
+                  image_size=convention["pixels"] // first_stage.downsample_factor, channels=latent)
+    if "scale_factor" in buffers:  # registered as a buffer only by scale_by_std models
+        values.update(scale_by_std=True, scale_factor=_scalar(buffers["scale_factor"]))
+    if "logvar" in buffers:
+        logvar = np.asarray(buffers["logvar"], np.float32).reshape(-1)
+        constant = bool(np.all(logvar == logvar[0]))
+        values.update(learn_logvar=not constant, logvar_init=float(logvar[0]) if constant else 0.0)
+    return DiffusionConfig(**values)
+
+
+def _schedule_from_betas(betas: np.ndarray, source: str) -> ScheduleConfig:
+    """The ScheduleConfig whose betas equal the file's (end points rounded to float32's shortest decimals)."""
+    betas = np.asarray(betas, np.float64).reshape(-1)
+    start, end = (float(str(np.float32(b))) for b in (betas[0], betas[-1]))
+    candidates = [ScheduleConfig(beta_schedule="linear", num_timesteps=len(betas), linear_start=start, linear_end=end),
+                  ScheduleConfig(beta_schedule="sqrt_linear", num_timesteps=len(betas), linear_start=start,
+                                 linear_end=end),
+                  ScheduleConfig(beta_schedule="cosine", num_timesteps=len(betas))]
+    for candidate in candidates:
+        ours = np.asarray(make_schedule(candidate).betas, np.float64)
+        if np.allclose(ours, betas, rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL):
+            return candidate
+    raise ValueError(f"{source}: the `betas` buffer ({len(betas)} steps, {betas[0]:.6g}..{betas[-1]:.6g}) fits none "
+                     f"of the schedules {INFERABLE_SCHEDULES}; give a config")
+
+
+def _scalar(value: Any) -> float:
+    """A one-element buffer (shape () or (1,): files store scalars either way) as a Python float."""
+    array = to_numpy_state_dict({"value": value})["value"]
+    if array.size != 1:
+        raise ConversionError(f"expected a scalar buffer, got shape {array.shape}")
+    return float(array.reshape(-1)[0])
 
 
 def ema_key(key: str) -> str:
@@ -575,10 +852,10 @@ def _check_buffers(sd: dict[str, np.ndarray], config: LDMConfig, dropped: dict[s
                 problems.append(f"{name}: max |difference| {np.max(np.abs(got - want)):.3g}")
             checked[name] = "noise-schedule buffer, equal to the config's schedule"
     if "scale_factor" in sd:
-        got = float(np.asarray(sd["scale_factor"]))
+        got = _scalar(sd["scale_factor"])
         if not np.isclose(got, d.scale_factor, rtol=1e-6, atol=0.0):
             problems.append(f"scale_factor: checkpoint {got:.8g} vs config {d.scale_factor:.8g} (set "
-                            f"--config.ldm.scale_factor={got:.8g})")
+                            f"--config.diffusion.scale_factor={got:.8g})")
         checked["scale_factor"] = "latent scale buffer, equal to the config's scale_factor"
     if "logvar" in sd and not d.learn_logvar:
         got = np.asarray(sd["logvar"])
@@ -671,5 +948,6 @@ def save_compvis(path: str | os.PathLike, params: Mapping[str, Any], config: LDM
 __all__ = [
     "CLIP_LAYOUTS", "ConversionError", "Entry", "Layout", "SCHEDULE_BUFFERS", "as_ldm_config", "compvis_layout",
     "convert_compvis_state_dict", "default_clip_layout", "detect_clip_layout", "ema_key", "export_compvis",
-    "load_compvis_checkpoint", "load_compvis_model", "model_shapes", "save_compvis",
+    "infer_config", "load_compvis_checkpoint", "load_compvis_model", "loaded_model_from_state_dict", "model_shapes",
+    "save_compvis",
 ]

@@ -63,10 +63,10 @@ _DIFFUSERS_VERSION = "0.42.1"
 # ------------------------------------------------------------------------------------------------- import
 
 
-def load_diffusers_pipeline(folder: str | os.PathLike, **unet_overrides: Any) -> LoadedModel:
-    """Loads a diffusers Stable Diffusion folder into a `LoadedModel` (config, params, tokenizer, model_id).
+def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
+    """Loads a diffusers Stable Diffusion folder into a `LoadedModel` (config, params, tokenizer, model_id),
+    with the default run-time options (`ldm.RunOptions`; `store.load_model` sets others).
 
-    unet_overrides: UNetConfig fields diffusers does not describe (e.g. attention="chunked").
     Raises FileNotFoundError naming a missing subfolder/file, ConversionError / ValueError for a checkpoint
     that does not match its config or an unsupported option.
     """
@@ -85,7 +85,7 @@ def load_diffusers_pipeline(folder: str | os.PathLike, **unet_overrides: Any) ->
     cond_stage, cond_params = _load_text_encoder(folder / "text_encoder", tokenizer, tokenizer_kind)
     vae_config, vae_params, scale = _load_vae(folder / "vae")
     unet_json = _read_json(folder / "unet" / "config.json", what="the unet/ subfolder")
-    unet_config = unet_config_from_diffusers(unet_json, **unet_overrides)
+    unet_config = unet_config_from_diffusers(unet_json)
     unet_params = convert_diffusers_unet(_read_weights(folder / "unet", DIFFUSERS_WEIGHTS), unet_config)
     scheduler = read_scheduler_config(folder)
     latent = vae_config.embed_dim

@@ -61,7 +61,8 @@ _HANDLED = {
 def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> UNetConfig:
     """Builds the UNetConfig equivalent to a diffusers UNet2DConditionModel config (a dict-like).
 
-    `overrides` set fields diffusers does not describe (e.g. `attention="chunked"`, `remat=True`).
+    `overrides` set UNetConfig fields diffusers does not describe (e.g. `position_embedding=(8, 8)`); run-time
+    options (attention, remat, dtypes) are not config fields but arguments of `build_unet`.
     Raises ConversionError naming every unsupported option.
     """
     cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}

@@ -55,7 +55,7 @@ def load_tokenizer(directory: str | pathlib.Path, kind: str) -> Any:
 
 
 def _tokenizer_class(kind: str) -> type:
-    import transformers  # imported here: loading transformers takes seconds and most callers never tokenise
+    import transformers  # noqa: PLC0415 (loading transformers takes seconds; most callers never tokenise)
 
     return {
         "clip": transformers.CLIPTokenizer,

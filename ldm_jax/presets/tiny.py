@@ -32,6 +32,6 @@ def cond_stage(kind: str = "clip") -> ml_collections.ConfigDict:
 def tiny() -> ml_collections.ConfigDict:
     """The tiny text-to-image model (see the module docstring)."""
     unet = section(stable_diffusion.UNET, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                   attention_resolutions=(1, 2), num_heads=2, context_dim=32)
+                   attention_resolutions=(2, 1), num_heads=2, context_dim=32)
     return model(autoencoders.tiny_kl().first_stage, unet,
                  diffusion(**{**stable_diffusion.SD_DIFFUSION, "image_size": 8}), cond_stage("clip"))

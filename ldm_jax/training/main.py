@@ -136,6 +136,17 @@ def compute_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
+def run_options(train: Any) -> Any:
+    """`ldm.RunOptions` from a train section's `attention`, `remat` and `dtype` (params stay float32);
+    a bad value is a ValueError naming the train field."""
+    from ldm_jax.ldm import RunOptions  # noqa: PLC0415
+    from ldm_jax.models.attention import check_attention  # noqa: PLC0415
+    from ldm_jax.models.layers import check_remat  # noqa: PLC0415
+
+    return RunOptions(attention=check_attention(train.attention, "train.attention"),
+                      remat=check_remat(train.remat, "train.remat"), dtype=compute_dtype(train.dtype))
+
+
 def mesh_and_rules(config: ml_collections.ConfigDict):
     """(mesh, param_rules) from the `mesh` section: all devices of all processes, or, on one process, the
     first data x fsdp devices when both are given and their product is smaller (e.g. mesh.data=1 to train on

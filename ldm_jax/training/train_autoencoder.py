@@ -41,7 +41,7 @@ from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
 from ldm_jax.losses.autoencoder_loss import AutoencoderLoss, LossConfig
 from ldm_jax.metrics.image_quality import psnr
-from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder, init_autoencoder
+from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config, build_autoencoder, init_autoencoder
 from ldm_jax.training import autoencoder_step, optim
 from ldm_jax.training import main as common
 from ldm_jax.training import state as state_lib
@@ -67,7 +67,8 @@ class AutoencoderOptimizerConfig:
 class AutoencoderTrainConfig:
     """num_steps: iterations (generator + discriminator updates); log_every: scalars interval; image_every:
     reconstruction-grid interval; num_images: examples in the grid (a multiple of the device count), taken
-    from `eval_split` of the data; dtype: compute dtype ("float32" / "bfloat16"; params stay float32)."""
+    from `eval_split` of the data; dtype: compute dtype ("float32" / "bfloat16"; params stay float32);
+    attention / remat: the run-time options of the autoencoder (`ldm.RunOptions`, never saved with it)."""
 
     num_steps: int = 1000
     seed: int = 0
@@ -76,6 +77,8 @@ class AutoencoderTrainConfig:
     num_images: int = 8
     eval_split: str = "validation"
     dtype: str = "float32"
+    attention: str = "xla"
+    remat: bool | str = False
     progress_bar: bool = True
 
 
@@ -133,8 +136,8 @@ class Stage:
 def build_stage(config: ml_collections.ConfigDict) -> Stage:
     """Parses and checks every section of an autoencoder config (no data is read, nothing is allocated)."""
     train = common.section(AutoencoderTrainConfig, config, "train")
-    dtype = common.compute_dtype(train.dtype)
-    ae_config = build_dataclass(AutoencoderConfig, config.first_stage, where="first_stage")
+    options = common.run_options(train)
+    ae_config = autoencoder_config(config.first_stage)
     loss_values = config.loss.to_dict()
     vgg_path = loss_values.pop("lpips_vgg_path", "")
     loss_config = build_dataclass(LossConfig, loss_values, where="loss")
@@ -161,8 +164,8 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
                    for base in (opt.learning_rate, disc_base))
     log.info("autoencoder learning rate %.3g, discriminator %.3g%s", lr, disc_lr,
              f" (base rates x global batch {data.global_batch_size})" if opt.scale_lr else "")
-    model = build_autoencoder(ae_config, dtype=dtype)
-    loss = AutoencoderLoss(loss_config, kind=ae_config.kind, dtype=dtype)
+    model = build_autoencoder(ae_config, attention=options.attention, remat=options.remat, dtype=options.dtype)
+    loss = AutoencoderLoss(loss_config, kind=ae_config.kind, dtype=options.dtype)
     return Stage(config=config, ae_config=ae_config, model=model, loss=loss,
                  ae_tx=autoencoder_step.make_optimizer(lr), disc_tx=autoencoder_step.make_optimizer(disc_lr),
                  mesh=mesh, rules=rules, train=train, data=data, lpips_vgg_path=vgg_path)

@@ -9,7 +9,7 @@ optimiser is AdamW with linear warm-up and gradient clipping in one optax chain 
 lr scaling rule (`optimizer.scale_lr`) and gradient accumulation (`optimizer.accumulate_grad_batches`
 micro-batches per update); EMA of the trained params with LitEma's warm-up (`train.ema_decay`, None = off);
 bf16 compute with `train.dtype="bfloat16"` (params, norms, softmax and the loss stay float32); remat with
-`unet.remat`.
+`train.remat`, the attention implementation with `train.attention` (run-time options, `ldm.RunOptions`).
 
 Where the params start: `train.init_from` (a model directory, a diffusers folder or a CompVis .ckpt /
 .safetensors file: every part, e.g. SD for fine-tuning) or, without it, a fresh UNet (and cond stage) on the
@@ -76,7 +76,8 @@ class LDMTrainConfig:
 
     num_steps: optimiser updates; log_every / image_every: scalar and sample-grid intervals; num_images:
     samples per grid (a multiple of the device count); eval_split: where the grid's prompts come from ("" =
-    the training split); dtype: "float32" or "bfloat16" compute. first_stage / init_from: where params come
+    the training split); dtype: "float32" or "bfloat16" compute; attention / remat: the run-time options of the
+    modules (`ldm.RunOptions`, never saved with the model). first_stage / init_from: where params come
     from. tokenizer: a tokenizer directory, "shapes" (train the captioned-shapes word-level tokenizer into
     WORKDIR/tokenizer) or "" (no text). sample_posterior: False trains on the KL posterior's mean.
     """
@@ -88,6 +89,8 @@ class LDMTrainConfig:
     num_images: int = 16
     eval_split: str = "validation"
     dtype: str = "float32"
+    attention: str = "xla"
+    remat: bool | str = False
     progress_bar: bool = True
     first_stage: str = ""
     init_from: str = ""
@@ -114,7 +117,7 @@ class Stage:
     optimizer: optim.OptimizerConfig
     mesh: Any
     rules: Any
-    dtype: Any
+    options: ldm.RunOptions
     tokenizer: Any
     tokenizer_dir: pathlib.Path | None
     trainable: tuple[str, ...]
@@ -165,7 +168,7 @@ def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Sta
         raise ValueError(f"train.num_images {train.num_images} is not a multiple of the {mesh.size} devices")
     return Stage(config=config, model=model, train=train, data=data,
                  optimizer=common.section(optim.OptimizerConfig, config, "optimizer"), mesh=mesh, rules=rules,
-                 dtype=common.compute_dtype(train.dtype), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
+                 options=common.run_options(train), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
                  trainable=tuple(trainable))
 
 
@@ -402,7 +405,7 @@ def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib
     one_pass = dataclasses.replace(stage.data, shuffle=False, num_epochs=1, drop_remainder=False,
                                    global_batch_size=batch_size, batch_keys=("index", *stage.data.batch_keys))
     it = pipeline.make_iterator(one_pass, tokenizer=_tokenize_fn(stage), process_index=0, process_count=1)
-    encode = jax.jit(lambda p, x: ldm.first_stage_moments(stage.model, p, x, dtype=stage.dtype))
+    encode = jax.jit(lambda p, x: ldm.first_stage_moments(stage.model, p, x, options=stage.options))
     fs = jax.device_put({"first_stage": frozen["first_stage"]}, jax.local_devices()[0])
     parts: dict[str, list[np.ndarray]] = {"index": [], "moments": [], **{k: [] for k in cond_key}}
     for batch in it:
@@ -468,7 +471,7 @@ def first_batch_scale(stage: Stage, frozen: Mapping[str, Any], batches: Any, key
         if "moments" in batch:
             z = ldm.latents_from_moments(unit, batch["moments"], sample_key)
         else:
-            z = ldm.encode_first_stage(unit, fs, batch["image"], sample_key, dtype=stage.dtype)
+            z = ldm.encode_first_stage(unit, fs, batch["image"], sample_key, options=stage.options)
         return 1.0 / jnp.std(z, ddof=1)
 
     inputs = {k: v for k, v in batch.items() if k in ("image", "moments")}
@@ -504,7 +507,7 @@ def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path,
         params = {**(state.ema_params if state.ema_params is not None else state.params), **frozen}
         images = sampling.txt2img(stage.model, params, sampler, cond, uncond, guidance_scale=train.guidance_scale,
                                   seed=train.seed, batch_size=None if cond is not None else train.num_images,
-                                  mesh=stage.mesh, dtype=stage.dtype)
+                                  mesh=stage.mesh, options=stage.options)
         if train.check_shapes and captions is not None:
             from ldm_jax.metrics.shapes_checker import prompt_adherence  # noqa: PLC0415
 
@@ -548,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     del pretrained
     tx_schedule = _optimizer(stage)[1]
     empty = ldm.empty_prompt_ids(stage.model, stage.tokenizer) if stage.tokenizer is not None else None
-    base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty, dtype=stage.dtype,
+    base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty, options=stage.options,
                                  sample_posterior=train.sample_posterior)
 
     def loss_fn(params, batch, key, frozen_params):
