@@ -77,12 +77,13 @@ def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: s
     import jax  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    config = model.config
+    config, options = model.config, model.options
     params = jax.device_put({"first_stage": model.params["first_stage"]})  # an argument, not baked-in constants
 
     @jax.jit
     def reconstruct(params, x):
-        return ldm.decode_first_stage(config, params, ldm.encode_first_stage(config, params, x))
+        z = ldm.encode_first_stage(config, params, x, options=options)
+        return ldm.decode_first_stage(config, params, z, options=options)
 
     files = png_files(images_dir)
     outdir = pathlib.Path(outdir)

@@ -71,7 +71,9 @@ def prompt_sensitivity(model: ldm.LoadedModel, images: np.ndarray, captions: Seq
     ids = {name: pipeline.encode_prompts(model, texts)[0] for name, texts in prompts.items()}
     schedule = ldm.noise_schedule(config)
     params = jax.device_put(model.params)
-    z = jax.jit(functools.partial(ldm.encode_first_stage, config))(params, jnp.asarray(images, jnp.float32))
+    options = model.options
+    z = jax.jit(functools.partial(ldm.encode_first_stage, config, options=options))(params,
+                                                                                    jnp.asarray(images, jnp.float32))
     noise = jax.random.normal(jax.random.key(seed), z.shape, jnp.float32)
     target_type = config.diffusion.prediction_type
 
@@ -79,7 +81,7 @@ def prompt_sensitivity(model: ldm.LoadedModel, images: np.ndarray, captions: Seq
     def loss(params, z, noise, tokens, t):  # arrays as arguments, not constants baked into the program
         t = jnp.full((z.shape[0],), t, jnp.int32)
         pred = ldm.apply_unet(config, params, q_sample(schedule, z, t, noise), t,
-                              ldm.encode_conditioning(config, params, tokens))
+                              ldm.encode_conditioning(config, params, tokens, options=options), options=options)
         return jnp.mean(jnp.square(pred - training_target(schedule, z, noise, t, target_type)))
 
     return {name: [float(loss(params, z, noise, tokens, t)) for t in timesteps] for name, tokens in ids.items()}
