@@ -557,6 +557,20 @@ def test_any_size_file_loads_without_a_config(kind, tmp_path):
     assert loaded.config == explicit.config
 
 
+def test_half_precision_buffers_and_files_without_betas(tmp_path):
+    """Half-precision files hold the schedule buffers rounded to float16: the schedule is still recognised (and
+    checked at that precision); a file with alphas_cumprod but no betas gives the same schedule."""
+    config, params, path = _any_size_file("hf", tmp_path)
+    state = load_state_dict(path)
+    half = {k: (v.astype(np.float16).astype(np.float32) if k in compvis.SCHEDULE_BUFFERS else v)
+            for k, v in state.items()}
+    assert not np.array_equal(half["betas"], state["betas"])
+    assert compvis.infer_config(half) == config
+    _assert_equal_params(compvis.convert_compvis_state_dict(half, config), params)
+    no_betas = {k: v for k, v in state.items() if k != "betas"}
+    assert compvis.infer_config(no_betas) == config
+
+
 @pytest.mark.parametrize("name", ["sd_v1", "sd_v1_inpainting", "sd_v2", "sd_v2_768_v", "ldm_celebahq_vq4",
                                   "ldm_cin256", "ldm_txt2img_1p4b"])
 def test_full_size_files_infer_their_preset(name):

@@ -544,6 +544,7 @@ BERT_HEAD_WIDTH = 64  # x-transformers' default dim_head
 CONVENTIONAL_RESOLUTION = 256  # the first stage's `resolution` (only attn_resolutions are relative to it)
 SCALE_FACTORS = {"kl": 0.18215, "vq": 1.0}
 INFERABLE_SCHEDULES = ("linear", "sqrt_linear", "cosine")
+KNOWN_LINEAR_SCHEDULES = ((0.00085, 0.012), (0.0015, 0.0195), (1e-4, 2e-2))  # SD / LDM text, LDM zoo, DDPM
 
 
 def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkpoint") -> LDMConfig:
@@ -556,7 +557,8 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkp
     n_embed, in/out channels; the text tower's layout (transformers CLIP `transformer.text_model.*` or
     `transformer.*`, OpenCLIP `model.*`, x-transformers BERT `transformer.token_emb`, class `embedding`),
     width, depth, MLP width, vocabulary and positions. From the buffers when the file has them: the noise
-    schedule (`betas`: linear, sqrt_linear or cosine, end points rounded to float32 precision), scale_factor
+    schedule (`betas`, else `alphas_cumprod`: linear, sqrt_linear or cosine, compared at the precision the file
+    stored them in, end points rounded to float32's shortest decimals), scale_factor
     (its buffer exists only for scale_by_std models) and a constant or learned `logvar`.
     conditioning_key: "adm" with a class embedding, else "hybrid"/"crossattn" for spatial transformers and
     "concat"/None without, by whether the UNet takes more input channels than the latents have.
@@ -769,8 +771,10 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
         conditioning_key = "hybrid" if unet.in_channels > latent else "crossattn"
     else:
         conditioning_key = "concat" if unet.in_channels > latent else None
-    buffers = to_numpy_state_dict({k: state_dict[k] for k in ("betas", "scale_factor", "logvar") if k in keys})
-    schedule = (_schedule_from_betas(buffers["betas"], keys.source) if "betas" in buffers
+    buffers = to_numpy_state_dict({k: state_dict[k] for k in ("betas", "alphas_cumprod", "scale_factor", "logvar")
+                                   if k in keys})
+    known = [name for name in ("betas", "alphas_cumprod") if name in buffers]
+    schedule = (_schedule_from_buffer(known[0], buffers[known[0]], keys.source, convention["schedule"]) if known
                 else ScheduleConfig(beta_schedule="linear", num_timesteps=1000, linear_start=convention["schedule"][0],
                                     linear_end=convention["schedule"][1]))
     values = dict(schedule=schedule, prediction_type="eps", conditioning_key=conditioning_key,
@@ -785,20 +789,41 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
     return DiffusionConfig(**values)
 
 
-def _schedule_from_betas(betas: np.ndarray, source: str) -> ScheduleConfig:
-    """The ScheduleConfig whose betas equal the file's (end points rounded to float32's shortest decimals)."""
-    betas = np.asarray(betas, np.float64).reshape(-1)
+def _schedule_from_buffer(name: str, values: np.ndarray, source: str, conventional: tuple[float, float]
+                          ) -> ScheduleConfig:
+    """The ScheduleConfig whose `name` buffer ("betas" or "alphas_cumprod") equals the file's: the family's
+    linear end points, the zoo's other ones, then linear / sqrt_linear with the file's end points (rounded to
+    float32's shortest decimals), then cosine; compared at the precision the buffer was stored in
+    (`buffer_rtol`)."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    n, rtol = len(values), buffer_rtol(values)
+    betas = values if name == "betas" else 1.0 - values / np.concatenate([[1.0], values[:-1]])
     start, end = (float(str(np.float32(b))) for b in (betas[0], betas[-1]))
-    candidates = [ScheduleConfig(beta_schedule="linear", num_timesteps=len(betas), linear_start=start, linear_end=end),
-                  ScheduleConfig(beta_schedule="sqrt_linear", num_timesteps=len(betas), linear_start=start,
-                                 linear_end=end),
-                  ScheduleConfig(beta_schedule="cosine", num_timesteps=len(betas))]
+    pairs = [conventional] + [pair for pair in KNOWN_LINEAR_SCHEDULES if pair != conventional]
+    candidates = [ScheduleConfig(beta_schedule="linear", num_timesteps=n, linear_start=a, linear_end=b)
+                  for a, b in pairs]
+    candidates += [ScheduleConfig(beta_schedule=kind, num_timesteps=n, linear_start=start, linear_end=end)
+                   for kind in ("linear", "sqrt_linear")]
+    candidates.append(ScheduleConfig(beta_schedule="cosine", num_timesteps=n))
     for candidate in candidates:
-        ours = np.asarray(make_schedule(candidate).betas, np.float64)
-        if np.allclose(ours, betas, rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL):
+        ours = np.asarray(getattr(make_schedule(candidate), name), np.float64)
+        if np.allclose(ours, values, rtol=rtol, atol=SCHEDULE_ATOL):
             return candidate
-    raise ValueError(f"{source}: the `betas` buffer ({len(betas)} steps, {betas[0]:.6g}..{betas[-1]:.6g}) fits none "
+    raise ValueError(f"{source}: the `{name}` buffer ({n} steps, betas {betas[0]:.6g}..{betas[-1]:.6g}) fits none "
                      f"of the schedules {INFERABLE_SCHEDULES}; give a config")
+
+
+def buffer_rtol(values: np.ndarray) -> float:
+    """The relative tolerance to compare a schedule buffer with: SCHEDULE_RTOL for float32 values, the rounding
+    of float16 / bfloat16 when every value is exactly one of those (a half-precision file: the loader upcasts,
+    and 1000 betas that all fall on the half-precision grid were stored in it)."""
+    values = np.asarray(values, np.float32)
+    if np.array_equal(values.astype(np.float16).astype(np.float32), values):
+        return 2.0**-10  # float16: 10 mantissa bits
+    as_bits = values.view(np.uint32)
+    if np.all(as_bits & 0xFFFF == 0):
+        return 2.0**-7  # bfloat16: 7 mantissa bits
+    return SCHEDULE_RTOL
 
 
 def _scalar(value: Any) -> float:
@@ -848,7 +873,7 @@ def _check_buffers(sd: dict[str, np.ndarray], config: LDMConfig, dropped: dict[s
             got, want = np.asarray(sd[name], np.float64), np.asarray(getattr(ours, name), np.float64)
             if got.shape != want.shape:
                 problems.append(f"{name}: checkpoint shape {got.shape} vs {want.shape} (num_timesteps)")
-            elif not np.allclose(got, want, rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL):
+            elif not np.allclose(got, want, rtol=buffer_rtol(got), atol=SCHEDULE_ATOL):
                 problems.append(f"{name}: max |difference| {np.max(np.abs(got - want)):.3g}")
             checked[name] = "noise-schedule buffer, equal to the config's schedule"
     if "scale_factor" in sd:
