@@ -46,10 +46,9 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax import ldm
-from ldm_jax.config import build_dataclass
 from ldm_jax.convert.checkpoint_io import TORCH_EXTENSIONS, load_state_dict, save_safetensors
 from ldm_jax.convert.common import assemble_params, expected_shapes
-from ldm_jax.models.autoencoder import AutoencoderConfig
+from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +296,6 @@ def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.Pa
     from ldm_jax.convert import compvis  # noqa: PLC0415
 
     state_dict = load_state_dict(path)
-    if text_encoder_config is None and tokenizer is not None and (pathlib.Path(tokenizer) / CONFIG_FILE).is_file():
-        text_encoder_config = tokenizer  # a Hugging Face snapshot holds both
     if config is not None:
         resolved, where = resolve_config(config, text_encoder_config=text_encoder_config), str(config)
     elif (path.parent / "config.yaml").is_file():
@@ -425,7 +422,7 @@ def load_first_stage(source: str | os.PathLike, *, expected: AutoencoderConfig |
     if sections is not None and "unet" not in sections:
         if "first_stage" not in sections:
             raise StoreError(f"{path}/{CONFIG_FILE} has no first_stage section (it has {sorted(sections)})")
-        config = build_dataclass(AutoencoderConfig, _drop_runtime(sections["first_stage"]), where=f"{path} first_stage")
+        config = autoencoder_config(sections["first_stage"], where=f"{path} first_stage")
         params = _read_first_stage_params(path, config)
     else:
         model = load_model(source)
@@ -445,13 +442,6 @@ def _read_first_stage_params(path: pathlib.Path, config: AutoencoderConfig) -> d
     if (path / CONFIG_FILE).is_file():
         return load_params(params_path, {("first_stage", *p): s for p, s in shapes.items()})["first_stage"]
     return load_params(params_path, shapes)  # a legacy directory: names without the prefix
-
-
-def _drop_runtime(section: Mapping[str, Any]) -> dict[str, Any]:
-    from ldm_jax import config as config_lib  # noqa: PLC0415
-
-    dropper = getattr(config_lib, "drop_runtime_keys", None)
-    return dict(section) if dropper is None else dropper(section)
 
 
 __all__ = ["FORMATS", "SHIPPED_MODELS", "StoreError", "check_params", "config_to_json", "detect_format",
