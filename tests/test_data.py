@@ -11,9 +11,9 @@ import tarfile
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from ldm_jax import parallel
 from ldm_jax.config import build_dataclass, load_config_file
 from ldm_jax.data import captioned_shapes, pipeline, readers, shapes
 
@@ -430,11 +430,12 @@ def test_make_iterator_reads_captioned_shapes(tfds_dir):
         np.testing.assert_allclose(image, expected / 127.5 - 1.0, atol=1e-6)
 
 
-def test_device_prefetch_shards_batches_and_tracks_state():
-    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+@pytest.mark.parametrize("size", [0, 2])
+def test_device_prefetch_shards_batches_and_tracks_state(size):
+    mesh = parallel.make_mesh(data=8)
+    sharding = parallel.batch_sharding(mesh)
     source = ListSource(20)
-    prefetcher = pipeline.DevicePrefetcher(_iterator(source, batch_size=8, seed=3), sharding, size=2)
+    prefetcher = pipeline.DevicePrefetcher(_iterator(source, batch_size=8, seed=3), mesh, size=size)
     reference = _iterator(source, batch_size=8, seed=3)
     for _ in range(2):
         batch, expected = next(prefetcher), next(reference)
@@ -448,3 +449,42 @@ def test_device_prefetch_shards_batches_and_tracks_state():
     following = _take(prefetcher, 3)
     prefetcher.set_state(state)
     _assert_same_batches(following, _take(prefetcher, 3))
+    # close() puts the iterator back after the last returned batch: nothing read ahead is lost.
+    prefetcher.close()
+    _assert_same_batches(_take(prefetcher, 2), _take(reference, 5)[3:])
+    prefetcher.close()
+
+
+def test_device_prefetch_ends_and_reports_reader_errors():
+    mesh = parallel.make_mesh(data=8)
+    one_epoch = _iterator(ListSource(20), batch_size=8, seed=0, num_epochs=1)
+    prefetcher = pipeline.DevicePrefetcher(one_epoch, mesh, size=2)
+    assert len(_take(prefetcher, 2)) == 2
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+
+    class Broken(ListSource):
+        def __getitem__(self, i):
+            if i == 9:
+                raise RuntimeError("disk on fire")
+            return super().__getitem__(i)
+
+    prefetcher = pipeline.DevicePrefetcher(_iterator(Broken(20), batch_size=8, shuffle=False), mesh, size=2)
+    next(prefetcher)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        next(prefetcher)
+    prefetcher.close()
+
+
+def test_array_source_reads_in_the_image_order():
+    """Precomputed arrays through the same DataIterator: the order, epochs and position of the images'."""
+    arrays = {"moments": np.arange(10 * 2, dtype=np.float32).reshape(10, 2), "tokens": np.arange(10)[:, None] * 3}
+    images = _iterator(ListSource(10), batch_size=4, seed=5)
+    latents = _iterator(readers.ArraySource(arrays), batch_size=4, seed=5, keys=("moments", "tokens"))
+    for _ in range(4):  # past the end of the first epoch
+        a, b = next(images), next(latents)
+        assert set(b) == {"moments", "tokens"} and b["moments"].shape == (4, 2)
+        np.testing.assert_array_equal(b["tokens"][:, 0], a["index"] * 3)
+    assert latents.get_state() == images.get_state()
+    with pytest.raises(ValueError, match="share a leading size"):
+        readers.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})

@@ -1,5 +1,5 @@
 """Input pipeline: preprocessing, seeded shuffling, per-host sharding, batching, a checkpointable iterator and
-device prefetch.
+device prefetch (a background thread).
 
 Order of examples. Epoch e uses the permutation `epoch_order(N, e, seed)` of all N indices (identity when
 shuffle is off), truncated to a multiple of the process count so every host gets the same number; host p
@@ -15,12 +15,17 @@ randomness is a function of (seed, epoch, example index). `get_state()` returns 
 Batches (host-local; the global batch is batch_size * process_count):
   image float32 (B, R, R, 3) in [-1, 1]; index int64 (B,) dataset indices; caption list[str] of B captions
   (when the source has captions); tokens (B, ...) from the optional tokenizer; label int32 (B,) (when the
-  source has labels).
+  source has labels); any other array an example holds (an `ArraySource`'s), stacked (B, ...).
+
+Device prefetch. `DevicePrefetcher` reads, decodes and places (`ldm_jax.parallel.host_local_to_global`) the
+next batches on a background thread while the devices run the current step; its `get_state()` is the position
+after the batches it has *returned*, so a checkpoint never skips the read-ahead.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,6 +33,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ldm_jax import parallel
 from ldm_jax.data import readers
 
 Batch = dict[str, Any]
@@ -43,7 +49,8 @@ class DataConfig:
     source: "tfds" (name, data_dir, split, *_key), "folder" (path: a folder of images + .txt captions) or
     "tar" (path: a folder, glob or list of webdataset .tar shards). caption_key/label_key "" to leave out.
     global_batch_size is split evenly over processes; num_epochs None means forever. batch_keys: the keys
-    each batch keeps (empty: all of image, index, caption, tokens, label that exist).
+    each batch keeps (empty: all of image, index, caption, tokens, label that exist). prefetch: batches the
+    training loop reads and places on the devices ahead, on a background thread (0: on the step thread).
     """
 
     source: str = "tfds"
@@ -63,6 +70,11 @@ class DataConfig:
     num_epochs: int | None = None
     drop_remainder: bool = True
     batch_keys: tuple[str, ...] = ()
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch={self.prefetch}; expected >= 0 (0 = no read-ahead)")
 
 
 def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center", flip: bool = False,
@@ -189,6 +201,8 @@ class DataIterator:
         return int(order[self._position - 1])
 
     def _prepare(self, example: readers.Example, index: int) -> readers.Example:
+        if "image" not in example:  # an ArraySource's arrays: nothing to decode
+            return {**example, "index": index}
         rng = None
         if self.crop == "random" or self.random_flip:
             rng = np.random.default_rng([self.seed, 1, self._epoch, index])
@@ -220,14 +234,15 @@ class DataIterator:
         return self._collate(examples)
 
     def _collate(self, examples: list[readers.Example]) -> Batch:
-        batch: Batch = {
-            "image": np.stack([e["image"] for e in examples]),
-            "index": np.array([e["index"] for e in examples], np.int64),
-        }
-        if "caption" in examples[0]:
-            batch["caption"] = [e["caption"] for e in examples]
-        if "label" in examples[0]:
-            batch["label"] = np.array([e["label"] for e in examples], np.int32)
+        batch: Batch = {}
+        for key in examples[0]:
+            values = [e[key] for e in examples]
+            if key == "caption":
+                batch[key] = values
+            elif key in ("index", "label"):
+                batch[key] = np.array(values, np.int64 if key == "index" else np.int32)
+            else:
+                batch[key] = np.stack(values)
         if self.tokenizer is not None:
             if "caption" not in batch:
                 raise ValueError("a tokenizer was given but the source has no captions")
@@ -240,58 +255,104 @@ class DataIterator:
         return batch
 
 
-def to_device(batch: Batch, sharding: jax.sharding.Sharding, *, host_keys: Sequence[str] = ("index",)) -> Batch:
-    """Host-local batch -> global batch: numeric arrays become jax.Arrays laid out by `sharding` (leading axis
-    the global batch, e.g. NamedSharding(mesh, P("data"))); `host_keys` (int64 dataset indices) and python
-    lists (captions) stay on the host."""
-    return {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        if isinstance(value, np.ndarray) and key not in host_keys else value
-        for key, value in batch.items()
-    }
+def to_device(batch: Batch, mesh: jax.sharding.Mesh, *, host_keys: Sequence[str] = ("index",)) -> Batch:
+    """Host-local batch -> global batch: numeric arrays become jax.Arrays split over the mesh's devices
+    (`parallel.host_local_to_global`); `host_keys` (int64 dataset indices) and python lists (captions) stay
+    on the host."""
+    arrays = {key: value for key, value in batch.items() if isinstance(value, np.ndarray) and key not in host_keys}
+    return {**batch, **parallel.host_local_to_global(arrays, mesh)}
+
+
+_END = object()
 
 
 class DevicePrefetcher:
-    """Iterates `to_device(batch, sharding)` of an iterator's batches, `size` batches ahead.
+    """Iterates `to_device(batch, mesh)` of an iterator's batches, read `size` batches ahead on a thread.
 
-    `get_state()` is the wrapped iterator's state after the last batch *returned* (not the read-ahead), so a
-    checkpoint taken between steps resumes at the next unseen batch.
+    size 0: no thread; each batch is read and placed when asked for. `get_state()` is the wrapped iterator's
+    state after the last batch *returned* (not the read-ahead), so a checkpoint taken between steps resumes at
+    the next unseen batch; `set_state()` drops the read-ahead. An error in the reading thread is raised by the
+    `next()` that would have returned its batch. While the thread runs the wrapped iterator belongs to it:
+    use this object's get_state/set_state, and `close()` (stops the thread) when done.
     """
 
-    def __init__(self, iterator: DataIterator, sharding: jax.sharding.Sharding, *, size: int = 2):
-        if size < 1:
-            raise ValueError(f"prefetch size must be >= 1, got {size}")
-        self.iterator, self.sharding, self.size = iterator, sharding, size
-        self._queue: collections.deque[tuple[Batch, dict[str, Any]]] = collections.deque()
+    def __init__(self, iterator: Any, mesh: jax.sharding.Mesh, *, size: int = 2):
+        if size < 0:
+            raise ValueError(f"prefetch size must be >= 0, got {size}")
+        self.iterator, self.mesh, self.size = iterator, mesh, size
         self._state = iterator.get_state()
-        self._exhausted = False
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._finished = False
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        while not self._exhausted and len(self._queue) < self.size:
-            try:
-                batch = next(self.iterator)
-            except StopIteration:
-                self._exhausted = True
-                break
-            self._queue.append((to_device(batch, self.sharding), self.iterator.get_state()))
-        if not self._queue:
+        if self.size == 0:
+            batch = next(self.iterator)
+            self._state = self.iterator.get_state()
+            return to_device(batch, self.mesh)
+        if self._finished:
             raise StopIteration
-        batch, self._state = self._queue.popleft()
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if item is _END:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        batch, self._state = item
         return batch
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.size)
+        self._thread = threading.Thread(target=self._read, args=(self._queue, self._stop), daemon=True,
+                                        name="DevicePrefetcher")
+        self._thread.start()
+
+    def _read(self, out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        try:
+            while not stop.is_set():
+                batch = next(self.iterator)
+                put((to_device(batch, self.mesh), self.iterator.get_state()))
+        except StopIteration:
+            put(_END)
+        except Exception as err:  # not swallowed: handed to the consumer, whose next() raises it
+            put(err)
 
     def get_state(self) -> dict[str, Any]:
         """The state after the last returned batch (JSON-able)."""
         return dict(self._state)
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Drops the read-ahead and restores the wrapped iterator."""
+        """Drops the read-ahead (stopping the thread) and restores the wrapped iterator."""
+        self.close()
         self.iterator.set_state(state)
-        self._queue.clear()
-        self._exhausted = False
         self._state = self.iterator.get_state()
+        self._finished = False
+
+    def close(self) -> None:
+        """Stops the reading thread (if any) and drops what it read ahead; the wrapped iterator is put back at
+        `get_state()`, so iterating again continues with the next unseen batch."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread, self._queue = None, None
+        self.iterator.set_state(self._state)
 
 
 def make_source(cfg: DataConfig) -> Any:

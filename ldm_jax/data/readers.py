@@ -1,8 +1,9 @@
-"""Random-access example sources: prepared TFDS datasets, image folders with .txt captions, webdataset tars.
+"""Random-access example sources: prepared TFDS datasets, image folders with .txt captions, webdataset tars,
+and arrays already in memory (precomputed latents).
 
 Every source has `len(source)`, `source.name` and `source[i]` -> an example
-{"image": uint8 (H, W, 3), "caption": str (when the source has captions), "label": int (when it has labels)},
-or None when record i cannot be read (a corrupt image, an undecodable caption). Unreadable records are never
+{"image": uint8 (H, W, 3), "caption": str (when the source has captions), "label": int (when it has labels)}
+(an `ArraySource` gives its own named arrays instead of an image), or None when record i cannot be read (a corrupt image, an undecodable caption). Unreadable records are never
 fatal: each is recorded once in `source.skipped` (a `SkipLog`; log `source.skipped.summary()`) and the
 pipeline moves on to the next index. Zero-byte images and images without a caption are found while
 indexing, so they are never indexed; they are counted in the same log. A source with nothing readable to
@@ -295,3 +296,26 @@ class TfdsSource:
         if self._keys["label_key"] is not None:
             example["label"] = int(record[self._keys["label_key"]])
         return example
+
+
+class ArraySource:
+    """Examples from in-memory arrays that share a leading size N: `source[i]` = {name: arrays[name][i]}.
+
+    For what was computed once per dataset example in dataset-index order (the LDM stage's precomputed
+    first-stage moments and token ids), so the pipeline reads it in the same order, with the same
+    checkpointable position, as the images it came from. Every example is readable.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, name: str = "arrays"):
+        self.arrays = dict(arrays)
+        sizes = {key: len(value) for key, value in self.arrays.items()}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise ValueError(f"ArraySource {name}: the arrays must share a leading size, got {sizes}")
+        self.name = name
+        self._size = next(iter(sizes.values()))
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> Example:
+        return {key: value[index] for key, value in self.arrays.items()}
