@@ -54,7 +54,7 @@ class DiffusionConfig:
     prediction_type: "eps", "x0" or "v" (the reference's parameterization eps / x0 / v).
     scale_factor: latents are multiplied by it after encoding (SD: 0.18215; VQ models: 1.0).
     scale_by_std: the reference's option to set scale_factor = 1 / std of the first training batch's
-      latents (see `scale_by_std`); the value is then stored in the config by the training code.
+      latents (`ldm_jax.training.train_ldm.first_batch_scale`), then stored in the config the run saves.
     conditioning_key: "crossattn" (context by cross-attention), "concat" (channels appended to x),
       "hybrid" (both), "adm" (class labels / vectors added to the time embedding) or None (unconditional).
     cond_drop_prob: per-example probability of replacing the conditioning by the null conditioning
@@ -380,18 +380,6 @@ def latents_from_moments(config: LDMConfig, moments: jax.Array, key: jax.Array |
     else:
         z = moments
     return z * config.diffusion.scale_factor
-
-
-def scale_by_std(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
-                 key: jax.Array | None = None, *, options: RunOptions = RunOptions()) -> jax.Array:
-    """The reference's `scale_by_std`: 1 / std of the first batch's unscaled latents, a float32 scalar.
-
-    images (B, H, W, 3) in [-1, 1]; KL latents are posterior samples when `key` is given (as the reference
-    does), else modes. The std is torch's (unbiased, ddof=1) over every latent element.
-    """
-    unit = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=1.0))
-    z = encode_first_stage(unit, params, images, key, options=options)
-    return 1.0 / jnp.std(z, ddof=1)
 
 
 # ------------------------------------------------------------------------------------------- conditioning

@@ -148,16 +148,6 @@ def test_encode_decode_vq_unquantised_latents():
     assert not np.allclose(decoded, unquantised, atol=1e-4)
 
 
-def test_scale_by_std_is_one_over_unbiased_std():
-    config = tiny_config(scale_factor=0.18215)
-    params = _params(config)
-    x, key = _images(2), jax.random.key(3)
-    model = ldm.modules(config).first_stage
-    z = model.apply({"params": params["first_stage"]}, x, method=model.encode).sample(key)
-    expected = 1.0 / np.std(np.asarray(z, np.float64), ddof=1)
-    np.testing.assert_allclose(ldm.scale_by_std(config, params, x, key), expected, rtol=1e-5)
-
-
 # ------------------------------------------------------------------------------------------ conditioning
 
 

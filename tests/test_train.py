@@ -116,7 +116,8 @@ def test_autoencoder_stage_end_to_end(autoencoder_run):
     assert int(result.state.step) == 2 and np.isfinite(result.psnr)
     config, params = model_dir.load_first_stage_dir(result.export_dir)
     np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"],
-                                  np.asarray(result.state.params["ae"]["decoder"]["conv_out"]["kernel"]))
+                                  np.asarray(result.state.params["generator"]["autoencoder"]["decoder"]["conv_out"]
+                                             ["kernel"]))
     assert json.loads((workdir / "eval.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
@@ -127,8 +128,8 @@ def test_autoencoder_resume_continues(autoencoder_run, dataset, tmp_path):
     result = main.train_and_evaluate(_ae_config(dataset, **{"train.num_steps": 3}), resumed)
     assert int(result.state.step) == 3 and _checkpoints(resumed)[-1] == 3
     assert _jsonl_steps(resumed / "metrics.jsonl") == [1, 2, 3]
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), result.state.params["ae"],
-                         first.state.params["ae"])
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), result.state.params["generator"],
+                         first.state.params["generator"])
     assert max(jax.tree.leaves(moved)) > 0  # the third step trained from the restored params
 
 
@@ -230,6 +231,23 @@ def test_precomputed_latents_equal_on_the_fly(dataset, autoencoder_run, tmp_path
     assert _max_rel(results[1][1], results[0][1]) < RTOL
 
 
+def test_first_batch_scale_is_one_over_unbiased_std(dataset, autoencoder_run, tmp_path):
+    """scale_by_std: 1 / std (ddof 1) of the first batch's posterior samples, from images or precomputed moments,
+    leaving the iterator where it was."""
+    stage = _stage(dataset, autoencoder_run, tmp_path, **{"train.sample_posterior": True})
+    frozen_np = train_ldm.frozen_params(stage, tmp_path)
+    frozen = train_ldm.place(frozen_np, stage)
+    key = jax.random.key(3)
+    images = train_ldm.image_iterator(stage)
+    latents = train_ldm.latent_iterator(stage, train_ldm.precompute_latents(stage, frozen_np, tmp_path))
+    values = [train_ldm.first_batch_scale(stage, frozen, batches, key) for batches in (images, latents)]
+    assert images.get_state()["position"] == latents.get_state()["position"] == 0
+    unit = dataclasses.replace(stage.model, diffusion=dataclasses.replace(stage.model.diffusion, scale_factor=1.0))
+    z = ldm.encode_first_stage(unit, frozen_np, next(images)["image"], key)
+    expected = 1.0 / np.std(np.asarray(z, np.float64), ddof=1)
+    assert values[0] == pytest.approx(expected, rel=1e-5) and values[1] == pytest.approx(expected, rel=1e-5)
+
+
 def test_gradient_accumulation_equals_one_batch(dataset, autoencoder_run, tmp_path):
     stage = _stage(dataset, autoencoder_run, tmp_path, **{"optimizer.accumulate_grad_batches": 2})
     frozen = train_ldm.place(train_ldm.frozen_params(stage, tmp_path), stage)
@@ -278,15 +296,31 @@ def test_ldm_step_one_device_equals_eight(dataset, autoencoder_run, tmp_path):
 # ------------------------------------------------------------------------------------------- configs
 
 
-def test_unknown_override_fails_clearly(tmp_path):
+def test_unknown_override_fails_clearly(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"unknown config field 'train.num_stepz'.*'num_steps'"):
         main.load_config(CONFIGS / "shapes_ldm.py", ["--config.train.num_stepz=3"])
-    with pytest.raises(ValueError, match=r"config field 'train.num_steps' expects a int; got 'many'"):
+    with pytest.raises(ValueError, match=r"unknown config field 'trian.num_steps': the config has no section 'trian'"):
+        main.load_config(CONFIGS / "shapes_ldm.py", ["--config.trian.num_steps=3"])
+    with pytest.raises(ValueError, match=r"--config\.train\.num_steps=many: invalid literal for int"):
         main.load_config(CONFIGS / "shapes_ldm.py", ["--config.train.num_steps=many"])
+    with pytest.raises(ValueError, match=r"unexpected argument '7'"):
+        main.load_config(CONFIGS / "shapes_ldm.py", ["--config.train.num_steps=6", "7"])
+    with pytest.raises(FileNotFoundError, match=r"config file .*nosuch.py does not exist"):
+        main.load_config(CONFIGS / "nosuch.py")
     config = main.load_config(CONFIGS / "shapes_ldm.py", ["--config.train.num_steps", "7",
                                                           "--config.unet.channel_mult=(1, 2)",
                                                           "--config.train.check_shapes=false"])
     assert config.train.num_steps == 7 and tuple(config.unet.channel_mult) == (1, 2) and not config.train.check_shapes
+    assert config.is_locked and main.load_config(CONFIGS / "shapes_ldm.py").train.num_steps != 7
+    # The command (what train.py and `ldm-jax train` run): user errors are one line and exit status 2.
+    for argv, message in ((["--workdir", str(tmp_path / "w")], "--config is required"),
+                          (["--config", "configs/nosuch.py", "--workdir", str(tmp_path / "w")], "does not exist"),
+                          (["--config", "configs/shapes_ldm.py"], "--workdir is required"),
+                          (["--config=configs/shapes_ldm.py", "--workdir", str(tmp_path / "w"), "--nosuch=1"],
+                           "Unknown command line flag 'nosuch'")):
+        assert main.main(argv, prog="ldm-jax train") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ldm-jax train: error: ") and message in err and err.count("\n") == 1, err
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/shapes_autoencoder.py", "--workdir",
                            str(tmp_path / "w"), "--config.loss.disc_wieght=1"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -319,6 +353,8 @@ def test_shapes_configs_build(tmp_path):
     ae = train_autoencoder.build_stage(main.load_config(CONFIGS / "shapes_autoencoder.py"))
     assert ae.loss.config.perceptual_weight == 0.0  # no VGG weights given: LPIPS off, with a warning
     state = train_autoencoder.init_state(ae, jax.random.key(0), abstract=True)
-    assert set(state.params) == {"ae", "logvar", "disc", "disc_state"}
+    assert set(state.params) == {"generator", "discriminator"} and set(state.params["generator"]) == {
+        "autoencoder", "logvar"}
+    assert set(state.opt_state) == {"generator", "discriminator"} and set(state.model_state) == {"discriminator"}
     stage = train_ldm.build_stage(main.load_config(CONFIGS / "shapes_ldm.py"), tmp_path)
     assert stage.trainable == ("unet", "cond_stage") and stage.model.cond_stage.vocab_size == 26

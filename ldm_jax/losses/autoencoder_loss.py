@@ -20,8 +20,8 @@ backward passes are dead code), and the parameter gradient of the total loss is 
 combined cotangent  dnll/dx' + d_w * f * dg/dx'  (plus the regulariser's weight). This is exact.
 
 Non-finite values: `generator_loss_and_grads` checks its inputs eagerly (ValueError naming the array) when
-they are concrete; under jit it cannot, and callers check the `finite` entry of the logs on the host
-(`ldm_jax.training.autoencoder_step.check_finite`).
+they are concrete; under jit it cannot: the logs carry the NaN (and `finite` False), and training checks its
+step's metrics on the host (`ldm_jax.training.loop.check_finite`).
 """
 from __future__ import annotations
 

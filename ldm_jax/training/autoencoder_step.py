@@ -1,18 +1,26 @@
-"""Autoencoder (first-stage) training: the generator and discriminator steps of the LDM/taming recipe.
+"""The autoencoder (first-stage) iteration of the LDM/taming recipe, as an `update_fn` of the one train step
+builder (`ldm_jax.training.loop.make_train_step(update_fn=make_update(model, loss), frozen=lpips_params)`).
 
-One training iteration (`train_step`) is a generator update of the autoencoder (Adam, b1 0.5, b2 0.9)
-followed by a discriminator update (its own Adam), as PyTorch Lightning alternates the two optimisers of
-the reference; each half recomputes the reconstructions from the current autoencoder params. `step` counts
-iterations: both halves read it (disc_start gating) and only `train_step` increments it. The discriminator
-runs in training mode in both halves, so its BatchNorm statistics move in both, as in the reference.
+State: the shared `TrainState` with params {"generator": {"autoencoder": the autoencoder's params,
+"logvar": the KL nll log-variance (float32 scalar; trained only with LossConfig.learn_logvar)},
+"discriminator": the PatchGAN's params}, model_state {"discriminator": its non-param collections (BatchNorm
+statistics; {} with ActNorm)} and an `optim.partitioned` optimiser over "generator" and "discriminator"
+(`init_variables` makes the first two).
 
-Batches are {"image": (B, H, W, C) float32 in [-1, 1]} plus "cond" (B, H, W, C_c) when the discriminator
-is conditional. `key` is the run's base key; step k uses fold_in(fold_in(key, k), 0) for the generator
-half (the KL posterior sample, dropout) and ... 1) for the discriminator half, so a re-run reproduces.
+One iteration (one train step) is a generator update of the autoencoder, then a discriminator update on
+reconstructions by the *updated* autoencoder, as PyTorch Lightning alternates the two optimisers of the
+reference (each half runs the autoencoder forward). Both halves read the same `state.step` (disc_start
+gating); the builder advances it once afterwards. The discriminator runs in training mode in both halves, so
+its BatchNorm statistics move in both, as in the reference. With `disc_factor == 0` the discriminator half is
+skipped (it would only ever see a zero loss): its params and optimiser state stay as initialised.
 
-All step functions are pure and jit-able (`jax.jit(train_step, donate_argnums=0)`). Non-finite values:
-checked eagerly (ValueError) when the steps run un-jitted; under jit every metrics dict carries `finite`,
-which the caller checks on the host with `check_finite(metrics, step)`.
+Batches are {"image": (B, H, W, C) float32 in [-1, 1]} plus "cond" (B, H, W, C_c) when the discriminator is
+conditional. Randomness: the builder's step key fold_in(key, step), then fold_in(., 0) for the generator half
+(the KL posterior sample, dropout) and fold_in(., 1) for the discriminator half.
+
+Metrics: loss (the generator's total loss), nll_loss, rec_loss, p_loss, kl_loss + logvar or quant_loss,
+d_weight, disc_factor, g_loss, ae_grad_norm and, with the GAN, disc_loss, logits_real, logits_fake,
+disc_grad_norm. NaN/Inf is never checked inside the step: `loop.check_finite` does it on the host.
 """
 from __future__ import annotations
 
@@ -22,38 +30,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import struct
 
 from ldm_jax.losses.autoencoder_loss import AutoencoderLoss
-from ldm_jax.models.autoencoder import AutoencoderKL, VQModel, decoder_last_layer_path
-
-
-class AutoencoderTrainState(struct.PyTreeNode):
-    """step: int32 scalar (iterations done); ae_params: the autoencoder's params (no "params" level);
-    logvar: the KL nll log-variance (float32 scalar; trained only with LossConfig.learn_logvar);
-    lpips_params: frozen LPIPS params (None when perceptual_weight == 0); disc_params / disc_state: the
-    discriminator's params and non-param collections; ae_opt_state over {"ae", "logvar"}, disc_opt_state.
-    `model`, `loss` and the two optimisers are static."""
-
-    step: jax.Array
-    ae_params: Any
-    logvar: jax.Array
-    lpips_params: Any
-    disc_params: Any
-    disc_state: Any
-    ae_opt_state: optax.OptState
-    disc_opt_state: optax.OptState
-    model: nn.Module = struct.field(pytree_node=False)
-    loss: AutoencoderLoss = struct.field(pytree_node=False)
-    ae_tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    disc_tx: optax.GradientTransformation = struct.field(pytree_node=False)
-
-
-def make_optimizer(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
-    """Adam with the reference's betas (0.5, 0.9), eps 1e-8, no weight decay."""
-    return optax.adam(learning_rate, b1=0.5, b2=0.9, eps=1e-8)
+from ldm_jax.models.autoencoder import AutoencoderKL, VQModel, decoder_last_layer_path, init_autoencoder
+from ldm_jax.training.loop import UpdateFn
+from ldm_jax.training.state import TrainState
 
 
 def loss_kind(model: nn.Module) -> str:
@@ -65,142 +47,84 @@ def loss_kind(model: nn.Module) -> str:
     raise TypeError(f"autoencoder training needs an AutoencoderKL or VQModel, got {type(model).__name__}")
 
 
-def reconstruct(model: nn.Module, ae_params: Any, images: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(reconstructions (B, H, W, C) float32, regulariser scalar) in training mode.
+def reconstruct(model: nn.Module, ae_params: Any, images: jax.Array, key: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+    """(reconstructions (B, H, W, C) float32, regulariser scalar).
 
-    KL: decoded from a posterior sample (fold_in(key, 0)); regulariser sum(KL) / B.
-    VQ: the codebook loss. Dropout (config.dropout > 0) draws from fold_in(key, 1).
+    With `key` (training): KL decodes a posterior sample (fold_in(key, 0)), regulariser sum(KL) / B; dropout
+    (config.dropout > 0) draws from fold_in(key, 1). Without (evaluation): the posterior mode, no dropout.
+    VQ: the codebook loss as regulariser, `key` only for dropout.
     """
-    deterministic = model.config.dropout == 0
+    deterministic = key is None or model.config.dropout == 0
     rngs = None if deterministic else {"dropout": jax.random.fold_in(key, 1)}
     variables = {"params": ae_params}
     if loss_kind(model) == "kl":
-        recon, posterior = model.apply(variables, images, key=jax.random.fold_in(key, 0), sample_posterior=True,
-                                       deterministic=deterministic, rngs=rngs)
+        sample = key is not None
+        recon, posterior = model.apply(variables, images, key=jax.random.fold_in(key, 0) if sample else None,
+                                       sample_posterior=sample, deterministic=deterministic, rngs=rngs)
         kl = posterior.kl()
         return recon, jnp.sum(kl) / kl.shape[0]
     recon, codebook_loss, _ = model.apply(variables, images, deterministic=deterministic, rngs=rngs)
     return recon, jnp.mean(codebook_loss)
 
 
-def init_train_state(
-    model: nn.Module,
-    loss: AutoencoderLoss,
-    *,
-    ae_params: Any,
-    lpips_params: Any,
-    images: jax.Array,
-    key: jax.Array,
-    learning_rate: float | optax.Schedule,
-    disc_learning_rate: float | optax.Schedule | None = None,
-    cond: jax.Array | None = None,
-) -> AutoencoderTrainState:
-    """A fresh train state at step 0.
+def init_variables(model: nn.Module, loss: AutoencoderLoss, key: jax.Array, *, resolution: int
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, model_state) of a fresh stage (traceable; for `state.init_train_state(with_model_state=True)`).
 
-    ae_params: the autoencoder's params (with or without the "params" level). images: a first batch
-    (B, H, W, C); the discriminator is initialised on its reconstructions (taming's ActNorm initialises on
-    the first discriminator input, the first reconstructions). disc_learning_rate defaults to learning_rate.
+    The autoencoder from fold_in(key, 0), the discriminator from fold_in(key, 1) on zeros of
+    (1, resolution, resolution, disc_in_channels) (its BatchNorm statistics start at 0 / 1; a data-dependent
+    ActNorm init is not done, so `loss.config.use_actnorm` must be False).
     """
     if loss.kind != loss_kind(model):
         raise ValueError(f"AutoencoderLoss(kind={loss.kind!r}) does not fit a {type(model).__name__}")
-    if loss.config.perceptual_weight > 0 and not lpips_params:
-        raise ValueError("perceptual_weight > 0 needs lpips_params (see ldm_jax.convert.lpips.load_lpips_params)")
-    ae_params = ae_params.get("params", ae_params) if isinstance(ae_params, Mapping) else ae_params
-    recon_key, disc_key = jax.random.split(key)
-    disc_input = images
-    if loss.config.use_actnorm:  # data-dependent init: only ActNorm's params depend on the init batch
-        disc_input, _ = jax.jit(reconstruct, static_argnums=0)(model, ae_params, images, recon_key)
-    disc_params, disc_state = jax.jit(loss.init_discriminator)(disc_key, disc_input, cond)
-    logvar = loss.init_logvar()
-    ae_tx = make_optimizer(learning_rate)
-    disc_tx = make_optimizer(learning_rate if disc_learning_rate is None else disc_learning_rate)
-    return AutoencoderTrainState(
-        step=jnp.zeros((), jnp.int32),
-        ae_params=ae_params,
-        logvar=logvar,
-        lpips_params=lpips_params,
-        disc_params=disc_params,
-        disc_state=disc_state,
-        ae_opt_state=ae_tx.init({"ae": ae_params, "logvar": logvar}),
-        disc_opt_state=disc_tx.init(disc_params),
-        model=model,
-        loss=loss,
-        ae_tx=ae_tx,
-        disc_tx=disc_tx,
-    )
+    if loss.config.use_actnorm:
+        raise ValueError("loss.use_actnorm=True needs a data-dependent discriminator init, which autoencoder "
+                         "training does not do; the LDM autoencoder configs use BatchNorm (use_actnorm=False)")
+    disc_input = jnp.zeros((1, resolution, resolution, loss.config.disc_in_channels), jnp.float32)
+    disc_params, disc_state = loss.init_discriminator(jax.random.fold_in(key, 1), disc_input)
+    params = {"generator": {"autoencoder": init_autoencoder(model, jax.random.fold_in(key, 0))["params"],
+                            "logvar": loss.init_logvar()},
+              "discriminator": disc_params}
+    return params, {"discriminator": disc_state}
 
 
-def generator_step(state: AutoencoderTrainState, batch: Mapping[str, jax.Array], key: jax.Array
-                   ) -> tuple[AutoencoderTrainState, dict[str, jax.Array]]:
-    """One Adam update of the autoencoder (and logvar when learned) on the generator loss.
+def make_update(model: nn.Module, loss: AutoencoderLoss) -> UpdateFn:
+    """The iteration as `update(state, batch, step_key, lpips_params=None) -> (state, metrics)` (see the module
+    docstring). lpips_params: the frozen LPIPS params (needed when perceptual_weight > 0)."""
+    gan = loss.config.disc_factor > 0
+    last_layer = decoder_last_layer_path()
 
-    Returns the new state (step unchanged) and metrics: the loss logs (total_loss, nll_loss, rec_loss,
-    p_loss, kl_loss/logvar or quant_loss, d_weight, disc_factor, g_loss), ae_grad_norm, ae_param_norm, finite.
-    """
-    images, cond = _unpack(batch, state.loss)
-    step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), 0)
+    def update(state: TrainState, batch: Mapping[str, jax.Array], step_key: jax.Array, lpips_params: Any = None):
+        if loss.config.perceptual_weight > 0 and not lpips_params:
+            raise ValueError("perceptual_weight > 0 needs lpips_params (see ldm_jax.convert.lpips.load_lpips_params)")
+        images, cond = _unpack(batch, loss)
+        gen, disc = state.params["generator"], state.params["discriminator"]
 
-    def forward(ae_params):
-        return reconstruct(state.model, ae_params, images, step_key)
+        # 1. The generator half: the autoencoder (and logvar) on the generator loss.
+        gen_key = jax.random.fold_in(step_key, 0)
+        _, (ae_grads, logvar_grad), logs, disc_state = loss.generator_loss_and_grads(
+            lambda ae: reconstruct(model, ae, images, gen_key), gen["autoencoder"], gen["logvar"], lpips_params,
+            disc, state.model_state["discriminator"], images, state.step, cond=cond, last_layer=last_layer)
+        if not loss.config.learn_logvar:
+            logvar_grad = jnp.zeros_like(gen["logvar"])  # Adam moves nothing with a zero gradient
+        grads = {"autoencoder": ae_grads, "logvar": logvar_grad}
+        state = state.update_params({"generator": grads}).replace(model_state={"discriminator": disc_state})
+        metrics = {name: value for name, value in logs.items() if name not in ("total_loss", "finite")}
+        metrics.update(loss=logs["total_loss"], ae_grad_norm=optax.tree.norm(grads))
+        if not gan:
+            return state, metrics
 
-    _, (ae_grads, logvar_grad), logs, disc_state = state.loss.generator_loss_and_grads(
-        forward, state.ae_params, state.logvar, state.lpips_params, state.disc_params, state.disc_state, images,
-        state.step, cond=cond, last_layer=decoder_last_layer_path())
-    if not state.loss.config.learn_logvar:
-        logvar_grad = jnp.zeros_like(state.logvar)  # Adam moves nothing with a zero gradient
-    trainable = {"ae": state.ae_params, "logvar": state.logvar}
-    grads = {"ae": ae_grads, "logvar": logvar_grad}
-    updates, ae_opt_state = state.ae_tx.update(grads, state.ae_opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = dict(logs)
-    metrics["ae_grad_norm"] = optax.tree.norm(grads)
-    metrics["ae_param_norm"] = optax.tree.norm(trainable["ae"])
-    metrics["finite"] = logs["finite"] & jnp.isfinite(metrics["ae_param_norm"])
-    new_state = state.replace(ae_params=trainable["ae"], logvar=trainable["logvar"], disc_state=disc_state,
-                              ae_opt_state=ae_opt_state)
-    return new_state, metrics
+        # 2. The discriminator half, on reconstructions by the updated autoencoder.
+        recon, _ = reconstruct(model, state.params["generator"]["autoencoder"], images,
+                               jax.random.fold_in(step_key, 1))
+        grad_fn = jax.value_and_grad(loss.discriminator_loss, has_aux=True)
+        (_, (disc_logs, disc_state)), disc_grads = grad_fn(disc, disc_state, images, recon, state.step, cond=cond)
+        state = state.update_params({"discriminator": disc_grads}).replace(model_state={"discriminator": disc_state})
+        metrics.update(disc_logs, disc_grad_norm=optax.tree.norm(disc_grads))
+        return state, metrics
 
-
-def discriminator_step(state: AutoencoderTrainState, batch: Mapping[str, jax.Array], key: jax.Array
-                       ) -> tuple[AutoencoderTrainState, dict[str, jax.Array]]:
-    """One Adam update of the discriminator on the current reconstructions (step unchanged).
-
-    Metrics: disc_loss, logits_real, logits_fake, disc_grad_norm, disc_param_norm, finite.
-    """
-    images, cond = _unpack(batch, state.loss)
-    step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), 1)
-    recon, _ = reconstruct(state.model, state.ae_params, images, step_key)
-    grad_fn = jax.value_and_grad(state.loss.discriminator_loss, has_aux=True)
-    (d_loss, (logs, disc_state)), grads = grad_fn(state.disc_params, state.disc_state, images, recon, state.step,
-                                                  cond=cond)
-    updates, disc_opt_state = state.disc_tx.update(grads, state.disc_opt_state, state.disc_params)
-    disc_params = optax.apply_updates(state.disc_params, updates)
-    metrics = dict(logs)
-    metrics["disc_grad_norm"] = optax.tree.norm(grads)
-    metrics["disc_param_norm"] = optax.tree.norm(disc_params)
-    metrics["finite"] = jnp.isfinite(d_loss) & jnp.isfinite(metrics["disc_grad_norm"]) & jnp.isfinite(
-        metrics["disc_param_norm"])
-    new_state = state.replace(disc_params=disc_params, disc_state=disc_state, disc_opt_state=disc_opt_state)
-    return new_state, metrics
-
-
-def train_step(state: AutoencoderTrainState, batch: Mapping[str, jax.Array], key: jax.Array
-               ) -> tuple[AutoencoderTrainState, dict[str, jax.Array]]:
-    """generator_step, then discriminator_step, then step + 1. Metrics: both halves' (disjoint names) and
-    `finite` for the two together."""
-    state, gen_metrics = generator_step(state, batch, key)
-    state, disc_metrics = discriminator_step(state, batch, key)
-    metrics = {**gen_metrics, **disc_metrics, "finite": gen_metrics["finite"] & disc_metrics["finite"]}
-    return state.replace(step=state.step + 1), metrics
-
-
-def check_finite(metrics: Mapping[str, Any], step: Any = None) -> None:
-    """Host-side check of a step's metrics: FloatingPointError naming every non-finite metric."""
-    bad = sorted(name for name, value in metrics.items() if name != "finite" and not np.all(np.isfinite(value)))
-    if bad or ("finite" in metrics and not bool(metrics["finite"])):
-        where = f" at step {int(step)}" if step is not None else ""
-        detail = ", ".join(bad) if bad else "gradients or parameters (every logged loss is finite)"
-        raise FloatingPointError(f"autoencoder training produced NaN/inf{where}: {detail}")
+    return update
 
 
 def _unpack(batch: Mapping[str, jax.Array], loss: AutoencoderLoss) -> tuple[jax.Array, jax.Array | None]:

@@ -1,17 +1,30 @@
-"""The generic train step builder and train loop that every stage (autoencoder, LDM) plugs into.
+"""The one train step builder and train loop that both stages (autoencoder, LDM) plug into.
 
 Train step contract: a pure `(state, batch, key) -> (state, metrics)`, jitted once with the state donated
 and explicit shardings (state: its rules; batch: leading axis over ("data", "fsdp"); key and metrics:
-replicated). `make_train_step(loss_fn, ...)` builds it from `loss_fn(params, batch, key) -> (loss, aux)`
-with `aux` a dict of scalar metrics. The step's randomness is `fold_in(key, state.step)`, then
-`fold_in(., micro_batch_index)` per micro-batch. Metrics: loss, the aux metrics, grad_norm (before
-clipping), param_norm (after the update) and, when given the schedule, learning_rate.
+replicated). The step's randomness is `step_key = fold_in(key, state.step)`. `make_train_step` builds it
+around what the stage computes, in one of two forms:
+- `loss_fn(params, batch, key) -> (loss, aux)` (the LDM): its gradient, averaged in float32 over
+  `accumulate_grad_batches` micro-batches (`fold_in(step_key, micro_batch_index)` each), is one optimiser
+  update (`TrainState.update_params`); metrics add grad_norm (before clipping).
+- `update_fn(state, batch, step_key) -> (state, metrics)` (the autoencoder): the stage's own updates of
+  `state.params` through `state.update_params`. The autoencoder needs this form because its iteration is two
+  optimiser updates in turn, as the reference's alternating optimisers: the generator's (whose gradient is
+  not the autodiff of a loss: the adaptive GAN weight is computed from two last-layer gradients inside
+  `AutoencoderLoss.generator_loss_and_grads`), then the discriminator's on reconstructions by the *updated*
+  autoencoder. A single loss over {generator, discriminator} params with a multi_transform optimiser would
+  update both from the same reconstructions (a different algorithm) and cannot express that gradient.
+Either way the builder then ends the step (`TrainState.next_step`: step + 1, EMA) and adds param_norm (after
+the update) and, when given the schedule, learning_rate. Every metric is a float32 scalar and "loss" is one.
 
-`train_loop` restores the latest checkpoint when there is one (state and data position), then runs the
-steps: progress bar with loss and images/s, scalars to TensorBoard + JSONL every `log_every` steps,
-periodic hooks whose images are logged, checkpoints every `checkpoint.every_steps` and at the end. A
-non-finite metric at a log step or a non-finite state at a save step stops the run with
-`NonFiniteError`; no non-finite state is ever saved, so the last checkpoint stays good.
+Finiteness: nothing is checked inside the step; `check_finite(metrics, step)` on the host names every NaN/Inf
+metric (grad and param norms cover the gradients and parameters). `train_loop` restores the latest checkpoint
+when there is one (state and data position), then runs the steps: batches placed on the devices by a
+`DevicePrefetcher` thread `prefetch` batches ahead (0: on the step thread), progress bar with loss and
+images/s, scalars to TensorBoard + JSONL every `log_every` steps (after `check_finite`), periodic hooks whose
+images are logged, checkpoints every `checkpoint.every_steps` and at the end. A non-finite metric at a log step
+or a non-finite state at a save step stops the run with `NonFiniteError`; no non-finite state is ever saved, so
+the last checkpoint stays good. The data position saved is that of the batches consumed, not of the read-ahead.
 """
 from __future__ import annotations
 
@@ -30,11 +43,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import parallel
+from ldm_jax.data.pipeline import DevicePrefetcher
 from ldm_jax.training import logging as metric_logging
 from ldm_jax.training.checkpoint import CheckpointConfig, Checkpointer
 from ldm_jax.training.state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+UpdateFn = Callable[..., tuple[TrainState, Mapping[str, jax.Array]]]
 TrainStep = Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 _log = logging.getLogger(__name__)
@@ -68,49 +83,42 @@ def _split_micro_batches(batch: Any, num: int) -> Any:
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
-def make_train_step(loss_fn: LossFn, *, mesh: Mesh, state_shardings: TrainState, accumulate_grad_batches: int = 1,
+def make_train_step(loss_fn: LossFn | None = None, *, update_fn: UpdateFn | None = None, mesh: Mesh,
+                    state_shardings: TrainState, accumulate_grad_batches: int = 1,
                     learning_rate_fn: optax.Schedule | None = None, frozen: Any = None) -> TrainStep:
-    """Builds the jitted train step `(state, batch, key) -> (state, metrics)` around `loss_fn`.
+    """Builds the jitted train step `(state, batch, key) -> (state, metrics)` from a loss or an update function.
 
-    loss_fn(params, batch, key) -> (scalar loss, {name: scalar}); called once per micro-batch, its
-    gradients averaged in float32 over `accumulate_grad_batches` micro-batches (a `lax.scan`).
+    Give exactly one of (see the module docstring):
+    loss_fn(params, batch, key) -> (scalar loss, {name: scalar}): called once per micro-batch, its gradients
+      averaged in float32 over `accumulate_grad_batches` micro-batches (a `lax.scan`), one optimiser update.
+    update_fn(state, batch, step_key) -> (state, {name: scalar}, "loss" among them): the stage's updates
+      (`state.update_params`, model_state); it must not advance `state.step` (the builder does).
     state_shardings: the state's shardings (`ldm_jax.training.state.shardings_of(state)`).
-    frozen: optional pytree of arrays the loss reads but does not train (a frozen first stage); then
-      loss_fn(params, batch, key, frozen) is called, and the arrays enter the jitted step as an argument
-      with their own shardings (not as compile-time constants). Not donated.
+    frozen: optional pytree of arrays the loss reads but does not train (a frozen first stage, LPIPS weights);
+      then loss_fn(params, batch, key, frozen) / update_fn(state, batch, step_key, frozen) is called, and the
+      arrays enter the jitted step as an argument with their own shardings (not as compile-time constants).
+      Not donated.
     The state argument is donated: do not use the state passed in after the call.
     """
-    num = accumulate_grad_batches
-    if num < 1:
-        raise ValueError(f"accumulate_grad_batches={num}, expected >= 1")
-    micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if (loss_fn is None) == (update_fn is None):
+        raise ValueError("make_train_step takes exactly one of loss_fn and update_fn")
+    if update_fn is None:
+        update_fn = _loss_update(loss_fn, mesh=mesh, state_shardings=state_shardings,
+                                 accumulate_grad_batches=accumulate_grad_batches)
+    elif accumulate_grad_batches != 1:
+        raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches}: micro-batches are split for a "
+                         "loss_fn; an update_fn gets the whole batch (use 1)")
 
     def step(state: TrainState, batch: Any, key: jax.Array, frozen_args: tuple = ()):
-        step_key = jax.random.fold_in(key, state.step)
-        micro = jax.lax.with_sharding_constraint(_split_micro_batches(batch, num), micro_sharding)
-
-        def body(grad_sum, xs):
-            index, micro_batch = xs
-            (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_key, index), *frozen_args)
-            for name, value in {"loss": loss, **aux}.items():
-                if jnp.shape(value) != ():
-                    raise ValueError(f"loss_fn metric {name!r} has shape {jnp.shape(value)}, expected a scalar")
-            grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
-            return grad_sum, (loss, dict(aux))
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
-        if num == 1:  # no loop: XLA:CPU ran the shapes LDM step 4x slower inside a (even 1-trip, unrolled) scan
-            grad_sum, (loss, aux) = body(zeros, (jnp.zeros((), jnp.int32), jax.tree.map(lambda x: x[0], micro)))
-            losses, aux = loss[None], jax.tree.map(lambda v: v[None], aux)
-        else:
-            grad_sum, (losses, aux) = jax.lax.scan(body, zeros, (jnp.arange(num), micro))
-        grads = jax.tree.map(lambda g, p: (g / num).astype(p.dtype), grad_sum, state.params)
-        new_state = state.apply_gradients(grads)
-        metrics = {"loss": losses.astype(jnp.float32).mean(),
-                   **{name: v.astype(jnp.float32).mean() for name, v in aux.items()},
-                   "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(new_state.params)}
+        new_state, metrics = update_fn(state, batch, jax.random.fold_in(key, state.step), *frozen_args)
+        new_state = new_state.next_step()
+        if "loss" not in metrics:
+            raise ValueError(f"the train step's metrics have no 'loss' (got {sorted(metrics)})")
+        for name, value in metrics.items():
+            if jnp.shape(value) != ():
+                raise ValueError(f"train step metric {name!r} has shape {jnp.shape(value)}, expected a scalar")
+        metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+        metrics["param_norm"] = optax.tree.norm(new_state.params)
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
         return new_state, metrics
@@ -123,6 +131,49 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, state_shardings: TrainState,
     jitted = jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep, (frozen_shardings,)),
                      out_shardings=(state_shardings, rep), donate_argnums=0)
     return lambda state, batch, key: jitted(state, batch, key, (frozen,))
+
+
+def _loss_update(loss_fn: LossFn, *, mesh: Mesh, state_shardings: TrainState, accumulate_grad_batches: int
+                 ) -> UpdateFn:
+    """The update of a loss: micro-batched float32 gradient average -> one `update_params`; metrics loss (mean
+    over micro-batches), the aux metrics (means) and grad_norm."""
+    num = accumulate_grad_batches
+    if num < 1:
+        raise ValueError(f"accumulate_grad_batches={num}, expected >= 1")
+    micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def update(state: TrainState, batch: Any, step_key: jax.Array, *frozen_args):
+        micro = jax.lax.with_sharding_constraint(_split_micro_batches(batch, num), micro_sharding)
+
+        def body(grad_sum, xs):
+            index, micro_batch = xs
+            (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_key, index), *frozen_args)
+            grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+            return grad_sum, (loss, dict(aux))
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+        if num == 1:  # no loop: XLA:CPU ran the shapes LDM step 4x slower inside a (even 1-trip, unrolled) scan
+            grad_sum, (loss, aux) = body(zeros, (jnp.zeros((), jnp.int32), jax.tree.map(lambda x: x[0], micro)))
+            losses, aux = loss[None], jax.tree.map(lambda v: v[None], aux)
+        else:
+            grad_sum, (losses, aux) = jax.lax.scan(body, zeros, (jnp.arange(num), micro))
+        grads = jax.tree.map(lambda g, p: (g / num).astype(p.dtype), grad_sum, state.params)
+        metrics = {"loss": losses.astype(jnp.float32).mean(),
+                   **{name: v.astype(jnp.float32).mean() for name, v in aux.items()},
+                   "grad_norm": optax.tree.norm(grads)}
+        return state.update_params(grads), metrics
+
+    return update
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> None:
+    """Host-side check of a step's metrics (numbers or arrays): NonFiniteError naming every NaN/Inf one."""
+    bad = {name: float(np.asarray(v).ravel()[0]) if np.size(v) == 1 else "non-finite"
+           for name, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))}
+    if bad:
+        raise NonFiniteError(f"non-finite metrics at step {int(step)}: {bad}")
 
 
 @jax.jit
@@ -143,17 +194,18 @@ def _base_key(state: TrainState, mesh: Mesh) -> jax.Array:
 
 def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any], *, num_steps: int,
                workdir: str | os.PathLike, mesh: Mesh, checkpoint: CheckpointConfig = CheckpointConfig(),
-               config: Any = None, log_every: int = 50, hooks: Sequence[Hook] = (),
-               progress_bar: bool = True) -> TrainState:
+               config: Any = None, log_every: int = 50, hooks: Sequence[Hook] = (), progress_bar: bool = True,
+               prefetch: int = 2) -> TrainState:
     """Trains `state` up to `num_steps` steps and returns the final state; resumes from `workdir` if possible.
 
     batches: an iterator of host-local batches (numpy pytrees, this process's contiguous share of the global
       batch, leading axis = examples) with `get_state()` / `set_state(s)` (JSON-able), checkpointed with the
       state so a resumed run sees the same batches.
-    state: a freshly initialised state; when `workdir/checkpoints` holds a checkpoint it is only the restore
-      target (structure and shardings). A TrainState, or any pytree dataclass with an `rng` field of key data
-      (a stage with several optimisers brings its own state and step).
+    state: a freshly initialised TrainState; when `workdir/checkpoints` holds a checkpoint it is only the
+      restore target (structure and shardings).
     config: saved as JSON in each checkpoint.
+    prefetch: batches read and placed on the devices ahead by a background thread (`DevicePrefetcher`), so
+      reading and decoding overlap the steps; 0 reads each batch on the step thread when it is needed.
     Raises NonFiniteError (after waiting for pending saves) when a loss/metric or the state is NaN/Inf.
     """
     for method in ("get_state", "set_state"):
@@ -170,33 +222,35 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
     writer = metric_logging.MetricWriter(workdir, start_step=start)
     bar = metric_logging.ProgressBar(num_steps, initial=start, enabled=progress_bar and jax.process_index() == 0)
     key = _base_key(state, mesh)
+    device_batches = DevicePrefetcher(batches, mesh, size=prefetch)
     try:
-        state = _run(state, train_step, batches, key, start=start, num_steps=num_steps, mesh=mesh, ckpt=ckpt,
+        state = _run(state, train_step, device_batches, key, start=start, num_steps=num_steps, ckpt=ckpt,
                      config=config, log_every=log_every, hooks=hooks, writer=writer, bar=bar)
     finally:
+        device_batches.close()
         bar.close()
         writer.close()
         ckpt.close()  # waits for pending saves
     return state
 
 
-def _run(state, train_step, batches, key, *, start, num_steps, mesh, ckpt, config, log_every, hooks, writer, bar):
+def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log_every, hooks, writer, bar):
     last_time, last_step, examples = time.perf_counter(), start, 0
     for step in range(start, num_steps):
         try:
-            host_batch = next(batches)
+            batch = next(batches)
         except StopIteration:
             raise RuntimeError(f"the batch iterator ran out after {step} of {num_steps} steps") from None
-        batch = parallel.host_local_to_global(host_batch, mesh)
         examples += jax.tree.leaves(batch)[0].shape[0]
         state, metrics = train_step(state, batch, key)
         done = step + 1
 
         if done % log_every == 0 or done == num_steps:
             scalars = parallel.fetch_replicated(metrics)
-            bad = {name: float(v) for name, v in scalars.items() if not np.isfinite(v)}
-            if bad:
-                _stop(ckpt, f"non-finite metrics at step {done}: {bad}")
+            try:
+                check_finite(scalars, done)
+            except NonFiniteError as err:
+                _stop(ckpt, str(err))
             now = time.perf_counter()
             images_per_sec = examples / max(now - last_time, 1e-9)
             writer.write_scalars(done, {**scalars, "images_per_sec": images_per_sec,

@@ -1,25 +1,40 @@
-"""`train_and_evaluate(config, workdir)`: runs the training stage a config names (`config.stage`).
+"""Training: `main(argv)` (what `train.py` and `ldm-jax train` run) and `train_and_evaluate(config, workdir)`,
+which runs the training stage a config names (`config.stage`).
+
+    train.py --config configs/X.py[:ARG] --workdir DIR [--config.a.b=value ...]
+             [--coordinator host:port --num_processes N --process_id I]
 
 Stages:
 - "autoencoder" (`ldm_jax.training.train_autoencoder`): a KL or VQ first stage with the adversarial-perceptual
-  loss; exports WORKDIR/autoencoder/ (a first-stage directory, `ldm_jax.model_dir`) at the end.
+  loss; exports WORKDIR/autoencoder/ (a first-stage directory, `ldm_jax.store.save_first_stage`) at the end.
 - "ldm" (`ldm_jax.training.train_ldm`): the diffusion model on a frozen first stage; exports WORKDIR/model/
-  (a model directory `ldm_jax.model_dir.load_model` and sample.py read) at the end.
+  (a model directory that `ldm_jax.store.load_model` and `ldm-jax sample` read) at the end.
 
 Both write under WORKDIR: checkpoints/ (orbax; a rerun with the same WORKDIR resumes), tensorboard/,
 metrics.jsonl (one line per logged step) and images/ (reconstruction or sample grids as PNG).
 
 Config sections shared by the stages (each becomes a frozen dataclass, so a misspelt field fails):
 `data` (pipeline.DataConfig), `checkpoint` (checkpoint.CheckpointConfig), `mesh` (parallel.MeshConfig),
-`optimizer` and `train` (stage-specific dataclasses, see each stage).
+`optimizer` (optim.OptimizerConfig; the autoencoder's adds a discriminator rate) and `train` (per stage).
+
+Overrides are `ml_collections.config_flags`'s, parsed with a private `absl.flags.FlagValues` (so `load_config`
+is a plain library call and `main` works inside a subcommand CLI): `--config.a.b=value` or `--config.a.b value`,
+values parsed by the field's type (strings verbatim; bools true/false, or `--config.a.flag` /
+`--config.a.noflag`; numbers; tuples as `(1, 2)`, `1,2` or a repeated flag), `--config=FILE:ARG` passes ARG to
+`get_config`. An unknown field, a value of the wrong type or a stray argument is a ValueError naming it
+(`main`: one line `PROG: error: ...`, exit status 2). What config_flags cannot do, which the hand-written
+parser it replaced could: set a field to None from the command line (`--config.train.ema_decay=None` is
+refused as "not a float"; write a config file, or use a config field meaning "off" such as 0).
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import logging
 import os
 import pathlib
+import re
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,17 +42,46 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from ldm_jax import parallel
-from ldm_jax.config import build_dataclass, load_config_file
+from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
 from ldm_jax.training.checkpoint import CheckpointConfig
 
 STAGES = ("autoencoder", "ldm")
-OVERRIDE_PREFIX = "--config."
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 
 log = logging.getLogger("ldm_jax.train")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
+    """The training command: parses `argv` (the arguments after the program name; None: sys.argv[1:]), loads
+    the config with its overrides, joins the other hosts (`parallel.initialize_distributed`: the flags or the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) and runs `train_and_evaluate`.
+
+    Returns the exit status: 0 after training, 2 after a user error in the arguments (a missing or broken
+    config file, an unknown config field, a value of the wrong type, a stray argument, a missing --workdir),
+    which is printed as one line `PROG: error: ...` on stderr, before JAX starts.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv):
+        print(f"{prog}: {__doc__.strip()}\n\nflags:\n{_flag_values(argv, run_flags=True).module_help(__name__)}")
+        return 0
+    try:
+        fv = _parse([prog, *argv], run_flags=True)
+        if not fv.workdir:
+            raise ValueError("--workdir is required: the folder for checkpoints, logs, image grids and the export")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ldm_jax").setLevel(logging.INFO)  # our progress lines; libraries stay at warnings
+    parallel.initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
+    train_and_evaluate(fv.config, fv.workdir)
+    return 0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
@@ -59,69 +103,135 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads a config file and applies `--config.a.b=value` overrides (also "--config.a.b value" pairs).
+    """Loads a config file (`path`, or "path:ARG" for `get_config(ARG)`) and applies `--config.a.b=value`
+    overrides (also "--config.a.b value" pairs) with `ml_collections.config_flags` (see the module docstring).
 
-    Values are parsed by the field's type: strings verbatim, bools from true/false/1/0, numbers and tuples as
-    Python literals. An unknown field, a value of the wrong type or a stray argument is a ValueError naming
-    it and what was expected. Returns the locked ConfigDict.
+    Returns the locked ConfigDict. Raises FileNotFoundError for a missing file and ValueError, naming the
+    field, for an unknown field, a value of the wrong type, a stray argument or a broken config file.
     """
-    config = load_config_file(path)
-    args = list(overrides)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith(OVERRIDE_PREFIX):
-            raise ValueError(f"unexpected argument {arg!r}; overrides look like --config.section.field=value")
-        name, sep, value = arg[len(OVERRIDE_PREFIX):].partition("=")
-        if not sep:
-            if not args:
-                raise ValueError(f"override {arg!r} has no value (use {arg}=VALUE)")
-            value = args.pop(0)
-        apply_override(config, name, value)
-    return config
+    return _parse(["load_config", f"--config={os.fspath(path)}", *overrides], run_flags=False).config
 
 
-def apply_override(config: ml_collections.ConfigDict, name: str, text: str) -> None:
-    """Sets config field `name` ("a.b.c") from its command-line text (see `load_config`)."""
-    *parents, leaf = name.split(".")
-    node, where = config, "the config"
-    for part in parents:
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ValueError(f"unknown config field {name!r}: {where} has no section {part!r} "
-                             f"(it has {sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []})")
-        node, where = node[part], f"section {part!r}"
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise ValueError(f"unknown config field {name!r}: {where} has no field {leaf!r}; its fields are {keys}")
-    if isinstance(node[leaf], ml_collections.ConfigDict):
-        raise ValueError(f"config field {name!r} is a section; override its fields ({name}.FIELD=VALUE)")
-    kind = node.get_ref(leaf).get_type()
-    value = _parse_value(name, text, kind)
+def _flag_values(argv: Sequence[str], *, run_flags: bool) -> flags.FlagValues:
+    """A private FlagValues with the config flag (overrides read from `argv`) and, with run_flags, main's."""
+    # config_flags loads every config file as the module "config_config" with the deprecated load_module(),
+    # which reuses an earlier module of that name: a second file would see the first one's names.
+    sys.modules.pop("config_config", None)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py, or FILE:ARG)",
+                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
+    if run_flags:
+        flags.DEFINE_string("workdir", None, "checkpoints, logs, image grids and the export go here", flag_values=fv)
+        flags.DEFINE_string("coordinator", None, "jax.distributed coordinator address host:port", flag_values=fv)
+        flags.DEFINE_integer("num_processes", None, "number of processes (hosts)", flag_values=fv)
+        flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
+    return fv
+
+
+def _parse(argv: Sequence[str], *, run_flags: bool) -> flags.FlagValues:
+    """Parses argv[1:] (argv[0] is the program name) into a fresh FlagValues; errors as ValueError /
+    FileNotFoundError with one-line messages naming the config file, flag or config field."""
+    path = _config_path(argv)
+    if path is None:
+        raise ValueError("--config is required: a training config file (configs/*.py)")
+    if not pathlib.Path(path.split(":", 1)[0]).is_file():
+        raise FileNotFoundError(f"config file {path.split(':', 1)[0]} does not exist")
+    fv = _flag_values(argv, run_flags=run_flags)
     try:
-        node[leaf] = value
-    except TypeError as err:
-        raise ValueError(f"config field {name!r}: cannot set {text!r}: {err}") from None
+        rest = _call(fv, argv)
+    except Exception as err:  # config_flags raises several kinds; _diagnose names the cause in one line
+        raise ValueError(_diagnose(path, argv, err)) from err
+    if len(rest) > 1:
+        raise ValueError(f"unexpected argument {rest[1]!r}; overrides look like --config.section.field=value")
+    if not isinstance(fv.config, ml_collections.ConfigDict):
+        raise ValueError(f"config file {path}: get_config() returned {type(fv.config).__name__}, not a ConfigDict")
+    return fv
 
 
-def _parse_value(name: str, text: str, kind: type | None) -> Any:
-    if kind is str:
-        return text
-    if kind is bool:
-        lowered = text.lower()
-        if lowered not in ("true", "false", "1", "0"):
-            raise ValueError(f"config field {name!r} is a bool; got {text!r} (use true or false)")
-        return lowered in ("true", "1")
+def _diagnose(path: str, argv: Sequence[str], err: Exception) -> str:
+    """One line saying why parsing `argv` failed: the config file itself (it does not load), an override naming
+    no field of it, or the flag error (a value of the wrong type, an unknown flag)."""
+    if isinstance(err, flags.Error) and "Error whilst parsing config file" not in str(err):
+        return _one_line(err)
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if kind in (int, float, tuple, list):
-            raise ValueError(f"config field {name!r} expects a {kind.__name__}; got {text!r}") from None
-        return text  # a field without a fixed type (None so far): a plain string
-    if kind in (tuple, list) and isinstance(value, (tuple, list)):
-        return kind(value)
-    return value
+        plain = ["load_config", f"--config={path}"]
+        fv = _flag_values(plain, run_flags=False)
+        _call(fv, plain)
+        config = fv.config
+    except Exception as load_err:  # the file itself is broken (does not import, get_config() raised)
+        text = str(load_err).strip()
+        if "Error whilst parsing config file" in text:  # config_flags put get_config's traceback in the message
+            return f"config file {path}: {text.splitlines()[-1]}"  # its last line: "ValueError: why"
+        return f"config file {path}: {type(load_err).__name__}: {_one_line(load_err)}"
+    return _unknown_field(config, argv) or _one_line(err)
+
+
+def _call(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """fv(argv) -> the unparsed arguments, without config_flags's deprecation warning about load_module()."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+        return fv(list(argv))
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The value of --config in argv (`--config=X` or `--config X`), as config_flags finds it."""
+    for i, arg in enumerate(argv):
+        if re.match(r"^--?config=", arg):
+            return arg.split("=", 1)[1]
+        if re.match(r"^--?config$", arg) and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_field(config: ml_collections.ConfigDict, argv: Sequence[str]) -> str | None:
+    """The message for the first override in argv that names no field of `config`."""
+    for arg in argv:
+        match = _OVERRIDE.match(arg)
+        if not match:
+            continue
+        name = match.group(1)
+        *parents, leaf = name.split(".")
+        node, where = config, "the config"
+        for part in parents:
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                return f"unknown config field {name!r}: {where} has no section {part!r} (it has {keys})"
+            node, where = node[part], f"section {part!r}"
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            return f"unknown config field {name!r}: {where} has no field {leaf!r}; its fields are {keys}"
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 # ------------------------------------------------------------------------------------- shared by the stages
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The `train` fields both stages have (each stage's `train` dataclass extends this one).
+
+    num_steps: train steps (optimiser updates; the autoencoder's: generator + discriminator iterations);
+    log_every / image_every: scalar and image-grid intervals; num_images: images per grid (a multiple of the
+    device count), from `eval_split` of the data ("" = the training split); dtype: "float32" or "bfloat16"
+    compute (params stay float32); attention / remat: the run-time options of the modules (`ldm.RunOptions`,
+    never saved with a model).
+    """
+
+    num_steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    image_every: int = 1000
+    num_images: int = 16
+    eval_split: str = "validation"
+    dtype: str = "float32"
+    attention: str = "xla"
+    remat: bool | str = False
+    progress_bar: bool = True
+
 
 
 def section(cls: type, config: ml_collections.ConfigDict, name: str) -> Any:

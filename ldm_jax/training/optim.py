@@ -1,5 +1,6 @@
-"""The optimiser: AdamW with a linear warm-up, gradient clipping in the optax chain, the reference's
-learning-rate scaling rule, and the gradient-accumulation setting.
+"""The optimiser of both stages: AdamW with a linear warm-up, gradient clipping in the optax chain, the
+reference's learning-rate scaling rule, and the gradient-accumulation setting; `partitioned` puts several of
+them (the autoencoder stage's generator and discriminator optimisers) over the parts of one params dict.
 
 Gradient accumulation is an explicit micro-batch `lax.scan` inside the train step
 (`ldm_jax.training.loop.make_train_step`), not `optax.MultiSteps`: one train step is one optimiser
@@ -10,7 +11,10 @@ are alive at a time. Clipping then acts on the averaged gradient, as in PyTorch 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -81,3 +85,35 @@ def make_optimizer(cfg: OptimizerConfig, peak_lr: float) -> tuple[optax.Gradient
     # The same chain structure with and without clipping, so the optimiser state keeps one checkpoint layout.
     clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity()
     return optax.chain(clip, adamw), schedule
+
+
+def partitioned(parts: Mapping[str, optax.GradientTransformation]) -> optax.GradientTransformation:
+    """One optimiser over params {part: subtree} with its own transformation (and state) per part.
+
+    State: {part: that part's state}. `update(grads, state, params)` updates the parts that `grads` holds and
+    only those: the other parts' states stay as they are and their updates are zeros, so `optax.apply_updates`
+    leaves them unchanged (an Adam fed a zero gradient instead would still move them by its momentum). This is
+    how a stage updates its parts in turn within one train step (the autoencoder's generator, then its
+    discriminator on the new reconstructions); grads holding every part update them all at once. `params` is
+    required.
+    """
+    def init(params):
+        if set(params) != set(parts):
+            raise ValueError(f"partitioned optimiser over parts {sorted(parts)} got params with parts {sorted(params)}")
+        return {name: tx.init(params[name]) for name, tx in parts.items()}
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("the partitioned optimiser needs params (to give the parts without grads zero updates)")
+        unknown = set(grads) - set(parts)
+        if unknown:
+            raise ValueError(f"gradients for unknown part(s) {sorted(unknown)}; the parts are {sorted(parts)}")
+        updates, new_state = {}, dict(state)
+        for name, tx in parts.items():
+            if name in grads:
+                updates[name], new_state[name] = tx.update(grads[name], state[name], params[name])
+            else:
+                updates[name] = jax.tree.map(jnp.zeros_like, params[name])
+        return updates, new_state
+
+    return optax.GradientTransformation(init, update)

@@ -1,9 +1,14 @@
 """The train state and its shape-first, directly sharded initialisation.
 
-`TrainState` holds everything a resumed run needs: `step` (optimiser updates done), `params`,
-`ema_params` (None when EMA is off), `opt_state`, and `rng`, the run's base PRNG key stored as raw key
-data (uint32) so that it checkpoints like any array. The train step derives its randomness as
-`fold_in(key, step)`; the base key never changes.
+`TrainState` holds everything a resumed run needs: `step` (train steps done), `params`, `ema_params` (None
+when EMA is off), `opt_state`, `model_state` (variables the model updates that are not trained, such as the
+autoencoder discriminator's BatchNorm statistics; None when there are none), and `rng`, the run's base PRNG
+key stored as raw key data (uint32) so that it checkpoints like any array. The train step derives its
+randomness as `fold_in(key, step)`; the base key never changes. Both stages use this one state.
+
+A train step is one or more optimiser updates (`update_params`: the LDM does one; the autoencoder updates its
+generator, then its discriminator, each a part of a `optim.partitioned` optimiser), then `next_step` (step + 1
+and the EMA update). `apply_gradients` is the two for the one-update case.
 
 Initialisation never builds a full host copy: `jax.eval_shape(init)` gives the shapes, the sharding rules
 (`ldm_jax.parallel`) turn them into shardings, and `jax.jit(init, out_shardings=...)` creates every array
@@ -27,12 +32,14 @@ from ldm_jax.training.ema import ema_update
 
 class TrainState(struct.PyTreeNode):
     """step: int32 scalar; params / ema_params: pytrees (ema None when off); opt_state: optax state;
-    rng: uint32 key data of the run's base key. `tx` and `ema_decay` are static (not checkpointed)."""
+    model_state: untrained model variables (None when none); rng: uint32 key data of the run's base key.
+    `tx` and `ema_decay` are static (not checkpointed)."""
 
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: optax.OptState
+    model_state: Any
     rng: jax.Array
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     ema_decay: float | None = struct.field(pytree_node=False)
@@ -42,32 +49,43 @@ class TrainState(struct.PyTreeNode):
         """The base PRNG key (a typed key array) wrapping `rng`."""
         return jax.random.wrap_key_data(self.rng)
 
-    def apply_gradients(self, grads: Any) -> TrainState:
-        """One optimiser update with `grads` (pytree like params), then the EMA update; step + 1."""
+    def update_params(self, grads: Any) -> TrainState:
+        """One optimiser update with `grads` (a pytree like params; with a `optim.partitioned` optimiser, like
+        some of its parts); step and EMA unchanged."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
+        return self.replace(params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+
+    def next_step(self) -> TrainState:
+        """Ends a train step: step + 1, then the EMA update towards the current params (when EMA is on)."""
         step = self.step + 1
         ema = self.ema_params
         if self.ema_decay is not None:
-            ema = ema_update(ema, params, decay=self.ema_decay, num_updates=step)
-        return self.replace(step=step, params=params, ema_params=ema, opt_state=opt_state)
+            ema = ema_update(ema, self.params, decay=self.ema_decay, num_updates=step)
+        return self.replace(step=step, ema_params=ema)
+
+    def apply_gradients(self, grads: Any) -> TrainState:
+        """A whole one-update train step: `update_params(grads)`, then `next_step()`."""
+        return self.update_params(grads).next_step()
 
 
 def create_train_state(init_params: Callable[[jax.Array], Any], *, tx: optax.GradientTransformation,
-                       key: jax.Array, ema_decay: float | None) -> TrainState:
+                       key: jax.Array, ema_decay: float | None, with_model_state: bool = False) -> TrainState:
     """A fresh state (traceable): `key` is split into the init key (given to `init_params`) and the run's base key.
 
-    `init_params(key) -> params pytree`; the EMA starts as a copy of the parameters.
+    `init_params(key) -> params pytree`, or `(params, model_state)` with `with_model_state`; the EMA starts as
+    a copy of the parameters.
     """
     init_key, run_key = jax.random.split(key)
-    params = init_params(init_key)
+    params, model_state = init_params(init_key) if with_model_state else (init_params(init_key), None)
     ema = None if ema_decay is None else jax.tree.map(lambda p: p.copy(), params)
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, ema_params=ema,
-                      opt_state=tx.init(params), rng=jax.random.key_data(run_key), tx=tx, ema_decay=ema_decay)
+                      opt_state=tx.init(params), model_state=model_state, rng=jax.random.key_data(run_key), tx=tx,
+                      ema_decay=ema_decay)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> TrainState:
-    """NamedShardings for every leaf of a (possibly abstract) TrainState under the parameter `rules`."""
+    """NamedShardings for every leaf of a (possibly abstract) TrainState under the parameter `rules`
+    (model_state, small statistics, is replicated)."""
     specs = parallel.param_specs(abstract_state.params, rules, mesh)
     by_name = {}
     for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(abstract_state.params),
@@ -90,18 +108,20 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, rules: Sequence[tupl
     rep = parallel.replicated(mesh)
     return abstract_state.replace(step=rep, params=param_sh,
                                   ema_params=None if abstract_state.ema_params is None else param_sh,
-                                  opt_state=opt_sh, rng=rep)
+                                  opt_state=opt_sh, rng=rep,
+                                  model_state=jax.tree.map(lambda _: rep, abstract_state.model_state))
 
 
 def init_train_state(init_params: Callable[[jax.Array], Any], *, tx: optax.GradientTransformation, key: jax.Array,
-                     ema_decay: float | None, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> TrainState:
+                     ema_decay: float | None, mesh: Mesh, rules: Sequence[tuple[str, Any]],
+                     with_model_state: bool = False) -> TrainState:
     """Shape-first sharded init: eval_shape -> `state_shardings` -> jit(create, out_shardings).
 
     Every array is created directly with its sharding on `mesh`; see `create_train_state` for the arguments.
     """
     def create(key_data):
         key = jax.random.wrap_key_data(key_data)
-        return create_train_state(init_params, tx=tx, key=key, ema_decay=ema_decay)
+        return create_train_state(init_params, tx=tx, key=key, ema_decay=ema_decay, with_model_state=with_model_state)
 
     # The key goes in as host key data, which every process holds: a valid input on any mesh.
     key_data = np.asarray(jax.random.key_data(key))

@@ -2,22 +2,24 @@
 
 One train step is one iteration of the reference: a generator update of the autoencoder (Adam, betas 0.5 /
 0.9), then a discriminator update with its own Adam on reconstructions from the updated autoencoder
-(`ldm_jax.training.autoencoder_step`), both inside one jitted, donated step over the mesh. The GAN terms
-count from `loss.disc_start`; with `loss.disc_factor == 0` the discriminator half is skipped altogether
-(it would only ever see a zero loss), which saves its cost in GAN-free runs.
+(`ldm_jax.training.autoencoder_step.make_update`), both inside the one jitted, donated step that
+`loop.make_train_step` builds for every stage. The GAN terms count from `loss.disc_start`; with
+`loss.disc_factor == 0` the discriminator half is skipped altogether (it would only ever see a zero loss),
+which saves its cost in GAN-free runs.
 
-The state is the generic `TrainState` of the loop: params {"ae", "logvar", "disc", "disc_state"} (the
-discriminator's BatchNorm statistics ride along as untrained params so that they are checkpointed),
-opt_state {"ae": generator Adam over {"ae", "logvar"}, "disc": discriminator Adam}, tx = `paired_optimizer`.
-So the generic loop checkpoints, resumes, guards NaNs and logs it unchanged, and init is shape-first and
-sharded by the `mesh` rules. LPIPS's frozen VGG params are an argument of the jitted step, not state.
+The state is the shared `TrainState` (params {"generator": {"autoencoder", "logvar"}, "discriminator"},
+model_state {"discriminator": BatchNorm statistics}), initialised shape-first and sharded by the `mesh` rules
+(`state.init_train_state`), with the optimiser path of the LDM stage: `optim.learning_rate` and
+`optim.make_optimizer` per part, joined by `optim.partitioned`. So the loop checkpoints, resumes, guards NaNs
+and logs it exactly as the LDM stage. LPIPS's frozen VGG params are an argument of the jitted step, not state.
 
 LPIPS needs torchvision's real VGG16 weights: give `--config.loss.lpips_vgg_path=/path/vgg16-397923af.pth`.
 Without it the perceptual weight is set to 0 and a warning says so (LPIPS with random VGG features would
 train towards nonsense).
 
 Config sections: first_stage (AutoencoderConfig), loss (LossConfig fields + lpips_vgg_path), optimizer
-(`AutoencoderOptimizerConfig`), train (`AutoencoderTrainConfig`), data, checkpoint, mesh.
+(`AutoencoderOptimizerConfig`: `optim.OptimizerConfig` with Adam's reference betas and a discriminator rate),
+train (`AutoencoderTrainConfig`), data, checkpoint, mesh.
 Outputs (besides the loop's): images/reconstructions_*.png (top rows inputs, bottom rows reconstructions),
 a "psnr" line per grid in eval.jsonl, and WORKDIR/autoencoder/ (`ldm_jax.model_dir` first-stage directory).
 """
@@ -41,12 +43,11 @@ from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
 from ldm_jax.losses.autoencoder_loss import AutoencoderLoss, LossConfig
 from ldm_jax.metrics.image_quality import psnr
-from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config, build_autoencoder, init_autoencoder
+from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config, build_autoencoder
 from ldm_jax.training import autoencoder_step, optim
 from ldm_jax.training import main as common
 from ldm_jax.training import state as state_lib
-from ldm_jax.training.autoencoder_step import AutoencoderTrainState
-from ldm_jax.training.loop import Hook, train_loop
+from ldm_jax.training.loop import Hook, make_train_step, train_loop
 from ldm_jax.training.state import TrainState
 
 log = logging.getLogger("ldm_jax.train")
@@ -54,32 +55,32 @@ EXPORT_DIR = "autoencoder"
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderOptimizerConfig:
-    """learning_rate: the base rate (per example with scale_lr, the reference's rule: times the global batch);
-    disc_learning_rate: the discriminator's base rate (None: the same)."""
+class AutoencoderOptimizerConfig(optim.OptimizerConfig):
+    """The `optimizer` section: `optim.OptimizerConfig` with the reference's autoencoder defaults (Adam with
+    betas 0.5 / 0.9, no weight decay, base rate 4.5e-6 per example with scale_lr: times the global batch),
+    for both the generator and the discriminator; disc_learning_rate: the discriminator's base rate (None:
+    the same). accumulate_grad_batches must be 1 (an iteration's two updates each see the whole batch)."""
 
     learning_rate: float = 4.5e-6
-    scale_lr: bool = True
+    b1: float = 0.5
+    b2: float = 0.9
+    weight_decay: float = 0.0
     disc_learning_rate: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.accumulate_grad_batches != 1:
+            raise ValueError(f"optimizer.accumulate_grad_batches={self.accumulate_grad_batches}: the autoencoder "
+                             "stage updates on whole batches (use 1)")
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderTrainConfig:
-    """num_steps: iterations (generator + discriminator updates); log_every: scalars interval; image_every:
-    reconstruction-grid interval; num_images: examples in the grid (a multiple of the device count), taken
-    from `eval_split` of the data; dtype: compute dtype ("float32" / "bfloat16"; params stay float32);
-    attention / remat: the run-time options of the autoencoder (`ldm.RunOptions`, never saved with it)."""
+class AutoencoderTrainConfig(common.TrainConfig):
+    """The `train` section (`main.TrainConfig`'s fields; num_steps counts generator + discriminator
+    iterations, image_every / num_images are the reconstruction grids')."""
 
-    num_steps: int = 1000
-    seed: int = 0
-    log_every: int = 50
     image_every: int = 500
     num_images: int = 8
-    eval_split: str = "validation"
-    dtype: str = "float32"
-    attention: str = "xla"
-    remat: bool | str = False
-    progress_bar: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,41 +92,29 @@ class Result:
     psnr: float
 
 
-def paired_optimizer(ae_tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation
-                     ) -> optax.GradientTransformation:
-    """The stage's two optimisers as one transformation over {"ae", "logvar", "disc", "disc_state"} params.
-
-    State {"ae": ae_tx state over {"ae", "logvar"}, "disc": disc_tx state over "disc"}, the layout
-    `autoencoder_step` updates half by half; `update` applies both to a full gradient tree at once (and leaves
-    "disc_state" unchanged).
-    """
-    def init(params):
-        return {"ae": ae_tx.init({"ae": params["ae"], "logvar": params["logvar"]}),
-                "disc": disc_tx.init(params["disc"])}
-
-    def update(grads, state, params=None):
-        gen = {"ae": grads["ae"], "logvar": grads["logvar"]}
-        gen_params = None if params is None else {"ae": params["ae"], "logvar": params["logvar"]}
-        gen_updates, ae_state = ae_tx.update(gen, state["ae"], gen_params)
-        disc_updates, disc_state = disc_tx.update(grads["disc"], state["disc"],
-                                                  None if params is None else params["disc"])
-        updates = {**gen_updates, "disc": disc_updates,
-                   "disc_state": jax.tree.map(jnp.zeros_like, grads["disc_state"])}
-        return updates, {"ae": ae_state, "disc": disc_state}
-
-    return optax.GradientTransformation(init, update)
+def make_optimizer(cfg: AutoencoderOptimizerConfig, *, global_batch_size: int, num_devices: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule, tuple[float, float]]:
+    """(tx, the generator's schedule, (generator, discriminator) peak rates): `optim.partitioned`
+    {"generator": `optim.make_optimizer` at the generator's peak rate, "discriminator": the same at the
+    discriminator's}; the peak rates by `optim.learning_rate`, as in the LDM stage."""
+    disc_cfg = dataclasses.replace(cfg, learning_rate=cfg.learning_rate if cfg.disc_learning_rate is None
+                                   else cfg.disc_learning_rate)
+    peaks = tuple(optim.learning_rate(c, global_batch_size=global_batch_size, num_devices=num_devices)
+                  for c in (cfg, disc_cfg))
+    (gen_tx, schedule), (disc_tx, _) = (optim.make_optimizer(c, peak) for c, peak in zip((cfg, disc_cfg), peaks))
+    return optim.partitioned({"generator": gen_tx, "discriminator": disc_tx}), schedule, peaks
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """Everything built from the config: model, loss, optimisers, mesh and the settings."""
+    """Everything built from the config: model, loss, optimiser, mesh and the settings."""
 
     config: ml_collections.ConfigDict
     ae_config: AutoencoderConfig
     model: Any
     loss: AutoencoderLoss
-    ae_tx: optax.GradientTransformation
-    disc_tx: optax.GradientTransformation
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
     mesh: Any
     rules: Any
     train: AutoencoderTrainConfig
@@ -146,9 +135,6 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
                     "%g -> 0). LPIPS needs torchvision's VGG16 weights (vgg16-397923af.pth); pass "
                     "--config.loss.lpips_vgg_path=PATH to use it.", loss_config.perceptual_weight)
         loss_config = dataclasses.replace(loss_config, perceptual_weight=0.0)
-    if loss_config.use_actnorm:
-        raise ValueError("loss.use_actnorm=True needs a data-dependent discriminator init, which this stage does not "
-                         "do; the LDM autoencoder configs use BatchNorm (use_actnorm=False)")
     if loss_config.disc_conditional:
         raise ValueError("loss.disc_conditional=True needs a conditioning image in every batch; the data pipeline "
                          "gives images only")
@@ -158,92 +144,37 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
         raise ValueError(f"data.resolution {data.resolution} is not a multiple of the first stage's factor "
                          f"{ae_config.downsample_factor}")
     opt = common.section(AutoencoderOptimizerConfig, config, "optimizer")
-    disc_base = opt.learning_rate if opt.disc_learning_rate is None else opt.disc_learning_rate
-    lr, disc_lr = (optim.learning_rate(optim.OptimizerConfig(learning_rate=base, scale_lr=opt.scale_lr),
-                                       global_batch_size=data.global_batch_size, num_devices=mesh.size)
-                   for base in (opt.learning_rate, disc_base))
+    tx, schedule, (lr, disc_lr) = make_optimizer(opt, global_batch_size=data.global_batch_size,
+                                                 num_devices=mesh.size)
     log.info("autoencoder learning rate %.3g, discriminator %.3g%s", lr, disc_lr,
              f" (base rates x global batch {data.global_batch_size})" if opt.scale_lr else "")
     model = build_autoencoder(ae_config, attention=options.attention, remat=options.remat, dtype=options.dtype)
     loss = AutoencoderLoss(loss_config, kind=ae_config.kind, dtype=options.dtype)
-    return Stage(config=config, ae_config=ae_config, model=model, loss=loss,
-                 ae_tx=autoencoder_step.make_optimizer(lr), disc_tx=autoencoder_step.make_optimizer(disc_lr),
+    if loss_config.use_actnorm:
+        raise ValueError("loss.use_actnorm=True needs a data-dependent discriminator init, which this stage does not "
+                         "do; the LDM autoencoder configs use BatchNorm (use_actnorm=False)")
+    return Stage(config=config, ae_config=ae_config, model=model, loss=loss, tx=tx, schedule=schedule,
                  mesh=mesh, rules=rules, train=train, data=data, lpips_vgg_path=vgg_path)
-
-
-def _uses_gan(stage: Stage) -> bool:
-    return stage.loss.config.disc_factor > 0
 
 
 def init_state(stage: Stage, key: jax.Array, *, abstract: bool = False) -> TrainState:
     """A fresh, sharded state (shape-first: nothing is built on the host); `abstract=True` gives only its
     shapes (jax.ShapeDtypeStructs), allocating nothing."""
-    cfg, res = stage.ae_config, stage.data.resolution
-    fp32_model = build_autoencoder(cfg)  # params are float32 whatever the compute dtype
+    fp32_model = build_autoencoder(stage.ae_config)  # params are float32 whatever the compute dtype
 
-    def init_params(k):
-        k_ae, k_disc = jax.random.split(k)
-        disc_input = jnp.zeros((1, res, res, stage.loss.config.disc_in_channels), jnp.float32)
-        disc_params, disc_state = stage.loss.init_discriminator(k_disc, disc_input)
-        return {"ae": init_autoencoder(fp32_model, k_ae)["params"], "logvar": stage.loss.init_logvar(),
-                "disc": disc_params, "disc_state": disc_state}
+    def init_variables(k):
+        return autoencoder_step.init_variables(fp32_model, stage.loss, k, resolution=stage.data.resolution)
 
-    tx = paired_optimizer(stage.ae_tx, stage.disc_tx)
+    kwargs = dict(tx=stage.tx, ema_decay=None, with_model_state=True)
     if abstract:
-        def create(key_data):
-            return state_lib.create_train_state(init_params, tx=tx, key=jax.random.wrap_key_data(key_data),
-                                                ema_decay=None)
-
-        return jax.eval_shape(create, np.asarray(jax.random.key_data(key)))
-    return state_lib.init_train_state(init_params, tx=tx, key=key, ema_decay=None, mesh=stage.mesh, rules=stage.rules)
-
-
-def _as_step_state(stage: Stage, state: TrainState, lpips_params: Any) -> AutoencoderTrainState:
-    p, o = state.params, state.opt_state
-    return AutoencoderTrainState(step=state.step, ae_params=p["ae"], logvar=p["logvar"], lpips_params=lpips_params,
-                                 disc_params=p["disc"], disc_state=p["disc_state"], ae_opt_state=o["ae"],
-                                 disc_opt_state=o["disc"], model=stage.model, loss=stage.loss, ae_tx=stage.ae_tx,
-                                 disc_tx=stage.disc_tx)
-
-
-def make_train_step(stage: Stage, state: TrainState, lpips_params: Any):
-    """The jitted `(state, batch, key) -> (state, metrics)` of one iteration (state donated).
-
-    metrics: the generator's and discriminator's logs (total_loss, rec_loss, kl_loss / quant_loss, g_loss,
-    d_weight, disc_loss, logits, grad and param norms); "loss" is total_loss, NaN when any gradient or
-    parameter went non-finite (so the loop's guard stops the run).
-    """
-    gan = _uses_gan(stage)
-
-    def step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, lpips: Any):
-        s = _as_step_state(stage, state, lpips)
-        if gan:
-            s, metrics = autoencoder_step.train_step(s, batch, key)
-        else:
-            s, metrics = autoencoder_step.generator_step(s, batch, key)
-            s = s.replace(step=s.step + 1)
-        metrics = dict(metrics)
-        finite = metrics.pop("finite")
-        metrics["loss"] = jnp.where(finite, metrics["total_loss"], jnp.nan).astype(jnp.float32)
-        params = {"ae": s.ae_params, "logvar": s.logvar, "disc": s.disc_params, "disc_state": s.disc_state}
-        new = state.replace(step=s.step, params=params, opt_state={"ae": s.ae_opt_state, "disc": s.disc_opt_state})
-        return new, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
-
-    shardings = state_lib.shardings_of(state)
-    rep = parallel.replicated(stage.mesh)
-    lpips_sh = jax.tree.map(lambda _: rep, lpips_params)
-    jitted = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(stage.mesh), rep, lpips_sh),
-                     out_shardings=(shardings, rep), donate_argnums=0)
-    return lambda state, batch, key: jitted(state, batch, key, lpips_params)
+        return jax.eval_shape(lambda kd: state_lib.create_train_state(
+            init_variables, key=jax.random.wrap_key_data(kd), **kwargs), np.asarray(jax.random.key_data(key)))
+    return state_lib.init_train_state(init_variables, key=key, mesh=stage.mesh, rules=stage.rules, **kwargs)
 
 
 def reconstruct(stage: Stage, ae_params: Any, images: jax.Array) -> jax.Array:
     """Deterministic reconstructions (posterior mode / quantised), (B, H, W, C) float32 clipped to [-1, 1]."""
-    variables = {"params": ae_params}
-    if stage.ae_config.kind == "kl":
-        recon, _ = stage.model.apply(variables, images, sample_posterior=False)
-    else:
-        recon, _, _ = stage.model.apply(variables, images)
+    recon, _ = autoencoder_step.reconstruct(stage.model, ae_params, images)
     return jnp.clip(recon.astype(jnp.float32), -1.0, 1.0)
 
 
@@ -259,7 +190,7 @@ def _grid_hook(stage: Stage, workdir: pathlib.Path, images: np.ndarray, psnrs: l
     device_images = parallel.host_local_to_global(images, stage.mesh)
 
     def fn(state: TrainState, step: int):
-        recon = common.host_copy(recon_fn(state.params["ae"], device_images))
+        recon = common.host_copy(recon_fn(state.params["generator"]["autoencoder"], device_images))
         value = float(np.mean(psnr(images, recon)))
         psnrs.append(value)
         if jax.process_index() == 0:
@@ -284,7 +215,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
         lpips_params = jax.device_put(load_lpips_params(stage.lpips_vgg_path), parallel.replicated(stage.mesh))
     state = init_state(stage, jax.random.key(train.seed))
-    train_step = make_train_step(stage, state, lpips_params)
+    train_step = make_train_step(update_fn=autoencoder_step.make_update(stage.model, stage.loss), mesh=stage.mesh,
+                                 state_shardings=state_lib.shardings_of(state), learning_rate_fn=stage.schedule,
+                                 frozen=lpips_params)
     batches = pipeline.make_iterator(stage.data)
     psnrs: list[float] = []
     hooks = [_grid_hook(stage, workdir, _eval_images(stage), psnrs)]
@@ -292,11 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                             f"autoencoder:  {workdir / EXPORT_DIR} (written at the end)")
     state = train_loop(state, train_step, batches, num_steps=train.num_steps, workdir=workdir, mesh=stage.mesh,
                        checkpoint=common.checkpoint_config(config), config=config, log_every=train.log_every,
-                       hooks=hooks, progress_bar=train.progress_bar)
+                       hooks=hooks, progress_bar=train.progress_bar, prefetch=stage.data.prefetch)
     if not psnrs or train.num_steps % train.image_every:
         hooks[0].fn(state, train.num_steps)  # a final grid and PSNR of the exported weights
     export = workdir / EXPORT_DIR
-    ae_params = common.host_copy(state.params["ae"])  # a collective: every process
+    ae_params = common.host_copy(state.params["generator"]["autoencoder"])  # a collective: every process
     if jax.process_index() == 0:
         model_dir.write_first_stage_dir(export, stage.ae_config, ae_params)
         log.info("exported the autoencoder to %s (PSNR %.2f dB)", export, psnrs[-1])

@@ -23,8 +23,8 @@ takes it from there.
 
 Precomputed latents (`train.precompute_latents`): one pass over the training split stores the first stage's
 moments (KL mean and logvar, or VQ's h) and the token ids in WORKDIR/latents/ (reused when present); training
-then reads those (`LatentIterator`, the same example order and checkpointable position as the image
-pipeline) and samples the posterior in the step exactly as encoding would.
+then reads those (the same `pipeline.DataIterator` over a `readers.ArraySource`: the same example order and
+checkpointable position as the images) and samples the posterior in the step exactly as encoding would.
 
 Periodic sample grids (`train.image_every`): txt2img (`ldm_jax.pipeline`, `train.sampler` with
 `train.sample_steps` steps, guidance `train.guidance_scale`) from the EMA params for the first
@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from ldm_jax import ldm, model_dir, parallel, pipeline as sampling
 from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import assemble_params
-from ldm_jax.data import pipeline
+from ldm_jax.data import pipeline, readers
 from ldm_jax.models.tokenizer import load_tokenizer, tokenize
 from ldm_jax.training import main as common
 from ldm_jax.training import optim
@@ -71,27 +71,13 @@ SHAPES_TOKENIZER = "shapes"
 
 
 @dataclasses.dataclass(frozen=True)
-class LDMTrainConfig:
-    """The `train` section of an LDM config (see the module doc for what each part does).
-
-    num_steps: optimiser updates; log_every / image_every: scalar and sample-grid intervals; num_images:
-    samples per grid (a multiple of the device count); eval_split: where the grid's prompts come from ("" =
-    the training split); dtype: "float32" or "bfloat16" compute; attention / remat: the run-time options of the
-    modules (`ldm.RunOptions`, never saved with the model). first_stage / init_from: where params come
-    from. tokenizer: a tokenizer directory, "shapes" (train the captioned-shapes word-level tokenizer into
-    WORKDIR/tokenizer) or "" (no text). sample_posterior: False trains on the KL posterior's mean.
+class LDMTrainConfig(common.TrainConfig):
+    """The `train` section of an LDM config: `main.TrainConfig`'s fields (image_every / num_images are the
+    sample grids') and the LDM's (see the module doc for what each part does). first_stage / init_from: where
+    params come from. tokenizer: a tokenizer directory, "shapes" (train the captioned-shapes word-level
+    tokenizer into WORKDIR/tokenizer) or "" (no text). sample_posterior: False trains on the KL posterior's mean.
     """
 
-    num_steps: int = 1000
-    seed: int = 0
-    log_every: int = 50
-    image_every: int = 1000
-    num_images: int = 16
-    eval_split: str = "validation"
-    dtype: str = "float32"
-    attention: str = "xla"
-    remat: bool | str = False
-    progress_bar: bool = True
     first_stage: str = ""
     init_from: str = ""
     tokenizer: str = ""
@@ -154,6 +140,9 @@ def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Sta
                          f"{model.diffusion.conditioning_key!r} (concat/hybrid models need mask or concat inputs "
                          f"the data pipeline does not make)")
     data = common.data_config(config, keys)
+    if train.precompute_latents and (data.random_flip or data.crop == "random"):
+        raise ValueError("train.precompute_latents encodes each image once: data.random_flip / data.crop='random' "
+                         "would never change it (turn them off, or train on images)")
     f = model.downsample_factor
     if data.resolution % f:
         raise ValueError(f"data.resolution {data.resolution} is not a multiple of the first stage's factor {f}")
@@ -207,10 +196,7 @@ def _sync(name: str) -> None:
 def with_scale_factor(stage: Stage, value: float) -> Stage:
     """The stage with `diffusion.scale_factor = value`, in its LDMConfig and in the config it saves."""
     config = ml_collections.ConfigDict(stage.config.to_dict())  # an unlocked copy
-    target = "ldm" if "ldm" in config and "scale_factor" in config.ldm else "diffusion"
-    if "scale_factor" not in config[target] and "ldm" in config:
-        target = "ldm"
-    config[target]["scale_factor"] = float(value)
+    config.diffusion.scale_factor = float(value)
     config.lock()
     model = dataclasses.replace(stage.model, diffusion=dataclasses.replace(stage.model.diffusion,
                                                                           scale_factor=float(value)))
@@ -338,59 +324,6 @@ def image_iterator(stage: Stage) -> pipeline.DataIterator:
     return pipeline.make_iterator(stage.data, tokenizer=_tokenize_fn(stage))
 
 
-class LatentIterator:
-    """Host-local batches of precomputed first-stage moments (+ "tokens" / "label"), in the order the image
-    pipeline would read the same dataset (`pipeline.host_indices` with its seed and shuffling), with the
-    same checkpointable position ({"epoch", "position"} and the order-defining settings)."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int, shuffle: bool = True,
-                 process_index: int | None = None, process_count: int | None = None):
-        self.arrays = dict(arrays)
-        sizes = {name: len(a) for name, a in self.arrays.items()}
-        if len(set(sizes.values())) != 1 or not sizes:
-            raise ValueError(f"LatentIterator: arrays must share a leading size, got {sizes}")
-        self.num_examples = next(iter(sizes.values()))
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
-        if self.num_examples < self.process_count:
-            raise ValueError(f"LatentIterator: {self.num_examples} examples for {self.process_count} processes")
-        self._epoch, self._position, self._order = 0, 0, None
-
-    def get_state(self) -> dict[str, Any]:
-        """The JSON-able position (as `pipeline.DataIterator.get_state`)."""
-        return {"epoch": self._epoch, "position": self._position, "seed": self.seed, "shuffle": self.shuffle,
-                "num_examples": self.num_examples, "process_index": self.process_index,
-                "process_count": self.process_count}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restores a `get_state()` dict (ValueError when it describes another order)."""
-        for field in ("seed", "shuffle", "num_examples", "process_index", "process_count"):
-            if field in state and state[field] != getattr(self, field):
-                raise ValueError(f"iterator state has {field}={state[field]!r}, this iterator {getattr(self, field)!r}")
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        indices = []
-        while len(indices) < self.batch_size:
-            if self._order is None or self._order[0] != self._epoch:
-                self._order = (self._epoch, pipeline.host_indices(
-                    self.num_examples, self._epoch, seed=self.seed, shuffle=self.shuffle,
-                    process_index=self.process_index, process_count=self.process_count))
-            order = self._order[1]
-            if self._position >= len(order):
-                self._epoch, self._position = self._epoch + 1, 0
-                continue
-            take = min(self.batch_size - len(indices), len(order) - self._position)
-            indices.extend(order[self._position:self._position + take])
-            self._position += take
-        index = np.asarray(indices)
-        return {name: a[index] for name, a in self.arrays.items()}
-
-
 def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path, *,
                        batch_size: int = 256) -> dict[str, np.ndarray]:
     """One pass over the training split: {"moments": (N, h, w, 2C or C) float32, + "tokens" / "label"} in
@@ -433,10 +366,12 @@ def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib
     return arrays
 
 
-def latent_iterator(stage: Stage, arrays: Mapping[str, np.ndarray]) -> LatentIterator:
-    """The training batches from precomputed moments (global batch split over processes)."""
-    per_host = stage.data.global_batch_size // jax.process_count()
-    return LatentIterator(arrays, batch_size=per_host, seed=stage.data.seed, shuffle=stage.data.shuffle)
+def latent_iterator(stage: Stage, arrays: Mapping[str, np.ndarray]) -> pipeline.DataIterator:
+    """The training batches from precomputed moments: {"moments", + "tokens" / "label"}, read in the order and
+    with the position the image pipeline has for the same data config (global batch split over processes)."""
+    keys = ("moments", *(k for k in stage.data.batch_keys if k != "image"))
+    source = readers.ArraySource(dict(arrays), name=f"precomputed latents of {stage.data.name} ({stage.data.split})")
+    return pipeline.make_iterator(dataclasses.replace(stage.data, batch_keys=keys), source=source)
 
 
 # ------------------------------------------------------------------------------------------ scale_by_std
@@ -565,7 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     common.describe_outputs(workdir, "ldm", train.num_steps, f"model:       {workdir / EXPORT_DIR} (written at the end)")
     state = train_loop(state, step, batches, num_steps=train.num_steps, workdir=workdir, mesh=stage.mesh,
                        checkpoint=common.checkpoint_config(stage.config), config=stage.config,
-                       log_every=train.log_every, hooks=hooks, progress_bar=train.progress_bar)
+                       log_every=train.log_every, hooks=hooks, progress_bar=train.progress_bar,
+                       prefetch=stage.data.prefetch)
     out = workdir / EXPORT_DIR
     write_export(stage, state, frozen, out)
     return Result(state=state, export_dir=out, adherence=scores[-1] if scores else None)
@@ -573,11 +509,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
 def _resumed_scale(stage: Stage, saved: Mapping[str, Any]) -> Stage:
     """The stage with the scale_factor a previous run of this workdir stored (its checkpoint's config)."""
-    values = [saved[s]["scale_factor"] for s in ("ldm", "diffusion") if s in saved and "scale_factor" in saved[s]]
-    if not values or values[0] == stage.model.diffusion.scale_factor:
+    value = ldm.ldm_config(saved).diffusion.scale_factor
+    if value == stage.model.diffusion.scale_factor:
         return stage
-    log.info("resuming with the stored scale_factor %.6g", values[0])
-    return with_scale_factor(stage, values[0])
+    log.info("resuming with the stored scale_factor %.6g", value)
+    return with_scale_factor(stage, value)
 
 
 def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
@@ -616,5 +552,5 @@ def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> path
     return write_export(stage, state, frozen, pathlib.Path(out_dir))
 
 
-__all__ = ["LDMTrainConfig", "LatentIterator", "Result", "build_stage", "export_model", "frozen_params",
+__all__ = ["LDMTrainConfig", "Result", "build_stage", "export_model", "frozen_params",
            "init_state", "load_pretrained", "precompute_latents", "train_and_evaluate", "write_export"]
