@@ -1,6 +1,7 @@
 """LDM train-step benchmark: step time, images/s and peak memory, printed as tables.
 
     .venv/bin/python bench/bench_train.py [--steps 5] [--configs tiny,mid] [--devices 1,8]
+    .venv/bin/python bench/bench_train.py --prefetch 0,2 [--configs tiny,mid] [--steps 20] [--rounds 3]
 
 For each model size ("tiny": a 32-channel UNet and a 1-layer text encoder, batch 32; "mid": the captioned-shapes
 LDM of configs/shapes_ldm.py, 6.2M UNet + 0.1M text params, batch 32), on 8x8x4 latents of the shapes
@@ -15,6 +16,14 @@ Every device count runs in its own process (`XLA_FLAGS=--xla_force_host_platform
 Columns: compile (s, the first call), step (ms, median of --steps timed calls after it), images/s
 (batch / step), peak (MiB: XLA's buffer assignment for the compiled step: arguments + outputs + temporaries
 - aliased donations, per device), params (trained, M). Timings drift on shared machines; compare rows of one run.
+
+`--prefetch 0,2`: the input pipeline instead of random batches. A small captioned-shapes TFDS set is generated
+in a temporary folder; each row trains our float32 step (1 device) on its images read the way `train_loop`
+reads them: `pipeline.DataIterator` (array_record read, PNG decode, resize/crop, tokenize) behind a
+`pipeline.DevicePrefetcher` of that size (0: every batch read and placed on the step thread; 2: a background
+thread two batches ahead), metrics fetched every 10 steps as the loop logs them. The settings alternate over
+--rounds rounds of --steps timed steps (after 2 untimed ones); the table gives the median ms per step and the
+ratio to prefetch 0 per round pair.
 """
 from __future__ import annotations
 
@@ -146,12 +155,73 @@ def run_variant(overrides: dict, *, kind: str, dtype: str, remat: bool, batch: i
             "peak_mib": peak, "params_m": n_params}
 
 
+def run_prefetch(overrides: dict, sizes: list[int], *, steps: int, rounds: int, data_dir: str) -> list[dict]:
+    """Rows {"prefetch", "round", "step_ms"}: the step fed by DataIterator + DevicePrefetcher(size), alternating."""
+    import tempfile
+
+    import jax
+
+    from ldm_jax import ldm, parallel
+    from ldm_jax.data import pipeline
+    from ldm_jax.data.captioned_shapes import prepare_captioned_shapes
+    from ldm_jax.training import loop, main as common, state as state_lib, train_ldm
+
+    name = prepare_captioned_shapes(data_dir, resolution=32, num_train=1024, num_validation=8, num_heldout=8)
+    values = {**overrides, "data.global_batch_size": str(BATCH), "train.num_images": "8", "mesh.data": "1",
+              "data.data_dir": data_dir, "data.name": name, "train.precompute_latents": "False"}
+    workdir = tempfile.mkdtemp()
+    config = common.load_config(os.path.join(ROOT, "configs", "shapes_ldm.py"),
+                                [f"--config.{k}={v}" for k, v in values.items()])
+    stage = train_ldm.build_stage(config, pathlib.Path(workdir))
+    params = jax.jit(lambda k: ldm.init_params(stage.model, k))(jax.random.key(0))
+    frozen = train_ldm.place({"first_stage": jax.device_get(params["first_stage"])}, stage)
+    base = ldm.make_loss_fn(stage.model, empty_prompt=ldm.empty_prompt_ids(stage.model, stage.tokenizer),
+                            options=stage.options)
+    holder = {"state": train_ldm.init_state(stage, jax.random.key(0))}
+    step = loop.make_train_step(lambda p, b, k, f: base({**p, **f}, b, k), mesh=stage.mesh,
+                                state_shardings=state_lib.shardings_of(holder["state"]), frozen=frozen)
+    key = jax.random.key(1)
+    batches = train_ldm.image_iterator(stage)
+
+    def timed(size: int) -> float:
+        batches.set_state({"epoch": 0, "position": 0})
+        device_batches = pipeline.DevicePrefetcher(batches, stage.mesh, size=size)
+        try:
+            for i in range(2 + steps):
+                if i == 2:
+                    jax.block_until_ready(holder["state"])
+                    start = time.perf_counter()
+                holder["state"], metrics = step(holder["state"], next(device_batches), key)
+                if (i + 1) % 10 == 0:
+                    parallel.fetch_replicated(metrics)  # the loop's log step: the host waits for the devices
+            jax.block_until_ready(holder["state"])
+            return (time.perf_counter() - start) / steps * 1e3
+        finally:
+            device_batches.close()
+
+    timed(sizes[0])  # compile
+    rows = []
+    for r in range(rounds):
+        for size in sizes if r % 2 == 0 else sizes[::-1]:
+            rows.append({"prefetch": size, "round": r, "step_ms": timed(size)})
+    return rows
+
+
 def _worker(args) -> None:
     """Runs every measurement for one device count and prints one JSON line per row."""
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
 
+    if args.prefetch:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as data_dir:
+            for size in args.configs.split(","):
+                for row in run_prefetch(SIZES[size], [int(p) for p in args.prefetch.split(",")], steps=args.steps,
+                                        rounds=args.rounds, data_dir=data_dir):
+                    print(json.dumps({"size": size, **row}), flush=True)
+        return
     for size in args.configs.split(","):
         for kind, dtype, remat in VARIANTS:
             if args.devices > 1 and (dtype != "float32" or remat):
@@ -173,29 +243,58 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _prefetch_table(rows: list[dict]) -> str:
+    """Median step ms per (size, prefetch), images/s, and the median per-round ratio to the first setting."""
+    lines = [("size", "prefetch", "step ms (median)", "images/s", "rounds", "step time / first setting")]
+    for size in dict.fromkeys(r["size"] for r in rows):
+        mine = [r for r in rows if r["size"] == size]
+        settings = list(dict.fromkeys(r["prefetch"] for r in mine))
+        by_round = {(r["prefetch"], r["round"]): r["step_ms"] for r in mine}
+        for p in settings:
+            times = [r["step_ms"] for r in mine if r["prefetch"] == p]
+            ratios = [by_round[(p, k)] / by_round[(settings[0], k)] for k in sorted({r["round"] for r in mine})]
+            ms = statistics.median(times)
+            lines.append((size, str(p), f"{ms:.1f}", f"{BATCH / ms * 1e3:.0f}", str(len(times)),
+                          f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--configs", default="tiny,mid")
     parser.add_argument("--devices", default="1,8")
+    parser.add_argument("--prefetch", default="", help="e.g. 0,2: time the input pipeline at these prefetch sizes")
+    parser.add_argument("--rounds", type=int, default=3, help="--prefetch: alternating rounds per setting")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.devices = int(args.devices)
         _worker(args)
         return
+    if args.prefetch:
+        args.devices = "1"
     rows = []
     for n in (int(d) for d in args.devices.split(",")):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
                "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "bench")])}
         cmd = [sys.executable, __file__, "--worker", "--devices", str(n), "--steps", str(args.steps),
-               "--configs", args.configs]
+               "--configs", args.configs, "--prefetch", args.prefetch, "--rounds", str(args.rounds)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode:
-            print(_table(rows) if rows else "(no rows)")
+            print((_prefetch_table if args.prefetch else _table)(rows) if rows else "(no rows)")
             sys.exit(f"worker with {n} device(s) failed:\n{proc.stderr[-4000:]}")
         print(f"... {n} device(s) done", file=sys.stderr, flush=True)
+    if args.prefetch:
+        print(f"LDM train step on captioned-shapes images through DataIterator + DevicePrefetcher, batch {BATCH}, "
+              f"1 device, load average {os.getloadavg()[0]:.1f} (median of {args.rounds} alternating rounds of "
+              f"{args.steps} steps)")
+        print(_prefetch_table(rows))
+        return
     print(f"LDM train step, batch {BATCH}, 8x8x4 latents from 32x32 images (median of {args.steps} steps)")
     print(_table(rows))
     by = {(r["size"], r["devices"], r["kind"], r["dtype"], r["remat"]): r for r in rows}

@@ -31,6 +31,7 @@ def data_config() -> ml_collections.ConfigDict:
         "num_epochs": config_dict.placeholder(int),
         "drop_remainder": True,
         "batch_keys": (),  # () keeps every key; e.g. ("image", "tokens") once a tokenizer is passed
+        "prefetch": 2,  # batches read and placed on the devices ahead of the step, on a thread (0: none)
     })
 
 
