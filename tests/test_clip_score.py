@@ -177,4 +177,4 @@ def test_clip_score_command(clip_dir, tmp_path, capsys):
 
     assert evaluate.main(["clip-score", "--images", str(directory), "--clip", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m ldm_jax.evaluate: error: CLIP model directory") and "\n" not in err
+    assert err.startswith("ldm-jax evaluate: error: CLIP model directory") and "\n" not in err

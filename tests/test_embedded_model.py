@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax import evaluate, parallel, sampling
+from ldm_jax import evaluate, parallel, sampling, store
 from ldm_jax.data import captioned_shapes, shapes
 from ldm_jax.metrics import prompt_sensitivity
 
+EMBEDDED_MODEL = store.SHIPPED_MODELS["shapes"]
 GUIDANCE_MARGIN = 0.03  # measured on these prompts: 0.898 at guidance 1, 0.953 at 7.5
 MIN_ADHERENCE = 0.85
 NUM_GUIDANCE_PROMPTS = 128
@@ -41,7 +42,7 @@ def test_sample_cli_default_model(tmp_path, monkeypatch, capsys):
         meta = image.text
     assert meta["prompt"] == PROMPTS[1] and meta["seed"] == "3" and meta["steps"] == "10"
     assert meta["sampler"] == "ddim" and meta["size"] == "32x32"
-    assert meta["model"] == str(sampling.EMBEDDED_MODEL)
+    assert meta["model"] == str(EMBEDDED_MODEL)
     _sample(tmp_path / "b")
     for path in sorted((tmp_path / "a").glob("*.png")):
         assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
@@ -103,11 +104,20 @@ def test_split_autoencode_reconstruction(tmp_path, capsys):
     assert len(err) == 1 and "no such file or directory" in err[0], err
 
 
-def test_embedded_model_is_small():
-    files = list(sampling.EMBEDDED_MODEL.rglob("*"))
+def test_embedded_model_is_small_and_half_precision():
+    """Stored as float16 safetensors (14 MB; the loader upcasts to float32), its config free of run-time keys."""
+    files = list(EMBEDDED_MODEL.rglob("*"))
     total = sum(f.stat().st_size for f in files if f.is_file())
-    assert 0 < total < 40 * 2**20, total
-    assert (sampling.EMBEDDED_MODEL / "tokenizer").is_dir()
+    assert 0 < total < 16 * 2**20, total
+    assert (EMBEDDED_MODEL / "tokenizer").is_dir()
+    from ldm_jax.convert.checkpoint_io import load_state_dict
+
+    stored = load_state_dict(EMBEDDED_MODEL / store.PARAMS_FILE, keep_dtype=True)
+    assert {array.dtype for array in stored.values()} == {np.dtype(np.float16)}
+    model = store.load_model()
+    assert {leaf.dtype for leaf in jax.tree.leaves(model.params)} == {np.dtype(np.float32)}
+    saved = (EMBEDDED_MODEL / store.CONFIG_FILE).read_text()
+    assert '"attention"' not in saved and '"remat"' not in saved and '"ldm"' not in saved
 
 
 def test_prompt_sensitivity_shows_the_model_reads_positions(capsys):
@@ -118,7 +128,7 @@ def test_prompt_sensitivity_shows_the_model_reads_positions(capsys):
             wrong = prompt_sensitivity.corrupt_scene(scene, attribute, rng)
             assert all(getattr(a, attribute) != getattr(b, attribute) for a, b in zip(scene, wrong, strict=True))
     images = np.stack([shapes.render(scene, 32) for scene in scenes]).astype(np.float32) / 127.5 - 1.0
-    model = sampling.load_model(None)
+    model = store.load_model()
     table = prompt_sensitivity.prompt_sensitivity(model, images, [shapes.caption(s) for s in scenes], [850])
     assert set(table) == {"correct", *prompt_sensitivity.CORRUPTIONS, "empty"}
     # Measured on 256 validation scenes: 0.012 with the true captions, 1.74 with the objects moved.
