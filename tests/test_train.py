@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import tokenizer_fixtures
-from ldm_jax import ldm, model_dir, parallel
+from ldm_jax import ldm, parallel, store
 from ldm_jax.data.captioned_shapes import prepare_captioned_shapes
 from ldm_jax.training import loop, main, train_autoencoder, train_ldm
 from ldm_jax.training import state as state_lib
@@ -114,7 +114,7 @@ def test_autoencoder_stage_end_to_end(autoencoder_run):
     assert {"loss", "rec_loss", "kl_loss", "g_loss", "d_weight", "disc_loss", "logits_real"} <= set(logged[1])
     assert all(np.isfinite(v) for entry in logged for v in entry.values())
     assert int(result.state.step) == 2 and np.isfinite(result.psnr)
-    config, params = model_dir.load_first_stage_dir(result.export_dir)
+    config, params = store.load_first_stage(result.export_dir)
     np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"],
                                   np.asarray(result.state.params["generator"]["autoencoder"]["decoder"]["conv_out"]
                                              ["kernel"]))
@@ -158,11 +158,11 @@ def test_ldm_stage_end_to_end(ldm_run, autoencoder_run):
     scale = saved["diffusion"]["scale_factor"]
     assert scale != pytest.approx(0.18215) and 0.05 < scale < 20
     # The export loads as a model: EMA params, the frozen first stage, the stored scale, the tokenizer.
-    model = model_dir.load_model(result.export_dir)
+    model = store.load_model(result.export_dir)
     assert model.config.diffusion.scale_factor == pytest.approx(scale)
     np.testing.assert_allclose(model.params["unet"]["conv_out"]["kernel"],
                                np.asarray(result.state.ema_params["unet"]["conv_out"]["kernel"]))
-    autoencoder = model_dir.load_first_stage_dir(autoencoder_run[1].export_dir)[1]
+    autoencoder = store.load_first_stage(autoencoder_run[1].export_dir)[1]
     np.testing.assert_array_equal(model.params["first_stage"]["encoder"]["conv_in"]["kernel"],
                                   autoencoder["encoder"]["conv_in"]["kernel"])
     ids = model.tokenizer(["a small red circle at the top left"])["input_ids"][0]
@@ -180,9 +180,21 @@ def test_ldm_resume_and_export_model(ldm_run, autoencoder_run, dataset, tmp_path
     scale_of = lambda d: train_ldm.saved_config(d)["diffusion"]["scale_factor"]  # noqa: E731
     assert scale_of(resumed) == scale_of(workdir)
     out = train_ldm.export_model(resumed, tmp_path / "exported")
-    exported = model_dir.load_model(out)
+    exported = store.load_model(out)
     np.testing.assert_array_equal(exported.params["unet"]["conv_in"]["kernel"],
                                   np.asarray(result.state.ema_params["unet"]["conv_in"]["kernel"]))
+
+
+def test_init_from_loads_through_the_store(ldm_run):
+    """train.init_from: any store source, checked against the config's shapes (first mismatch named)."""
+    _, result = ldm_run
+    model = store.load_model(result.export_dir)
+    params = train_ldm.load_pretrained(result.export_dir, model.config)
+    for part in ("unet", "cond_stage", "first_stage"):
+        np.testing.assert_array_equal(jax.tree.leaves(params[part])[0], jax.tree.leaves(model.params[part])[0])
+    wider = dataclasses.replace(model.config, unet=dataclasses.replace(model.config.unet, model_channels=64))
+    with pytest.raises(ValueError, match=r"first mismatch unet/.*\(32,\) vs model \(64,\)"):
+        train_ldm.load_pretrained(result.export_dir, wider)
 
 
 # ----------------------------------------------------------------------------------- step-level parity

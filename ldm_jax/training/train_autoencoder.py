@@ -21,7 +21,8 @@ Config sections: first_stage (AutoencoderConfig), loss (LossConfig fields + lpip
 (`AutoencoderOptimizerConfig`: `optim.OptimizerConfig` with Adam's reference betas and a discriminator rate),
 train (`AutoencoderTrainConfig`), data, checkpoint, mesh.
 Outputs (besides the loop's): images/reconstructions_*.png (top rows inputs, bottom rows reconstructions),
-a "psnr" line per grid in eval.jsonl, and WORKDIR/autoencoder/ (`ldm_jax.model_dir` first-stage directory).
+a "psnr" line per grid in eval.jsonl, and WORKDIR/autoencoder/ (an autoencoder directory:
+`ldm_jax.store.save_first_stage`, read back by `store.load_first_stage`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ldm_jax import model_dir, parallel
+from ldm_jax import parallel, store
 from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
 from ldm_jax.losses.autoencoder_loss import AutoencoderLoss, LossConfig
@@ -231,6 +232,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     export = workdir / EXPORT_DIR
     ae_params = common.host_copy(state.params["generator"]["autoencoder"])  # a collective: every process
     if jax.process_index() == 0:
-        model_dir.write_first_stage_dir(export, stage.ae_config, ae_params)
+        store.save_first_stage(export, stage.ae_config, ae_params)
         log.info("exported the autoencoder to %s (PSNR %.2f dB)", export, psnrs[-1])
     return Result(state=state, export_dir=export, psnr=psnrs[-1])

@@ -11,10 +11,12 @@ micro-batches per update); EMA of the trained params with LitEma's warm-up (`tra
 bf16 compute with `train.dtype="bfloat16"` (params, norms, softmax and the loss stay float32); remat with
 `train.remat`, the attention implementation with `train.attention` (run-time options, `ldm.RunOptions`).
 
-Where the params start: `train.init_from` (a model directory, a diffusers folder or a CompVis .ckpt /
-.safetensors file: every part, e.g. SD for fine-tuning) or, without it, a fresh UNet (and cond stage) on the
-autoencoder of `train.first_stage` (an autoencoder directory or the autoencoder stage's workdir). The frozen
-params are copied into WORKDIR/frozen_params.safetensors on the first start, so resuming and exporting need
+Where the params start, all read through the model store (`ldm_jax.store`): `train.init_from` (any
+`store.load_model` source: a model directory, a diffusers folder, a CompVis .ckpt / .safetensors file with the
+config's architecture, or a shipped model's name: every part, e.g. SD for fine-tuning) or, without it, a fresh
+UNet (and cond stage) on the autoencoder of `train.first_stage` (`store.load_first_stage`: an autoencoder
+directory, the autoencoder stage's workdir, or any whole model). The frozen params are copied into
+WORKDIR/frozen_params.safetensors (`store.save_params`) on the first start, so resuming and exporting need
 nothing outside the workdir.
 
 scale_by_std (`ldm.scale_by_std=True`): on a fresh start, scale_factor = 1 / std of the first training batch's
@@ -31,8 +33,9 @@ Periodic sample grids (`train.image_every`): txt2img (`ldm_jax.pipeline`, `train
 `train.num_images` captions (or labels) of `train.eval_split`; PNG + TensorBoard; with `train.check_shapes`
 each grid is also scored by the captioned-shapes checker (eval.jsonl and the log).
 
-Export: WORKDIR/model/ at the end (`ldm_jax.model_dir`: config.json, params.safetensors with the EMA weights,
-tokenizer/); `export_model(workdir, out_dir)` does the same from the latest checkpoint of any run.
+Export: WORKDIR/model/ at the end (`store.save_model`: a model directory with config.json, params.safetensors
+holding the EMA weights, tokenizer/); `export_model(workdir, out_dir)` does the same from the latest checkpoint
+of any run.
 """
 from __future__ import annotations
 
@@ -50,9 +53,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ldm_jax import ldm, model_dir, parallel, pipeline as sampling
-from ldm_jax.convert.checkpoint_io import load_state_dict
-from ldm_jax.convert.common import assemble_params
+from ldm_jax import ldm, parallel, pipeline as sampling, store
 from ldm_jax.data import pipeline, readers
 from ldm_jax.models.tokenizer import load_tokenizer, tokenize
 from ldm_jax.training import main as common
@@ -206,38 +207,27 @@ def with_scale_factor(stage: Stage, value: float) -> Stage:
 # ------------------------------------------------------------------------------------------------- params
 
 
-def load_pretrained(path: str | os.PathLike, config: ldm.LDMConfig) -> dict[str, Any]:
-    """Every LDM param from a model directory, a diffusers folder or a CompVis file, checked against `config`."""
-    path = pathlib.Path(path)
-    if (path / model_dir.CONFIG_FILE).is_file() and (path / model_dir.PARAMS_FILE).is_file():
-        params = model_dir.load_model(path).params
-    elif (path / "model_index.json").is_file():
-        from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline  # noqa: PLC0415
-
-        params = load_diffusers_pipeline(path).params
-    elif path.is_file():
-        from ldm_jax.convert.compvis import load_compvis_checkpoint  # noqa: PLC0415
-
-        params = load_compvis_checkpoint(path, config)
-    else:
-        raise FileNotFoundError(f"train.init_from={str(path)!r} is neither a model directory (config.json + "
-                                f"params.safetensors), a diffusers folder (model_index.json) nor a checkpoint file")
-    return _checked(params, model_dir.ldm_param_shapes(config), source=str(path))
-
-
-def _checked(params: Mapping[str, Any], expected: Mapping[tuple[str, ...], tuple[int, ...]], *, source: str) -> dict:
-    flat = model_dir.flatten_params(params)
-    return assemble_params({tuple(k.split("/")): (k, v) for k, v in flat.items()}, expected, source=source)
+def load_pretrained(source: str | os.PathLike, config: ldm.LDMConfig, *,
+                    tokenizer: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Every LDM param of a `store.load_model` source, checked against `config`'s shapes (a ConversionError
+    names the first that does not fit). A single file is read with `config` as its architecture (and
+    `tokenizer`, the local tokenizer directory, for a text model); other sources carry their own config."""
+    single_file = store.detect_format(source) == "compvis"
+    model = store.load_model(source, config=config if single_file else None,
+                             tokenizer=tokenizer if single_file else None)
+    return store.check_params(model.params, store.param_shapes(config), source=str(source))
 
 
 def _first_stage_params(stage: Stage) -> dict[str, Any]:
-    path = pathlib.Path(stage.train.first_stage)
     if not stage.train.first_stage:
         raise ValueError("train.first_stage is required without train.init_from: the autoencoder directory "
                          "(or autoencoder workdir) the LDM is trained on")
-    if (path / "autoencoder" / model_dir.FIRST_STAGE_CONFIG_FILE).is_file():
-        path = path / "autoencoder"  # the autoencoder stage's workdir
-    _, params = model_dir.load_first_stage_dir(path, stage.model.first_stage)
+    path = pathlib.Path(stage.train.first_stage)
+    from ldm_jax.training.train_autoencoder import EXPORT_DIR  # noqa: PLC0415
+
+    if (path / EXPORT_DIR / store.CONFIG_FILE).is_file():
+        path = path / EXPORT_DIR  # the autoencoder stage's workdir
+    _, params = store.load_first_stage(path, expected=stage.model.first_stage)
     return params
 
 
@@ -246,13 +236,13 @@ def frozen_params(stage: Stage, workdir: pathlib.Path, pretrained: Mapping[str, 
     """The frozen parts as numpy arrays: WORKDIR's copy when present, else from their sources (`pretrained`,
     the params of train.init_from when already loaded), then copied into WORKDIR."""
     names = stage.frozen_names
-    shapes = {p: s for p, s in model_dir.ldm_param_shapes(stage.model).items() if p[0] in names}
+    shapes = {p: s for p, s in store.param_shapes(stage.model).items() if p[0] in names}
     copy = workdir / FROZEN_FILE
     if copy.is_file():
-        return model_dir.load_params(copy, shapes, source=str(copy))
+        return store.load_params(copy, shapes, source=str(copy))
     if stage.train.init_from:
         if pretrained is None:
-            pretrained = load_pretrained(stage.train.init_from, stage.model)
+            pretrained = load_pretrained(stage.train.init_from, stage.model, tokenizer=stage.tokenizer_dir)
         frozen = {name: pretrained[name] for name in names}
     else:
         if names != ("first_stage",):
@@ -260,7 +250,7 @@ def frozen_params(stage: Stage, workdir: pathlib.Path, pretrained: Mapping[str, 
                              f"train.first_stage)")
         frozen = {"first_stage": _first_stage_params(stage)}
     if jax.process_index() == 0:
-        model_dir.save_params(copy, frozen)
+        store.save_params(copy, frozen)
     _sync("frozen")
     return frozen
 
@@ -468,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     saved = saved_config(workdir)
     pretrained = None
     if train.init_from and saved is None:  # a resumed run restores every trained param from its checkpoint
-        pretrained = load_pretrained(train.init_from, stage.model)
+        pretrained = load_pretrained(train.init_from, stage.model, tokenizer=stage.tokenizer_dir)
     frozen_np = frozen_params(stage, workdir, pretrained)
     frozen = place(frozen_np, stage)
     if train.precompute_latents:
@@ -517,18 +507,22 @@ def _resumed_scale(stage: Stage, saved: Mapping[str, Any]) -> Stage:
 
 
 def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
-    """Writes the model directory: EMA (or live) trained params + frozen params, config, tokenizer files."""
+    """Writes the model directory (`store.save_model`): EMA (or live) trained params + frozen params, the
+    model's config (with the run's scale_factor), the tokenizer."""
     trained = state.ema_params if state.ema_params is not None else state.params
     params = {**common.host_copy(trained), **common.host_copy(dict(frozen))}
     if jax.process_index() == 0:
-        model_dir.write_model_dir(out_dir, stage.config, params, tokenizer_dir=stage.tokenizer_dir)
-        log.info("exported the model to %s (load with ldm_jax.model_dir.load_model)", out_dir)
+        model = ldm.LoadedModel(config=stage.model, params=params, tokenizer=stage.tokenizer,
+                                model_id=str(out_dir))
+        store.save_model(model, out_dir)
+        log.info("exported the model to %s (ldm-jax sample --checkpoint %s; ldm_jax.store.load_model)", out_dir,
+                 out_dir)
     _sync("export")
     return out_dir
 
 
 def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Exports the latest checkpoint of an LDM run in `workdir` as a model directory (`ldm_jax.model_dir`).
+    """Exports the latest checkpoint of an LDM run in `workdir` as a model directory (`store.save_model`).
 
     The config, the scale factor and the frozen params come from the workdir itself; the EMA params are used
     when the run kept them. Raises FileNotFoundError when the workdir has no checkpoint.
