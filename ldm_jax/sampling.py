@@ -133,7 +133,10 @@ def load_model(request: SampleRequest):
                                 dtype=request.precision, attention=request.attention,
                                 text_encoder_config=request.text_encoder_config)
     except (OSError, ValueError) as error:  # StoreError, ConversionError and CheckpointError are ValueErrors
-        raise UserError(f"--checkpoint {where}: {one_line(error)}") from None
+        message = one_line(error)
+        if request.checkpoint and message.startswith(request.checkpoint):  # the store named the path already
+            raise UserError(f"--checkpoint {message}") from None
+        raise UserError(f"--checkpoint {where}: {message}") from None
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -338,6 +338,9 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
     config, dest = model.config, pathlib.Path(dest)
+    if format != "ldm" and config.unet.position_embedding is not None:
+        raise StoreError(f"{dest}: the {format} format has no place for unet.position_embedding (this model's "
+                         f"learned {config.unet.position_embedding} table); save it with format 'ldm'")
     check_params(model.params, param_shapes(config), source=f"the params of {model.model_id or 'the model'}")
     if format == "compvis":
         if dest.suffix.lower() != ".safetensors":

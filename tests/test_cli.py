@@ -78,6 +78,7 @@ def test_convert_between_formats(sd, tmp_path, capsys):
     (["convert", "README.md", "x", "--to", "ldm"], "unknown kind of file"),
     (["convert", "/nonexistent", "x", "--to", "ldm"], "/nonexistent: no such file or directory"),
     (["frobnicate"], "unknown command 'frobnicate'"),
+    (["convert", "shapes", "x.safetensors", "--to", "compvis"], "no place for unet.position_embedding"),
 ])
 def test_user_errors_are_one_line(args, message, capsys):
     assert cli.main(args) == 2

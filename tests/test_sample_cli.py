@@ -115,6 +115,7 @@ def test_latents_flag_checks_the_shape_and_replaces_the_draw(tiny_model, tmp_pat
     for a, b in zip(_images(tmp_path / "s7"), _images(tmp_path / "s8"), strict=True):
         np.testing.assert_array_equal(a, b)
     np.save(tmp_path / "wrong.npy", noise[:3])
+    capsys.readouterr()
     assert _run(tiny_model, tmp_path / "bad", "--latents", str(tmp_path / "wrong.npy")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has shape (3, " in err[0] and f"expected (4, {channels}, " in err[0], err

@@ -64,14 +64,15 @@ def test_sample_the_embedded_model(installed, tmp_path):
 
 def test_sample_a_compvis_single_file(installed, tmp_path):
     """A tiny SD-layout CompVis file: its config is inferred from the weights inside the installed package."""
+    tokenizer = load_tokenizer(write_clip_tokenizer(tmp_path / "tokenizer"), "clip")
     preset = presets.get_preset("tiny")
-    with preset.unlocked():  # a text width inference reads as CLIP (heads = width / 64)
+    with preset.unlocked():  # what inference reads as SD 1.x's CLIP: heads = width / 64, pad = eos = vocab - 1
         preset.cond_stage.hidden_size = preset.unet.context_dim = 64
         preset.cond_stage.num_heads = 1
+        preset.cond_stage.vocab_size = len(tokenizer)
+        preset.cond_stage.eos_token_id = preset.cond_stage.pad_token_id = len(tokenizer) - 1
     config = ldm.ldm_config(preset)
-    tokenizer_dir = write_clip_tokenizer(tmp_path / "tokenizer")
-    model = ldm.LoadedModel(config=config, params=ldm.init_params(config, jax.random.key(0)),
-                            tokenizer=load_tokenizer(tokenizer_dir, "clip"))
+    model = ldm.LoadedModel(config=config, params=ldm.init_params(config, jax.random.key(0)), tokenizer=tokenizer)
     store.save_model(model, tmp_path / "tiny.safetensors", format="compvis")
     result = _run([str(installed / "ldm-jax"), "sample", "--ckpt", "tiny.safetensors", "--tokenizer", "tokenizer",
                    "--prompt", "a red circle", "--ddim_steps", "3", "--H", "32", "--W", "32", "--outdir", "out"],
