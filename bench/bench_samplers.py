@@ -80,7 +80,7 @@ def main() -> None:
             start, start_cpu = time.perf_counter(), time.process_time()
             compiled = run.lower(*inputs).compile()
             compile_s, compile_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            run_s, unet_s = _alternating([lambda: compiled(*inputs), forward], args.repeats)
+            run_s, unet_s = _alternating([lambda run=compiled, args=inputs: run(*args), forward], args.repeats)
             per_eval = run_s / sampler.num_evals
             print(f"{name:8s} {steps:5d} {sampler.num_evals:5d} {compile_s:9.2f} {compile_cpu:8.2f} "
                   f"{run_s * 1e3:8.1f} {per_eval * 1e3:8.2f} {unet_s * 1e3:8.2f} {(per_eval - unet_s) * 1e3:10.2f} ms")

@@ -32,6 +32,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from tqdm import tqdm
+
+from ldm_jax.cli import one_line
+from ldm_jax.images import image_grid
 
 SAMPLERS = ("ddim", "plms", "dpm++", "euler", "euler-a", "ddpm")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -124,8 +129,7 @@ def _check_writable(outdir: pathlib.Path) -> None:
 def load_model(request: SampleRequest):
     """The request's model through the store (`ldm_jax.store.load_model`) with its run-time options; any
     problem with the files (missing, corrupt, the wrong model, a bad tokenizer directory) becomes UserError."""
-    from ldm_jax import store
-    from ldm_jax.cli import one_line
+    from ldm_jax import store  # noqa: PLC0415 (JAX starts only after the flags are checked)
 
     where = request.checkpoint or f"the embedded model ({store.SHIPPED_MODELS[store.DEFAULT_MODEL]})"
     try:
@@ -144,8 +148,6 @@ def load_model(request: SampleRequest):
 
 def read_image(path: str, *, mode: str) -> np.ndarray:
     """An image file -> float32 (H, W, C) in [-1, 1] (mode "RGB") or a (H, W, 1) mask in [0, 1] (mode "L")."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert(mode), np.float32) / 255.0
@@ -161,10 +163,9 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
 
     Returns the written image paths (the grid last).
     """
-    import jax
-    from tqdm import tqdm
+    import jax  # noqa: PLC0415 (JAX starts only after the flags are checked)
 
-    from ldm_jax import parallel, pipeline
+    from ldm_jax import parallel, pipeline  # noqa: PLC0415
 
     validate(request)
     model = load_model(request)
@@ -216,7 +217,7 @@ def sampler_options(request: SampleRequest, scheduler_config: dict[str, Any] | N
     if request.eta and name != "ddim":
         raise UserError(f"--eta applies to ddim only; --sampler {name} takes no eta")
     if scheduler_config is not None:
-        from ldm_jax.convert.diffusers_pipeline import sampler_options as diffusers_options
+        from ldm_jax.convert.diffusers_pipeline import sampler_options as diffusers_options  # noqa: PLC0415
 
         opts = diffusers_options(scheduler_config, name)
         opts.pop("prediction_type", None)  # the model's own (make_model_sampler)
@@ -286,10 +287,6 @@ def _tile(array: np.ndarray, batch: int) -> np.ndarray:
 def write_outputs(request: SampleRequest, model_id: str, prompts: Sequence[str], images: Sequence[np.ndarray],
                   height: int, width: int) -> list[pathlib.Path]:
     """One PNG per image with its parameters as PNG text chunks, plus grid.png; prints where they went."""
-    from PIL import Image, PngImagePlugin
-
-    from ldm_jax.images import image_grid
-
     outdir = pathlib.Path(request.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []

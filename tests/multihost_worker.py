@@ -44,7 +44,7 @@ from ldm_jax import parallel  # noqa: E402
 from ldm_jax.models.layers import conv  # noqa: E402
 from ldm_jax.training import optim, state as state_lib  # noqa: E402
 from ldm_jax.training.checkpoint import CheckpointConfig  # noqa: E402
-from ldm_jax.training.loop import Hook, make_train_step, train_loop  # noqa: E402
+from ldm_jax.training.loop import make_train_step, train_loop  # noqa: E402
 
 IMAGE = (8, 8, 3)
 

@@ -213,7 +213,7 @@ def import_pytorch_fid():
     `TF.ToTensor`), so they stay reachable through pytorch_fid after the block."""
     if "pytorch_fid.fid_score" not in sys.modules:
         with lent_torchvision():
-            import pytorch_fid.fid_score  # noqa: F401, PLC0415 (imports pytorch_fid.inception)
+            import pytorch_fid.fid_score  # noqa: F401 (imports pytorch_fid.inception)
     return sys.modules["pytorch_fid.inception"], sys.modules["pytorch_fid.fid_score"]
 
 

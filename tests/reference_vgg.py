@@ -64,7 +64,7 @@ def import_lpips():
     if "lpips" in sys.modules:
         return sys.modules["lpips"]
     with lent_torchvision():
-        import lpips  # noqa: PLC0415
+        import lpips
     return lpips
 
 

@@ -7,7 +7,6 @@ CLIPImageProcessor config, then loaded through `load_clip_model`, so the test co
 Run: .venv/bin/python -m pytest -q tests/test_clip_score.py
 """
 import json
-import pathlib
 import shutil
 
 import numpy as np

@@ -18,7 +18,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -276,7 +275,7 @@ def test_gradient_accumulation_equals_one_batch(dataset, autoencoder_run, tmp_pa
     step_key = jax.random.fold_in(key, 0)
 
     def whole_batch_loss(params):
-        losses = [base({**params, **frozen}, jax.tree.map(lambda x: x[j::2], batch),
+        losses = [base({**params, **frozen}, jax.tree.map(lambda x, j=j: x[j::2], batch),
                        jax.random.fold_in(step_key, j))[0] for j in range(2)]
         return sum(losses) / 2
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import ConversionError, convert_state_dict, expected_shapes
 from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder, init_autoencoder
 
@@ -129,15 +130,13 @@ def load_diffusers_autoencoder(directory: str | pathlib.Path) -> tuple[Autoencod
 
     Returns (config, params) for `build_autoencoder(config).apply({"params": params}, ...)`.
     """
-    from safetensors.numpy import load_file
-
     directory = pathlib.Path(directory)
     config_path, weights_path = directory / "config.json", directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"diffusers autoencoder folder {directory} has no {path.name}")
     config = config_from_diffusers(json.loads(config_path.read_text()))
-    return config, convert_diffusers_autoencoder(load_file(weights_path), config, source=str(weights_path))
+    return config, convert_diffusers_autoencoder(load_state_dict(weights_path), config, source=str(weights_path))
 
 
 def _rename(key: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import ConversionError, convert_state_dict, expected_shapes
 from ldm_jax.models.unet import UNetConfig, UNetModel, init_unet
 
@@ -167,12 +168,10 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
 def load_diffusers_unet(folder: str | pathlib.Path, **overrides: Any) -> tuple[UNetConfig, dict[str, Any]]:
     """Reads a diffusers UNet folder (`config.json` + `diffusion_pytorch_model.safetensors`, as written by
     `save_pretrained`) and returns (UNetConfig, params tree). No network access."""
-    from safetensors.numpy import load_file  # only needed here
-
     folder = pathlib.Path(folder)
     config_path, weights_path = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (expected a diffusers UNet folder from save_pretrained)")
     config = unet_config_from_diffusers(json.loads(config_path.read_text()), **overrides)
-    return config, convert_diffusers_unet(load_file(str(weights_path)), config)
+    return config, convert_diffusers_unet(load_state_dict(weights_path), config)

@@ -203,7 +203,7 @@ class TarShardsSource:
                             members.setdefault(key, {})[ext.lower()] = info
         except tarfile.ReadError as error:
             raise ValueError(f"tar shard {path} cannot be read as an uncompressed tar: {error}") from error
-        for key, by_ext in members.items():
+        for by_ext in members.values():
             image_ext = next((e for e in self._extensions if e in by_ext), None)
             if image_ext is None:
                 continue  # e.g. the .json/.parquet side files of img2dataset

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import pathlib
-from collections.abc import Mapping
 from typing import Any
 
 import jax
