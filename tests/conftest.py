@@ -14,7 +14,65 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.modules.setdefault("torchvision", None)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY_SD_SIZE = 16
+
+
+def _tiny_sd_components(tmp_path_factory, in_channels=4):
+    """The parts of a tiny random diffusers Stable Diffusion pipeline (16x16 images, 8x8x4 latents)."""
+    import diffusers
+    import torch
+    import transformers
+
+    from tokenizer_fixtures import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok_dir = write_clip_tokenizer(tmp_path_factory.mktemp("clip_tok"))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True, model_max_length=77)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, layer_norm_eps=1e-5))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=TINY_SD_SIZE)
+    with torch.no_grad():  # posterior std ~ exp(-15): diffusers' sampled encodings equal the mode we use
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30.0
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    for model in (text_encoder, unet, vae):
+        model.eval()
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def sd(tmp_path_factory):
+    """(pipeline, folder): a tiny random diffusers StableDiffusionPipeline and the folder it saved."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline(**_tiny_sd_components(tmp_path_factory))
+    folder = tmp_path_factory.mktemp("sd") / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe, folder
+
+
+@pytest.fixture(scope="session")
+def sd_inpaint(tmp_path_factory):
+    """(pipeline, folder): the 9-channel inpainting variant."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionInpaintPipeline(**_tiny_sd_components(tmp_path_factory, in_channels=9))
+    folder = tmp_path_factory.mktemp("sd_inpaint") / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe, folder

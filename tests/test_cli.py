@@ -11,19 +11,12 @@ import torch
 from PIL import Image
 
 from ldm_jax import cli, store
-from test_diffusers_pipeline import PROMPTS, SIZE, _components
+from conftest import TINY_SD_SIZE as SIZE
 
 diffusers = pytest.importorskip("diffusers")
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    pipe = diffusers.StableDiffusionPipeline(**_components(tmp_path_factory))
-    folder = tmp_path_factory.mktemp("cli_sd") / "pipe"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return pipe, folder
+PROMPTS = ["a red circle on the left", "a blue square"]
 
 
 def test_sample_with_latents_reproduces_diffusers(sd, tmp_path):

@@ -17,60 +17,19 @@ from ldm_jax.convert.diffusers_pipeline import (load_diffusers_pipeline, read_sc
                                                 save_diffusers_pipeline, unet_to_diffusers_config)
 from ldm_jax.convert.diffusers_unet import unet_config_from_diffusers
 from ldm_jax.parallel import make_mesh
-from tokenizer_fixtures import write_clip_tokenizer
+from conftest import TINY_SD_SIZE
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-STEPS, GUIDANCE, SIZE = 5, 7.5, 16  # 16x16 images, f=2 VAE -> 8x8x4 latents
+STEPS, GUIDANCE = 5, 7.5
+SIZE = TINY_SD_SIZE  # 16x16 images, f=2 VAE -> 8x8x4 latents
 PROMPTS = ["a red circle on the left", "a blue square"]
 # Images are in [-1, 1]. Both sides run float32; they differ by op order (conv/matmul blocking, softmax,
 # GroupNorm reductions): ~1e-6 per model call, grown through 5 DDIM steps x CFG 7.5 (which multiplies the
 # cond - uncond difference by 7.5) and the VAE decoder. Measured max |diff| 3.5e-6 (txt2img and inpaint,
 # images spanning [-1, 1], 99% of values unclipped); bound 2e-5.
 ATOL = 2e-5
-
-
-def _components(tmp_path_factory, in_channels=4):
-    torch.manual_seed(0)
-    tok_dir = write_clip_tokenizer(tmp_path_factory.mktemp("clip_tok"))
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True, model_max_length=77)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id, layer_norm_eps=1e-5))
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SIZE)
-    with torch.no_grad():  # posterior std ~ exp(-15): diffusers' sampled encodings equal the mode we use
-        vae.quant_conv.weight[4:] = 0
-        vae.quant_conv.bias[4:] = -30.0
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    for model in (text_encoder, unet, vae):
-        model.eval()
-    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    pipe = diffusers.StableDiffusionPipeline(**_components(tmp_path_factory))
-    folder = tmp_path_factory.mktemp("sd") / "pipe"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return pipe, folder
-
-
-@pytest.fixture(scope="module")
-def sd_inpaint(tmp_path_factory):
-    pipe = diffusers.StableDiffusionInpaintPipeline(**_components(tmp_path_factory, in_channels=9))
-    folder = tmp_path_factory.mktemp("sd_inpaint") / "pipe"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return pipe, folder
 
 
 def _noise(seed=0):
