@@ -23,6 +23,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 TINY_SD_SIZE = 16
 
 
+def assert_same_sd_weights(ours, reference) -> None:
+    """Two diffusers SD pipelines hold the same UNet, VAE and text-encoder keys with bitwise equal weights."""
+    import torch
+
+    for name in ("unet", "vae", "text_encoder"):
+        ours_sd, ref_sd = getattr(ours, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours_sd.keys() == ref_sd.keys(), name
+        for key, value in ref_sd.items():
+            assert torch.equal(ours_sd[key], value), f"{name}.{key}"
+
+
 def _tiny_sd_components(tmp_path_factory, in_channels=4):
     """The parts of a tiny random diffusers Stable Diffusion pipeline (16x16 images, 8x8x4 latents)."""
     import diffusers

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ldm_jax import cli, store
 from conftest import TINY_SD_SIZE as SIZE
+from conftest import assert_same_sd_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -50,11 +51,7 @@ def test_convert_between_formats(sd, tmp_path, capsys):
                      "--tokenizer", str(ldm_dir / "tokenizer")]) == 0
     capsys.readouterr()
     again = diffusers.StableDiffusionPipeline.from_pretrained(back, local_files_only=True)
-    for name in ("unet", "vae", "text_encoder"):
-        ours, ref = getattr(again, name).state_dict(), getattr(pipe, name).state_dict()
-        assert ours.keys() == ref.keys(), name
-        for key, value in ref.items():
-            assert torch.equal(ours[key], value), f"{name}.{key}"
+    assert_same_sd_weights(again, pipe)
     assert json.loads((back / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
 
     half = tmp_path / "half"

@@ -17,7 +17,7 @@ from ldm_jax.convert.diffusers_pipeline import (load_diffusers_pipeline, read_sc
                                                 save_diffusers_pipeline, unet_to_diffusers_config)
 from ldm_jax.convert.diffusers_unet import unet_config_from_diffusers
 from ldm_jax.parallel import make_mesh
-from conftest import TINY_SD_SIZE
+from conftest import TINY_SD_SIZE, assert_same_sd_weights
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -92,11 +92,7 @@ def test_export_round_trip(sd, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again.params, model.params)
     # diffusers loads the export (strictly: every key present) and generates the same images.
     exported = diffusers.StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
-    for name in ("unet", "vae", "text_encoder"):
-        ours_sd, ref_sd = getattr(exported, name).state_dict(), getattr(pipe, name).state_dict()
-        assert ours_sd.keys() == ref_sd.keys(), name
-        for key, value in ref_sd.items():
-            assert torch.equal(ours_sd[key], value), f"{name}.{key}"
+    assert_same_sd_weights(exported, pipe)
     exported.scheduler = pipe.scheduler  # exported with SD's PNDM config; compare under the same DDIM
     noise = _noise(3)
     np.testing.assert_array_equal(_diffusers_images(exported, noise), _diffusers_images(pipe, noise))
