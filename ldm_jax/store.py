@@ -334,10 +334,12 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
     "bf16"). Returns `dest`. Params that do not fit the config are refused before anything is written."""
     if format not in FORMATS:
         raise StoreError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
-    store_dtype = np.dtype(DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else (dtype or np.float32))
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
+    store_dtype = np.dtype(DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
     config, dest = model.config, pathlib.Path(dest)
+    if format == "ldm" and config.tokenizer_kind is not None and model.tokenizer is None:
+        raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
     if format != "ldm" and config.unet.position_embedding is not None:
         raise StoreError(f"{dest}: the {format} format has no place for unet.position_embedding (this model's "
                          f"learned {config.unet.position_embedding} table); save it with format 'ldm'")
@@ -357,8 +359,6 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
         cast = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in
                                              flatten_params(model.params, store_dtype).items()})
         return save_diffusers_pipeline(dataclasses.replace(model, params=cast), dest)
-    if config.tokenizer_kind is not None and model.tokenizer is None:
-        raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
     save_params(dest / PARAMS_FILE, model.params, dtype=store_dtype)
     (dest / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
     if model.tokenizer is not None:

@@ -4,6 +4,8 @@ store's formats, each checked against diffusers (PyTorch).
 Run: .venv/bin/python -m pytest -q tests/test_cli.py
 """
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -20,10 +22,18 @@ STEPS = 10
 PROMPTS = ["a red circle on the left", "a blue square"]
 
 
-def test_sample_with_latents_reproduces_diffusers(sd, tmp_path):
+@pytest.mark.parametrize("spacing", [None, "trailing"])
+def test_sample_with_latents_reproduces_diffusers(sd, tmp_path, spacing):
     """DDIM 10 steps, CFG 7.5, the same initial latents: `ldm-jax sample` writes diffusers' image (uint8) to
-    within one grey level. The timesteps (leading, offset 1) come from the folder's scheduler_config.json."""
+    within one grey level. The timesteps come from the folder's scheduler_config.json: as saved (leading,
+    offset 1, no final alpha), or edited to trailing spacing."""
     pipe, folder = sd
+    if spacing is not None:
+        folder = pathlib.Path(shutil.copytree(folder, tmp_path / "pipe"))
+        settings = folder / "scheduler" / "scheduler_config.json"
+        settings.write_text(json.dumps({**json.loads(settings.read_text()), "timestep_spacing": spacing}))
+        scheduler = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+        pipe = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
     latents = np.random.default_rng(0).standard_normal((len(PROMPTS), 4, SIZE // 2, SIZE // 2)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     args = ["sample", "--ckpt", str(folder), "--ddim_steps", str(STEPS), "--scale", "7.5", "--H", str(SIZE),
@@ -52,6 +62,11 @@ def test_convert_between_formats(sd, tmp_path, capsys):
     capsys.readouterr()
     again = diffusers.StableDiffusionPipeline.from_pretrained(back, local_files_only=True)
     assert_same_sd_weights(again, pipe)
+    # The scheduler the folder came with travels through the model directory (not through the CompVis file).
+    original = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert json.loads((ldm_dir / store.SCHEDULER_FILE).read_text()) == original
+    assert cli.main(["convert", str(ldm_dir), str(tmp_path / "direct"), "--to", "diffusers"]) == 0
+    assert json.loads((tmp_path / "direct" / "scheduler" / "scheduler_config.json").read_text()) == original
     assert json.loads((back / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
 
     half = tmp_path / "half"

@@ -99,7 +99,8 @@ def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
     )
     config = LDMConfig(first_stage=vae_config, unet=unet_config, diffusion=diffusion, cond_stage=cond_stage)
     params = {"first_stage": vae_params, "cond_stage": cond_params, "unet": unet_params}
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, model_id=str(folder))
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, model_id=str(folder),
+                       scheduler_config=scheduler)
 
 
 def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -200,7 +201,8 @@ def save_diffusers_pipeline(model: LoadedModel, folder: str | os.PathLike, *,
     """Writes `model` as a diffusers Stable Diffusion folder (see the module docstring); returns the folder.
 
     The pipeline class is StableDiffusionInpaintPipeline for models with concat channels, else
-    StableDiffusionPipeline. The scheduler config carries the schedule and prediction type with SD's
+    StableDiffusionPipeline. The scheduler config is the model's own `scheduler_config` when it came with one
+    (a diffusers folder, or a model directory converted from one); otherwise it carries the schedule and prediction type with SD's
     usual sampling options (leading spacing, steps_offset 1, set_alpha_to_one and clip_sample off).
     Raises ValueError for what a diffusers SD folder cannot hold (VQ first stage, non-CLIP text encoder, ...).
     """
@@ -218,7 +220,11 @@ def save_diffusers_pipeline(model: LoadedModel, folder: str | os.PathLike, *,
     save_safetensors(folder / "text_encoder" / "model.safetensors", text_state, {"format": "pt"})
     _write_json(folder / "text_encoder" / "config.json", clip_to_transformers_config(cfg.cond_stage))
     model.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(cfg.diffusion, scheduler_class))
+    scheduler = model.scheduler_config  # the settings the model came with, else SD's usual ones
+    if scheduler is not None and scheduler.get("_class_name"):
+        scheduler_class = scheduler["_class_name"]
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                scheduler if scheduler is not None else scheduler_config(cfg.diffusion, scheduler_class))
     pipeline = "StableDiffusionInpaintPipeline" if cfg.concat_channels else "StableDiffusionPipeline"
     _write_json(folder / "model_index.json", {
         "_class_name": pipeline, "_diffusers_version": _DIFFUSERS_VERSION,
