@@ -338,12 +338,12 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
         raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
     store_dtype = np.dtype(DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
     config, dest = model.config, pathlib.Path(dest)
-    if format == "ldm" and config.tokenizer_kind is not None and model.tokenizer is None:
-        raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
     if format != "ldm" and config.unet.position_embedding is not None:
         raise StoreError(f"{dest}: the {format} format has no place for unet.position_embedding (this model's "
                          f"learned {config.unet.position_embedding} table); save it with format 'ldm'")
     check_params(model.params, param_shapes(config), source=f"the params of {model.model_id or 'the model'}")
+    if format == "ldm" and config.tokenizer_kind is not None and model.tokenizer is None:
+        raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
     if format == "compvis":
         if dest.suffix.lower() != ".safetensors":
             raise StoreError(f"{dest}: a CompVis export is one .safetensors file; name it *.safetensors")
