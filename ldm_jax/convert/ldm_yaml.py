@@ -351,13 +351,6 @@ def _cond_stage(entry: Any, text: Mapping[str, Any] | None) -> ml_collections.Co
     return ml_collections.ConfigDict(section)
 
 
-def _max_length(p: _Section, where: str, name: str = "max_length") -> int:
-    value = int(p.get(name, 77))
-    if value != 77:
-        raise ValueError(f"{where}.{name}={value}: the text encoders here have 77 positions")
-    return value
-
-
 def _unknown_text_encoder(where: str, name: str, value: str, known: str) -> ValueError:
     return ValueError(f"{where}.{name}={value!r} is not a text encoder this reader knows (known: {known!r}); pass "
                       f"its transformers CLIP config.json, or a directory holding one (e.g. its Hugging Face "
