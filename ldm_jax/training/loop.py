@@ -261,7 +261,7 @@ def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log
         for hook in hooks:
             if done % hook.every_steps == 0:
                 images = hook.fn(state, done)
-                writer.write_images(done, {name: _to_host(v) for name, v in images.items()})
+                writer.write_images(done, host_copy(dict(images)))
 
         if ckpt.should_save(done) or done == num_steps:
             if not _state_is_finite(state):
@@ -270,11 +270,15 @@ def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log
     return state
 
 
-def _to_host(x: Any) -> np.ndarray:
-    """numpy copy of a host array or a (possibly multi-host sharded) jax.Array; a collective when sharded."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+def host_copy(tree: Any) -> Any:
+    """numpy copies of a pytree of host arrays or (possibly multi-host sharded) jax.Arrays; a collective when
+    any is sharded over processes, so every process calls it."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def _stop(ckpt: Checkpointer, reason: str):

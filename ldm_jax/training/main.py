@@ -41,7 +41,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -303,16 +302,3 @@ def describe_outputs(workdir: pathlib.Path, stage: str, num_steps: int, extra: s
     log.info("  image grids: %s", workdir / "images")
     if extra:
         log.info("  %s", extra)
-
-
-def host_copy(tree: Any) -> Any:
-    """numpy copies of a pytree of (possibly multi-host sharded) arrays; a collective when any is sharded, so
-    every process calls it."""
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)

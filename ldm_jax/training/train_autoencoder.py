@@ -47,7 +47,7 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config, bu
 from ldm_jax.training import autoencoder_step, optim
 from ldm_jax.training import main as common
 from ldm_jax.training import state as state_lib
-from ldm_jax.training.loop import Hook, make_train_step, train_loop
+from ldm_jax.training.loop import Hook, host_copy, make_train_step, train_loop
 from ldm_jax.training.state import TrainState
 
 log = logging.getLogger("ldm_jax.train")
@@ -190,7 +190,7 @@ def _grid_hook(stage: Stage, workdir: pathlib.Path, images: np.ndarray, psnrs: l
     device_images = parallel.host_local_to_global(images, stage.mesh)
 
     def fn(state: TrainState, step: int):
-        recon = common.host_copy(recon_fn(state.params["generator"]["autoencoder"], device_images))
+        recon = host_copy(recon_fn(state.params["generator"]["autoencoder"], device_images))
         value = float(np.mean(psnr(images, recon)))
         psnrs.append(value)
         if jax.process_index() == 0:
@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     if not psnrs or train.num_steps % train.image_every:
         hooks[0].fn(state, train.num_steps)  # a final grid and PSNR of the exported weights
     export = workdir / EXPORT_DIR
-    ae_params = common.host_copy(state.params["generator"]["autoencoder"])  # a collective: every process
+    ae_params = host_copy(state.params["generator"]["autoencoder"])  # a collective: every process
     if jax.process_index() == 0:
         store.save_first_stage(export, stage.ae_config, ae_params)
         log.info("exported the autoencoder to %s (PSNR %.2f dB)", export, psnrs[-1])

@@ -60,7 +60,7 @@ from ldm_jax.training import main as common
 from ldm_jax.training import optim
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.checkpoint import ITEMS
-from ldm_jax.training.loop import Hook, make_train_step, train_loop
+from ldm_jax.training.loop import Hook, host_copy, make_train_step, train_loop
 from ldm_jax.training.state import TrainState
 
 log = logging.getLogger("ldm_jax.train")
@@ -436,7 +436,7 @@ def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path,
         if train.check_shapes and captions is not None:
             from ldm_jax.metrics.shapes_checker import prompt_adherence  # noqa: PLC0415
 
-            summary = prompt_adherence(sampling.to_uint8(common.host_copy(images)), captions)
+            summary = prompt_adherence(sampling.to_uint8(host_copy(images)), captions)
             scores.append(summary)
             if jax.process_index() == 0:
                 log.info("step %d: prompt adherence %.1f%% of %d %s prompts (object accuracy %.1f%%)", step,
@@ -510,7 +510,7 @@ def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out
     """Writes the model directory (`store.save_model`): EMA (or live) trained params + frozen params, the
     model's config (with the run's scale_factor), the tokenizer."""
     trained = state.ema_params if state.ema_params is not None else state.params
-    params = {**common.host_copy(trained), **common.host_copy(dict(frozen))}
+    params = {**host_copy(trained), **host_copy(dict(frozen))}
     if jax.process_index() == 0:
         model = ldm.LoadedModel(config=stage.model, params=params, tokenizer=stage.tokenizer,
                                 model_id=str(out_dir))
