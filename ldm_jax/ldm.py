@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,16 +30,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from ldm_jax.config import build_dataclass
 from ldm_jax.diffusion.guidance import inpaint_channels
 from ldm_jax.diffusion.schedule import (LOSS_WEIGHTINGS, PREDICTION_TYPES, NoiseSchedule, ScheduleConfig,
                                         logvar_weighted_loss, loss_weights, make_schedule, q_sample,
                                         training_target)
+from ldm_jax.models.attention import check_attention
 from ldm_jax.models.autoencoder import (AutoencoderConfig, DiagonalGaussian, autoencoder_config, build_autoencoder,
                                         init_autoencoder)
 from ldm_jax.models.text import (ClassEmbedderConfig, CondStageConfig, build_cond_stage, cond_stage_config,
                                  cond_stage_inputs_shape)
+from ldm_jax.models.layers import check_remat
 from ldm_jax.models.tokenizer import tokenize
 from ldm_jax.models.unet import UNetConfig, build_unet, init_unet, unet_config
 
@@ -256,6 +260,29 @@ class RunOptions:
     param_dtype: Any = jnp.float32
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def run_options(*, attention: str | None = None, remat: bool | str | None = None, dtype: Any = None,
+                where: str = "", base: RunOptions = RunOptions()) -> RunOptions:
+    """`base` with the given run-time options replaced, each checked (the one way to build RunOptions from
+    user input: `store.load_model` and the training configs). dtype: a name in COMPUTE_DTYPES or a jnp dtype.
+    `where` prefixes the option names in errors (e.g. "train." names train.attention); a bad value is a
+    ValueError naming the option, the value and the choices."""
+    changes: dict[str, Any] = {}
+    if attention is not None:
+        changes["attention"] = check_attention(attention, f"{where}attention")
+    if remat is not None:
+        changes["remat"] = check_remat(remat, f"{where}remat")
+    if isinstance(dtype, str):
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{where}dtype is {dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}")
+        dtype = COMPUTE_DTYPES[dtype]
+    if dtype is not None:
+        changes["dtype"] = dtype
+    return dataclasses.replace(base, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """A model ready to sample or fine-tune: its config, params (layout in the module docstring), a
@@ -312,6 +339,18 @@ def init_params(config: LDMConfig, key: jax.Array) -> dict[str, Any]:
         params["logvar"] = jnp.full((config.diffusion.schedule.num_timesteps,), config.diffusion.logvar_init,
                                     jnp.float32)
     return params
+
+
+def param_shapes(config: LDMConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{param path: shape} of `init_params(config)`, computed abstractly (nothing allocated) and cached per
+    config: the contract every loader and converter checks params against."""
+    return dict(_param_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: LDMConfig) -> Mapping[tuple[str, ...], tuple[int, ...]]:
+    tree = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+    return types.MappingProxyType({path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()})
 
 
 def noise_schedule(config: LDMConfig) -> NoiseSchedule:

@@ -64,8 +64,8 @@ TOKENIZER_DIR = "tokenizer"
 SCHEDULER_FILE = "scheduler_config.json"
 LEGACY_FIRST_STAGE_FILE = "first_stage.json"  # autoencoder directories written before the store
 MODEL_SECTIONS = ("first_stage", "cond_stage", "unet", "diffusion")
-DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
-          "fp16": jnp.float16, "float16": jnp.float16}
+STORED_DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
+                 "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}  # what save_model may write params as
 
 
 class StoreError(ValueError):
@@ -144,33 +144,10 @@ def config_to_json(config: ldm.LDMConfig) -> dict[str, Any]:
     return {name: data[name] for name in MODEL_SECTIONS if name in data}
 
 
-def run_options(*, dtype: Any = None, attention: str | None = None, remat: bool | str | None = None,
-                base: ldm.RunOptions = ldm.RunOptions()) -> ldm.RunOptions:
-    """`base` with the given run-time options replaced (dtype may be a name: fp32, bf16, fp16, ...)."""
-    changes: dict[str, Any] = {}
-    if dtype is not None:
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise StoreError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-            dtype = DTYPES[dtype]
-        changes["dtype"] = dtype
-    if attention is not None:
-        from ldm_jax.models.attention import ATTENTION_IMPLS  # noqa: PLC0415
-
-        if attention not in ATTENTION_IMPLS:
-            raise StoreError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
-        changes["attention"] = attention
-    if remat is not None:
-        changes["remat"] = remat
-    return dataclasses.replace(base, **changes)
-
-
 # -------------------------------------------------------------------------------------------------- params
 
 
-def param_shapes(config: ldm.LDMConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{param path: shape} of a fresh LDM of `config` (nothing allocated)."""
-    return expected_shapes(lambda key: ldm.init_params(config, key), jax.random.key(0))
+param_shapes = ldm.param_shapes  # the params contract: {path: shape} of a config's fresh LDM
 
 
 def flatten_params(params: Mapping[str, Any], dtype: Any = np.float32) -> dict[str, np.ndarray]:
@@ -215,7 +192,7 @@ def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
     text_encoder_config: a transformers CLIP config.json (or its directory) for a CompVis yaml whose text
       encoder is not a known version. use_ema: single files: take the UNet from its EMA copy.
     """
-    options = run_options(dtype=dtype, attention=attention, remat=remat)
+    options = ldm.run_options(dtype=dtype, attention=attention, remat=remat)
     kind = detect_format(source)
     if kind == "shipped":
         name = DEFAULT_MODEL if source is None else str(source)
@@ -279,15 +256,10 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _load_tokenizer(directory: str | os.PathLike, kind: str | None):
-    """The tokenizer in `directory` as `kind`; a CLIP tokenizer saved by transformers 5 (tokenizer.json only,
-    no vocab.json / merges.txt) is read as "tokenizer_json", which tokenises identically."""
     from ldm_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415 (transformers loads slowly)
 
     if kind is None:
         raise StoreError(f"tokenizer {directory} given, but this model has no text encoder")
-    directory = pathlib.Path(directory)
-    if kind == "clip" and not (directory / "vocab.json").is_file() and (directory / "tokenizer.json").is_file():
-        kind = "tokenizer_json"
     return load_tokenizer(directory, kind)
 
 
@@ -334,9 +306,9 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
     "bf16"). Returns `dest`. Params that do not fit the config are refused before anything is written."""
     if format not in FORMATS:
         raise StoreError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
-    if isinstance(dtype, str) and dtype not in DTYPES:
+    if isinstance(dtype, str) and dtype not in STORED_DTYPES:
         raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
-    store_dtype = np.dtype(DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
+    store_dtype = np.dtype(STORED_DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
     config, dest = model.config, pathlib.Path(dest)
     if format != "ldm" and config.unet.position_embedding is not None:
         raise StoreError(f"{dest}: the {format} format has no place for unet.position_embedding (this model's "
@@ -448,5 +420,5 @@ def _read_first_stage_params(path: pathlib.Path, config: AutoencoderConfig) -> d
 
 
 __all__ = ["FORMATS", "SHIPPED_MODELS", "StoreError", "check_params", "config_to_json", "detect_format",
-           "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config", "run_options",
+           "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config",
            "save_first_stage", "save_model", "save_params"]
