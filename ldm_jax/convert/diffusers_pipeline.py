@@ -80,9 +80,8 @@ def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
             raise ValueError(f"{folder}/model_index.json has no {name!r} component (got {index.get(name)!r})")
         if not (folder / name).is_dir():
             raise FileNotFoundError(f"{folder} has no {name}/ subfolder (model_index.json lists {index[name]})")
-    tokenizer_kind = "clip" if (folder / "tokenizer" / "vocab.json").is_file() else "tokenizer_json"
-    tokenizer = load_tokenizer(folder / "tokenizer", tokenizer_kind)
-    cond_stage, cond_params = _load_text_encoder(folder / "text_encoder", tokenizer, tokenizer_kind)
+    tokenizer = load_tokenizer(folder / "tokenizer", "clip")
+    cond_stage, cond_params = _load_text_encoder(folder / "text_encoder", tokenizer)
     vae_config, vae_params, scale = _load_vae(folder / "vae")
     unet_json = _read_json(folder / "unet" / "config.json", what="the unet/ subfolder")
     unet_config = unet_config_from_diffusers(unet_json)
@@ -146,8 +145,7 @@ def sampler_options(scheduler: Mapping[str, Any], name: str) -> dict[str, Any]:
     return opts
 
 
-def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, tokenizer_kind: str
-                       ) -> tuple[ClipTextConfig, dict[str, Any]]:
+def _load_text_encoder(folder: pathlib.Path, tokenizer: Any) -> tuple[ClipTextConfig, dict[str, Any]]:
     hf_config = _read_json(folder / "config.json", what="the text_encoder/ subfolder")
     if hf_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise ValueError(f"{folder}/config.json: model_type {hf_config.get('model_type')!r}; expected a CLIP text "
@@ -156,7 +154,7 @@ def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, tokenizer_kind: str
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer beside {folder} has no pad token; Stable Diffusion pads prompts")
     config = clip_text_config_from_transformers(hf_config, pad_token_id=int(tokenizer.pad_token_id),
-                                                tokenizer_kind=tokenizer_kind)
+                                                tokenizer_kind="clip")
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max is not None and model_max < 10**6 and model_max != config.max_length:
         raise ValueError(f"tokenizer model_max_length {model_max} != the text encoder's max_position_embeddings "

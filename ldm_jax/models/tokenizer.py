@@ -4,6 +4,8 @@ Kinds of tokenizer directory (all loaded offline, `local_files_only=True`):
 - "clip":           vocab.json + merges.txt (SD v1/v2 `tokenizer/` folders), via transformers CLIPTokenizer.
                     (transformers 5 ignores `CLIPTokenizer(vocab_file=...)` and yields an empty vocabulary;
                     `from_pretrained(directory)` reads the files correctly, and an empty result is refused.)
+                    A CLIP tokenizer saved by transformers 5 (`save_pretrained`: tokenizer.json only) is read as
+                    "tokenizer_json", which tokenises identically.
 - "bert":           vocab.txt (bert-base-uncased WordPiece), via transformers BertTokenizerFast.
 - "tokenizer_json": tokenizer.json written by the HF `tokenizers` library, via PreTrainedTokenizerFast
                     (an optional tokenizer_config.json beside it declares special tokens).
@@ -37,6 +39,8 @@ def load_tokenizer(directory: str | pathlib.Path, kind: str) -> Any:
     if kind not in EXPECTED_FILES:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(EXPECTED_FILES)}")
     directory = pathlib.Path(directory)
+    if kind == "clip" and not (directory / "vocab.json").is_file() and (directory / "tokenizer.json").is_file():
+        kind = "tokenizer_json"  # transformers 5 saves CLIP tokenizers this way
     expected = EXPECTED_FILES[kind]
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory {directory} does not exist (a {kind!r} tokenizer "
