@@ -38,6 +38,8 @@ from tqdm import tqdm
 from ldm_jax.cli import one_line
 from ldm_jax.images import image_grid
 
+# The library's choices, copied so that flags are checked before JAX starts (tests/test_sample_cli.py keeps them
+# equal to samplers.SAMPLERS, models.attention.ATTENTION_IMPLS and the diffusers spacings of samplers.TIMESTEP_SPACINGS).
 SAMPLERS = ("ddim", "plms", "dpm++", "euler", "euler-a", "ddpm")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 ATTENTIONS = ("xla", "jax_nn", "chunked")

@@ -121,6 +121,16 @@ def test_latents_flag_checks_the_shape_and_replaces_the_draw(tiny_model, tmp_pat
     assert len(err) == 1 and "has shape (3, " in err[0] and f"expected (4, {channels}, " in err[0], err
 
 
+def test_flag_choices_follow_the_library():
+    """sampling checks flags before JAX starts, against its own copies of the library's choices: keep them equal."""
+    from ldm_jax.diffusion import samplers
+    from ldm_jax.models.attention import ATTENTION_IMPLS
+
+    assert sampling.ATTENTIONS == ATTENTION_IMPLS
+    assert set(sampling.SAMPLERS) == set(samplers.SAMPLERS)
+    assert set(sampling.TIMESTEP_SPACINGS) <= set(samplers.TIMESTEP_SPACINGS)
+
+
 def test_compvis_flag_aliases():
     """The CompVis txt2img flags map onto ours."""
     request = sampling.parse_args(["--ckpt", "m.ckpt", "--scale", "5", "--ddim_steps", "20", "--ddim_eta", "0.5",
