@@ -60,6 +60,7 @@ from ldm_jax.ldm import DiffusionConfig, LDMConfig, LoadedModel, init_params, ld
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.text import BertEmbedderConfig, ClassEmbedderConfig, ClipTextConfig
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.presets import get_preset
 
 log = logging.getLogger(__name__)
 
@@ -525,26 +526,38 @@ def loaded_model_from_state_dict(state_dict: Mapping[str, Any], config: LDMConfi
 
 # ------------------------------------------------------------------------------------------- config inference
 
-# What the weights cannot tell, by family (the text tower's layout names the family; see `infer_config`).
-FAMILY_CONVENTIONS = {
-    # SD 1.x: transformers CLIP (OpenAI ViT-L/14 in SD) and SD v1's UNet heads.
-    "hf_clip": dict(unet_heads=dict(num_heads=8, num_head_channels=-1), schedule=(0.00085, 0.012), pixels=512),
-    # SD 2.x: OpenCLIP text tower and 64-wide UNet heads.
-    "openclip": dict(unet_heads=dict(num_heads=-1, num_head_channels=64), schedule=(0.00085, 0.012), pixels=512),
-    # LDM-KL-8-G txt2img-1p4B: x-transformers BERT embedder, SD v1's UNet.
-    "bert": dict(unet_heads=dict(num_heads=8, num_head_channels=-1), schedule=(0.00085, 0.012), pixels=256),
-    # LDM cin256-v2: class embedder as the context, single-head transformers.
-    "class": dict(unet_heads=dict(num_heads=1, num_head_channels=-1), schedule=(0.0015, 0.0195), pixels=256),
-    # Unconditional LDMs (celebahq / ffhq / lsun-ldm-vq-4).
-    None: dict(unet_heads=dict(num_heads=8, num_head_channels=-1), schedule=(0.0015, 0.0195), pixels=256),
+# What the weights cannot tell follows the preset of the model's family (the text tower's layout names the
+# family; see `infer_config`): the preset's UNet heads, linear schedule end points and image size in pixels.
+FAMILY_PRESETS = {
+    "hf_clip": "sd_v1",  # transformers CLIP: SD 1.x
+    "openclip": "sd_v2",  # OpenCLIP text tower: SD 2.x (64-wide UNet heads)
+    "bert": "ldm_txt2img_1p4b",  # x-transformers BERT embedder: LDM-KL-8-G txt2img-1p4B (SD v1's UNet)
+    "class": "ldm_cin256",  # class embedder as the context: LDM cin256-v2 (single-head transformers)
+    None: "ldm_celebahq_vq4",  # unconditional (celebahq / ffhq / lsun-ldm-vq-4): plain attention, 32 per head
 }
-ATTENTION_BLOCK_HEADS = dict(num_heads=-1, num_head_channels=32)  # plain AttentionBlocks: the zoo's 32 per head
+PLAIN_ATTENTION_FAMILY = None  # plain AttentionBlocks (no spatial transformer) take this family's UNet heads
 CLIP_HEAD_WIDTH = 64  # CLIP and OpenCLIP text towers: heads = width / 64
 BERT_HEAD_WIDTH = 64  # x-transformers' default dim_head
 CONVENTIONAL_RESOLUTION = 256  # the first stage's `resolution` (only attn_resolutions are relative to it)
 SCALE_FACTORS = {"kl": 0.18215, "vq": 1.0}
 INFERABLE_SCHEDULES = ("linear", "sqrt_linear", "cosine")
-KNOWN_LINEAR_SCHEDULES = ((0.00085, 0.012), (0.0015, 0.0195), (1e-4, 2e-2))  # SD / LDM text, LDM zoo, DDPM
+DDPM_LINEAR_SCHEDULE = (1e-4, 2e-2)  # the reference's default end points, tried after the families' own
+
+
+@functools.lru_cache(maxsize=None)
+def _family_preset(family: str | None) -> LDMConfig:
+    """The LDMConfig of the preset FAMILY_PRESETS names for `family`."""
+    return ldm_config(get_preset(FAMILY_PRESETS[family]))
+
+
+def _family_unet_heads(family: str | None) -> dict[str, int]:
+    unet = _family_preset(family).unet
+    return dict(num_heads=unet.num_heads, num_head_channels=unet.num_head_channels)
+
+
+def _family_linear_schedule(family: str | None) -> tuple[float, float]:
+    schedule = _family_preset(family).diffusion.schedule
+    return schedule.linear_start, schedule.linear_end
 
 
 def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkpoint") -> LDMConfig:
@@ -563,15 +576,15 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkp
     conditioning_key: "adm" with a class embedding, else "hybrid"/"crossattn" for spatial transformers and
     "concat"/None without, by whether the UNet takes more input channels than the latents have.
 
-    What the weights cannot tell follows the family's convention (FAMILY_CONVENTIONS), named by the text tower:
+    What the weights cannot tell follows the family's preset (FAMILY_PRESETS), named by the text tower:
     - transformers CLIP (SD 1.x-like): UNet num_heads=8; CLIP heads = width / 64, quick_gelu, the last layer,
       prompts padded with the end-of-text id = vocab_size - 1; images 512 px.
     - OpenCLIP (SD 2.x-like): UNet num_head_channels=64; CLIP heads = width / 64, gelu, the penultimate layer
       (a file's N blocks give num_layers N - 1 with output_layer "last", as the preset sd_v2; the last block is
       dropped on import), prompts padded with 0; images 512 px.
     - BERT (txt2img-1p4B-like): UNet num_heads=8; dim_head 64; bert tokenizer; images 256 px.
-    - class embedder (cin256-like): UNet num_heads=1; images 256 px. No cond stage: images 256 px.
-    Plain self-attention blocks (no spatial transformer) get 32 channels per head. Without schedule buffers:
+    - class embedder (cin256-like): UNet num_heads=1; images 256 px. No cond stage (celebahq-like): images 256 px.
+    UNet attention without spatial transformers gets 32 channels per head (celebahq's). Without schedule buffers:
     1000 steps of the reference's "linear" schedule, 0.00085..0.012 for text models, 0.0015..0.0195 otherwise.
     Always: eps prediction (v cannot be read from weights: a 768-v SD 2.x file needs the preset sd_v2_768_v),
     scale_factor 0.18215 for KL and 1.0 for VQ first stages (unless the file's buffer says), first-stage
@@ -587,7 +600,7 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkp
     keys.require(f"{FIRST_STAGE_PREFIX}encoder.conv_in.weight", "a first-stage autoencoder (first_stage_model.*)")
     cond, family = _infer_cond_stage(keys)
     first_stage = _infer_first_stage(keys)
-    unet = _infer_unet(keys, FAMILY_CONVENTIONS[family]["unet_heads"])
+    unet = _infer_unet(keys, _family_unet_heads(family))
     diffusion = _infer_diffusion(state_dict, keys, first_stage, unet, family)
     return LDMConfig(first_stage=first_stage, unet=unet, diffusion=diffusion, cond_stage=cond)
 
@@ -671,7 +684,7 @@ def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int]) -> UNetConfig:
                       context_dim=keys.shape(f"{mid}transformer_blocks.0.attn2.to_k.weight")[1],
                       use_linear_in_transformer=len(keys.shape(f"{mid}proj_in.weight")) == 2)
     else:
-        config.update(ATTENTION_BLOCK_HEADS, context_dim=None)
+        config.update(_family_unet_heads(PLAIN_ATTENTION_FAMILY), context_dim=None)
     if f"{p}label_emb.weight" in keys:
         config["num_classes"] = keys.shape(f"{p}label_emb.weight")[0]
     elif f"{p}label_emb.0.0.weight" in keys:
@@ -713,7 +726,7 @@ def _heads(width: int, head_width: int, what: str, source: str) -> int:
 
 
 def _infer_cond_stage(keys: _KeyIndex) -> tuple[Any, str | None]:
-    """(the cond stage config or None, the family name of FAMILY_CONVENTIONS)."""
+    """(the cond stage config or None, the family: a key of FAMILY_PRESETS)."""
     hf = [prefix for prefix in (HF_CLIP_PREFIX, HF_CLIP_PREFIX_FLAT)
           if f"{prefix}embeddings.token_embedding.weight" in keys]
     if f"{OPENCLIP_PREFIX}token_embedding.weight" in keys:
@@ -763,7 +776,7 @@ def _infer_cond_stage(keys: _KeyIndex) -> tuple[Any, str | None]:
 
 def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage: AutoencoderConfig,
                      unet: UNetConfig, family: str | None) -> DiffusionConfig:
-    convention = FAMILY_CONVENTIONS[family]
+    preset = _family_preset(family)
     latent = first_stage.embed_dim
     if unet.num_classes is not None:
         conditioning_key = "adm"
@@ -774,12 +787,12 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
     buffers = to_numpy_state_dict({k: state_dict[k] for k in ("betas", "alphas_cumprod", "scale_factor", "logvar")
                                    if k in keys})
     known = [name for name in ("betas", "alphas_cumprod") if name in buffers]
-    schedule = (_schedule_from_buffer(known[0], buffers[known[0]], keys.source, convention["schedule"]) if known
-                else ScheduleConfig(beta_schedule="linear", num_timesteps=1000, linear_start=convention["schedule"][0],
-                                    linear_end=convention["schedule"][1]))
+    schedule = (_schedule_from_buffer(known[0], buffers[known[0]], keys.source, family) if known
+                else preset.diffusion.schedule)
+    pixels = preset.diffusion.image_size * preset.first_stage.downsample_factor  # the family's image size
     values = dict(schedule=schedule, prediction_type="eps", conditioning_key=conditioning_key,
-                  scale_factor=SCALE_FACTORS[first_stage.kind],
-                  image_size=convention["pixels"] // first_stage.downsample_factor, channels=latent)
+                  scale_factor=SCALE_FACTORS[first_stage.kind], image_size=pixels // first_stage.downsample_factor,
+                  channels=latent)
     if "scale_factor" in buffers:  # registered as a buffer only by scale_by_std models
         values.update(scale_by_std=True, scale_factor=_scalar(buffers["scale_factor"]))
     if "logvar" in buffers:
@@ -789,17 +802,17 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
     return DiffusionConfig(**values)
 
 
-def _schedule_from_buffer(name: str, values: np.ndarray, source: str, conventional: tuple[float, float]
-                          ) -> ScheduleConfig:
+def _schedule_from_buffer(name: str, values: np.ndarray, source: str, family: str | None) -> ScheduleConfig:
     """The ScheduleConfig whose `name` buffer ("betas" or "alphas_cumprod") equals the file's: the family's
-    linear end points, the zoo's other ones, then linear / sqrt_linear with the file's end points (rounded to
-    float32's shortest decimals), then cosine; compared at the precision the buffer was stored in
-    (`buffer_rtol`)."""
+    linear end points, the other families', DDPM_LINEAR_SCHEDULE, then linear / sqrt_linear with the file's end
+    points (rounded to float32's shortest decimals), then cosine; compared at the precision the buffer was stored
+    in (`buffer_rtol`)."""
     values = np.asarray(values, np.float64).reshape(-1)
     n, rtol = len(values), buffer_rtol(values)
     betas = values if name == "betas" else 1.0 - values / np.concatenate([[1.0], values[:-1]])
     start, end = (float(str(np.float32(b))) for b in (betas[0], betas[-1]))
-    pairs = [conventional] + [pair for pair in KNOWN_LINEAR_SCHEDULES if pair != conventional]
+    pairs = dict.fromkeys([_family_linear_schedule(family)] + [_family_linear_schedule(f) for f in FAMILY_PRESETS]
+                          + [DDPM_LINEAR_SCHEDULE])
     candidates = [ScheduleConfig(beta_schedule="linear", num_timesteps=n, linear_start=a, linear_end=b)
                   for a, b in pairs]
     candidates += [ScheduleConfig(beta_schedule=kind, num_timesteps=n, linear_start=start, linear_end=end)
