@@ -61,9 +61,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     the config with its overrides, joins the other hosts (`parallel.initialize_distributed`: the flags or the
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) and runs `train_and_evaluate`.
 
-    Returns the exit status: 0 after training, 2 after a user error in the arguments (a missing or broken
-    config file, an unknown config field, a value of the wrong type, a stray argument, a missing --workdir),
-    which is printed as one line `PROG: error: ...` on stderr, before JAX starts.
+    Returns the exit status: 0 after training, 2 after a user error, printed as one line `PROG: error: ...` on
+    stderr: in the arguments (a missing or broken config file, an unknown config field, a value of the wrong
+    type, a stray argument, a missing --workdir; found before JAX starts) or a value the stage refuses
+    (`ConfigError`, found while the stage is built, before any data or params are read).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv):
@@ -79,19 +80,40 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ldm_jax").setLevel(logging.INFO)  # our progress lines; libraries stay at warnings
     parallel.initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
-    train_and_evaluate(fv.config, fv.workdir)
+    try:
+        train_and_evaluate(fv.config, fv.workdir)
+    except ConfigError as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+class ConfigError(ValueError):
+    """A config value that parses but that the stage refuses (a bad dtype, batch_keys that do not fit the stage,
+    a resolution the first stage cannot divide, ...), raised while the stage is built, before any data or
+    params are read; `main` prints it as one line `PROG: error: ...` with exit status 2."""
+
+
+def build_stage(build: Any, *args: Any) -> Any:
+    """`build(*args)` (a stage module's `build_stage`: it parses and checks every section), its ValueErrors
+    raised as ConfigError."""
+    try:
+        return build(*args)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
     """Runs `config.stage` in `workdir` (created if needed; resumed when it holds checkpoints).
 
-    Returns the stage's result (`train_autoencoder.Result` / `train_ldm.Result`). Raises ValueError for an
-    unknown stage or config field.
+    Returns the stage's result (`train_autoencoder.Result` / `train_ldm.Result`). Raises ConfigError (a
+    ValueError) for an unknown stage or a config value the stage refuses.
     """
     stage = config.get("stage")
     if stage not in STAGES:
-        raise ValueError(f"config.stage is {stage!r}; expected one of {STAGES}")
+        raise ConfigError(f"config.stage is {stage!r}; expected one of {STAGES}")
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if stage == "autoencoder":
@@ -230,7 +252,6 @@ class TrainConfig:
     attention: str = "xla"
     remat: bool | str = False
     progress_bar: bool = True
-
 
 
 def section(cls: type, config: ml_collections.ConfigDict, name: str) -> Any:

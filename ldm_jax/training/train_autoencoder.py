@@ -139,6 +139,8 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
         raise ValueError("loss.disc_conditional=True needs a conditioning image in every batch; the data pipeline "
                          "gives images only")
     mesh, rules = common.mesh_and_rules(config)
+    if train.num_images % mesh.size:
+        raise ValueError(f"train.num_images {train.num_images} is not a multiple of the {mesh.size} devices")
     data = common.data_config(config, ("image",))
     if data.resolution % ae_config.downsample_factor:
         raise ValueError(f"data.resolution {data.resolution} is not a multiple of the first stage's factor "
@@ -205,10 +207,8 @@ def _grid_hook(stage: Stage, workdir: pathlib.Path, images: np.ndarray, psnrs: l
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Result:
     """Trains (or resumes) the autoencoder in `workdir`, then exports WORKDIR/autoencoder/."""
-    stage = build_stage(config)
+    stage = common.build_stage(build_stage, config)
     train = stage.train
-    if train.num_images % stage.mesh.size:
-        raise ValueError(f"train.num_images {train.num_images} is not a multiple of the {stage.mesh.size} devices")
     lpips_params = None
     if stage.loss.config.perceptual_weight > 0:
         from ldm_jax.convert.lpips import load_lpips_params  # noqa: PLC0415 (reads torch files; only when used)

@@ -453,7 +453,7 @@ def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Result:
     """Trains (or resumes) the LDM in `workdir`, then exports WORKDIR/model/."""
-    stage = build_stage(config, workdir)
+    stage = common.build_stage(build_stage, config, workdir)
     train = stage.train
     saved = saved_config(workdir)
     pretrained = None
