@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -50,7 +49,6 @@ from ldm_jax.data import pipeline
 from ldm_jax.training.checkpoint import CheckpointConfig
 
 STAGES = ("autoencoder", "ldm")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 
 log = logging.getLogger("ldm_jax.train")
@@ -259,22 +257,12 @@ def section(cls: type, config: ml_collections.ConfigDict, name: str) -> Any:
     return build_dataclass(cls, config[name], where=name) if name in config else cls()
 
 
-def compute_dtype(name: str) -> Any:
-    """"float32" or "bfloat16" -> the jnp dtype (ValueError otherwise)."""
-    if name not in DTYPES:
-        raise ValueError(f"train.dtype is {name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
 def run_options(train: Any) -> Any:
-    """`ldm.RunOptions` from a train section's `attention`, `remat` and `dtype` (params stay float32);
-    a bad value is a ValueError naming the train field."""
-    from ldm_jax.ldm import RunOptions  # noqa: PLC0415
-    from ldm_jax.models.attention import check_attention  # noqa: PLC0415
-    from ldm_jax.models.layers import check_remat  # noqa: PLC0415
+    """`ldm.RunOptions` from a train section's `attention`, `remat` and `dtype` (params stay float32), through
+    `ldm.run_options`; a bad value is a ValueError naming the train field."""
+    from ldm_jax import ldm  # noqa: PLC0415
 
-    return RunOptions(attention=check_attention(train.attention, "train.attention"),
-                      remat=check_remat(train.remat, "train.remat"), dtype=compute_dtype(train.dtype))
+    return ldm.run_options(attention=train.attention, remat=train.remat, dtype=train.dtype, where="train.")
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
