@@ -600,6 +600,14 @@ def test_not_an_ldm_file_names_the_missing_key(exported):
         compvis.infer_config(unet_only)
 
 
+def test_a_scale_factor_that_is_not_a_scalar_is_named(tmp_path):
+    _, _, path = _any_size_file("hf", tmp_path)
+    state = load_state_dict(path)
+    state["scale_factor"] = np.ones(2, np.float32)
+    with pytest.raises(ConversionError, match=r"^here: 'scale_factor' is shape \(2,\); expected a scalar buffer"):
+        compvis.infer_config(state, source="here")
+
+
 def test_a_config_that_does_not_fit_names_the_first_mismatch_on_the_first_line(tmp_path):
     config, _, path = _any_size_file("hf", tmp_path)
     wider = dataclasses.replace(config, unet=dataclasses.replace(config.unet, model_channels=64))

@@ -510,7 +510,7 @@ def loaded_model_from_state_dict(state_dict: Mapping[str, Any], config: LDMConfi
     """
     config = as_ldm_config(config)
     if config.diffusion.scale_by_std and "scale_factor" in state_dict:
-        value = _scalar(state_dict["scale_factor"])
+        value = _scalar(state_dict["scale_factor"], "scale_factor", source)
         log.info("%s: scale_by_std model, scale_factor %.8g from the checkpoint", source, value)
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=value))
     params = convert_compvis_state_dict(state_dict, config, use_ema=use_ema, source=source)
@@ -794,7 +794,7 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
                   scale_factor=SCALE_FACTORS[first_stage.kind], image_size=pixels // first_stage.downsample_factor,
                   channels=latent)
     if "scale_factor" in buffers:  # registered as a buffer only by scale_by_std models
-        values.update(scale_by_std=True, scale_factor=_scalar(buffers["scale_factor"]))
+        values.update(scale_by_std=True, scale_factor=_scalar(buffers["scale_factor"], "scale_factor", keys.source))
     if "logvar" in buffers:
         logvar = np.asarray(buffers["logvar"], np.float32).reshape(-1)
         constant = bool(np.all(logvar == logvar[0]))
@@ -839,11 +839,11 @@ def buffer_rtol(values: np.ndarray) -> float:
     return SCHEDULE_RTOL
 
 
-def _scalar(value: Any) -> float:
-    """A one-element buffer (shape () or (1,): files store scalars either way) as a Python float."""
-    array = to_numpy_state_dict({"value": value})["value"]
+def _scalar(value: Any, key: str, source: str) -> float:
+    """The one-element buffer `key` (shape () or (1,): files store scalars either way) as a Python float."""
+    array = to_numpy_state_dict({key: value})[key]
     if array.size != 1:
-        raise ConversionError(f"expected a scalar buffer, got shape {array.shape}")
+        raise ConversionError(f"{source}: {key!r} is shape {array.shape}; expected a scalar buffer (shape () or (1,))")
     return float(array.reshape(-1)[0])
 
 
@@ -890,7 +890,7 @@ def _check_buffers(sd: dict[str, np.ndarray], config: LDMConfig, dropped: dict[s
                 problems.append(f"{name}: max |difference| {np.max(np.abs(got - want)):.3g}")
             checked[name] = "noise-schedule buffer, equal to the config's schedule"
     if "scale_factor" in sd:
-        got = _scalar(sd["scale_factor"])
+        got = _scalar(sd["scale_factor"], "scale_factor", source)
         if not np.isclose(got, d.scale_factor, rtol=1e-6, atol=0.0):
             problems.append(f"scale_factor: checkpoint {got:.8g} vs config {d.scale_factor:.8g} (set "
                             f"--config.diffusion.scale_factor={got:.8g})")
