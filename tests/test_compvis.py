@@ -33,7 +33,7 @@ from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.diffusion.schedule import make_schedule
 from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml
-from ldm_jax.ldm import LoadedModel, apply_unet, ldm_config, modules
+from ldm_jax.ldm import LoadedModel, apply_unet, ldm_config, modules, param_shapes
 from ldm_jax.models.attention import AttentionBlock
 from ldm_jax.models.text import ClipTextConfig
 from tokenizer_fixtures import write_bert_tokenizer, write_clip_tokenizer
@@ -124,7 +124,7 @@ def _random_params(config, seed=0):
     """Random float32 params of the right shapes: fan-in scaled kernels, norm scales near 1, small biases."""
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, shape in compvis.model_shapes(config).items():
+    for path, shape in param_shapes(config).items():
         if path[-1] == "scale":
             value = 1.0 + 0.1 * rng.standard_normal(shape)
         elif path[-1] == "kernel":

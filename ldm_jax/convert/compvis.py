@@ -44,19 +44,17 @@ import dataclasses
 import functools
 import logging
 import os
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 from flax import traverse_util
 
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
-from ldm_jax.convert.common import (ConversionError, assemble_params, expected_shapes, flax_to_torch_leaf,
+from ldm_jax.convert.common import (ConversionError, assemble_params, flax_to_torch_leaf,
                                     path_to_diffusers_key, to_numpy_state_dict, torch_to_flax_leaf)
 from ldm_jax.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
-from ldm_jax.ldm import DiffusionConfig, LDMConfig, LoadedModel, init_params, ldm_config
+from ldm_jax.ldm import DiffusionConfig, LDMConfig, LoadedModel, ldm_config, param_shapes
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.text import BertEmbedderConfig, ClassEmbedderConfig, ClipTextConfig
 from ldm_jax.models.unet import UNetConfig
@@ -391,16 +389,6 @@ def default_clip_layout(config: LDMConfig) -> str | None:
     return "openclip" if cond.hidden_act == "gelu" else "hf"
 
 
-def model_shapes(config: LDMConfig) -> dict[Path, Shape]:
-    """{param path: shape} of the LDM params of `config` (abstract: nothing is allocated)."""
-    return dict(_model_shapes(config))
-
-
-@functools.lru_cache(maxsize=8)
-def _model_shapes(config: LDMConfig) -> Mapping[Path, Shape]:
-    return types.MappingProxyType(expected_shapes(functools.partial(init_params, config), jax.random.key(0)))
-
-
 def compvis_layout(config: LDMConfig | Any, *, clip_layout: str | None = None,
                    text_prefix: str = HF_CLIP_PREFIX) -> Layout:
     """The CompVis layout of `config` (an LDMConfig or a config with its sections).
@@ -419,7 +407,7 @@ def compvis_layout(config: LDMConfig | Any, *, clip_layout: str | None = None,
 
 @functools.lru_cache(maxsize=8)
 def _layout(config: LDMConfig, clip_layout: str | None, text_prefix: str | None) -> Layout:
-    shapes = _model_shapes(config)
+    shapes = param_shapes(config)
     b = _Builder(shapes)
     _unet(b, config.unet, "unet")
     _autoencoder(b, config.first_stage, "first_stage")
@@ -986,6 +974,6 @@ def save_compvis(path: str | os.PathLike, params: Mapping[str, Any], config: LDM
 __all__ = [
     "CLIP_LAYOUTS", "ConversionError", "Entry", "Layout", "SCHEDULE_BUFFERS", "as_ldm_config", "compvis_layout",
     "convert_compvis_state_dict", "default_clip_layout", "detect_clip_layout", "ema_key", "export_compvis",
-    "infer_config", "load_compvis_checkpoint", "load_compvis_model", "loaded_model_from_state_dict", "model_shapes",
+    "infer_config", "load_compvis_checkpoint", "load_compvis_model", "loaded_model_from_state_dict",
     "save_compvis",
 ]
