@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 COMMANDS = ("sample", "train", "evaluate", "convert")
 PROG = "ldm-jax"
@@ -22,9 +24,29 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: a bad flag is one line `PROG: error: MESSAGE` on stderr and
+    exit status 2 (argparse's own prints the usage block first). Sub-parsers made by `add_subparsers` are of
+    this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or infinite (argparse's `float` accepts "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert") -> int:
     """`ldm-jax convert SRC DEST --to FORMAT`: load any source through the store, save it as FORMAT."""
-    p = argparse.ArgumentParser(prog=prog, description="Convert a model between the formats of the model store: "
+    p = ArgumentParser(prog=prog, description="Convert a model between the formats of the model store: "
                                 "our model directory (ldm), a diffusers folder, a CompVis single .safetensors file.")
     p.add_argument("source", help="a model directory, a diffusers folder, a CompVis .ckpt/.safetensors, or 'shapes'")
     p.add_argument("dest", help="the directory (ldm, diffusers) or .safetensors file (compvis) to write")
