@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import pathlib
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -44,6 +46,35 @@ def finite_float(text: str) -> float:
     return value
 
 
+def int_in(low: int, high: int | None = None):
+    """argparse type factory: an int in [low, high) (high None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            span = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {value}")
+        return value
+
+    return parse
+
+
+def writable_dir(path: str | os.PathLike, flag: str) -> pathlib.Path:
+    """Creates directory `path` if needed and checks it can be written; returns it. Raises ValueError, one
+    line naming `flag` and the path, when it cannot (a file is in the way, no permission, read-only disk)."""
+    directory = pathlib.Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {directory}: cannot create the directory ({error.strerror})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {directory}: cannot write there (no write permission)")
+    return directory
+
+
 def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert") -> int:
     """`ldm-jax convert SRC DEST --to FORMAT`: load any source through the store, save it as FORMAT."""
     p = ArgumentParser(prog=prog, description="Convert a model between the formats of the model store: "
@@ -60,6 +91,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
     from ldm_jax import store  # noqa: PLC0415 (JAX starts after the arguments are checked)
 
     try:
+        _check_destination(pathlib.Path(args.dest), args.to)
         print(f"loading {args.source} ({store.detect_format(args.source)})", file=sys.stderr)
         model = store.load_model(args.source, config=args.config, tokenizer=args.tokenizer,
                                  text_encoder_config=args.text_encoder_config, use_ema=args.use_ema)
@@ -70,6 +102,16 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
         return 2
     print(f"wrote {out.resolve()}")
     return 0
+
+
+def _check_destination(dest: pathlib.Path, to: str) -> None:
+    """Before anything is loaded: DEST's folder can be written, and DEST is not a file where a directory
+    goes (ldm, diffusers) nor a directory where a file goes (compvis)."""
+    if to == "compvis" and dest.is_dir():
+        raise ValueError(f"DEST {dest} is a directory; --to compvis writes one .safetensors file")
+    if to != "compvis" and dest.exists() and not dest.is_dir():
+        raise ValueError(f"DEST {dest} is a file; --to {to} writes a directory")
+    writable_dir(dest.parent, "DEST's folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

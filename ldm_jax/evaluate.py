@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ldm_jax import ldm, pipeline, store
-from ldm_jax.cli import one_line
+from ldm_jax.cli import ArgumentParser, int_in, one_line, writable_dir
 from ldm_jax.data import readers
 from ldm_jax.sampling import GRID_FILE
 from ldm_jax.metrics import fid, image_quality, prompt_sensitivity, shapes_checker
@@ -273,13 +273,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "ldm-jax evaluate") -> i
 
 
 def _main(argv: Sequence[str] | None, prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("split", help="write a prepared captioned-shapes split as captioned PNGs")
     p.add_argument("--data_dir", required=True, help="where the TFDS dataset was prepared")
     p.add_argument("--split", default="validation", help="train, validation or heldout")
     p.add_argument("--name", default=SHAPES_DATASET, help="TFDS dataset name")
-    p.add_argument("--num", type=int, help="only the first NUM examples")
+    p.add_argument("--num", type=int_in(1), help="only the first NUM examples")
     p.add_argument("--outdir", required=True)
     p = commands.add_parser("autoencode", help="first-stage reconstructions of a PNG directory")
     p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
@@ -299,18 +299,18 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
     source.add_argument("--stats", nargs=2, metavar=("A", "B"), help="pytorch-fid --save-stats or feature files")
     source.add_argument("--images", nargs=2, metavar=("DIR_A", "DIR_B"), help="PNG directories (needs --inception)")
     p.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (with --images)")
-    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (with --images)")
+    p.add_argument("--batch-size", type=int_in(1), default=50, help="images per forward pass (with --images)")
     p = commands.add_parser("clip-score", help="CLIP score of captioned PNGs against their captions")
     p.add_argument("--images", required=True)
     p.add_argument("--clip", required=True, help="a local transformers CLIPModel folder (see the module doc)")
     p.add_argument("--per-image", action="store_true", help="also list every image's score")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=int_in(1), default=32, help="images per forward pass")
     p = commands.add_parser("sensitivity", help="denoising loss with true, corrupted and empty captions")
     p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
     p.add_argument("--attention", help="attention implementation: xla, jax_nn or chunked")
     p.add_argument("--images", required=True, help="captioned PNGs (e.g. from `split`)")
     p.add_argument("--timesteps", default="50,300,600,850,950", help="comma-separated training timesteps")
-    p.add_argument("--seed", type=int, default=0, help="draws the noise and the corruptions")
+    p.add_argument("--seed", type=int_in(0, 2**32), default=0, help="draws the noise and the corruptions")
     args = parser.parse_args(argv)
     if args.command == "reconstruction" and args.lpips_heads and not args.lpips_vgg:
         parser.error("--lpips-heads needs --lpips-vgg (LPIPS needs both the VGG16 trunk and the heads)")
@@ -318,8 +318,8 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         parser.error("--images needs --inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     if args.command == "fid" and args.stats and args.inception:
         parser.error("--inception applies to --images, not to --stats")
-    if args.command in ("clip-score", "fid") and args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "outdir", None):
+        writable_dir(args.outdir, "--outdir")
     if args.command == "sensitivity":
         try:
             timesteps = [int(t) for t in args.timesteps.split(",")]
