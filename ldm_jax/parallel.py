@@ -223,8 +223,23 @@ def resolve_distributed_args(coordinator: str | None = None, num_processes: int 
         except ValueError:
             raise ValueError(f"environment variable {var}={raw!r} is not a valid {cast.__name__}") from None
 
-    return (pick(coordinator, "JAX_COORDINATOR_ADDRESS", str), pick(num_processes, "JAX_NUM_PROCESSES", int),
+    args = (pick(coordinator, "JAX_COORDINATOR_ADDRESS", str), pick(num_processes, "JAX_NUM_PROCESSES", int),
             pick(process_id, "JAX_PROCESS_ID", int))
+    _check_distributed_args(*args)
+    return args
+
+
+def _check_distributed_args(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """ValueError naming the flag when an address is not host:port or a count / index is out of range."""
+    if coordinator is not None:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--coordinator (JAX_COORDINATOR_ADDRESS) {coordinator!r}: expected host:port with a port in [1, 65535]")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num_processes (JAX_NUM_PROCESSES) must be >= 1, got {num_processes}")
+    if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+        bound = f"in [0, {num_processes})" if num_processes is not None else ">= 0"
+        raise ValueError(f"--process_id (JAX_PROCESS_ID) must be {bound}, got {process_id}")
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

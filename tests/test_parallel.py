@@ -282,3 +282,15 @@ def test_resolve_distributed_args():
     assert parallel.resolve_distributed_args(environ={}) == (None, None, None)
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='four'"):
         parallel.resolve_distributed_args(environ={"JAX_NUM_PROCESSES": "four"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (("localhost", None, None), "--coordinator .*'localhost': expected host:port"),
+    (("h:70000", None, None), "port in \\[1, 65535\\]"),
+    ((None, 0, None), "--num_processes .*>= 1, got 0"),
+    ((None, None, -1), "--process_id .*>= 0, got -1"),
+    (("h:1", 2, 2), "--process_id .*in \\[0, 2\\), got 2"),
+])
+def test_resolve_distributed_args_refuses_bad_values(args, message):
+    with pytest.raises(ValueError, match=message):
+        parallel.resolve_distributed_args(*args, environ={})
