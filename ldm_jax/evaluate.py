@@ -31,7 +31,6 @@ Each command prints a table and returns its numbers from the library function of
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -272,7 +271,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "ldm-jax evaluate") -> i
         return 2
 
 
-def _main(argv: Sequence[str] | None, prog: str) -> int:
+def build_parser(prog: str = "ldm-jax evaluate") -> ArgumentParser:
+    """The evaluate command's parser: one sub-parser per metric command."""
     parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("split", help="write a prepared captioned-shapes split as captioned PNGs")
@@ -311,6 +311,11 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
     p.add_argument("--images", required=True, help="captioned PNGs (e.g. from `split`)")
     p.add_argument("--timesteps", default="50,300,600,850,950", help="comma-separated training timesteps")
     p.add_argument("--seed", type=int_in(0, 2**32), default=0, help="draws the noise and the corruptions")
+    return parser
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "reconstruction" and args.lpips_heads and not args.lpips_vgg:
         parser.error("--lpips-heads needs --lpips-vgg (LPIPS needs both the VGG16 trunk and the heads)")
