@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import pathlib
 from typing import Any, TypeVar
 
@@ -41,7 +42,9 @@ def build_dataclass(cls: type[T], section: Any, *, where: str = "") -> T:
     """Builds the frozen dataclass `cls` from a ConfigDict/dict section, refusing unknown fields.
 
     Lists become tuples (dataclasses must stay hashable to be Flax module attributes). Nested dataclass
-    fields are built recursively when the field's default is a dataclass instance.
+    fields are built recursively when the field's default is a dataclass instance. A float that is NaN or
+    infinite is refused (no field of ours means anything by them; a NaN learning rate or guidance scale
+    would only surface later as NaN params or black images).
     """
     values = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -55,6 +58,8 @@ def build_dataclass(cls: type[T], section: Any, *, where: str = "") -> T:
         default = fields[name].default
         if dataclasses.is_dataclass(default) and isinstance(value, (dict, ml_collections.ConfigDict)):
             value = build_dataclass(type(default), value, where=f"{where}.{name}" if where else name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where + '.' if where else ''}{name} is {value}; expected a finite number")
         kwargs[name] = _freeze(value)
     return cls(**kwargs)
 

@@ -6,6 +6,7 @@ hold no model go in NON_MODEL_SECTIONS. A section in neither place fails the tes
 PENDING_SECTIONS is reported as skipped (with the reason) until its builder lands.
 """
 import ast
+import dataclasses
 import pathlib
 import re
 
@@ -13,7 +14,7 @@ import jax
 import pytest
 
 from ldm_jax import ldm, presets
-from ldm_jax.config import load_config_file
+from ldm_jax.config import build_dataclass, load_config_file
 from ldm_jax.models.autoencoder import build_autoencoder, init_autoencoder
 from ldm_jax.models.text import build_cond_stage, cond_stage_config, cond_stage_inputs_shape
 from ldm_jax.models.unet import build_unet, init_unet
@@ -120,3 +121,14 @@ def test_v_prediction_is_only_the_768_v_preset():
     eps = ldm.ldm_config(presets.get_preset("sd_v2"))
     assert (v.diffusion.prediction_type, eps.diffusion.prediction_type) == ("v", "eps")
     assert v.unet == eps.unet and v.cond_stage == eps.cond_stage and v.first_stage == eps.first_stage
+
+
+def test_build_dataclass_refuses_non_finite_floats():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        rate: float = 1.0
+
+    assert build_dataclass(Section, {"rate": 0.5}).rate == 0.5
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"optimizer\.rate is .*; expected a finite number"):
+            build_dataclass(Section, {"rate": value}, where="optimizer")

@@ -1,0 +1,317 @@
+"""The command-line error contract, table-driven over every flag of `sample`, `train`, `evaluate` and `convert`.
+
+Each flag gets the bad values its kind calls for: a value of the wrong type, values out of range, NaN and
++-inf where it is a number, a path that does not exist where it names a file, a directory that cannot be
+created where output goes, an unknown name where it picks one of several. Every case must end with exit
+status 2 and exactly one line `PROG: error: ...` on stderr (the last one; progress lines before it are
+allowed), naming the flag (or the bad path), and no traceback.
+
+The tables classify every flag: `test_every_flag_is_classified` fails when a command gains a flag the tables
+do not know, so a new flag arrives with its bad values. Commands run in-process (`main(argv)`), nothing is
+sampled or trained: every case is refused before the work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from ldm_jax import cli, evaluate, sampling, store
+from ldm_jax.data.captioned_shapes import prepare_captioned_shapes
+from ldm_jax.training import main as train_main
+from ldm_jax.training import train_autoencoder, train_ldm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MISSING = "/nonexistent/ldm-jax-contract/missing"
+NUMBERS = {"int": ["abc", "1.5"], "float": ["abc", "nan", "inf", "-inf"]}
+SPECIAL = {"path": [MISSING], "dir": ["<FILE>/sub"], "choice": ["bogus"]}
+
+# kind: "text" / "switch" (no bad value), "path" (must exist), "dir" (output: must be creatable), "choice",
+# or (number kind, out-of-range values).
+SAMPLE_FLAGS = {
+    "prompt": "text", "negative_prompt": "text", "plms": "switch",
+    "prompts_file": "path", "init_image": "path", "mask": "path", "latents": "path", "checkpoint": "path",
+    "tokenizer": "path", "config": "path", "text_encoder_config": "path", "outdir": "dir",
+    "sampler": "choice", "precision": "choice", "attention": "choice", "timestep_spacing": "choice",
+    "steps": ("int", ["0", "-1"]), "n": ("int", ["0"]), "height": ("int", ["0", "64", "100000"]),
+    "width": ("int", ["0", "63", "100000"]), "seed": ("int", ["-2", str(2**32)]), "steps_offset": ("int", ["-1"]),
+    "batch_size": ("int", ["0"]), "guidance": ("float", []), "eta": ("float", ["-0.5"]),
+    "strength": ("float", ["-0.1", "1.5"]),
+}
+CONVERT_FLAGS = {
+    "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",
+    "text_encoder_config": "path", "use_ema": "switch",
+}
+EVALUATE_FLAGS = {  # per sub-command
+    "split": {"data_dir": "path", "split": "choice", "name": "choice", "num": ("int", ["0", "-1"]), "outdir": "dir"},
+    "autoencode": {"checkpoint": "path", "attention": "choice", "images": "path", "outdir": "dir"},
+    "adherence": {"images": "path", "per_image": "switch"},
+    "reconstruction": {"images": "path", "reconstructions": "path", "lpips_vgg": "path", "lpips_heads": "path"},
+    "fid": {"stats": "path", "images": "path", "inception": "path", "batch_size": ("int", ["0"])},
+    "clip-score": {"images": "path", "clip": "path", "per_image": "switch", "batch_size": ("int", ["0"])},
+    "sensitivity": {"checkpoint": "path", "attention": "choice", "images": "path",
+                    "timesteps": ("text", ["a,b", "5000", "-1"]), "seed": ("int", ["-1", str(2**32)])},
+}
+TRAIN_FLAGS = {"config": "path", "workdir": "dir", "coordinator": ("text", ["localhost", "host:0"]),
+               "num_processes": ("int", ["0"]), "process_id": ("int", ["-1"])}
+# The training sections' fields of configs/shapes_ldm.py (the LDM stage) and configs/shapes_autoencoder.py
+# (its `loss`): out-of-range values per numeric field; str fields are paths, choices or names read with the data.
+TRAIN_FIELDS = {
+    "checkpoint.every_steps": ["0"], "checkpoint.keep": ["0"], "checkpoint.async_save": [],
+    "data.global_batch_size": ["0"], "data.prefetch": ["-1"], "data.resolution": ["0"], "data.seed": ["-1"],
+    "data.drop_remainder": [], "data.random_flip": [], "data.shuffle": [], "data.num_epochs": [],
+    "data.batch_keys": [], "data.caption_key": "text", "data.image_key": "text", "data.label_key": "text",
+    "data.crop": "choice", "data.source": "choice", "data.data_dir": "path", "data.path": "path",
+    "data.name": "text", "data.split": "text",
+    "mesh.data": ["0"], "mesh.fsdp": ["0"], "mesh.param_rules": [],
+    "optimizer.accumulate_grad_batches": ["0"], "optimizer.b1": ["1.5"], "optimizer.b2": ["-0.5"],
+    "optimizer.eps": ["-1.0"], "optimizer.grad_clip_norm": ["-1.0"], "optimizer.learning_rate": ["-1.0"],
+    "optimizer.warmup_steps": ["-1"], "optimizer.weight_decay": ["-1.0"], "optimizer.scale_lr": [],
+    "train.num_steps": ["-1"], "train.seed": ["-1"], "train.log_every": ["0"], "train.image_every": ["0"],
+    "train.num_images": ["0"], "train.sample_steps": ["0"], "train.ema_decay": ["1.5"],
+    "train.guidance_scale": [], "train.attention": "choice", "train.dtype": "choice", "train.sampler": "choice",
+    "train.first_stage": "path", "train.init_from": "path", "train.tokenizer": "path", "train.eval_split": "text",
+    "train.remat": [], "train.check_shapes": [], "train.precompute_latents": [], "train.progress_bar": [],
+    "train.sample_posterior": [], "train.train_cond_stage": [],
+}
+TRAIN_FIELDS.update({
+    "loss.disc_factor": ["-1.0"], "loss.disc_ndf": ["0"], "loss.disc_num_layers": ["0"], "loss.disc_start": ["-1"],
+    "loss.disc_weight": ["-1.0"], "loss.kl_weight": ["-1.0"], "loss.perceptual_weight": ["-1.0"],
+    "loss.lpips_vgg_path": "path", "loss.pixel_loss": "choice", "optimizer.disc_learning_rate": [],
+})
+TRAIN_SECTIONS = ("checkpoint", "data", "mesh", "optimizer", "train", "loss")
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _parser_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """dest -> action of every flag and positional of `parser` (not help)."""
+    return {a.dest: a for a in parser._actions
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))}
+
+
+def _evaluate_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = evaluate.build_parser()
+    return dict(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def _training_fields() -> dict[str, tuple[object, str]]:
+    """'section.field' -> (default value, config file) of the training sections of both stages' configs (the
+    LDM's where both have the field)."""
+    fields = {}
+    for name in ("shapes_autoencoder.py", "shapes_ldm.py"):
+        config = train_main.load_config(ROOT / "configs" / name)
+        for section in TRAIN_SECTIONS:
+            if section in config:
+                fields.update({f"{section}.{k}": (v, name) for k, v in config[section].items()})
+    return fields
+
+
+def _bad_values(kind) -> list[str]:
+    """The bad values of a flag of `kind` (see the tables)."""
+    if isinstance(kind, tuple):
+        number, extra = kind
+        return NUMBERS.get(number, []) + list(extra)
+    return SPECIAL.get(kind, [])
+
+
+def _field_kind(name: str, default: object):
+    kind = TRAIN_FIELDS[name]
+    if isinstance(kind, str):
+        return kind
+    if isinstance(default, bool):
+        return ("bool", ["maybe", *kind])
+    if isinstance(default, int):
+        return ("int", kind)
+    if isinstance(default, float):
+        return ("float", kind)
+    return ("other", kind)
+
+
+def _cases():
+    cases = []
+    sample = _parser_flags(sampling.build_parser())
+    cases += [("sample", dest, sample[dest].option_strings[0], value)
+              for dest, kind in SAMPLE_FLAGS.items() for value in _bad_values(kind)]
+    cases += [("convert", dest, _option(dest), value) for dest, kind in CONVERT_FLAGS.items()
+              for value in _bad_values(kind)]
+    for command, parser in _evaluate_parsers().items():
+        flags = _parser_flags(parser)
+        cases += [(f"evaluate {command}", dest, _option(dest, flags[dest]), value)
+                  for dest, kind in EVALUATE_FLAGS[command].items() for value in _bad_values(kind)]
+    cases += [("train", dest, f"--{dest}", value) for dest, kind in TRAIN_FLAGS.items() for value in _bad_values(kind)]
+    for name, (default, _) in _training_fields().items():
+        cases += [("train", name, f"--config.{name}", value) for value in _bad_values(_field_kind(name, default))]
+    return cases
+
+
+def _option(dest: str, action: argparse.Action | None = None) -> str:
+    """The flag a case sets: the action's first option string, a positional's name, or --dest-with-dashes."""
+    if action is not None and action.option_strings:
+        return action.option_strings[0]
+    return dest if dest in ("source", "dest") else "--" + dest.replace("_", "-")
+
+
+CASES = _cases()
+
+
+def test_every_flag_is_classified():
+    assert set(_parser_flags(sampling.build_parser())) == set(SAMPLE_FLAGS)
+    parsers = _evaluate_parsers()
+    assert set(parsers) == set(EVALUATE_FLAGS)
+    for command, parser in parsers.items():
+        assert set(_parser_flags(parser)) == set(EVALUATE_FLAGS[command]), command
+    assert set(_training_fields()) == set(TRAIN_FIELDS)
+    assert len(CASES) > 150
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Valid inputs every case starts from: a captioned PNG folder, a prepared tiny dataset, the embedded
+    model's autoencoder as a first-stage directory, a plain file (under which nothing can be created)."""
+    root = tmp_path_factory.mktemp("contract")
+    images = root / "images"
+    images.mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", "a red circle at the top left")
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(images / "00000.png", pnginfo=info)
+    (images / "prompts.txt").write_text("a red circle at the top left\n")
+    data_dir = root / "tfds"
+    name = prepare_captioned_shapes(data_dir, resolution=32, num_train=8, num_validation=8, num_heldout=8)
+    first_stage = root / "first_stage"
+    model = store.load_model()
+    store.save_first_stage(first_stage, model.config.first_stage, model.params["first_stage"])
+    blocker = root / "a_file"
+    blocker.write_text("not a directory\n")
+    return dict(root=root, images=images, image=images / "00000.png", data_dir=data_dir, name=name,
+                first_stage=first_stage, file=blocker)
+
+
+def _value(value: str, world) -> str:
+    return value.replace("<FILE>", str(world["file"]))
+
+
+def _argv(command: str, dest: str, option: str, value: str, world, tmp_path) -> list[str]:
+    """A valid command line for `command` with `option` set to the bad `value`."""
+    out = str(tmp_path / "out")
+    if command == "sample":
+        args = {"--prompt": "a red circle", "--steps": "1", "--outdir": out}
+        if dest == "mask":
+            args["--init-image"] = str(world["image"])
+        args[option] = value
+        return [x for kv in args.items() for x in kv]
+    if command == "convert":
+        positional = {"source": "shapes", "dest": out}
+        args = {"--to": "ldm"}
+        if dest in positional:
+            positional[dest] = value
+        else:
+            args[option] = value
+        return [positional["source"], positional["dest"], *[x for kv in args.items() for x in kv]]
+    if command.startswith("evaluate"):
+        return [command.split()[1], *_evaluate_args(command.split()[1], option, value, world, out)]
+    return _train_args(option, value, world, tmp_path)
+
+
+def _evaluate_args(sub: str, option: str, value: str, world, out: str) -> list[str]:
+    images = str(world["images"])
+    base = {
+        "split": {"--data_dir": str(world["data_dir"]), "--name": world["name"], "--outdir": out},
+        "autoencode": {"--images": images, "--outdir": out},
+        "adherence": {"--images": images},
+        "reconstruction": {"--images": images, "--reconstructions": images},
+        "fid": {"--stats": None},
+        "clip-score": {"--images": images, "--clip": MISSING},
+        "sensitivity": {"--images": images, "--timesteps": "50"},
+    }[sub]
+    argv = []
+    for flag, default in {**base, option: value}.items():
+        if flag == "--stats" and option not in ("--stats", "--images"):
+            argv += ["--stats", MISSING, MISSING]
+        elif flag in ("--stats",) or (sub == "fid" and flag == "--images"):
+            argv += [flag, value, value] if flag == option else []
+        else:
+            argv += [flag, default]
+    if sub == "fid" and option == "--inception":
+        argv = ["--images", images, images, "--inception", value]
+    if sub == "reconstruction" and option == "--lpips-heads":
+        argv += ["--lpips-vgg", MISSING]
+    return argv
+
+
+def _train_args(option: str, value: str, world, tmp_path) -> list[str]:
+    config = "shapes_ldm.py"
+    if option.startswith("--config."):
+        config = _training_fields()[option.removeprefix("--config.")][1]
+    args = {"--config": f"configs/{config}", "--workdir": str(tmp_path / "workdir"),
+            "--config.data.data_dir": str(world["data_dir"]), "--config.data.name": world["name"]}
+    if config == "shapes_ldm.py":
+        args["--config.train.first_stage"] = str(world["first_stage"])
+    args[option] = value
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _run(command: str, argv: list[str]) -> int:
+    prog = f"ldm-jax {command}"
+    try:
+        if command == "sample":
+            return sampling.main(argv, prog=prog)
+        if command == "convert":
+            return cli.convert_main(argv, prog=prog)
+        if command.startswith("evaluate"):
+            return evaluate.main(argv, prog="ldm-jax evaluate")
+        return train_main.main(argv, prog=prog)
+    except SystemExit as exit_:  # argparse exits
+        return exit_.code
+
+
+# ------------------------------------------------------------------------------------------------ test
+
+
+@pytest.mark.parametrize("command, dest, option, value", CASES,
+                         ids=[f"{c}:{o}={v}" for c, _, o, v in CASES])
+def test_bad_value_is_one_line(command, dest, option, value, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    # Nothing may start a cluster (bad coordinator values are refused before), train or sample: a stage that
+    # gets built with the bad value fails the test.
+    monkeypatch.setattr(train_main.parallel.jax.distributed, "initialize", _no_cluster)
+    for module in (train_autoencoder, train_ldm):
+        monkeypatch.setattr(module, "train_and_evaluate", _build_only(module))
+    value = _value(value, world)
+    code = _run(command, _argv(command, dest, option, value, world, tmp_path))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("ldm-jax "), err
+    named = option.lstrip("-").removeprefix("config.")
+    tokens = (option, named, named.replace("_", "-"), named.rsplit(".", 1)[-1], value)
+    assert any(token.lower() in errors[0].lower() for token in tokens), errors[0]
+
+
+def _no_cluster(*args, **kwargs):
+    """jax.distributed.initialize as on a machine with no cluster; given arguments, a failure (the bad
+    flags must be refused before)."""
+    if args or kwargs:
+        pytest.fail(f"jax.distributed.initialize{args} called")
+    raise ValueError("coordinator_address should be defined")
+
+
+def _build_only(module):
+    """A stage's train_and_evaluate that builds the stage (where config values are refused) and never trains."""
+
+    def build(config: ml_collections.ConfigDict, workdir):
+        args = (config, workdir) if module is train_ldm else (config,)
+        train_main.build_stage(module.build_stage, *args)
+        pytest.fail("the stage was built: the bad value was not refused")
+
+    return build
