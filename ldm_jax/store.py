@@ -26,7 +26,9 @@ a configs/*.py file, a CompVis yaml, or a model directory (its config.json).
 
 Errors are plain exceptions naming the path and what was expected: `StoreError` (a ValueError) for sources
 the store cannot place, FileNotFoundError for missing files, and the converters' ConversionError /
-CheckpointError (ValueErrors) for weights that do not fit. Command lines print them as one line.
+CheckpointError (ValueErrors) for weights that do not fit. Weights that hold NaN or inf are refused at load
+time (`check_finite`: a StoreError naming the file and the first such tensor), whatever the source format.
+Command lines print them as one line.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ TOKENIZER_DIR = "tokenizer"
 SCHEDULER_FILE = "scheduler_config.json"
 LEGACY_FIRST_STAGE_FILE = "first_stage.json"  # autoencoder directories written before the store
 MODEL_SECTIONS = ("first_stage", "cond_stage", "unet", "diffusion")
+DIFFUSERS_FOLDERS = {"first_stage": "vae", "cond_stage": "text_encoder", "unet": "unet"}  # param tree -> subfolder
 STORED_DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
                  "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}  # what save_model may write params as
 
@@ -177,6 +180,24 @@ def check_params(params: Mapping[str, Any], expected: Mapping[tuple[str, ...], t
     return assemble_params({tuple(k.split("/")): (k, v) for k, v in flat.items()}, expected, source=source)
 
 
+def check_finite(params: Mapping[str, Any], where: str | os.PathLike | Mapping[str, str]) -> None:
+    """Raises StoreError "<where>: weights are not finite: <path> holds N NaN / M inf values" for the first
+    tensor (in tree order) holding NaN or inf. `where`: the file the params came from, or {top-level name:
+    file} for sources whose parts live in several files (diffusers' unet/, vae/, text_encoder/).
+
+    Cheap: a min and a max per array (NaN propagates through both, +-inf shows in one), no copies; the
+    counts are taken for the bad tensor only."""
+    for name, value in traverse_util.flatten_dict(dict(params), sep="/").items():
+        array = np.asarray(value)
+        if array.size == 0 or not np.issubdtype(array.dtype, np.inexact):
+            continue
+        if np.isfinite(array.min()) and np.isfinite(array.max()):
+            continue
+        file = where.get(name.split("/")[0], "the model") if isinstance(where, Mapping) else where
+        raise StoreError(f"{file}: weights are not finite: {name} holds {int(np.isnan(array).sum())} NaN / "
+                         f"{int(np.isinf(array).sum())} inf values")
+
+
 # --------------------------------------------------------------------------------------------------- models
 
 
@@ -194,21 +215,22 @@ def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
     """
     options = ldm.run_options(dtype=dtype, attention=attention, remat=remat)
     kind = detect_format(source)
-    if kind == "shipped":
-        name = DEFAULT_MODEL if source is None else str(source)
-        model = _load_model_dir(SHIPPED_MODELS[name], tokenizer=tokenizer)
-    elif kind == "ldm":
-        model = _load_model_dir(pathlib.Path(source), tokenizer=tokenizer)
+    if kind in ("shipped", "ldm"):
+        path = SHIPPED_MODELS[DEFAULT_MODEL if source is None else str(source)] if kind == "shipped" else source
+        model = _load_model_dir(pathlib.Path(path), tokenizer=tokenizer)
+        where: Any = pathlib.Path(path) / PARAMS_FILE
     elif kind == "diffusers":
         from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline  # noqa: PLC0415
 
         model = load_diffusers_pipeline(source)
         if tokenizer is not None:
             model = dataclasses.replace(model, tokenizer=_load_tokenizer(tokenizer, model.config.tokenizer_kind))
+        where = {name: str(pathlib.Path(source) / folder) for name, folder in DIFFUSERS_FOLDERS.items()}
     else:
         model = _load_single_file(pathlib.Path(source), config=config, tokenizer=tokenizer,
                                   text_encoder_config=text_encoder_config, use_ema=use_ema)
-        config = None  # consumed
+        config, where = None, source  # config consumed
+    check_finite(model.params, where)
     if config is not None:
         _check_same_config(resolve_config(config, text_encoder_config=text_encoder_config), model.config,
                            str(source or DEFAULT_MODEL))
@@ -311,8 +333,11 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
     store_dtype = np.dtype(STORED_DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
     config, dest = model.config, pathlib.Path(dest)
     if format != "ldm" and config.unet.position_embedding is not None:
+        height, width = config.unet.position_embedding
+        unet = {"compvis": "the CompVis UNetModel", "diffusers": "diffusers' UNet2DConditionModel"}[format]
         raise StoreError(f"{dest}: the {format} format has no place for unet.position_embedding (this model's "
-                         f"learned {config.unet.position_embedding} table); save it with format 'ldm'")
+                         f"learned {height}x{width} latent position table; {unet} has no learned position "
+                         f"embedding); save it with format 'ldm' (ldm-jax convert --to ldm)")
     check_params(model.params, param_shapes(config), source=f"the params of {model.model_id or 'the model'}")
     if format == "ldm" and config.tokenizer_kind is not None and model.tokenizer is None:
         raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
@@ -415,10 +440,13 @@ def _read_first_stage_params(path: pathlib.Path, config: AutoencoderConfig) -> d
         raise FileNotFoundError(f"autoencoder directory {path} lacks {PARAMS_FILE}")
     shapes = autoencoder_param_shapes(config)
     if (path / CONFIG_FILE).is_file():
-        return load_params(params_path, {("first_stage", *p): s for p, s in shapes.items()})["first_stage"]
-    return load_params(params_path, shapes)  # a legacy directory: names without the prefix
+        params = load_params(params_path, {("first_stage", *p): s for p, s in shapes.items()})
+    else:
+        params = {"first_stage": load_params(params_path, shapes)}  # a legacy directory: names without the prefix
+    check_finite(params, params_path)
+    return params["first_stage"]
 
 
-__all__ = ["FORMATS", "SHIPPED_MODELS", "StoreError", "check_params", "config_to_json", "detect_format",
+__all__ = ["FORMATS", "SHIPPED_MODELS", "StoreError", "check_finite", "check_params", "config_to_json", "detect_format",
            "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config",
            "save_first_stage", "save_model", "save_params"]
