@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,8 @@ from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
 from ldm_jax.diffusion.samplers import Sampler, make_sampler, sample
 from ldm_jax.ldm import LDMConfig, LoadedModel, RunOptions
 from ldm_jax.images import to_uint8  # re-exported: pipeline.to_uint8 (in __all__)
-from ldm_jax.models.tokenizer import tokenize
+from ldm_jax.models.tokenizer import PromptReport, tokenize
+from ldm_jax.models.tokenizer import inspect_prompts as inspect_tokens
 
 KINDS = ("txt2img", "img2img", "inpaint")
 STEP_STREAM = 2**32 - 1
@@ -60,22 +62,50 @@ def make_model_sampler(config: LDMConfig, name: str, steps: int, **opts: Any) ->
     return make_sampler(name, ldm.noise_schedule(config), steps, **opts)
 
 
-def encode_prompts(model: LoadedModel, prompts: Sequence[str],
-                   negative_prompts: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(model: LoadedModel, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
+                   warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises prompts on the host: (cond, uncond) int32 (B, max_length) token ids.
 
-    uncond is the negative prompts' ids, or the empty prompt's for every example.
+    uncond is the negative prompts' ids, or the empty prompt's for every example. warn: `warnings.warn` once
+    per distinct prompt that is truncated or holds unknown words (`inspect_prompts`), naming its index in
+    `prompts` (0-based; "negative prompt i" for those); callers that report `inspect_prompts` themselves
+    pass False.
     """
-    cfg = model.config
-    if model.tokenizer is None or cfg.tokenizer_kind is None:
-        raise ValueError(f"encode_prompts: model {model.model_id!r} has no tokenizer / text cond stage")
-    kw = dict(pad_token_id=cfg.pad_token_id, max_length=cfg.max_length)
+    cfg = _text_config(model, "encode_prompts")
+    kw = dict(pad_token_id=cfg.pad_token_id, max_length=cfg.max_length, warn=False)
     cond = tokenize(model.tokenizer, list(prompts), **kw)
     if negative_prompts is None:
         negative_prompts = [""] * len(cond)
     if len(negative_prompts) != len(cond):
         raise ValueError(f"{len(negative_prompts)} negative prompts for {len(cond)} prompts")
-    return cond, tokenize(model.tokenizer, list(negative_prompts), **kw)
+    uncond = tokenize(model.tokenizer, list(negative_prompts), **kw)
+    if warn:
+        for what, texts in (("prompt", prompts), ("negative prompt", negative_prompts)):
+            for index, report in _distinct_reports(model, texts):
+                for line in report.problems(f"{what} {index}"):
+                    warnings.warn(line, stacklevel=2)
+    return cond, uncond
+
+
+def inspect_prompts(model: LoadedModel, prompts: Sequence[str]) -> list[PromptReport]:
+    """`tokenizer.inspect_prompts` with the model's tokenizer and max_length: per prompt, its token count
+    against max_length (`.truncated`) and the words its tokenizer does not know (`.unknown_words`)."""
+    cfg = _text_config(model, "inspect_prompts")
+    return inspect_tokens(model.tokenizer, list(prompts), max_length=cfg.max_length)
+
+
+def _text_config(model: LoadedModel, caller: str) -> LDMConfig:
+    if model.tokenizer is None or model.config.tokenizer_kind is None:
+        raise ValueError(f"{caller}: model {model.model_id!r} has no tokenizer / text cond stage")
+    return model.config
+
+
+def _distinct_reports(model: LoadedModel, prompts: Sequence[str]) -> list[tuple[int, PromptReport]]:
+    """(first index, report) of each distinct prompt."""
+    first: dict[str, int] = {}
+    for index, prompt in enumerate(prompts):
+        first.setdefault(prompt, index)
+    return list(zip(first.values(), inspect_prompts(model, list(first)), strict=True))
 
 
 def place_params(params: Any, mesh: Mesh | None = None) -> Any:
@@ -340,5 +370,5 @@ def _denoiser(config, options, params, inputs):
     return classifier_free_guidance(model_fn), guided_cond(cond, uncond, inputs["scale"])
 
 
-__all__ = ["KINDS", "STEP_STREAM", "encode_prompts", "img2img", "inpaint", "make_model_sampler", "place_params",
-           "to_uint8", "trace_count", "txt2img"]
+__all__ = ["KINDS", "STEP_STREAM", "encode_prompts", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
+           "place_params", "to_uint8", "trace_count", "txt2img"]

@@ -12,10 +12,15 @@ Kinds of tokenizer directory (all loaded offline, `local_files_only=True`):
 
 `tokenize` pads every prompt to `max_length` with an explicit pad id (SD v1 pads with the end-of-text id
 49407, OpenCLIP/SD v2 with 0, BERT with [PAD] = 0) and truncates longer prompts the way transformers does
-(the closing special token is kept), with a warning naming the prompt.
+(the closing special token is kept), with a warning naming the prompt (`warn=False` silences it).
+
+`inspect_prompts` says what tokenising loses, per prompt: truncation (its token count against max_length)
+and the words the tokenizer has no token for (mapped to its unknown token; the embedded model's small
+word-level vocabulary turns "crimson" into <|unk|>). Command lines print these once per prompt themselves.
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import warnings
 from collections.abc import Sequence
@@ -68,12 +73,14 @@ def _tokenizer_class(kind: str) -> type:
     }[kind]
 
 
-def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_length: int = 77) -> np.ndarray:
+def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_length: int = 77,
+             warn: bool = True) -> np.ndarray:
     """Tokenises prompts into an int32 (B, max_length) array, special tokens included.
 
     Prompts longer than max_length tokens are truncated as transformers does (keeping the closing special
-    token) with a `warnings.warn` naming each prompt's index and token count. Positions after a prompt's
-    last token hold `pad_token_id` (SD v1: 49407, SD v2: 0, BERT: 0).
+    token) with a `warnings.warn` naming each prompt's index in `prompts` and token count (unless warn=False:
+    callers that report `inspect_prompts` themselves). Positions after a prompt's last token hold
+    `pad_token_id` (SD v1: 49407, SD v2: 0, BERT: 0).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a sequence of strings, got {type(prompts).__name__}"
@@ -88,7 +95,7 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_l
     if not 0 <= pad_token_id < len(tokenizer):
         raise ValueError(f"pad_token_id {pad_token_id} is outside the tokenizer's vocabulary [0, {len(tokenizer)})")
     prompts = list(prompts)
-    for i, ids in enumerate(tokenizer(prompts)["input_ids"]):
+    for i, ids in enumerate(tokenizer(prompts)["input_ids"] if warn else []):
         if len(ids) > max_length:
             warnings.warn(f"prompt {i} has {len(ids)} tokens, more than max_length={max_length}; "
                           f"truncated to {max_length} tokens", stacklevel=2)
@@ -97,3 +104,74 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_l
     for i, ids in enumerate(encoded):
         out[i, :len(ids)] = ids
     return out
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptReport:
+    """What tokenising one prompt loses. n_tokens counts special tokens, before truncation to max_length;
+    unknown_words are the prompt's words (as written, each once) that the tokenizer maps to its unknown token."""
+
+    prompt: str
+    n_tokens: int
+    max_length: int
+    unknown_words: tuple[str, ...] = ()
+
+    @property
+    def truncated(self) -> bool:
+        return self.n_tokens > self.max_length
+
+    def problems(self, name: str) -> list[str]:
+        """One line per problem, for a prompt called `name` (e.g. "prompt 0", "--negative-prompt")."""
+        lines, prompt = [], short_repr(self.prompt)
+        if self.unknown_words:
+            words = ", ".join(repr(w) for w in self.unknown_words)
+            lines.append(f"{name} {prompt}: not in the tokenizer's vocabulary, read as its unknown token: {words}")
+        if self.truncated:
+            lines.append(f"{name} {prompt} has {self.n_tokens} tokens, more than max_length={self.max_length}; "
+                         f"truncated to {self.max_length} tokens")
+        return lines
+
+
+def short_repr(text: str, limit: int = 60) -> str:
+    """repr(text), its middle elided when longer than `limit` characters (for one-line messages)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit // 2] + " ... " + text[-limit // 2:])
+
+
+def inspect_prompts(tokenizer: Any, prompts: Sequence[str], *, max_length: int = 77) -> list[PromptReport]:
+    """One `PromptReport` per prompt (same order): token counts and unknown words.
+
+    Tokenizers without an unknown token of their own report no unknown words (CLIP's byte-level BPE: its
+    unk_token is the end-of-text token, which no text produces).
+    """
+    prompts = list(prompts)
+    counts = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    unknown = _unknown_words(tokenizer, prompts)
+    return [PromptReport(p, n, max_length, words) for p, n, words in zip(prompts, counts, unknown, strict=True)]
+
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+    """The id of the tokenizer's unknown token, or None when it has none distinct from its start, end and pad
+    tokens (CLIP's unk_token is <|endoftext|>)."""
+    unk = tokenizer.unk_token_id
+    others = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    return None if unk is None or unk in others else unk
+
+
+def _unknown_words(tokenizer: Any, prompts: list[str]) -> list[tuple[str, ...]]:
+    """Per prompt, the substrings (fast tokenizers: each unknown piece; others: each whitespace-separated word)
+    that tokenise to the unknown token, in order, each once."""
+    unk = unknown_token_id(tokenizer)
+    if unk is None:
+        return [()] * len(prompts)
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [[p[a:b] for i, (a, b) in zip(ids, offsets) if i == unk]
+                  for p, ids, offsets in zip(prompts, encoded["input_ids"], encoded["offset_mapping"])]
+    else:
+        words = [p.split() for p in prompts]
+        pieces = [[w for w, ids in zip(ws, tokenizer(ws, add_special_tokens=False)["input_ids"]) if unk in ids]
+                  if ws else [] for ws in words]
+    return [tuple(dict.fromkeys(found)) for found in pieces]
