@@ -11,6 +11,20 @@ file (config from `--config`, `config.yaml` beside it, or inferred from the weig
 
 Each image i of the run (prompt p, copy k: i = p * n + k) uses the key fold_in(key(seed), i), so an image
 depends on (seed, its index, its prompt and the settings), not on how many devices share the batch.
+`--seed -1` draws the seed at random (printed, and recorded in every PNG's `seed` chunk, so the run can be
+repeated). Indices are 0-based: image i is file {i:05d}.png; prompt p is the p-th of the --prompt flags
+followed by the --prompts-file lines, as warnings and errors name it.
+
+Sizes: a model whose UNet has a learned position embedding (the embedded model: 8x8 latents, factor 4)
+samples exactly that size (32x32 pixels); others take heights and widths that are multiples of the
+autoencoder's factor times 2**(UNet levels - 1) (our UNet halves the latent that many times and needs it to
+divide exactly: 64 pixels for Stable Diffusion), up to MAX_SIDE (8192) pixels a side.
+
+Problems that do not stop a run are one line each on stderr: prompt words the tokenizer does not know
+(the embedded model's small vocabulary reads "crimson" as <|unk|>) and prompts longer than the text
+encoder's max_length, once per prompt. Images whose float output is not finite (NaN / inf) are not written
+(nor put in the grid): a warning names each, the finite ones are written, and the run ends with an error
+(exit status 2).
 `--latents FILE.npy` replaces those draws by given initial noise, as diffusers' `latents=` argument: shape
 (images, channels, h, w), unit variance; the sampler scales it by its initial sigma. With the same weights
 and a deterministic sampler the images then equal diffusers' (tests/test_sample_cli.py). With
@@ -22,11 +36,11 @@ The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import pathlib
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +49,9 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
-from ldm_jax.cli import one_line
-from ldm_jax.images import image_grid
+from ldm_jax.cli import ArgumentParser, finite_float, one_line
+from ldm_jax.images import image_grid, to_uint8
+from ldm_jax.models.tokenizer import short_repr
 
 # The library's choices, copied so that flags are checked before JAX starts (tests/test_sample_cli.py keeps them
 # equal to samplers.SAMPLERS, models.attention.ATTENTION_IMPLS and the diffusers spacings of samplers.TIMESTEP_SPACINGS).
@@ -44,6 +59,9 @@ SAMPLERS = ("ddim", "plms", "dpm++", "euler", "euler-a", "ddpm")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 ATTENTIONS = ("xla", "jax_nn", "chunked")
 GRID_FILE = "grid.png"  # the contact sheet written beside the images (evaluate skips it)
+MAX_SIDE = 8192  # the largest --height / --width in pixels (a 8192x8192 SD image is 1024x1024 latents)
+SEED_RANGE = 2**32  # seeds are in [0, 2**32); -1 draws one at random
+RANDOM_SEED = -1
 
 
 class UserError(Exception):
@@ -52,7 +70,8 @@ class UserError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SampleRequest:
-    """One sample.py run. Sizes are in pixels; None means the model's default."""
+    """One sample.py run. Sizes are in pixels; None means the model's default. seed: in [0, 2**32), or -1 to
+    draw one at random (`run` prints and records the drawn seed)."""
 
     prompts: tuple[str, ...]
     negative_prompt: str = ""
@@ -93,8 +112,13 @@ def validate(request: SampleRequest) -> None:
         raise UserError(f"--steps must be >= 1, got {request.steps}")
     if request.n < 1:
         raise UserError(f"--n must be >= 1, got {request.n}")
+    for flag, value in (("--guidance", request.guidance), ("--eta", request.eta), ("--strength", request.strength)):
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
     if not 0.0 <= request.strength <= 1.0:
         raise UserError(f"--strength must be in [0, 1], got {request.strength}")
+    if request.seed != RANDOM_SEED and not 0 <= request.seed < SEED_RANGE:
+        raise UserError(f"--seed must be in [0, 2**32) or -1 (random), got {request.seed}")
     if request.eta < 0:
         raise UserError(f"--eta must be >= 0, got {request.eta}")
     if request.precision not in ("fp32", "bf16"):
@@ -110,6 +134,9 @@ def validate(request: SampleRequest) -> None:
     for flag, value in (("--height", request.height), ("--width", request.width), ("--batch-size", request.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--height", request.height), ("--width", request.width)):
+        if value is not None and value > MAX_SIDE:
+            raise UserError(f"{flag} {value} is larger than {MAX_SIDE}, the largest image side allowed")
     for flag, path in (("--init-image", request.init_image), ("--mask", request.mask), ("--latents", request.latents)):
         if path is not None and not pathlib.Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
@@ -163,16 +190,19 @@ def read_image(path: str, *, mode: str) -> np.ndarray:
 def run(request: SampleRequest) -> list[pathlib.Path]:
     """Generates len(prompts) * n images and writes them (and a grid) to `request.outdir`.
 
-    Returns the written image paths (the grid last).
+    Returns the written image paths (the grid last). Raises UserError (after writing the finite images) when
+    any image came out non-finite.
     """
+    validate(request)  # before JAX starts: a bad flag is reported at once
     import jax  # noqa: PLC0415 (JAX starts only after the flags are checked)
 
     from ldm_jax import parallel, pipeline  # noqa: PLC0415
 
-    validate(request)
+    request = _resolve_seed(request)
     model = load_model(request)
     config = model.config
     init, mask = _init_and_mask(request)
+    height, width = _size(request, config, init)
     sampler_opts = sampler_options(request, model.scheduler_config)
     try:
         sampler = pipeline.make_model_sampler(config, request.sampler, request.steps, **sampler_opts)
@@ -183,15 +213,16 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     devices = mesh.devices.size
     batch = request.batch_size or devices * max(1, min(8, math.ceil(len(prompts) / devices)))
     batch = math.ceil(batch / devices) * devices
-    height, width = _size(request, config, init)
     latents = read_latents(request.latents, len(prompts), config, height, width) if request.latents else None
+    if model.tokenizer is not None:
+        report_prompts(request, pipeline.inspect_prompts(model, [*request.prompts, request.negative_prompt]))
     images = []
     print(f"model {model.model_id}: {len(prompts)} image(s), {request.sampler} {request.steps} steps, "
           f"guidance {request.guidance}, {height}x{width}, {devices} device(s)", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), batch), desc="sampling", unit="batch", file=sys.stderr):
         chunk = prompts[start:start + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # every device gets an equal share
-        cond, uncond = pipeline.encode_prompts(model, padded, [request.negative_prompt] * batch)
+        cond, uncond = pipeline.encode_prompts(model, padded, [request.negative_prompt] * batch, warn=False)
         common = dict(guidance_scale=request.guidance, seed=request.seed, first_index=start, mesh=mesh,
                       options=model.options)
         if latents is not None:
@@ -206,8 +237,47 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
             out = pipeline.inpaint(config, model.params, sampler, cond, uncond, _tile(init, batch),
                                    _tile(mask, batch), strength=request.strength if request.strength < 1 else 1.0,
                                    **common)
-        images.extend(pipeline.to_uint8(jax.device_get(out))[: len(chunk)])
-    return write_outputs(request, model.model_id, prompts, images, height, width)
+        images.extend(_finite_uint8(np.asarray(jax.device_get(out))[: len(chunk)]))
+    paths = write_outputs(request, model.model_id, prompts, images, height, width)
+    _check_all_written(request, images)
+    return paths
+
+
+def _resolve_seed(request: SampleRequest) -> SampleRequest:
+    """--seed -1: a seed drawn from the OS's randomness in [0, 2**32), printed on stderr."""
+    if request.seed != RANDOM_SEED:
+        return request
+    seed = secrets.randbelow(SEED_RANGE)
+    print(f"seed: {seed} (drawn at random)", file=sys.stderr)
+    return dataclasses.replace(request, seed=seed)
+
+
+def report_prompts(request: SampleRequest, reports: Sequence[Any]) -> None:
+    """One warning line on stderr per problem of each prompt (`tokenizer.PromptReport`s of request.prompts,
+    then the negative prompt): unknown words, truncation. Prompts are named by their 0-based index."""
+    *prompts, negative = reports
+    named = [(f"prompt {i}", report) for i, report in enumerate(prompts)] + [("--negative-prompt", negative)]
+    for name, report in named:
+        for line in report.problems(name):
+            print(f"warning: {line}", file=sys.stderr)
+
+
+def _finite_uint8(images: np.ndarray) -> list[np.ndarray | None]:
+    """Float images (B, H, W, 3) in [-1, 1] -> uint8 images, None for each image holding NaN or inf."""
+    finite = np.isfinite(images).all(axis=(1, 2, 3))
+    return [to_uint8(image) if ok else None for image, ok in zip(images, finite, strict=True)]
+
+
+def _check_all_written(request: SampleRequest, images: Sequence[np.ndarray | None]) -> None:
+    """A warning per non-finite image (its index, prompt index and prompt), then UserError if there was one."""
+    skipped = [i for i, image in enumerate(images) if image is None]
+    for i in skipped:
+        p = i // request.n
+        print(f"warning: image {i} (prompt {p} {short_repr(request.prompts[p])}) is not finite (NaN / inf); "
+              f"not written", file=sys.stderr)
+    if skipped:
+        raise UserError(f"{len(skipped)} of {len(images)} image(s) came out NaN / inf and were not written "
+                        f"(images {', '.join(map(str, skipped))}); the model's weights or the settings are at fault")
 
 
 def sampler_options(request: SampleRequest, scheduler_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -264,19 +334,40 @@ def _init_and_mask(request: SampleRequest) -> tuple[np.ndarray | None, np.ndarra
 
 
 def _size(request: SampleRequest, config, init: np.ndarray | None) -> tuple[int, int]:
-    factor = config.downsample_factor
+    """(height, width) in pixels: the init image's, else --height/--width or the model's default; checked."""
     if init is not None:
         height, width = init.shape[:2]
         if (request.height or height) != height or (request.width or width) != width:
             raise UserError(f"--height/--width {request.height}x{request.width} differ from --init-image's "
                             f"{height}x{width}")
+        check_size(config, height, width, f"--init-image {request.init_image} is {width}x{height} (width x height)")
     else:
-        default = config.diffusion.image_size * factor
+        default = config.diffusion.image_size * config.downsample_factor
         height, width = request.height or default, request.width or default
-    for flag, value in (("--height", height), ("--width", width)):
-        if value % factor:
-            raise UserError(f"{flag} {value} is not a multiple of the autoencoder's factor {factor}")
+        check_size(config, height, width, f"--height {height} --width {width}")
     return height, width
+
+
+def check_size(config, height: int, width: int, what: str) -> None:
+    """UserError, opening with `what`, unless the model samples height x width pixel images.
+
+    A UNet with a learned position embedding of (h, w) latents takes exactly (h * f, w * f) pixels, f the
+    autoencoder's factor (the embedded model: 32x32). Other UNets take heights and widths that are multiples
+    of f * 2**(len(channel_mult) - 1): the UNet halves the latent len(channel_mult) - 1 times and its skip
+    connections need every halving exact (64 for Stable Diffusion); at most MAX_SIDE pixels a side.
+    """
+    f, table = config.downsample_factor, config.unet.position_embedding
+    if table is not None:
+        if (height, width) != (table[0] * f, table[1] * f):
+            raise UserError(f"{what}, but this model samples only {table[1] * f}x{table[0] * f} images (its UNet's "
+                            f"learned position embedding is {table[1]}x{table[0]} latents, x{f} the autoencoder's "
+                            f"factor)")
+        return
+    halvings = len(config.unet.channel_mult) - 1
+    multiple = f * 2**halvings
+    if height % multiple or width % multiple or max(height, width) > MAX_SIDE:
+        raise UserError(f"{what}, but this model takes heights and widths that are multiples of {multiple} (the "
+                        f"autoencoder's factor {f} x 2**{halvings}, the UNet's downsamplings), at most {MAX_SIDE}")
 
 
 def _tile(array: np.ndarray, batch: int) -> np.ndarray:
@@ -286,24 +377,32 @@ def _tile(array: np.ndarray, batch: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(request: SampleRequest, model_id: str, prompts: Sequence[str], images: Sequence[np.ndarray],
-                  height: int, width: int) -> list[pathlib.Path]:
-    """One PNG per image with its parameters as PNG text chunks, plus grid.png; prints where they went."""
+def write_outputs(request: SampleRequest, model_id: str, prompts: Sequence[str],
+                  images: Sequence[np.ndarray | None], height: int, width: int) -> list[pathlib.Path]:
+    """One PNG per image ({index:05d}.png) with its parameters as PNG text chunks, plus grid.png of them; prints
+    where they went. A None image (not finite) is skipped: no file, no grid cell."""
     outdir = pathlib.Path(request.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, (prompt, image) in enumerate(zip(prompts, images)):
+    for index, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        if image is None:
+            continue
         info = PngImagePlugin.PngInfo()
         for key, value in _metadata(request, model_id, prompt, index, height, width).items():
             info.add_text(key, str(value))
         path = outdir / f"{index:05d}.png"
         Image.fromarray(image).save(path, pnginfo=info)
         paths.append(path)
+    written = [image for image in images if image is not None]
+    if not written:
+        print(f"wrote no image to {outdir.resolve()}")
+        return paths
     grid_path = outdir / GRID_FILE
-    columns = request.n if request.n > 1 and len(request.prompts) > 1 else None
-    Image.fromarray(image_grid(np.stack(images), columns=columns, pad=2)).save(grid_path)
+    whole = len(written) == len(images)
+    columns = request.n if whole and request.n > 1 and len(request.prompts) > 1 else None
+    Image.fromarray(image_grid(np.stack(written), columns=columns, pad=2)).save(grid_path)
     paths.append(grid_path)
-    print(f"wrote {len(images)} image(s) and grid.png to {outdir.resolve()}")
+    print(f"wrote {len(written)} image(s) and grid.png to {outdir.resolve()}")
     return paths
 
 
@@ -332,25 +431,29 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
 # ---------------------------------------------------------------------------------------- command line
 
 
-def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
+def build_parser(prog: str = "sample.py") -> ArgumentParser:
     """The sampling flags (and the CompVis txt2img aliases) on an argparse parser."""
-    p = argparse.ArgumentParser(prog=prog, description="Text-to-image, image-to-image and inpainting with a "
+    p = ArgumentParser(prog=prog, description="Text-to-image, image-to-image and inpainting with a "
                                 "latent diffusion model (the embedded captioned-shapes model by default).")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); warnings name prompts by "
+                   "their 0-based index among the --prompt flags, then the --prompts-file lines")
     p.add_argument("--prompts-file", "--from-file", dest="prompts_file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch)")
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default ddim)")
     p.add_argument("--plms", action="store_true", help="CompVis alias of --sampler plms")
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=50)
-    p.add_argument("--guidance", "--scale", dest="guidance", type=float, default=None,
+    p.add_argument("--guidance", "--scale", dest="guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default 7.5, for Stable Diffusion and the embedded model alike)")
-    p.add_argument("--eta", "--ddim_eta", dest="eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", "--ddim_eta", dest="eta", type=finite_float, default=0.0,
+                   help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**32); -1 draws one at random (printed and "
+                   "recorded in the PNGs)")
     p.add_argument("--n", "--n_samples", dest="n", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", "--H", dest="height", type=int, help="image height in pixels")
-    p.add_argument("--width", "--W", dest="width", type=int, help="image width in pixels")
+    p.add_argument("--height", "--H", dest="height", type=int, help=f"image height in pixels (at most {MAX_SIDE}; "
+                   "a model with a learned position embedding takes only its own size)")
+    p.add_argument("--width", "--W", dest="width", type=int, help="image width in pixels (as --height)")
     p.add_argument("--init-image", help="img2img: the starting image")
-    p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, in [0, 1]")
+    p.add_argument("--strength", type=finite_float, default=0.75, help="img2img: how much to change, in [0, 1]")
     p.add_argument("--mask", help="inpainting: white = repaint, black = keep (same size as --init-image)")
     p.add_argument("--latents", help="initial noise, a .npy of shape (images, channels, h, w) as diffusers' latents=")
     p.add_argument("--checkpoint", "--ckpt", dest="checkpoint", help="model: a model directory, a diffusers "
