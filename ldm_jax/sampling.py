@@ -117,7 +117,7 @@ def validate(request: SampleRequest) -> None:
             raise UserError(f"{flag} must be a finite number, got {value}")
     if not 0.0 <= request.strength <= 1.0:
         raise UserError(f"--strength must be in [0, 1], got {request.strength}")
-    if request.seed != RANDOM_SEED and not 0 <= request.seed < SEED_RANGE:
+    if not isinstance(request.seed, int) or (request.seed != RANDOM_SEED and not 0 <= request.seed < SEED_RANGE):
         raise UserError(f"--seed must be in [0, 2**32) or -1 (random), got {request.seed}")
     if request.eta < 0:
         raise UserError(f"--eta must be >= 0, got {request.eta}")
@@ -140,6 +140,9 @@ def validate(request: SampleRequest) -> None:
     for flag, path in (("--init-image", request.init_image), ("--mask", request.mask), ("--latents", request.latents)):
         if path is not None and not pathlib.Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
+    if request.text_encoder_config is not None and not pathlib.Path(request.text_encoder_config).exists():
+        raise UserError(f"--text-encoder-config {request.text_encoder_config}: no such file or directory (a "
+                        f"transformers CLIP config.json or its directory)")
     _check_writable(pathlib.Path(request.outdir))
 
 
