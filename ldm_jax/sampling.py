@@ -15,6 +15,12 @@ depends on (seed, its index, its prompt and the settings), not on how many devic
 repeated). Indices are 0-based: image i is file {i:05d}.png; prompt p is the p-th of the --prompt flags
 followed by the --prompts-file lines, as warnings and errors name it.
 
+`--latents FILE.npy` replaces those draws by given initial noise, as diffusers' `latents=` argument: shape
+(images, channels, h, w), unit variance; the sampler scales it by its initial sigma. With the same weights
+and a deterministic sampler the images then equal diffusers' (tests/test_sample_cli.py). With
+`--init-image` it is the unit noise added to the encoded image at the first timestep of the strength's
+schedule.
+
 Sizes: a model whose UNet has a learned position embedding (the embedded model: 8x8 latents, factor 4)
 samples exactly that size (32x32 pixels); others take heights and widths that are multiples of the
 autoencoder's factor times 2**(UNet levels - 1) (our UNet halves the latent that many times and needs it to
@@ -25,11 +31,6 @@ Problems that do not stop a run are one line each on stderr: prompt words the to
 encoder's max_length, once per prompt. Images whose float output is not finite (NaN / inf) are not written
 (nor put in the grid): a warning names each, the finite ones are written, and the run ends with an error
 (exit status 2).
-`--latents FILE.npy` replaces those draws by given initial noise, as diffusers' `latents=` argument: shape
-(images, channels, h, w), unit variance; the sampler scales it by its initial sigma. With the same weights
-and a deterministic sampler the images then equal diffusers' (tests/test_sample_cli.py). With
-`--init-image` it is the unit noise added to the encoded image at the first timestep of the strength's
-schedule.
 
 The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps, --ddim_eta, --n_samples,
 --H, --W, --from-file, --plms.
