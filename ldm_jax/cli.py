@@ -69,7 +69,7 @@ def writable_dir(path: str | os.PathLike, flag: str) -> pathlib.Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"{flag} {directory}: cannot create the directory ({error.strerror})") from None
+        raise ValueError(f"{flag} {directory}: cannot write there ({error.strerror})") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {directory}: cannot write there (no write permission)")
     return directory

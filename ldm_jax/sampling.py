@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
 import secrets
 import sys
@@ -50,7 +49,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
-from ldm_jax.cli import ArgumentParser, finite_float, one_line
+from ldm_jax.cli import ArgumentParser, finite_float, one_line, writable_dir
 from ldm_jax.images import image_grid, to_uint8
 from ldm_jax.models.tokenizer import short_repr
 
@@ -144,16 +143,10 @@ def validate(request: SampleRequest) -> None:
     if request.text_encoder_config is not None and not pathlib.Path(request.text_encoder_config).exists():
         raise UserError(f"--text-encoder-config {request.text_encoder_config}: no such file or directory (a "
                         f"transformers CLIP config.json or its directory)")
-    _check_writable(pathlib.Path(request.outdir))
-
-
-def _check_writable(outdir: pathlib.Path) -> None:
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--outdir {outdir}: cannot write there ({error.strerror})") from None
-    if not os.access(outdir, os.W_OK | os.X_OK):
-        raise UserError(f"--outdir {outdir}: cannot write there (no write permission)")
+        writable_dir(request.outdir, "--outdir")
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------------ models

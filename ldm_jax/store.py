@@ -215,6 +215,9 @@ def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
     """
     options = ldm.run_options(dtype=dtype, attention=attention, remat=remat)
     kind = detect_format(source)
+    if text_encoder_config is not None and not pathlib.Path(text_encoder_config).exists():
+        raise StoreError(f"text encoder config {text_encoder_config}: no such file or directory (a transformers "
+                         "CLIP config.json or its directory)")
     if kind in ("shipped", "ldm"):
         path = SHIPPED_MODELS[DEFAULT_MODEL if source is None else str(source)] if kind == "shipped" else source
         model = _load_model_dir(pathlib.Path(path), tokenizer=tokenizer)
