@@ -218,7 +218,7 @@ def test_image_folder_skips_and_counts_bad_files(tmp_path):
     assert _read_all(source).keys() == {f"caption {i}" for i in range(5)}
     assert source.skipped.count == 4
     summary = source.skipped.summary()
-    assert summary.startswith("skipped 4 corrupt images: first few names ")
+    assert summary.startswith("skipped 4 unreadable images: first few ")
     for name in ("empty.jpg (zero bytes)", "no_caption.png (no caption file", "corrupt.png", "truncated.png"):
         assert name in summary
     _read_all(source)  # a second epoch counts nothing twice
@@ -265,7 +265,7 @@ def test_empty_datasets_raise_naming_the_path(tmp_path):
         readers.ImageFolderSource(tmp_path / "missing")
     only_bad = tmp_path / "bad"
     _write_folder(only_bad, {"a.png": (b"", "x")})
-    with pytest.raises(ValueError, match=rf"{only_bad} has no readable.*skipped 1 corrupt images.*a.png \(zero"):
+    with pytest.raises(ValueError, match=rf"{only_bad} has no readable.*skipped 1 unreadable images.*a.png \(zero"):
         readers.ImageFolderSource(only_bad)
     with pytest.raises(ValueError, match="no .tar shards found"):
         readers.TarShardsSource(empty)
@@ -279,7 +279,7 @@ def test_empty_datasets_raise_naming_the_path(tmp_path):
     _write_folder(tmp_path / "corrupt", {"a.png": (b"junk", "x")})
     iterator = pipeline.DataIterator(readers.ImageFolderSource(tmp_path / "corrupt"), batch_size=1,
                                      resolution=8, seed=0, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="no readable example.*skipped 1 corrupt"):
+    with pytest.raises(ValueError, match="no readable example.*skipped 1 unreadable"):
         next(iterator)
 
 

@@ -340,14 +340,15 @@ def test_unknown_override_fails_clearly(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
-def test_refused_config_value_is_one_line(tmp_path, capsys, monkeypatch):
+def test_refused_config_value_is_one_line(dataset, tmp_path, capsys, monkeypatch):
     # Values that parse but that a stage refuses (found while it is built) are user errors too: one line, exit 2.
     # (In-process: jax.distributed cannot start once this test session's backend runs; nothing to start here.)
     monkeypatch.setattr(main.parallel, "initialize_distributed", lambda *args: False)
+    data = [f"--config.{k}={v}" for k, v in dataset.items()]  # the data is checked before the stage is built
     for config, override, message in (("shapes_autoencoder.py", "--config.train.dtype=float16", "train.dtype"),
                                       ("shapes_autoencoder.py", "--config.data.prefetch=-1", "data.prefetch=-1"),
                                       ("shapes_ldm.py", "--config.data.batch_keys=image", "data.batch_keys")):
-        argv = [f"--config=configs/{config}", "--workdir", str(tmp_path / "w"), override]
+        argv = [f"--config=configs/{config}", "--workdir", str(tmp_path / "w"), *data, override]
         assert main.main(argv, prog="ldm-jax train") == 2
         err = capsys.readouterr().err
         assert err.startswith("ldm-jax train: error: ") and message in err and err.count("\n") == 1, err

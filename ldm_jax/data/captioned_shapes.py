@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 
 import numpy as np
 from etils import epath
@@ -42,6 +43,23 @@ class CaptionedShapesConfig(tfds.core.BuilderConfig):
 
 def _config_name(resolution: int, num_train: int, num_validation: int, num_heldout: int, seed: int) -> str:
     return f"res{resolution}_train{num_train}_val{num_validation}_heldout{num_heldout}_seed{seed}"
+
+
+_CONFIG_NAME = re.compile(r"^res(\d+)(?:_train(\d+)_val(\d+)_heldout(\d+)_seed(\d+))?$")
+
+
+def prepare_command(name: str, data_dir: str | os.PathLike) -> str | None:
+    """The command line that prepares the dataset `name` ("captioned_shapes/<config>[:version]", as
+    `prepare_captioned_shapes` returns it) in `data_dir`, or None for a name that is not one of this dataset's."""
+    dataset, _, config = name.split(":")[0].partition("/")
+    match = _CONFIG_NAME.match(config or "res32")
+    if dataset != "captioned_shapes" or not match:
+        return None
+    flags = [f"--data_dir {os.fspath(data_dir)}", f"--resolution {match[1]}"]
+    if match[2] is not None:
+        flags += [f"--num_train {match[2]}", f"--num_validation {match[3]}", f"--num_heldout {match[4]}",
+                  f"--seed {match[5]}"]
+    return "python -m ldm_jax.data.captioned_shapes " + " ".join(flags)
 
 
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):

@@ -24,6 +24,7 @@ after the batches it has *returned*, so a checkpoint never skips the read-ahead.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -38,8 +39,13 @@ from ldm_jax.data import readers
 
 Batch = dict[str, Any]
 CROPS = ("center", "random")
+SOURCES = ("tfds", "folder", "tar")
 # Fields of the iterator state that define the example order; a state saved under other values is refused.
 _ORDER_FIELDS = ("seed", "shuffle", "num_examples", "process_index", "process_count")
+
+
+class DataError(ValueError):
+    """The data cannot be trained on as configured (e.g. no record of a source is readable): the user's to fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,17 @@ class DataConfig:
     def __post_init__(self):
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch={self.prefetch}; expected >= 0 (0 = no read-ahead)")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r}; expected one of {SOURCES}")
+        if self.crop not in CROPS:
+            raise ValueError(f"data.crop={self.crop!r}; expected one of {CROPS}")
+        for name in ("resolution", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)}; expected >= 1")
+        if self.seed < 0:
+            raise ValueError(f"data.seed={self.seed}; expected >= 0")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"data.num_epochs={self.num_epochs}; expected >= 1 or None (forever)")
 
 
 def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center", flip: bool = False,
@@ -165,6 +182,11 @@ class DataIterator:
         self._epoch, self._position = 0, 0
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, host indices) cache
 
+    @property
+    def skipped(self) -> readers.SkipLog | None:
+        """The source's log of unreadable records (`readers.SkipLog`), or None for a source without one."""
+        return getattr(self.source, "skipped", None)
+
     def get_state(self) -> dict[str, Any]:
         """A JSON-able dict of the position: epoch, position, and the settings that define the order."""
         state = {"epoch": self._epoch, "position": self._position}
@@ -224,7 +246,7 @@ class DataIterator:
                 unreadable_in_a_row += 1
                 if unreadable_in_a_row > self.num_examples:
                     skipped = getattr(self.source, "skipped", None)
-                    raise ValueError(f"no readable example in a whole epoch of {getattr(self.source, 'name', '?')}"
+                    raise DataError(f"no readable example in a whole epoch of {getattr(self.source, 'name', '?')}"
                                      + (f"; {skipped.summary()}" if skipped is not None else ""))
                 continue
             unreadable_in_a_row = 0
@@ -355,11 +377,28 @@ class DevicePrefetcher:
         self.iterator.set_state(self._state)
 
 
+def check_source(cfg: DataConfig) -> None:
+    """Checks cheaply (nothing is indexed or decoded) that the data a DataConfig names is there: the TFDS dataset
+    prepared in data_dir with its split and features; the image folder or the .tar shards; and any data.path
+    given, even one the source does not read. FileNotFoundError / ValueError naming the path otherwise."""
+    if cfg.path and cfg.source != "tar" and not os.path.exists(cfg.path):
+        unused = "" if cfg.source == "folder" else (f" (data.source={cfg.source!r} does not read it: set data.source "
+                                                   "to 'folder' or 'tar' to train on it, or leave data.path empty)")
+        raise FileNotFoundError(f"data.path {cfg.path} does not exist{unused}")
+    if cfg.source == "tfds":
+        make_source(cfg)  # opens the builder and the split's record files; reads no record
+    elif cfg.source == "folder" and not os.path.isdir(cfg.path):
+        raise FileNotFoundError(f"data.path {cfg.path!r} is not a folder of images (data.source='folder')")
+    elif cfg.source == "tar" and not readers.expand_shards(cfg.path):
+        raise FileNotFoundError(f"data.path {cfg.path!r} matches no .tar shards (data.source='tar')")
+
+
 def make_source(cfg: DataConfig) -> Any:
     """The example source a DataConfig names (see DataConfig.source)."""
     if cfg.source == "tfds":
         if not cfg.data_dir:
-            raise ValueError("data.data_dir must name the folder the TFDS dataset was prepared in")
+            raise ValueError(f"data.data_dir is empty: it must name the folder the TFDS dataset {cfg.name!r} was "
+                             "prepared in (python -m ldm_jax.data.captioned_shapes --data_dir DIR for captioned_shapes)")
         return readers.TfdsSource(cfg.name, data_dir=cfg.data_dir, split=cfg.split, image_key=cfg.image_key,
                                   caption_key=cfg.caption_key or None, label_key=cfg.label_key or None)
     caption_ext = "txt" if cfg.caption_key else None

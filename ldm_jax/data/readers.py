@@ -16,11 +16,12 @@ import io
 import os
 import pathlib
 import tarfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 Example = dict[str, Any]
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -29,15 +30,18 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
 
 class SkipLog:
-    """Unreadable records, each counted once by name; `summary()` is the line a caller logs."""
+    """Unreadable records, each counted once by name; `summary()` is the line a caller logs. Thread-safe: the
+    device prefetch thread adds while the train loop reads the count."""
 
     def __init__(self, max_names: int = 5):
         self.max_names = max_names
         self._reasons: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def add(self, name: str, reason: str) -> None:
         """Records that `name` was skipped because of `reason` (repeats of a name count once)."""
-        self._reasons.setdefault(name, reason)
+        with self._lock:
+            self._reasons.setdefault(name, reason)
 
     @property
     def count(self) -> int:
@@ -45,14 +49,20 @@ class SkipLog:
 
     @property
     def names(self) -> list[str]:
-        return list(self._reasons)
+        with self._lock:
+            return list(self._reasons)
+
+    def first(self) -> list[tuple[str, str]]:
+        """The first `max_names` (name, reason) pairs, in the order they were found."""
+        with self._lock:
+            return list(self._reasons.items())[: self.max_names]
 
     def summary(self) -> str:
-        """E.g. "skipped 2 corrupt images: first few names a.png (zero bytes), b.jpg (image file is truncated)"."""
-        if not self._reasons:
-            return "skipped 0 corrupt images"
-        first = ", ".join(f"{n} ({r})" for n, r in list(self._reasons.items())[: self.max_names])
-        return f"skipped {self.count} corrupt images: first few names {first}"
+        """E.g. "skipped 2 unreadable images: first few a.png (zero bytes), b.jpg (image file is truncated)"."""
+        count, first = self.count, self.first()
+        if not count:
+            return "skipped 0 unreadable images"
+        return f"skipped {count} unreadable images: first few " + ", ".join(f"{n} ({r})" for n, r in first)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -76,7 +86,8 @@ def _decode_example(name: str, image_bytes: bytes, caption_bytes: bytes | None, 
         if caption_bytes is not None:
             example["caption"] = caption_bytes.decode("utf-8").strip()
     except _DECODE_ERRORS as error:  # UnicodeDecodeError is a ValueError
-        skipped.add(name, str(error) or type(error).__name__)
+        reason = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else str(error)
+        skipped.add(name, reason or type(error).__name__)
         return None
     return example
 
@@ -148,7 +159,8 @@ class ImageFolderSource:
         return example
 
 
-def _expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The .tar shard paths of a folder (its *.tar, sorted), a glob pattern (sorted) or a list of paths (as given)."""
     if isinstance(shards, (str, os.PathLike)):
         pattern = os.fspath(shards)
         if os.path.isdir(pattern):
@@ -172,7 +184,7 @@ class TarShardsSource:
     def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *,
                  caption_extension: str | None = "txt", extensions: Sequence[str] = IMAGE_EXTENSIONS):
         self._fds: dict[int, int] = {}
-        self.shards = _expand_shards(shards)
+        self.shards = expand_shards(shards)
         self.name = os.fspath(shards) if isinstance(shards, (str, os.PathLike)) else f"{len(self.shards)} shards"
         self.skipped = SkipLog()
         if not self.shards:
@@ -265,9 +277,9 @@ class TfdsSource:
         try:
             builder = tfds.builder(name, data_dir=os.fspath(data_dir))
         except tfds.core.registered.DatasetNotFoundError as error:
-            raise ValueError(f"TFDS dataset {name!r} is neither registered nor prepared in {data_dir}") from error
+            raise FileNotFoundError(_not_prepared(name, data_dir, split)) from error
         if not builder.is_prepared():
-            raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}")
+            raise FileNotFoundError(_not_prepared(name, data_dir, split))
         features = builder.info.features
         keys = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
         for arg, key in keys.items():
@@ -296,6 +308,19 @@ class TfdsSource:
         if self._keys["label_key"] is not None:
             example["label"] = int(record[self._keys["label_key"]])
         return example
+
+
+def _not_prepared(name: str, data_dir: str | os.PathLike, split: str) -> str:
+    """The one-line error for a TFDS dataset missing from `data_dir`, with the command that prepares it."""
+    where = os.fspath(data_dir)
+    missing = "" if os.path.isdir(where) else " (no such folder)"
+    from ldm_jax.data import captioned_shapes  # noqa: PLC0415 (imports tfds; only for this message)
+
+    command = captioned_shapes.prepare_command(name, where)
+    how = (f"prepare it with: {command}" if command else
+           f"prepare it there with `tfds build {name.split(':')[0]} --data_dir {where}` or point data_dir at the "
+           "folder it was prepared in")
+    return f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {where}{missing}; {how}"
 
 
 class ArraySource:

@@ -6,15 +6,26 @@
 - `data`: the input pipelines' positions as JSON, `{"num_processes": P, "states": [state of process 0,
   ...]}` (each process's iterator `get_state()`, gathered to the primary process that writes JSON).
 
-Saves happen every `every_steps` steps (and when forced, e.g. at the end), keep the last `keep`, and are
-asynchronous: `save` returns once the arrays are copied off the devices, the files are written in the
-background. Call `wait_until_finished()` (or `close()`) before the process exits.
+Saves happen every `every_steps` steps (and when forced, e.g. at the end), keep the last `keep` (at least 2,
+so a corrupt newest one has one to fall back to), and are asynchronous: `save` returns once the arrays are
+copied off the devices, the files are written in the background. Call `wait_until_finished()` (or `close()`)
+before the process exits.
+
+Corrupt checkpoints (`restore_newest`, what the train loop resumes with): a step that cannot be restored (a
+truncated data file, an empty manifest or metadata file, ...) is logged as one warning line naming the step and
+why, and the next older step is tried. Once one restores, the newer broken ones are moved (never deleted) into
+`<directory>/corrupt/<step>` by the primary process, out of orbax's view, so the step can be saved again. When
+none restores nothing is moved (the cause may be this run's own target: another model config, another number
+of processes) and `CheckpointRestoreError` says why the newest failed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -26,6 +37,13 @@ from jax.experimental import multihost_utils
 from ldm_jax.training.state import TrainState
 
 ITEMS = ("state", "config", "data")
+CORRUPT_DIR = "corrupt"
+
+_log = logging.getLogger(__name__)
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of a directory that holds some can be restored (the message says why the newest failed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +55,11 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self):
-        if self.every_steps < 1 or self.keep < 1:
-            raise ValueError(f"checkpoint: every_steps={self.every_steps} and keep={self.keep} must be >= 1")
+        if self.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps={self.every_steps}; expected >= 1")
+        if self.keep < 2:
+            raise ValueError(f"checkpoint.keep={self.keep}; expected >= 2, so that a corrupt newest checkpoint has "
+                             "an older one to fall back to")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +85,7 @@ def config_to_json(config: Any) -> Any:
         raise TypeError(f"checkpoint config must be a ConfigDict or JSON-serialisable: {err}") from None
 
 
-def _allgather_json(value: Any) -> list[Any]:
+def allgather_json(value: Any) -> list[Any]:
     """Every process's `value` (JSON-able), in process order; a collective over all processes."""
     if jax.process_count() == 1:
         return [value]
@@ -74,6 +95,73 @@ def _allgather_json(value: Any) -> list[Any]:
     padded[: raw.size] = raw
     gathered = np.asarray(multihost_utils.process_allgather(padded))
     return [json.loads(row[:n].tobytes().decode()) for row, n in zip(gathered, lengths)]
+
+
+def sync_processes(name: str) -> None:
+    """A barrier over all processes (nothing on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_true(flag: bool) -> bool:
+    """Whether `flag` is true on every process; a collective over all processes."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).all())
+
+
+class _AbandonedOrbaxReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of orbax's reads (the message names the
+    coroutine's file, under orbax/)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Task exception was never retrieved" in message and "orbax" in message)
+
+
+def _closed_loop_filter(previous: Any) -> Any:
+    """An unraisable hook that drops RuntimeError('Event loop is closed') and passes the rest to `previous`."""
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    return hook
+
+
+def quiet_abandoned_reads() -> None:
+    """After a restore fails, orbax's other reads of that step end on its closed event loop: TensorStore reports
+    each as an unraisable "Event loop is closed" RuntimeError and asyncio logs each abandoned task with a
+    traceback (hundreds of lines for one empty manifest.ocdbt). Drops exactly those, for the rest of the process
+    (installed once; the failure itself is reported in one line by `restore_newest`)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedOrbaxReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedOrbaxReads())
+    if getattr(sys.unraisablehook, "__qualname__", "") != _closed_loop_filter.__qualname__ + ".<locals>.hook":
+        sys.unraisablehook = _closed_loop_filter(sys.unraisablehook)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of the chain Python would print (orbax wraps TensorStore's, which names the file)."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def restore_failure(step_dir: str | os.PathLike, error: BaseException) -> str:
+    """Why `step_dir` did not restore, in one line: the innermost error's type and first line, and the step's
+    empty files (a JSON error does not name its file)."""
+    error = _root_cause(error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = next((line for line in lines if not line.startswith(("Traceback", "File "))), "")
+    why = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    root = pathlib.Path(step_dir)
+    empty = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.stat().st_size == 0)
+    return why + (f" (empty files: {', '.join(empty[:5])})" if empty else "")
 
 
 class Checkpointer:
@@ -104,7 +192,7 @@ class Checkpointer:
 
         `data_state` is this process's iterator state (JSON-able) or None.
         """
-        data = {"num_processes": jax.process_count(), "states": _allgather_json(data_state)}
+        data = {"num_processes": jax.process_count(), "states": allgather_json(data_state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   config=ocp.args.JsonSave(config_to_json(config)), data=ocp.args.JsonSave(data))
         return self._manager.save(step, args=args, force=force)
@@ -128,6 +216,49 @@ class Checkpointer:
                              f"process(es); this run has {jax.process_count()}")
         return Restored(step=step, state=out.state, config=out.config,
                         data_state=data["states"][jax.process_index()])
+
+    def restore_newest(self, target: TrainState) -> Restored | None:
+        """Restores the newest step that restores (see the module docstring); None when there is no checkpoint.
+
+        Newer steps that fail are moved to `<directory>/corrupt/` once an older one restored, each logged as one
+        line. Called by every process; a step counts as restored only when it restored on every process. Raises
+        CheckpointRestoreError when no step restores (nothing is moved then).
+        """
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored, why = self.restore(target, step), ""
+            except Exception as err:  # orbax/tensorstore/json raise many kinds; each means "this step is unusable"
+                quiet_abandoned_reads()
+                restored, why = None, restore_failure(os.path.join(self.directory, str(step)), err)
+            if _all_processes_true(restored is not None):
+                self._set_aside(failed, step)
+                return restored
+            failed.append((step, why or "it did not restore on another process"))
+        if not failed:
+            return None
+        newest, why = failed[0]
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.directory} restores (steps {sorted(s for s, _ in failed)}); the newest, step "
+            f"{newest}: {why}. Nothing was moved: fix the cause, or move the folder away to start from scratch")
+
+    def _set_aside(self, failed: list[tuple[int, str]], resumed: int) -> None:
+        """Moves the step directories of `failed` ((step, why) pairs) into `<directory>/corrupt/` (the primary
+        process, which logs one line each; the others wait) and makes the manager forget them."""
+        if not failed:
+            return
+        if jax.process_index() == 0:
+            corrupt = pathlib.Path(self.directory) / CORRUPT_DIR
+            corrupt.mkdir(exist_ok=True)
+            for step, why in failed:
+                dest, n = corrupt / str(step), 1
+                while dest.exists():
+                    dest, n = corrupt / f"{step}.{n}", n + 1
+                os.replace(os.path.join(self.directory, str(step)), dest)
+                _log.warning("checkpoint step %d in %s cannot be restored (%s); moved it to %s and resuming from "
+                             "step %d", step, self.directory, why, dest, resumed)
+        sync_processes("checkpoint_set_aside")
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
         """Blocks until every pending asynchronous save is committed."""

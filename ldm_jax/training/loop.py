@@ -18,13 +18,16 @@ Either way the builder then ends the step (`TrainState.next_step`: step + 1, EMA
 the update) and, when given the schedule, learning_rate. Every metric is a float32 scalar and "loss" is one.
 
 Finiteness: nothing is checked inside the step; `check_finite(metrics, step)` on the host names every NaN/Inf
-metric (grad and param norms cover the gradients and parameters). `train_loop` restores the latest checkpoint
-when there is one (state and data position), then runs the steps: batches placed on the devices by a
+metric (grad and param norms cover the gradients and parameters). `train_loop` restores the newest checkpoint
+that restores (state and data position; a corrupt newer one is logged and moved aside,
+`Checkpointer.restore_newest`), then runs the steps: batches placed on the devices by a
 `DevicePrefetcher` thread `prefetch` batches ahead (0: on the step thread), progress bar with loss and
 images/s, scalars to TensorBoard + JSONL every `log_every` steps (after `check_finite`), periodic hooks whose
 images are logged, checkpoints every `checkpoint.every_steps` and at the end. A non-finite metric at a log step
 or a non-finite state at a save step stops the run with `NonFiniteError`; no non-finite state is ever saved, so
 the last checkpoint stays good. The data position saved is that of the batches consumed, not of the read-ahead.
+Unreadable records the data source skipped (its `skipped` log, `SkipReport`) are the metric
+`data/skipped_images`, a console line whenever their count changed, and a summary line at the end.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ldm_jax import parallel
 from ldm_jax.data.pipeline import DevicePrefetcher
 from ldm_jax.training import logging as metric_logging
-from ldm_jax.training.checkpoint import CheckpointConfig, Checkpointer
+from ldm_jax.training.checkpoint import CheckpointConfig, Checkpointer, allgather_json
 from ldm_jax.training.state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -200,22 +203,27 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
 
     batches: an iterator of host-local batches (numpy pytrees, this process's contiguous share of the global
       batch, leading axis = examples) with `get_state()` / `set_state(s)` (JSON-able), checkpointed with the
-      state so a resumed run sees the same batches.
+      state so a resumed run sees the same batches; optionally `skipped` (a `readers.SkipLog`), reported.
     state: a freshly initialised TrainState; when `workdir/checkpoints` holds a checkpoint it is only the
       restore target (structure and shardings).
     config: saved as JSON in each checkpoint.
     prefetch: batches read and placed on the devices ahead by a background thread (`DevicePrefetcher`), so
       reading and decoding overlap the steps; 0 reads each batch on the step thread when it is needed.
-    Raises NonFiniteError (after waiting for pending saves) when a loss/metric or the state is NaN/Inf.
+    Raises NonFiniteError (after waiting for pending saves) when a loss/metric or the state is NaN/Inf, and
+    `checkpoint.CheckpointRestoreError` when the workdir holds checkpoints none of which restores.
     """
     for method in ("get_state", "set_state"):
         if not callable(getattr(batches, method, None)):
             raise TypeError(f"train_loop: the batch iterator {type(batches).__name__} has no {method}(); the data "
                             "position must be checkpointed for an exact resume")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
+    try:
+        restored = ckpt.restore_newest(state)  # a corrupt newest step falls back to an older one
+    except BaseException:
+        ckpt.close()
+        raise
     start = 0
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(state)
+    if restored is not None:
         state, start = restored.state, restored.step
         batches.set_state(restored.data_state)
         _log.info("resumed from %s/%d", ckpt.directory, start)
@@ -223,18 +231,59 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
     bar = metric_logging.ProgressBar(num_steps, initial=start, enabled=progress_bar and jax.process_index() == 0)
     key = _base_key(state, mesh)
     device_batches = DevicePrefetcher(batches, mesh, size=prefetch)
+    skips = SkipReport(getattr(batches, "skipped", None))
     try:
         state = _run(state, train_step, device_batches, key, start=start, num_steps=num_steps, ckpt=ckpt,
-                     config=config, log_every=log_every, hooks=hooks, writer=writer, bar=bar)
+                     config=config, log_every=log_every, hooks=hooks, writer=writer, bar=bar, skips=skips)
     finally:
         device_batches.close()
         bar.close()
         writer.close()
         ckpt.close()  # waits for pending saves
+    skips.at_end()
     return state
 
 
-def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log_every, hooks, writer, bar):
+class SkipReport:
+    """Reports a data source's unreadable records (`readers.SkipLog`, None: nothing to report), counted over
+    all processes: the metric `data/skipped_images` at every log step, a console line when the count changed,
+    and a summary line at the end. The count is this run's (a resumed run counts afresh). The calls are
+    collectives when several processes train: every process makes them."""
+
+    METRIC = "data/skipped_images"
+
+    def __init__(self, skipped: Any):
+        self.skipped, self.reported = skipped, 0
+
+    def at_log_step(self, step: int) -> dict[str, float]:
+        """{METRIC: count} (empty without a skip log); logs a line when the count changed since the last one."""
+        if self.skipped is None:
+            return {}
+        count = self._count()
+        if count != self.reported:
+            self._log(self._line(f"step {step}: skipped {count} unreadable images so far"))
+            self.reported = count
+        return {self.METRIC: float(count)}
+
+    def at_end(self) -> None:
+        """Logs "skipped N unreadable images: first few NAME (why), ..." when any were skipped."""
+        if self.skipped is not None and (count := self._count()):
+            self._log(self._line(f"skipped {count} unreadable images"))
+
+    def _count(self) -> int:
+        return sum(allgather_json(self.skipped.count))
+
+    def _line(self, head: str) -> str:
+        first = [pair for pairs in allgather_json(self.skipped.first()) for pair in pairs][: self.skipped.max_names]
+        return f"{head}: first few " + ", ".join(f"{n} ({why})" for n, why in first)
+
+    @staticmethod
+    def _log(line: str) -> None:
+        if jax.process_index() == 0:
+            _log.warning("%s", line)
+
+
+def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log_every, hooks, writer, bar, skips):
     last_time, last_step, examples = time.perf_counter(), start, 0
     for step in range(start, num_steps):
         try:
@@ -254,7 +303,8 @@ def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log
             now = time.perf_counter()
             images_per_sec = examples / max(now - last_time, 1e-9)
             writer.write_scalars(done, {**scalars, "images_per_sec": images_per_sec,
-                                        "steps_per_sec": (done - last_step) / max(now - last_time, 1e-9)})
+                                        "steps_per_sec": (done - last_step) / max(now - last_time, 1e-9),
+                                        **skips.at_log_step(done)})
             bar.update(done, loss=float(scalars["loss"]), images_per_sec=images_per_sec)
             last_time, last_step, examples = now, done, 0
 

@@ -34,6 +34,7 @@ import os
 import pathlib
 import re
 import sys
+import uuid
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +47,7 @@ from ml_collections import config_flags
 from ldm_jax import parallel
 from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
-from ldm_jax.training.checkpoint import CheckpointConfig
+from ldm_jax.training.checkpoint import CheckpointConfig, CheckpointRestoreError
 
 STAGES = ("autoencoder", "ldm")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -61,8 +62,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
 
     Returns the exit status: 0 after training, 2 after a user error, printed as one line `PROG: error: ...` on
     stderr: in the arguments (a missing or broken config file, an unknown config field, a value of the wrong
-    type, a stray argument, a missing --workdir; found before JAX starts) or a value the stage refuses
-    (`ConfigError`, found while the stage is built, before any data or params are read).
+    type, a stray argument, a missing --workdir; found before JAX starts) or a `ConfigError` (a value the stage
+    refuses, found while the stage is built; a workdir that cannot be written; missing or unreadable data or
+    files the config names; checkpoints none of which restores).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv):
@@ -72,6 +74,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
         fv = _parse([prog, *argv], run_flags=True)
         if not fv.workdir:
             raise ValueError("--workdir is required: the folder for checkpoints, logs, image grids and the export")
+        parallel.resolve_distributed_args(fv.coordinator, fv.num_processes, fv.process_id)  # checks the flags
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -87,38 +90,77 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
 
 
 class ConfigError(ValueError):
-    """A config value that parses but that the stage refuses (a bad dtype, batch_keys that do not fit the stage,
-    a resolution the first stage cannot divide, ...), raised while the stage is built, before any data or
-    params are read; `main` prints it as one line `PROG: error: ...` with exit status 2."""
+    """The user's error, found before or while training: a config value the stage refuses (a bad dtype,
+    batch_keys that do not fit the stage, a resolution the first stage cannot divide, ...; raised while the stage
+    is built), a workdir that cannot be written, data or files the config names that are missing or unreadable,
+    or checkpoints none of which restores. `main` prints it as one line `PROG: error: ...` with exit status 2."""
 
 
 def build_stage(build: Any, *args: Any) -> Any:
-    """`build(*args)` (a stage module's `build_stage`: it parses and checks every section), its ValueErrors
-    raised as ConfigError."""
+    """`build(*args)` (a stage module's `build_stage`: it parses and checks every section), its ValueErrors and
+    OSErrors (a missing tokenizer directory, ...) raised as ConfigError."""
+    return user_input("", build, *args)
+
+
+def user_input(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` for something that reads what the user named (the data, a file of the config):
+    its ValueErrors and OSErrors raised as ConfigError "what: why" (the readers' messages name the path)."""
     try:
-        return build(*args)
+        return fn(*args, **kwargs)
     except ConfigError:
         raise
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{what}: {_one_line(err)}" if what else _one_line(err)) from err
+
+
+def check_data(data: pipeline.DataConfig, eval_split: str) -> None:
+    """ConfigError unless the data a config names is there (`pipeline.check_source`: cheap, nothing is indexed
+    or decoded), the TFDS eval split too."""
+    user_input("data", pipeline.check_source, data)
+    if eval_split and eval_split != data.split and data.source == "tfds":
+        user_input(f"train.eval_split={eval_split!r}", pipeline.check_source,
+                   dataclasses.replace(data, split=eval_split))
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Creates `workdir` (and its parents) and checks that a file can be written in it; returns its absolute
+    path. Raises ConfigError naming it and why (an existing file, a parent that is a file, no permission, ...)."""
+    workdir = pathlib.Path(workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is an existing file, not a folder (give --workdir a folder)")
+    probe = workdir / f".write_test.{uuid.uuid4().hex}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        blocking = next((p for p in workdir.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else (err.strerror or type(err).__name__)
+        raise ConfigError(f"workdir {workdir} cannot be created or written: {why}") from err
+    return workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
     """Runs `config.stage` in `workdir` (created if needed; resumed when it holds checkpoints).
 
     Returns the stage's result (`train_autoencoder.Result` / `train_ldm.Result`). Raises ConfigError (a
-    ValueError) for an unknown stage or a config value the stage refuses.
+    ValueError) for the user's errors (see ConfigError): an unknown stage, a config value the stage refuses, an
+    unusable workdir, data that cannot be read, no checkpoint that restores.
     """
     stage = config.get("stage")
     if stage not in STAGES:
         raise ConfigError(f"config.stage is {stage!r}; expected one of {STAGES}")
-    workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     if stage == "autoencoder":
         from ldm_jax.training import train_autoencoder as module  # noqa: PLC0415 (each stage imports its own deps)
     else:
         from ldm_jax.training import train_ldm as module  # noqa: PLC0415
-    return module.train_and_evaluate(config, workdir)
+    workdir = pathlib.Path(workdir).absolute()
+    user_input("", module.check_inputs, config, workdir)  # the data and files it names, before anything is built
+    workdir = prepare_workdir(workdir)
+    try:
+        return module.train_and_evaluate(config, workdir)
+    except (pipeline.DataError, CheckpointRestoreError) as err:
+        raise ConfigError(_one_line(err)) from err
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -250,6 +292,13 @@ class TrainConfig:
     attention: str = "xla"
     remat: bool | str = False
     progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("num_steps", "log_every", "image_every", "num_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}; expected an integer >= 1")
+        if self.seed < 0:
+            raise ValueError(f"train.seed={self.seed}; expected >= 0")
 
 
 def section(cls: type, config: ml_collections.ConfigDict, name: str) -> Any:

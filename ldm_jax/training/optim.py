@@ -45,6 +45,11 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.grad_clip_norm < 0:
             raise ValueError(f"optimizer: warmup_steps={self.warmup_steps} and grad_clip_norm={self.grad_clip_norm}"
                              " must be >= 0")
+        if not self.learning_rate >= 0 or not self.weight_decay >= 0 or not self.eps > 0:
+            raise ValueError(f"optimizer: learning_rate={self.learning_rate} and weight_decay={self.weight_decay} "
+                             f"must be >= 0 and eps={self.eps} > 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"optimizer: b1={self.b1} and b2={self.b2} must be in [0, 1)")
 
 
 def scaled_learning_rate(base_lr: float, *, batch_size: int, num_devices: int, accumulate_grad_batches: int) -> float:
@@ -65,8 +70,8 @@ def learning_rate(cfg: OptimizerConfig, *, global_batch_size: int, num_devices: 
         return cfg.learning_rate
     per_update = cfg.accumulate_grad_batches * num_devices
     if global_batch_size % per_update:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by accumulate_grad_batches="
-                         f"{cfg.accumulate_grad_batches} x {num_devices} devices")
+        raise ValueError(f"data.global_batch_size={global_batch_size} is not divisible by optimizer."
+                         f"accumulate_grad_batches={cfg.accumulate_grad_batches} x {num_devices} devices")
     return scaled_learning_rate(cfg.learning_rate, batch_size=global_batch_size // per_update,
                                 num_devices=num_devices, accumulate_grad_batches=cfg.accumulate_grad_batches)
 

@@ -69,6 +69,9 @@ class AutoencoderOptimizerConfig(optim.OptimizerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.disc_learning_rate is not None and not self.disc_learning_rate >= 0:
+            raise ValueError(f"optimizer.disc_learning_rate={self.disc_learning_rate}; expected >= 0 or None (the "
+                             "generator's)")
         if self.accumulate_grad_batches != 1:
             raise ValueError(f"optimizer.accumulate_grad_batches={self.accumulate_grad_batches}: the autoencoder "
                              "stage updates on whole batches (use 1)")
@@ -135,6 +138,9 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
                     "%g -> 0). LPIPS needs torchvision's VGG16 weights (vgg16-397923af.pth); pass "
                     "--config.loss.lpips_vgg_path=PATH to use it.", loss_config.perceptual_weight)
         loss_config = dataclasses.replace(loss_config, perceptual_weight=0.0)
+    for name in ("kl_weight", "pixelloss_weight", "codebook_weight", "disc_start"):
+        if getattr(loss_config, name) < 0:
+            raise ValueError(f"loss.{name}={getattr(loss_config, name)}; expected >= 0")
     if loss_config.disc_conditional:
         raise ValueError("loss.disc_conditional=True needs a conditioning image in every batch; the data pipeline "
                          "gives images only")
@@ -155,8 +161,20 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
     if loss_config.use_actnorm:
         raise ValueError("loss.use_actnorm=True needs a data-dependent discriminator init, which this stage does not "
                          "do; the LDM autoencoder configs use BatchNorm (use_actnorm=False)")
+    common.checkpoint_config(config)  # checked now, used by the loop
     return Stage(config=config, ae_config=ae_config, model=model, loss=loss, tx=tx, schedule=schedule,
                  mesh=mesh, rules=rules, train=train, data=data, lpips_vgg_path=vgg_path)
+
+
+def check_inputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Cheap checks, before the stage is built, that what the config names is there: the data (`main.check_data`)
+    and loss.lpips_vgg_path when given. ConfigError / ValueError / OSError naming the config field."""
+    del workdir  # nothing of a previous run replaces an input of this stage
+    train = common.section(AutoencoderTrainConfig, config, "train")
+    common.check_data(common.section(pipeline.DataConfig, config, "data"), train.eval_split)
+    vgg = config.loss.get("lpips_vgg_path", "") if "loss" in config else ""
+    if vgg and not pathlib.Path(vgg).is_file():
+        raise FileNotFoundError(f"loss.lpips_vgg_path {vgg} is not a file (torchvision's vgg16-397923af.pth)")
 
 
 def init_state(stage: Stage, key: jax.Array, *, abstract: bool = False) -> TrainState:
@@ -209,18 +227,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     """Trains (or resumes) the autoencoder in `workdir`, then exports WORKDIR/autoencoder/."""
     stage = common.build_stage(build_stage, config)
     train = stage.train
+    batches = common.user_input("data", pipeline.make_iterator, stage.data)  # before any params: fails fast
+    eval_images = common.user_input(f"train.eval_split={train.eval_split!r}", _eval_images, stage)
     lpips_params = None
     if stage.loss.config.perceptual_weight > 0:
         from ldm_jax.convert.lpips import load_lpips_params  # noqa: PLC0415 (reads torch files; only when used)
 
-        lpips_params = jax.device_put(load_lpips_params(stage.lpips_vgg_path), parallel.replicated(stage.mesh))
+        vgg = common.user_input("loss.lpips_vgg_path", load_lpips_params, stage.lpips_vgg_path)
+        lpips_params = jax.device_put(vgg, parallel.replicated(stage.mesh))
     state = init_state(stage, jax.random.key(train.seed))
     train_step = make_train_step(update_fn=autoencoder_step.make_update(stage.model, stage.loss), mesh=stage.mesh,
                                  state_shardings=state_lib.shardings_of(state), learning_rate_fn=stage.schedule,
                                  frozen=lpips_params)
-    batches = pipeline.make_iterator(stage.data)
     psnrs: list[float] = []
-    hooks = [_grid_hook(stage, workdir, _eval_images(stage), psnrs)]
+    hooks = [_grid_hook(stage, workdir, eval_images, psnrs)]
     common.describe_outputs(workdir, "autoencoder", train.num_steps,
                             f"autoencoder:  {workdir / EXPORT_DIR} (written at the end)")
     state = train_loop(state, train_step, batches, num_steps=train.num_steps, workdir=workdir, mesh=stage.mesh,

@@ -55,11 +55,12 @@ import orbax.checkpoint as ocp
 
 from ldm_jax import ldm, parallel, pipeline as sampling, store
 from ldm_jax.data import pipeline, readers
+from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.models.tokenizer import load_tokenizer, tokenize
 from ldm_jax.training import main as common
 from ldm_jax.training import optim
 from ldm_jax.training import state as state_lib
-from ldm_jax.training.checkpoint import ITEMS
+from ldm_jax.training.checkpoint import ITEMS, restore_failure, sync_processes
 from ldm_jax.training.loop import Hook, host_copy, make_train_step, train_loop
 from ldm_jax.training.state import TrainState
 
@@ -90,6 +91,13 @@ class LDMTrainConfig(common.TrainConfig):
     sample_steps: int = 50
     guidance_scale: float = 5.0
     check_shapes: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"train.sampler={self.sampler!r}; expected one of {sorted(SAMPLERS)}")
+        if self.sample_steps < 1:
+            raise ValueError(f"train.sample_steps={self.sample_steps}; expected >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +164,7 @@ def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Sta
     mesh, rules = common.mesh_and_rules(config)
     if train.num_images % mesh.size:
         raise ValueError(f"train.num_images {train.num_images} is not a multiple of the {mesh.size} devices")
+    common.checkpoint_config(config)  # checked now, used by the loop
     return Stage(config=config, model=model, train=train, data=data,
                  optimizer=common.section(optim.OptimizerConfig, config, "optimizer"), mesh=mesh, rules=rules,
                  options=common.run_options(train), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
@@ -177,7 +186,7 @@ def _tokenizer(model: ldm.LDMConfig, train: LDMTrainConfig, workdir: pathlib.Pat
             from ldm_jax.data.train_tokenizer import train_tokenizer  # noqa: PLC0415
 
             train_tokenizer(directory)
-        _sync("tokenizer")
+        sync_processes("tokenizer")
     else:
         directory = pathlib.Path(train.tokenizer)
     tokenizer = load_tokenizer(directory, model.tokenizer_kind)
@@ -185,13 +194,6 @@ def _tokenizer(model: ldm.LDMConfig, train: LDMTrainConfig, workdir: pathlib.Pat
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer in {directory} has {len(tokenizer)} tokens; cond_stage.vocab_size is {vocab}")
     return tokenizer, directory
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
 
 
 def with_scale_factor(stage: Stage, value: float) -> Stage:
@@ -218,17 +220,38 @@ def load_pretrained(source: str | os.PathLike, config: ldm.LDMConfig, *,
     return store.check_params(model.params, store.param_shapes(config), source=str(source))
 
 
-def _first_stage_params(stage: Stage) -> dict[str, Any]:
-    if not stage.train.first_stage:
+def _first_stage_source(first_stage: str) -> pathlib.Path:
+    """train.first_stage as a `store.load_first_stage` source (the autoencoder stage's workdir -> its export)."""
+    if not first_stage:
         raise ValueError("train.first_stage is required without train.init_from: the autoencoder directory "
                          "(or autoencoder workdir) the LDM is trained on")
-    path = pathlib.Path(stage.train.first_stage)
+    path = pathlib.Path(first_stage)
     from ldm_jax.training.train_autoencoder import EXPORT_DIR  # noqa: PLC0415
 
-    if (path / EXPORT_DIR / store.CONFIG_FILE).is_file():
-        path = path / EXPORT_DIR  # the autoencoder stage's workdir
-    _, params = store.load_first_stage(path, expected=stage.model.first_stage)
+    return path / EXPORT_DIR if (path / EXPORT_DIR / store.CONFIG_FILE).is_file() else path
+
+
+def _first_stage_params(stage: Stage) -> dict[str, Any]:
+    _, params = store.load_first_stage(_first_stage_source(stage.train.first_stage), expected=stage.model.first_stage)
     return params
+
+
+def check_inputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Cheap checks, before the stage is built, that what the config names is there: the data (`main.check_data`;
+    not when its precomputed latents are cached) and the source of train.init_from / train.first_stage (not
+    when the workdir already holds the frozen params: a resumed run reads neither). ConfigError / ValueError /
+    OSError naming the config field."""
+    train = common.section(LDMTrainConfig, config, "train")
+    data = common.section(pipeline.DataConfig, config, "data")
+    if not (train.precompute_latents and latents_cache(workdir, data.split).is_file()):
+        common.check_data(data, train.eval_split)
+    if (workdir / FROZEN_FILE).is_file():
+        return
+    if train.init_from:
+        common.user_input(f"train.init_from={train.init_from!r}", store.detect_format, train.init_from)
+    elif train.first_stage:  # (none given: `frozen_params` says it is required, once the stage is built)
+        source = _first_stage_source(train.first_stage)
+        common.user_input(f"train.first_stage={train.first_stage!r}", store.detect_format, source)
 
 
 def frozen_params(stage: Stage, workdir: pathlib.Path, pretrained: Mapping[str, Any] | None = None
@@ -251,7 +274,7 @@ def frozen_params(stage: Stage, workdir: pathlib.Path, pretrained: Mapping[str, 
         frozen = {"first_stage": _first_stage_params(stage)}
     if jax.process_index() == 0:
         store.save_params(copy, frozen)
-    _sync("frozen")
+    sync_processes("frozen")
     return frozen
 
 
@@ -309,16 +332,22 @@ def _tokenize_fn(stage: Stage):
                                      max_length=m.max_length)
 
 
-def image_iterator(stage: Stage) -> pipeline.DataIterator:
-    """The training batches as images (+ tokens / labels)."""
-    return pipeline.make_iterator(stage.data, tokenizer=_tokenize_fn(stage))
+def image_iterator(stage: Stage, source: Any = None) -> pipeline.DataIterator:
+    """The training batches as images (+ tokens / labels), from `source` (None: the one data config names)."""
+    return pipeline.make_iterator(stage.data, source=source, tokenizer=_tokenize_fn(stage))
+
+
+def latents_cache(workdir: pathlib.Path, split: str) -> pathlib.Path:
+    """WORKDIR/latents/<split>.npz: where `precompute_latents` keeps its pass over the training split."""
+    return workdir / LATENTS_DIR / f"{split}.npz"
 
 
 def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path, *,
-                       batch_size: int = 256) -> dict[str, np.ndarray]:
-    """One pass over the training split: {"moments": (N, h, w, 2C or C) float32, + "tokens" / "label"} in
-    dataset-index order, cached in WORKDIR/latents/ (every process computes and reads the whole set)."""
-    cache = workdir / LATENTS_DIR / f"{stage.data.split}.npz"
+                       batch_size: int = 256, source: Any = None) -> dict[str, np.ndarray]:
+    """One pass over the training split (`source`; None: the one the data config names): {"moments": (N, h, w,
+    2C or C) float32, + "tokens" / "label"} in dataset-index order, cached in `latents_cache` (every process
+    computes and reads the whole set)."""
+    cache = latents_cache(workdir, stage.data.split)
     cond_key = [k for k in stage.data.batch_keys if k != "image"]
     if cache.is_file():
         with np.load(cache) as f:
@@ -327,7 +356,8 @@ def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib
         return arrays
     one_pass = dataclasses.replace(stage.data, shuffle=False, num_epochs=1, drop_remainder=False,
                                    global_batch_size=batch_size, batch_keys=("index", *stage.data.batch_keys))
-    it = pipeline.make_iterator(one_pass, tokenizer=_tokenize_fn(stage), process_index=0, process_count=1)
+    it = pipeline.make_iterator(one_pass, source=source, tokenizer=_tokenize_fn(stage), process_index=0,
+                                process_count=1)
     encode = jax.jit(lambda p, x: ldm.first_stage_moments(stage.model, p, x, options=stage.options))
     fs = jax.device_put({"first_stage": frozen["first_stage"]}, jax.local_devices()[0])
     parts: dict[str, list[np.ndarray]] = {"index": [], "moments": [], **{k: [] for k in cond_key}}
@@ -344,15 +374,16 @@ def precompute_latents(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib
     order = np.argsort(np.concatenate(parts.pop("index")))
     arrays = {k: np.concatenate(v)[order] for k, v in parts.items()}
     if len(arrays["moments"]) != it.num_examples:
-        raise ValueError(f"precomputed {len(arrays['moments'])} latents for {it.num_examples} examples: unreadable "
-                         "images cannot be precomputed (train on images instead)")
+        raise pipeline.DataError(f"precomputed {len(arrays['moments'])} latents for {it.num_examples} examples: "
+                                 f"unreadable images cannot be precomputed (train on images instead); "
+                                 f"{it.skipped.summary() if it.skipped is not None else ''}")
     if jax.process_index() == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, cache)
         log.info("precomputed latents of %d examples -> %s", it.num_examples, cache)
-    _sync("latents")
+    sync_processes("latents")
     return arrays
 
 
@@ -368,17 +399,21 @@ def latent_iterator(stage: Stage, arrays: Mapping[str, np.ndarray]) -> pipeline.
 
 
 def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
-    """The config JSON of WORKDIR's latest checkpoint, or None when there is none."""
+    """The config JSON of WORKDIR's newest checkpoint whose config reads (a corrupt newer one is skipped here;
+    the train loop sets it aside), or None when there is none."""
     directory = workdir / "checkpoints"
     if not directory.is_dir():
         return None
     manager = ocp.CheckpointManager(directory, item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+            except Exception as err:  # any failure: try the step before
+                log.warning("the config of checkpoint step %d does not read: %s", step,
+                            restore_failure(directory / str(step), err))
+        return None
     finally:
         manager.close()
 
@@ -423,9 +458,10 @@ def _eval_conditioning(stage: Stage) -> tuple[Any, Any, list[str] | None]:
     return labels, None, None  # the pipeline guides class models with the null class
 
 
-def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path, scores: list) -> Hook:
+def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path, scores: list,
+                 conditioning: tuple[Any, Any, list[str] | None]) -> Hook:
     train = stage.train
-    cond, uncond, captions = _eval_conditioning(stage)
+    cond, uncond, captions = conditioning
     sampler = sampling.make_model_sampler(stage.model, train.sampler, train.sample_steps)
 
     def fn(state: TrainState, step: int):
@@ -455,16 +491,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     """Trains (or resumes) the LDM in `workdir`, then exports WORKDIR/model/."""
     stage = common.build_stage(build_stage, config, workdir)
     train = stage.train
+    cached = train.precompute_latents and latents_cache(workdir, stage.data.split).is_file()
+    source = None if cached else common.user_input("data", pipeline.make_source, stage.data)  # before any params
+    conditioning = common.user_input(f"train.eval_split={train.eval_split!r}", _eval_conditioning, stage)
     saved = saved_config(workdir)
     pretrained = None
     if train.init_from and saved is None:  # a resumed run restores every trained param from its checkpoint
-        pretrained = load_pretrained(train.init_from, stage.model, tokenizer=stage.tokenizer_dir)
-    frozen_np = frozen_params(stage, workdir, pretrained)
+        pretrained = common.user_input(f"train.init_from={train.init_from!r}", load_pretrained, train.init_from,
+                                       stage.model, tokenizer=stage.tokenizer_dir)
+    where = f"train.init_from={train.init_from!r}" if train.init_from else f"train.first_stage={train.first_stage!r}"
+    frozen_np = common.user_input(where, frozen_params, stage, workdir, pretrained)
     frozen = place(frozen_np, stage)
     if train.precompute_latents:
-        batches = latent_iterator(stage, precompute_latents(stage, frozen_np, workdir))
+        batches = latent_iterator(stage, precompute_latents(stage, frozen_np, workdir, source=source))
     else:
-        batches = image_iterator(stage)
+        batches = common.user_input("data", image_iterator, stage, source)
     key = jax.random.key(train.seed)
     if saved is not None:
         stage = _resumed_scale(stage, saved)
@@ -486,7 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                            accumulate_grad_batches=stage.optimizer.accumulate_grad_batches,
                            learning_rate_fn=tx_schedule, frozen=frozen)
     scores: list[dict[str, float]] = []
-    hooks = [_sample_hook(stage, frozen, workdir, scores)]
+    hooks = [_sample_hook(stage, frozen, workdir, scores, conditioning)]
     common.describe_outputs(workdir, "ldm", train.num_steps, f"model:       {workdir / EXPORT_DIR} (written at the end)")
     state = train_loop(state, step, batches, num_steps=train.num_steps, workdir=workdir, mesh=stage.mesh,
                        checkpoint=common.checkpoint_config(stage.config), config=stage.config,
@@ -517,7 +558,7 @@ def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out
         store.save_model(model, out_dir)
         log.info("exported the model to %s (ldm-jax sample --checkpoint %s; ldm_jax.store.load_model)", out_dir,
                  out_dir)
-    _sync("export")
+    sync_processes("export")
     return out_dir
 
 
