@@ -105,7 +105,7 @@ def test_unwritable_workdir_is_one_line(kind, dataset, tmp_path, capsys, monkeyp
             raise PermissionError(13, "Permission denied", str(self))
 
         monkeypatch.setattr(pathlib.Path, "write_bytes", refuse)
-    line = _user_error(_argv(AE, workdir, dataset), capsys)
+    line = _user_error(_argv(AE, workdir, {**dataset, **AE_TINY}), capsys)
     assert expected in line, line
 
 
@@ -119,7 +119,7 @@ def _only_unreadable(folder):
     return folder
 
 
-@pytest.mark.parametrize("config, overrides, expected", [
+USER_ERRORS = [
     (AE, {"checkpoint.keep": 1}, "checkpoint.keep=1; expected >= 2"),
     (AE, {"checkpoint.every_steps": 0}, "checkpoint.every_steps=0"),
     (AE, {"train.log_every": 0}, "train.log_every=0"),
@@ -143,7 +143,12 @@ def _only_unreadable(folder):
     (LDM, {"train.tokenizer": "{tmp}/no_tokenizer"}, "tokenizer directory {tmp}/no_tokenizer does not exist"),
     (LDM, {"train.sampler": "bogus"}, "train.sampler='bogus'"),
     (LDM, {"train.first_stage": "{tmp}/bad"}, "train.first_stage='{tmp}/bad': {tmp}/bad: a directory, but neither"),
-])
+]
+
+
+@pytest.mark.parametrize("config, overrides, expected", USER_ERRORS,
+                         ids=[f"{c.split('_')[-1][:-3]}:" + ",".join(f"{k}={v}" for k, v in o.items())
+                              for c, o, _ in USER_ERRORS])
 def test_user_errors_are_one_line(config, overrides, expected, dataset, tmp_path, capsys):
     _only_unreadable(tmp_path / "bad")
     overrides = {k: str(v).format(tmp=tmp_path) for k, v in {**dataset, **AE_TINY, **overrides}.items()

@@ -10,8 +10,11 @@ Stages:
 - "ldm" (`ldm_jax.training.train_ldm`): the diffusion model on a frozen first stage; exports WORKDIR/model/
   (a model directory that `ldm_jax.store.load_model` and `ldm-jax sample` read) at the end.
 
-Both write under WORKDIR: checkpoints/ (orbax; a rerun with the same WORKDIR resumes), tensorboard/,
-metrics.jsonl (one line per logged step) and images/ (reconstruction or sample grids as PNG).
+Both write under WORKDIR: checkpoints/ (orbax; a rerun with the same WORKDIR resumes from the newest checkpoint
+that restores: one that does not is logged and moved to checkpoints/corrupt/, and when none restores the command
+stops with a one-line error instead of starting over), tensorboard/, metrics.jsonl (one line per logged step;
+`data/skipped_images` counts the unreadable images the data source skipped) and images/ (reconstruction or sample
+grids as PNG).
 
 Config sections shared by the stages (each becomes a frozen dataclass, so a misspelt field fails):
 `data` (pipeline.DataConfig), `checkpoint` (checkpoint.CheckpointConfig), `mesh` (parallel.MeshConfig),
