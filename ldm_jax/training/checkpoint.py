@@ -126,6 +126,7 @@ def _closed_loop_filter(previous: Any) -> Any:
         if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
             previous(unraisable)
 
+    hook.drops_closed_loop = True
     return hook
 
 
@@ -137,7 +138,7 @@ def quiet_abandoned_reads() -> None:
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedOrbaxReads) for f in asyncio_log.filters):
         asyncio_log.addFilter(_AbandonedOrbaxReads())
-    if getattr(sys.unraisablehook, "__qualname__", "") != _closed_loop_filter.__qualname__ + ".<locals>.hook":
+    if not getattr(sys.unraisablehook, "drops_closed_loop", False):
         sys.unraisablehook = _closed_loop_filter(sys.unraisablehook)
 
 
