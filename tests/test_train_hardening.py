@@ -25,7 +25,7 @@ from PIL import Image
 
 import multihost_worker as toy
 from ldm_jax.data.captioned_shapes import prepare_captioned_shapes
-from ldm_jax.training import main, train_autoencoder, train_ldm
+from ldm_jax.training import loop, main, train_autoencoder, train_ldm
 from ldm_jax.training.checkpoint import CheckpointRestoreError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -290,3 +290,15 @@ def test_when_no_checkpoint_restores_nothing_is_moved(toy_runs, tmp_path):
                                                      r"step 4: JSONDecodeError: .*\(empty files: data/metadata\)"):
         toy.run(str(workdir), steps=6, checkpoint_every=2)
     assert _steps(workdir / "checkpoints") == [2, 4] and not (workdir / "checkpoints" / "corrupt").exists()
+
+
+def test_divergence_is_one_line_with_status_1(tmp_path, capsys, monkeypatch):
+    def diverge(config, workdir):
+        raise loop.NonFiniteError("non-finite metrics at step 5: {'loss': nan}; the last good checkpoint is step 4")
+
+    monkeypatch.setattr(main, "train_and_evaluate", diverge)
+    monkeypatch.setattr(main.parallel, "initialize_distributed", lambda *args: False)
+    argv = ["--config=configs/shapes_autoencoder.py", "--workdir", str(tmp_path / "w")]
+    assert main.main(argv, prog="train.py") == 1
+    err = capsys.readouterr().err
+    assert err == "train.py: error: non-finite metrics at step 5: {'loss': nan}; the last good checkpoint is step 4\n"

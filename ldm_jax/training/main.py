@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     the config with its overrides, joins the other hosts (`parallel.initialize_distributed`: the flags or the
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) and runs `train_and_evaluate`.
 
-    Returns the exit status: 0 after training, 2 after a user error, printed as one line `PROG: error: ...` on
+    Returns the exit status: 0 after training, 1 when training diverged (a NaN / inf loss or gradient: one line
+    naming the step and the last good checkpoint), 2 after a user error, printed as one line `PROG: error: ...` on
     stderr: in the arguments (a missing or broken config file, an unknown config field, a value of the wrong
     type, a stray argument, a missing --workdir; found before JAX starts) or a `ConfigError` (a value the stage
     refuses, found while the stage is built; a workdir that cannot be written; missing or unreadable data or
@@ -89,6 +90,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     except ConfigError as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # loop.NonFiniteError: the run diverged (not a usage error: status 1)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
