@@ -62,6 +62,7 @@ def xla_optimizations():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
+@pytest.mark.slow
 def test_guidance_raises_adherence(tmp_path, xla_optimizations):
     """Classifier-free guidance at sample.py's default scale follows the prompts better than guidance 1.
 

@@ -219,6 +219,7 @@ def _max_rel(a, b):
     return max(jax.tree.leaves(diffs)) / scale
 
 
+@pytest.mark.slow
 def test_precomputed_latents_equal_on_the_fly(dataset, autoencoder_run, tmp_path):
     stage = _stage(dataset, autoencoder_run, tmp_path, **{"train.precompute_latents": True})
     frozen_np = train_ldm.frozen_params(stage, tmp_path)
@@ -259,6 +260,7 @@ def test_first_batch_scale_is_one_over_unbiased_std(dataset, autoencoder_run, tm
     assert values[0] == pytest.approx(expected, rel=1e-5) and values[1] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_batch(dataset, autoencoder_run, tmp_path):
     stage = _stage(dataset, autoencoder_run, tmp_path, **{"optimizer.accumulate_grad_batches": 2})
     frozen = train_ldm.place(train_ldm.frozen_params(stage, tmp_path), stage)
@@ -287,6 +289,7 @@ def test_gradient_accumulation_equals_one_batch(dataset, autoencoder_run, tmp_pa
     assert _max_rel(jax.tree.map(np.asarray, state.params), expected) < RTOL
 
 
+@pytest.mark.slow
 def test_ldm_step_one_device_equals_eight(dataset, autoencoder_run, tmp_path):
     stage8 = _stage(dataset, autoencoder_run, tmp_path, **{"mesh.data": -1})
     assert stage8.mesh.size == 8
