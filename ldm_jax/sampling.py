@@ -23,8 +23,8 @@ schedule.
 
 Sizes: a model whose UNet has a learned position embedding (the embedded model: 8x8 latents, factor 4)
 samples exactly that size (32x32 pixels); others take heights and widths that are multiples of the
-autoencoder's factor times 2**(UNet levels - 1) (our UNet halves the latent that many times and needs it to
-divide exactly: 64 pixels for Stable Diffusion), up to MAX_SIDE (8192) pixels a side.
+autoencoder's factor (8 for Stable Diffusion, as diffusers; the UNet rounds odd halvings up and upsamples to its
+skips' sizes), up to MAX_SIDE (8192) pixels a side.
 
 Problems that do not stop a run are one line each on stderr: prompt words the tokenizer does not know
 (the embedded model's small vocabulary reads "crimson" as <|unk|>) and prompts longer than the text
@@ -349,9 +349,9 @@ def check_size(config, height: int, width: int, what: str) -> None:
     """UserError, opening with `what`, unless the model samples height x width pixel images.
 
     A UNet with a learned position embedding of (h, w) latents takes exactly (h * f, w * f) pixels, f the
-    autoencoder's factor (the embedded model: 32x32). Other UNets take heights and widths that are multiples
-    of f * 2**(len(channel_mult) - 1): the UNet halves the latent len(channel_mult) - 1 times and its skip
-    connections need every halving exact (64 for Stable Diffusion); at most MAX_SIDE pixels a side.
+    autoencoder's factor (the embedded model: 32x32). Other models take heights and widths that are multiples of
+    f (8 for Stable Diffusion, as diffusers), at most MAX_SIDE pixels a side: the UNet rounds odd halvings up and
+    upsamples to its skips' sizes, as diffusers' UNet2DConditionModel.
     """
     f, table = config.downsample_factor, config.unet.position_embedding
     if table is not None:
@@ -360,11 +360,9 @@ def check_size(config, height: int, width: int, what: str) -> None:
                             f"learned position embedding is {table[1]}x{table[0]} latents, x{f} the autoencoder's "
                             f"factor)")
         return
-    halvings = len(config.unet.channel_mult) - 1
-    multiple = f * 2**halvings
-    if height % multiple or width % multiple or max(height, width) > MAX_SIDE:
-        raise UserError(f"{what}, but this model takes heights and widths that are multiples of {multiple} (the "
-                        f"autoencoder's factor {f} x 2**{halvings}, the UNet's downsamplings), at most {MAX_SIDE}")
+    if height % f or width % f or max(height, width) > MAX_SIDE:
+        raise UserError(f"{what}, but this model takes heights and widths that are multiples of {f} (the "
+                        f"autoencoder's factor), at most {MAX_SIDE}")
 
 
 def _tile(array: np.ndarray, batch: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 LECUN_NORMAL = nn.initializers.lecun_normal()  # flax's default kernel init
@@ -145,9 +146,12 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour repetition, then an optional 3x3 conv.
+    """Double H and W by nearest-neighbour repetition (or resize to `size`, nearest), then an optional 3x3 conv.
 
-    Input (B, H, W, C); output (B, 2H, 2W, out_channels or C).
+    Input (B, H, W, C); output (B, 2H, 2W, out_channels or C), or (B, *size, ...) with `size` (the UNet's
+    decoder passes its next skip's size when a halving was not exact, as diffusers' `upsample_size`): pixel i
+    of an output side n takes input pixel floor(i * m / n), m the input side, which is PyTorch's
+    `F.interpolate(size=..., mode="nearest")`.
     """
 
     with_conv: bool = True
@@ -156,8 +160,14 @@ class Upsample(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        height, width = x.shape[1:3]
+        if size is None or tuple(size) == (2 * height, 2 * width):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            rows = (np.arange(size[0]) * height) // size[0]
+            cols = (np.arange(size[1]) * width) // size[1]
+            x = x[:, rows][:, :, cols]
         if self.with_conv:
             x = conv(self.out_channels or x.shape[-1], 3, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="conv")(x)

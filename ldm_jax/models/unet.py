@@ -218,7 +218,7 @@ class UpBlock(_Blocks):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, h, skips, temb, context, deterministic=True):
+    def __call__(self, h, skips, temb, context, deterministic=True, upsample_size=None):
         for j, skip in enumerate(reversed(skips)):
             h = jnp.concatenate([h, skip], axis=-1)
             h = self.resnet(f"resnets_{j}")(h, temb, deterministic)
@@ -228,7 +228,7 @@ class UpBlock(_Blocks):
             h = Upsample(
                 with_conv=self.config.conv_resample, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="upsamplers_0",
-            )(h)
+            )(h, upsample_size)
         return h
 
 
@@ -237,7 +237,8 @@ class UNetModel(nn.Module):
 
     Call: `apply(params, x, timesteps, context=None, y=None, deterministic=True)`.
       x: (B, H, W, in_channels) noisy latents (with any concat conditioning already appended on the channel
-         axis by the caller); H and W divisible by 2**(len(channel_mult) - 1).
+         axis by the caller); any H and W: a halving of an odd side rounds up and the decoder upsamples to
+         the skip's size, as diffusers' UNet2DConditionModel does (its `upsample_size`).
       timesteps: (B,) or scalar, integer or float diffusion steps in [0, num_timesteps).
       context: (B, L, context_dim) cross-attention conditioning; required iff the config has a spatial
          transformer.
@@ -302,10 +303,11 @@ class UNetModel(nn.Module):
         for i, level in enumerate(reversed(range(levels))):
             n = cfg.num_res_blocks + 1
             level_skips, skips = skips[-n:], skips[:-n]
+            upsample_size = skips[-1].shape[1:3] if level > 0 else None  # the next skip's (odd sides)
             h = UpBlock(
                 cfg, channels[level], 2**level in cfg.attention_resolutions, add_upsample=level > 0,
                 name=f"up_blocks_{i}", **block_kw,
-            )(h, level_skips, temb, context, deterministic)
+            )(h, level_skips, temb, context, deterministic, upsample_size)
 
         # 5. Output head in float32.
         h = nn.silu(GroupNorm32(epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
@@ -316,13 +318,8 @@ class UNetModel(nn.Module):
     def _check_inputs(self, x, timesteps, context, y) -> jax.Array:
         """Validates shapes (ValueError naming them); returns timesteps broadcast to (B,)."""
         cfg = self.config
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels or min(x.shape[1:3]) < 1:
             raise ValueError(f"UNet: x must be (B, H, W, in_channels={cfg.in_channels}); got {x.shape}")
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(
-                f"UNet: spatial size {x.shape[1:3]} must be divisible by 2**(len(channel_mult)-1) = {factor}"
-            )
         batch = x.shape[0]
         timesteps = jnp.asarray(timesteps)
         if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
