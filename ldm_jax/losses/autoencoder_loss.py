@@ -77,13 +77,13 @@ class LossConfig:
             raise ValueError(f"LossConfig.disc_loss must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
         if self.pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"LossConfig.pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
-        if self.disc_num_layers < 1 or self.disc_ndf < 1 or self.disc_in_channels < 1:
-            raise ValueError(
-                f"LossConfig: disc_num_layers, disc_ndf and disc_in_channels must be >= 1, got "
-                f"{self.disc_num_layers}, {self.disc_ndf}, {self.disc_in_channels}"
-            )
-        if self.perceptual_weight < 0 or self.disc_weight < 0 or self.disc_factor < 0:
-            raise ValueError("LossConfig: perceptual_weight, disc_weight and disc_factor must be >= 0")
+        for name in ("disc_num_layers", "disc_ndf", "disc_in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"loss.{name}={getattr(self, name)}; expected >= 1")
+        for name in ("perceptual_weight", "disc_weight", "disc_factor", "kl_weight", "pixelloss_weight",
+                     "codebook_weight", "disc_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name}={getattr(self, name)}; expected >= 0")
 
 
 def adopt_weight(weight: float, step: Any, threshold: int, value: float = 0.0) -> jax.Array:

@@ -138,9 +138,6 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
                     "%g -> 0). LPIPS needs torchvision's VGG16 weights (vgg16-397923af.pth); pass "
                     "--config.loss.lpips_vgg_path=PATH to use it.", loss_config.perceptual_weight)
         loss_config = dataclasses.replace(loss_config, perceptual_weight=0.0)
-    for name in ("kl_weight", "pixelloss_weight", "codebook_weight", "disc_start"):
-        if getattr(loss_config, name) < 0:
-            raise ValueError(f"loss.{name}={getattr(loss_config, name)}; expected >= 0")
     if loss_config.disc_conditional:
         raise ValueError("loss.disc_conditional=True needs a conditioning image in every batch; the data pipeline "
                          "gives images only")
