@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import sys
+import uuid
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -63,15 +64,21 @@ def int_in(low: int, high: int | None = None):
 
 
 def writable_dir(path: str | os.PathLike, flag: str) -> pathlib.Path:
-    """Creates directory `path` if needed and checks it can be written; returns it. Raises ValueError, one
-    line naming `flag` and the path, when it cannot (a file is in the way, no permission, read-only disk)."""
+    """Creates directory `path` (and its parents) if needed and writes (then removes) a probe file in it; returns
+    it. Raises ValueError, one line naming `flag` and the path, when it cannot: an existing file in the way, a
+    parent that is a file, no permission, a read-only disk (the probe also catches what os.access misses)."""
     directory = pathlib.Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{flag} {directory} is an existing file, not a folder")
+    probe = directory / f".write_test.{uuid.uuid4().hex}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as error:
-        raise ValueError(f"{flag} {directory}: cannot write there ({error.strerror})") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {directory}: cannot write there (no write permission)")
+        blocking = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else (error.strerror or type(error).__name__)
+        raise ValueError(f"{flag} {directory} cannot be created or written: {why}") from None
     return directory
 
 

@@ -94,7 +94,7 @@ def test_eight_devices_match_one(tiny_model, tmp_path, monkeypatch):
     (["--timestep-spacing", "karras"], "--timestep-spacing 'karras'"),
     (["--latents", "/nonexistent.npy"], "--latents /nonexistent.npy: no such file"),
     (["--plms", "--sampler", "ddim"], "--plms and --sampler ddim disagree"),
-    (["--outdir", "/proc/ldm_jax_out"], "cannot write there"),
+    (["--outdir", "/proc/ldm_jax_out"], "cannot be created or written"),
     (["--init-image", __file__], "cannot read the image"),
 ])
 def test_user_errors_are_one_line(tiny_model, tmp_path, capsys, extra, message):

@@ -37,7 +37,6 @@ import os
 import pathlib
 import re
 import sys
-import uuid
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +47,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ldm_jax import parallel
+from ldm_jax.cli import writable_dir
 from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
 from ldm_jax.training.checkpoint import CheckpointConfig, CheckpointRestoreError
@@ -130,21 +130,13 @@ def check_data(data: pipeline.DataConfig, eval_split: str) -> None:
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-    """Creates `workdir` (and its parents) and checks that a file can be written in it; returns its absolute
-    path. Raises ConfigError naming it and why (an existing file, a parent that is a file, no permission, ...)."""
-    workdir = pathlib.Path(workdir).absolute()
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"workdir {workdir} is an existing file, not a folder (give --workdir a folder)")
-    probe = workdir / f".write_test.{uuid.uuid4().hex}"
+    """Creates `workdir` (and its parents) and checks that a file can be written in it (`cli.writable_dir`);
+    returns its absolute path. Raises ConfigError naming it and why (an existing file, a parent that is a file,
+    no permission, ...)."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        blocking = next((p for p in workdir.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocking} is a file, not a folder" if blocking else (err.strerror or type(err).__name__)
-        raise ConfigError(f"workdir {workdir} cannot be created or written: {why}") from err
-    return workdir
+        return writable_dir(pathlib.Path(workdir).absolute(), "workdir")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
