@@ -263,6 +263,6 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         # JAX raises this exact complaint when auto-detection found no cluster to take an address from.
         if "coordinator_address should be defined" not in str(err):
             raise
-        _log.info("no distributed flags, environment or cluster found: running as a single process")
+        _log.debug("no distributed flags, environment or cluster found: running as a single process")
         return False
     return True

@@ -136,3 +136,16 @@ def test_bad_input():
         S.q_sample(S.make_schedule(), jnp.zeros((1, 2)), jnp.zeros((1, 1), int), jnp.zeros((1, 2)))
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['linear_stat'\]"):
         build_dataclass(S.ScheduleConfig, ml_collections.ConfigDict(dict(linear_stat=0.1)))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_timesteps=0), r"diffusion\.num_timesteps=0; expected >= 1"),
+    (dict(beta_schedule="cosin"), r"diffusion\.beta_schedule='cosin'; expected one of"),
+    (dict(linear_start=-1.0), r"diffusion\.linear_start=-1\.0, linear_end=0\.02; expected 0 < linear_start"),
+    (dict(linear_start=0.5, linear_end=0.1), r"expected 0 < linear_start <= linear_end < 1"),
+    (dict(beta_schedule="cosine", cosine_s=0.0), r"diffusion\.cosine_s=0\.0; expected > 0"),
+    (dict(v_posterior=2.0), r"diffusion\.v_posterior=2\.0; expected in \[0, 1\]"),
+])
+def test_schedule_config_refuses_bad_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        S.ScheduleConfig(**fields)

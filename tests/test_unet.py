@@ -299,3 +299,14 @@ def test_position_embedding_is_added_after_conv_in_and_checks_the_size():
     assert init_unet(positioned, jax.random.key(0))["params"]["position_embedding"].shape == (8, 8, 32)
     with pytest.raises(ValueError, match=r"inputs are 4x4 latents but the learned position embedding is 8x8"):
         positioned.apply({"params": params}, x[:, :4, :4], t, context)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(model_channels=0), r"model_channels=0 and channel_mult=\(1, 2\) must be >= 1"),
+    (dict(channel_mult=()), r"channel_mult=\(\) must be >= 1 \(channel_mult non-empty\)"),
+    (dict(num_res_blocks=0), r"num_res_blocks=0 and transformer_depth=1 must be >= 1"),
+    (dict(num_heads=-1, num_head_channels=7), r"num_head_channels=7 does not divide the 32 channels of level 0"),
+])
+def test_sizes_and_heads_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny(**fields)

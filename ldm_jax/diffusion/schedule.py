@@ -36,6 +36,19 @@ class ScheduleConfig:
     cosine_s: float = 8e-3
     v_posterior: float = 0.0  # reference: posterior variance = (1 - v) * beta_tilde + v * beta
 
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"diffusion.beta_schedule={self.beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"diffusion.num_timesteps={self.num_timesteps}; expected >= 1")
+        if self.beta_schedule != "cosine" and not 0 < self.linear_start <= self.linear_end < 1:
+            raise ValueError(f"diffusion.linear_start={self.linear_start}, linear_end={self.linear_end}; expected "
+                             "0 < linear_start <= linear_end < 1")
+        if self.beta_schedule == "cosine" and not self.cosine_s > 0:
+            raise ValueError(f"diffusion.cosine_s={self.cosine_s}; expected > 0")
+        if not 0 <= self.v_posterior <= 1:
+            raise ValueError(f"diffusion.v_posterior={self.v_posterior}; expected in [0, 1]")
+
 
 def make_betas(beta_schedule: str, num_timesteps: int, *, linear_start: float = 1e-4, linear_end: float = 2e-2,
                cosine_s: float = 8e-3) -> np.ndarray:

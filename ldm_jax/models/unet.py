@@ -96,12 +96,25 @@ class UNetConfig:
                 "UNetConfig: resblock_updown=True (ResBlocks that resample) is not implemented; "
                 "Stable Diffusion and the LDM configs use conv/avg-pool resampling (resblock_updown=False)"
             )
+        if self.model_channels < 1 or not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"UNetConfig: model_channels={self.model_channels} and channel_mult={self.channel_mult} "
+                             "must be >= 1 (channel_mult non-empty)")
+        if self.num_res_blocks < 1 or self.transformer_depth < 1:
+            raise ValueError(f"UNetConfig: num_res_blocks={self.num_res_blocks} and transformer_depth="
+                             f"{self.transformer_depth} must be >= 1")
         bad = sorted(set(self.attention_resolutions) - {2**level for level in range(len(self.channel_mult))})
         if bad:
             raise ValueError(
                 f"UNetConfig: attention_resolutions {bad} are not downsampling factors of any level "
                 f"(levels have factors {[2**level for level in range(len(self.channel_mult))]})"
             )
+        for level, mult in enumerate(self.channel_mult):
+            channels, split = self.model_channels * mult, max(self.num_head_channels, self.num_heads)
+            attends = 2**level in self.attention_resolutions or level == len(self.channel_mult) - 1  # + mid block
+            if attends and channels % split:
+                what = "num_head_channels" if self.num_head_channels > 0 else "num_heads"
+                raise ValueError(f"UNetConfig: {what}={split} does not divide the {channels} channels of level "
+                                 f"{level} (model_channels {self.model_channels} x channel_mult {mult})")
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of the attention blocks at a level with `channels` channels."""
