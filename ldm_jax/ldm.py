@@ -97,6 +97,8 @@ class DiffusionConfig:
             errors.append(f"loss_type={self.loss_type!r}, expected one of {LOSS_TYPES}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             errors.append(f"loss_weighting={self.loss_weighting!r}, expected one of {LOSS_WEIGHTINGS}")
+        if not self.min_snr_gamma > 0:
+            errors.append(f"min_snr_gamma={self.min_snr_gamma} must be > 0")
         if self.image_size < 1 or self.channels < 1:
             errors.append(f"image_size={self.image_size} and channels={self.channels} must be >= 1")
         if errors:

@@ -59,7 +59,9 @@ EVALUATE_FLAGS = {  # per sub-command
 TRAIN_FLAGS = {"config": "path", "workdir": "dir", "coordinator": ("text", ["localhost", "host:0"]),
                "num_processes": ("int", ["0"]), "process_id": ("int", ["-1"])}
 # The training sections' fields of configs/shapes_ldm.py (the LDM stage) and configs/shapes_autoencoder.py
-# (its `loss`): out-of-range values per numeric field; str fields are paths, choices or names read with the data.
+# (its `loss`), then the LDM's model sections: out-of-range values per numeric field ([] where every value of
+# the type means something: -1 heads = "use head channels", 0 dropout, ...); str fields are paths, choices or
+# names read with the data.
 TRAIN_FIELDS = {
     "checkpoint.every_steps": ["0"], "checkpoint.keep": ["0"], "checkpoint.async_save": [],
     "data.global_batch_size": ["0"], "data.prefetch": ["-1"], "data.resolution": ["0"], "data.seed": ["-1"],
@@ -83,7 +85,28 @@ TRAIN_FIELDS.update({
     "loss.disc_weight": ["-1.0"], "loss.kl_weight": ["-1.0"], "loss.perceptual_weight": ["-1.0"],
     "loss.lpips_vgg_path": "path", "loss.pixel_loss": "choice", "optimizer.disc_learning_rate": [],
 })
-TRAIN_SECTIONS = ("checkpoint", "data", "mesh", "optimizer", "train", "loss")
+# The model sections of configs/shapes_ldm.py (the architecture; its first stage comes from train.first_stage).
+TRAIN_FIELDS.update({
+    "unet.adm_in_channels": [], "unet.attention_resolutions": [], "unet.channel_mult": [], "unet.context_dim": [],
+    "unet.conv_resample": [], "unet.dropout": ["-1", "1.0"], "unet.flip_sin_to_cos": [], "unet.freq_shift": [],
+    "unet.in_channels": ["0"], "unet.model_channels": ["0", "-1"], "unet.num_classes": [],
+    "unet.num_head_channels": ["7"], "unet.num_heads": [], "unet.num_res_blocks": ["0"], "unet.out_channels": [],
+    "unet.position_embedding": [], "unet.resblock_updown": [], "unet.transformer_depth": ["0"],
+    "unet.use_linear_in_transformer": [], "unet.use_scale_shift_norm": [], "unet.use_spatial_transformer": [],
+    "cond_stage.eos_token_id": ["-1", "26"], "cond_stage.hidden_act": "choice", "cond_stage.hidden_size": ["0"],
+    "cond_stage.intermediate_size": ["0"], "cond_stage.kind": "choice", "cond_stage.layer_norm_eps": ["0.0"],
+    "cond_stage.max_length": ["0"], "cond_stage.num_heads": ["0", "-1", "3"], "cond_stage.num_layers": ["0"],
+    "cond_stage.output_layer": "choice", "cond_stage.pad_token_id": ["-1", "26"], "cond_stage.pooling": "choice",
+    "cond_stage.tokenizer_kind": "choice", "cond_stage.vocab_size": ["0"],
+    "diffusion.beta_schedule": "choice", "diffusion.channels": ["0"], "diffusion.cond_drop_prob": ["-0.1", "1.5"],
+    "diffusion.conditioning_key": "choice", "diffusion.cosine_s": ["0.0"], "diffusion.image_size": ["0"],
+    "diffusion.learn_logvar": [], "diffusion.linear_end": [], "diffusion.linear_start": [],
+    "diffusion.logvar_init": [], "diffusion.loss_type": "choice", "diffusion.loss_weighting": "choice",
+    "diffusion.min_snr_gamma": ["0.0"], "diffusion.num_timesteps": ["0"], "diffusion.prediction_type": "choice",
+    "diffusion.scale_by_std": [], "diffusion.scale_factor": ["0.0"], "diffusion.v_posterior": ["1.5"],
+})
+TRAIN_SECTIONS = ("checkpoint", "data", "mesh", "optimizer", "train", "loss", "unet", "cond_stage", "diffusion")
+MODEL_SECTIONS = ("unet", "cond_stage", "diffusion")
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -102,12 +125,12 @@ def _evaluate_parsers() -> dict[str, argparse.ArgumentParser]:
 
 def _training_fields() -> dict[str, tuple[object, str]]:
     """'section.field' -> (default value, config file) of the training sections of both stages' configs (the
-    LDM's where both have the field)."""
+    LDM's where both have the field) and the LDM config's model sections."""
     fields = {}
     for name in ("shapes_autoencoder.py", "shapes_ldm.py"):
         config = train_main.load_config(ROOT / "configs" / name)
         for section in TRAIN_SECTIONS:
-            if section in config:
+            if section in config and (name == "shapes_ldm.py" or section not in MODEL_SECTIONS):
                 fields.update({f"{section}.{k}": (v, name) for k, v in config[section].items()})
     return fields
 
@@ -250,7 +273,7 @@ def _evaluate_args(sub: str, option: str, value: str, world, out: str) -> list[s
 def _train_args(option: str, value: str, world, tmp_path) -> list[str]:
     config = "shapes_ldm.py"
     if option.startswith("--config."):
-        config = _training_fields()[option.removeprefix("--config.")][1]
+        config = _training_fields().get(option.removeprefix("--config."), (None, "shapes_ldm.py"))[1]
     args = {"--config": f"configs/{config}", "--workdir": str(tmp_path / "workdir"),
             "--config.data.data_dir": str(world["data_dir"]), "--config.data.name": world["name"]}
     if config == "shapes_ldm.py":

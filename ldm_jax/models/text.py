@@ -106,6 +106,11 @@ class ClipTextConfig:
 
     def __post_init__(self):
         _require(self.kind == "clip", f"ClipTextConfig.kind must be 'clip', got {self.kind!r}")
+        for name in ("hidden_size", "intermediate_size", "num_heads", "max_length", "vocab_size"):
+            _require(getattr(self, name) >= 1, f"ClipTextConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.layer_norm_eps > 0, f"ClipTextConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        _require(0 <= self.eos_token_id < self.vocab_size,
+                 f"ClipTextConfig.eos_token_id {self.eos_token_id} is outside [0, vocab_size={self.vocab_size})")
         _require(self.hidden_size % self.num_heads == 0,
                  f"ClipTextConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         _require(self.hidden_act in ACTIVATIONS,

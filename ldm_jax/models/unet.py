@@ -99,6 +99,8 @@ class UNetConfig:
         if self.model_channels < 1 or not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"UNetConfig: model_channels={self.model_channels} and channel_mult={self.channel_mult} "
                              "must be >= 1 (channel_mult non-empty)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"UNetConfig: dropout={self.dropout} must be in [0, 1)")
         if self.num_res_blocks < 1 or self.transformer_depth < 1:
             raise ValueError(f"UNetConfig: num_res_blocks={self.num_res_blocks} and transformer_depth="
                              f"{self.transformer_depth} must be >= 1")
