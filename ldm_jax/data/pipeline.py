@@ -245,7 +245,7 @@ class DataIterator:
             if example is None:
                 unreadable_in_a_row += 1
                 if unreadable_in_a_row > self.num_examples:
-                    skipped = getattr(self.source, "skipped", None)
+                    skipped = self.skipped
                     raise DataError(f"no readable example in a whole epoch of {getattr(self.source, 'name', '?')}"
                                      + (f"; {skipped.summary()}" if skipped is not None else ""))
                 continue

@@ -47,7 +47,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ldm_jax import parallel
-from ldm_jax.cli import writable_dir
+from ldm_jax.cli import one_line, writable_dir
 from ldm_jax.config import build_dataclass
 from ldm_jax.data import pipeline
 from ldm_jax.training.checkpoint import CheckpointConfig, CheckpointRestoreError
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
             raise ValueError("--workdir is required: the folder for checkpoints, logs, image grids and the export")
         parallel.resolve_distributed_args(fv.coordinator, fv.num_processes, fv.process_id)  # checks the flags
     except (ValueError, FileNotFoundError) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ldm_jax").setLevel(logging.INFO)  # our progress lines; libraries stay at warnings
@@ -88,10 +88,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     try:
         train_and_evaluate(fv.config, fv.workdir)
     except ConfigError as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # loop.NonFiniteError: the run diverged (not a usage error: status 1)
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
 
@@ -117,7 +117,7 @@ def user_input(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     except ConfigError:
         raise
     except (ValueError, OSError) as err:
-        raise ConfigError(f"{what}: {_one_line(err)}" if what else _one_line(err)) from err
+        raise ConfigError(f"{what}: {one_line(err)}" if what else one_line(err)) from err
 
 
 def check_data(data: pipeline.DataConfig, eval_split: str) -> None:
@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     try:
         return module.train_and_evaluate(config, workdir)
     except (pipeline.DataError, CheckpointRestoreError) as err:
-        raise ConfigError(_one_line(err)) from err
+        raise ConfigError(one_line(err)) from err
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -212,7 +212,7 @@ def _diagnose(path: str, argv: Sequence[str], err: Exception) -> str:
     """One line saying why parsing `argv` failed: the config file itself (it does not load), an override naming
     no field of it, or the flag error (a value of the wrong type, an unknown flag)."""
     if isinstance(err, flags.Error) and "Error whilst parsing config file" not in str(err):
-        return _one_line(err)
+        return one_line(err)
     try:
         plain = ["load_config", f"--config={path}"]
         fv = _flag_values(plain, run_flags=False)
@@ -222,8 +222,8 @@ def _diagnose(path: str, argv: Sequence[str], err: Exception) -> str:
         text = str(load_err).strip()
         if "Error whilst parsing config file" in text:  # config_flags put get_config's traceback in the message
             return f"config file {path}: {text.splitlines()[-1]}"  # its last line: "ValueError: why"
-        return f"config file {path}: {type(load_err).__name__}: {_one_line(load_err)}"
-    return _unknown_field(config, argv) or _one_line(err)
+        return f"config file {path}: {type(load_err).__name__}: {one_line(load_err)}"
+    return _unknown_field(config, argv) or one_line(err)
 
 
 def _call(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
@@ -261,10 +261,6 @@ def _unknown_field(config: ml_collections.ConfigDict, argv: Sequence[str]) -> st
             keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             return f"unknown config field {name!r}: {where} has no field {leaf!r}; its fields are {keys}"
     return None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 # ------------------------------------------------------------------------------------- shared by the stages
