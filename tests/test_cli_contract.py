@@ -27,6 +27,7 @@ from ldm_jax.training import train_autoencoder, train_ldm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MISSING = "/nonexistent/ldm-jax-contract/missing"
+OTHER_MISSING = "/nonexistent/ldm-jax-contract/other"
 NUMBERS = {"int": ["abc", "1.5"], "float": ["abc", "nan", "inf", "-inf"]}
 SPECIAL = {"path": [MISSING], "dir": ["<FILE>/sub"], "choice": ["bogus"]}
 
@@ -245,29 +246,25 @@ def _argv(command: str, dest: str, option: str, value: str, world, tmp_path) -> 
 
 
 def _evaluate_args(sub: str, option: str, value: str, world, out: str) -> list[str]:
+    """A valid `evaluate SUB` command line with `option` set to `value`. What cannot be valid here (FID
+    statistics, a CLIP model) is another missing path, which the error must not be about."""
     images = str(world["images"])
-    base = {
+    args = {
         "split": {"--data_dir": str(world["data_dir"]), "--name": world["name"], "--outdir": out},
         "autoencode": {"--images": images, "--outdir": out},
         "adherence": {"--images": images},
         "reconstruction": {"--images": images, "--reconstructions": images},
-        "fid": {"--stats": None},
-        "clip-score": {"--images": images, "--clip": MISSING},
+        "fid": {"--stats": [OTHER_MISSING, OTHER_MISSING]},
+        "clip-score": {"--images": images, "--clip": OTHER_MISSING},
         "sensitivity": {"--images": images, "--timesteps": "50"},
     }[sub]
-    argv = []
-    for flag, default in {**base, option: value}.items():
-        if flag == "--stats" and option not in ("--stats", "--images"):
-            argv += ["--stats", MISSING, MISSING]
-        elif flag in ("--stats",) or (sub == "fid" and flag == "--images"):
-            argv += [flag, value, value] if flag == option else []
-        else:
-            argv += [flag, default]
-    if sub == "fid" and option == "--inception":
-        argv = ["--images", images, images, "--inception", value]
-    if sub == "reconstruction" and option == "--lpips-heads":
-        argv += ["--lpips-vgg", MISSING]
-    return argv
+    if sub == "fid" and option in ("--stats", "--images"):  # two paths, one of the two flags
+        args = {option: [value, value]}
+    elif sub == "fid" and option == "--inception":
+        args = {"--images": [images, images], option: value}
+    else:
+        args = {**args, option: value}
+    return [x for flag, v in args.items() for x in [flag, *(v if isinstance(v, list) else [v])]]
 
 
 def _train_args(option: str, value: str, world, tmp_path) -> list[str]:
