@@ -1,7 +1,14 @@
-"""transformers CLIPTextModel -> our ClipTextTransformer: config and strict state-dict conversion.
+"""transformers CLIPTextModel / CLIPTextModelWithProjection <-> our ClipTextTransformer: config and strict
+state-dict conversion, both ways.
 
 Checkpoints on disk (transformers 4.x, diffusers' SD `text_encoder/`) name keys `text_model.<rest>`;
-transformers 5's CLIPTextModel.state_dict() names them `<rest>` (it renames on load). Both are accepted.
+transformers 5's CLIPTextModel.state_dict() and save_pretrained name them `<rest>` (it renames on load). Both
+are accepted. CLIPTextModelWithProjection (SDXL's `text_encoder_2/`, OpenCLIP ViT-bigG/14) keeps
+`text_model.<rest>` in transformers 4 and 5 alike, plus the top-level `text_projection.weight`:
+  text_projection.weight                                -> text_projection/kernel (transposed)
+Whether a config has the projection is `clip_text_config_from_transformers`'s decision (its `with_projection`,
+by default the config's `architectures`); a projection config without `text_projection.weight` is a missing
+key, a plain one given it an unexpected key.
 Keys `<rest>` map onto Flax paths by `convert_state_dict` (numbered children joined with `_`):
   text_model.embeddings.token_embedding.weight          -> embeddings/token_embedding/embedding
   text_model.embeddings.position_embedding.weight       -> embeddings/position_embedding/embedding
@@ -9,9 +16,11 @@ Keys `<rest>` map onto Flax paths by `convert_state_dict` (numbered children joi
   text_model.encoder.layers.3.layer_norm1.weight        -> encoder/layers_3/layer_norm1/scale
   text_model.final_layer_norm.bias                      -> final_layer_norm/bias
 The registered buffer `text_model.embeddings.position_ids` (present in older checkpoints) holds no parameter
-and is dropped explicitly; any other key outside the model (e.g. `text_projection.weight` of
-CLIPTextModelWithProjection) is reported as unexpected. For CompVis SD v1 checkpoints pass
-`prefix="cond_stage_model.transformer.text_model."` (and only the cond-stage keys).
+and is dropped explicitly; any other key outside the model is reported as unexpected. For CompVis SD v1
+checkpoints pass `prefix="cond_stage_model.transformer.text_model."` (and only the cond-stage keys).
+Export, the inverse: `clip_text_to_transformers_config(config)` is the config.json and
+`clip_text_to_transformers_state_dict(params, config)` the state dict (`text_model.<rest>` and, with a
+projection, `text_projection.weight`) that transformers' `from_pretrained` loads strictly.
 
 transformers CLIPModel -> our `clip_vision.ClipModel` (both towers and the projections, for the CLIP score):
 `convert_clip_model_state_dict` maps the keys `CLIPModel.save_pretrained` writes (transformers 4 and 5 alike)
@@ -40,9 +49,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from ldm_jax.convert.checkpoint_io import load_state_dict
-from ldm_jax.convert.common import convert_state_dict, expected_shapes
+from ldm_jax.convert.common import ConversionError, convert_state_dict, expected_shapes, params_to_state_dict
 from ldm_jax.models.clip_vision import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipModel, ClipModelConfig,
                                         ClipPreprocessConfig, ClipVisionConfig)
 from ldm_jax.models.text import ClipTextConfig, ClipTextTransformer
@@ -55,6 +66,8 @@ CLIP_MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first one
 CLIP_TOKENIZER_FILES = {"clip": ("vocab.json", "merges.txt"), "tokenizer_json": ("tokenizer.json",)}
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, CLIPImageProcessor's `resample`
 LEGACY_EOS_TOKEN_ID = 2  # transformers' marker for "pool at argmax(input_ids)" (configs before PR #24773)
+WITH_PROJECTION = "CLIPTextModelWithProjection"  # the transformers architecture that has text_projection
+_PROJECTION_KEY = "text_projection.weight"  # top level, outside `text_model.`, in every layout
 
 
 def clip_text_config_from_transformers(
@@ -63,12 +76,18 @@ def clip_text_config_from_transformers(
     pad_token_id: int,
     output_layer: str = "last",
     tokenizer_kind: str = "clip",
+    with_projection: bool | None = None,
 ) -> ClipTextConfig:
-    """Our ClipTextConfig from a transformers `CLIPTextConfig` (or its `to_dict()`).
+    """Our ClipTextConfig from a transformers `CLIPTextConfig` (or its `to_dict()`, e.g. a config.json).
 
     pad_token_id: the id prompts are padded with (SD v1: 49407, SD v2/OpenCLIP: 0). Required because the
       transformers config's `pad_token_id` (1 by default) is not what SD's tokenizers pad with.
-    output_layer: "last" (SD v1) or "penultimate" (SD v2 with a full 24-block OpenCLIP text tower).
+    output_layer: "last" (SD v1), "penultimate" (SD v2 with a full 24-block OpenCLIP text tower) or
+      "penultimate_no_norm" (SDXL, both towers).
+    with_projection: whether the model is a CLIPTextModelWithProjection (our config then gets the config's
+      `projection_dim`); None: True exactly when the config's `architectures` is ["CLIPTextModelWithProjection"]
+      (what save_pretrained writes). Every CLIPTextConfig carries a projection_dim (512 by default), so that
+      field alone does not tell. Raises ValueError when a projection is asked for and projection_dim is absent.
     """
     cfg = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
     eos = cfg.get("eos_token_id", 49407)
@@ -78,6 +97,10 @@ def clip_text_config_from_transformers(
         eos = eos[0]
     if cfg.get("attention_dropout", 0.0):
         raise ValueError(f"CLIPTextConfig.attention_dropout {cfg['attention_dropout']}: expected 0 (not implemented)")
+    if with_projection is None:
+        with_projection = list(cfg.get("architectures") or []) == [WITH_PROJECTION]
+    if with_projection and cfg.get("projection_dim") is None:
+        raise ValueError("CLIPTextConfig has no projection_dim; a CLIPTextModelWithProjection needs one")
     return ClipTextConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -92,7 +115,28 @@ def clip_text_config_from_transformers(
         output_layer=output_layer,
         pad_token_id=pad_token_id,
         tokenizer_kind=tokenizer_kind,
+        projection_dim=int(cfg["projection_dim"]) if with_projection else None,
     )
+
+
+def clip_text_to_transformers_config(config: ClipTextConfig) -> dict[str, Any]:
+    """The transformers CLIPTextConfig dict (config.json) of `config`: the inverse of
+    `clip_text_config_from_transformers` for the architecture. `architectures` is
+    ["CLIPTextModelWithProjection"] with `projection_dim` when config.projection_dim is set, else
+    ["CLIPTextModel"] (projection_dim = hidden_size, unused). What the tower is read at (output_layer,
+    clip_skip) and how prompts are padded are not architecture; pad_token_id is written for reference only.
+    The eos_token_id is the legacy 2 for argmax pooling (what transformers keys that rule on)."""
+    eos = LEGACY_EOS_TOKEN_ID if config.pooling == "argmax" else config.eos_token_id
+    projection = config.projection_dim is not None
+    return {
+        "architectures": [WITH_PROJECTION if projection else "CLIPTextModel"], "model_type": "clip_text_model",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "max_position_embeddings": config.max_length,
+        "hidden_act": config.hidden_act, "layer_norm_eps": config.layer_norm_eps, "eos_token_id": eos,
+        "pad_token_id": config.pad_token_id, "attention_dropout": 0.0, "dropout": 0.0,
+        "projection_dim": config.projection_dim if projection else config.hidden_size, "dtype": "float32",
+    }
 
 
 def clip_text_expected_shapes(config: ClipTextConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -108,10 +152,12 @@ def convert_clip_text_state_dict(
     *,
     prefix: str | None = None,
 ) -> dict[str, Any]:
-    """Strictly converts a CLIPTextModel state dict (torch tensors or arrays) into ClipTextTransformer params.
+    """Strictly converts a CLIPTextModel or CLIPTextModelWithProjection state dict (torch tensors or arrays)
+    into ClipTextTransformer params.
 
-    prefix: stripped from every key; keys without it are reported as unexpected. None: "text_model." when
-      any key starts with it (checkpoint layout), else "" (transformers 5 in-memory layout).
+    prefix: stripped from every key of the text model; keys without it are reported as unexpected, except
+      the top-level `text_projection.weight` (expected exactly when config.projection_dim is set). None:
+      "text_model." when any key starts with it (checkpoint layout), else "" (transformers 5 CLIPTextModel).
     Returns the params tree (apply with `{"params": params}`). Raises ConversionError listing every missing,
     unexpected and mis-shaped key.
     """
@@ -119,18 +165,47 @@ def convert_clip_text_state_dict(
         prefix = "text_model." if any(k.startswith("text_model.") for k in state_dict) else ""
 
     def rename(key: str) -> str | None:
+        if key == _PROJECTION_KEY:
+            return key
         if not key.startswith(prefix):
             return key  # not part of the text model: reported as unexpected under its own name
         rest = key[len(prefix):]
+        if rest.startswith("text_projection."):  # the projection is never inside the tower's prefix
+            return key
         return None if rest in _BUFFERS else rest
 
+    projection = f" + {_PROJECTION_KEY}" if config.projection_dim is not None else ""
+    kind = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
     return convert_state_dict(
         state_dict,
         clip_text_expected_shapes(config),
-        source=f"transformers CLIPTextModel (keys {prefix}*)",
+        source=f"transformers {kind} (keys {prefix}*{projection})",
         rename=rename,
         embeddings=_EMBEDDINGS,
     )
+
+
+def clip_text_to_transformers_state_dict(params: Mapping[str, Any], config: ClipTextConfig) -> dict[str, np.ndarray]:
+    """ClipTextTransformer params (no "params" level) -> the float32 numpy state dict transformers saves for
+    CLIPTextModel / CLIPTextModelWithProjection in the checkpoint layout: `text_model.<rest>` and, with
+    config.projection_dim, `text_projection.weight` (the inverse of `convert_clip_text_state_dict`).
+
+    Raises ConversionError listing every missing, unexpected and mis-shaped param against `config`.
+    """
+    expected = clip_text_expected_shapes(config)
+    flat = {path: np.shape(leaf) for path, leaf in traverse_util.flatten_dict(dict(params)).items()}
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    unexpected = sorted("/".join(p) for p in flat if p not in expected)
+    mismatched = sorted(f"{'/'.join(p)}: params {flat[p]} vs config {expected[p]}"
+                        for p in flat if p in expected and tuple(flat[p]) != tuple(expected[p]))
+    if missing or unexpected or mismatched:
+        lines = [f"{title} ({len(items)}): " + ", ".join(items[:20]) for title, items in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+        raise ConversionError("params do not match the CLIP text config:\n  " + "\n  ".join(lines))
+    out = {}
+    for key, value in params_to_state_dict(params).items():
+        out[key if key == _PROJECTION_KEY else f"text_model.{key}"] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------ CLIPModel (two towers)
@@ -171,7 +246,7 @@ def clip_model_config_from_transformers(hf_config: Any, *, pad_token_id: int,
         raise ValueError(f"CLIPModel config lacks {', '.join(missing)}")
     return ClipModelConfig(
         text=clip_text_config_from_transformers(cfg["text_config"], pad_token_id=pad_token_id,
-                                                tokenizer_kind=tokenizer_kind),
+                                                tokenizer_kind=tokenizer_kind, with_projection=False),
         vision=clip_vision_config_from_transformers(cfg["vision_config"]),
         projection_dim=int(cfg["projection_dim"]),
     )

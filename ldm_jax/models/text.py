@@ -10,12 +10,16 @@ implementation is a run-time option (module attribute `attention`), not a config
 
 CLIP follows transformers' `CLIPTextModel` (module names mirror its keys, see convert/transformers_clip.py):
 token + position embedding, pre-LN blocks (causal self-attention, MLP with quick_gelu or gelu), final
-LayerNorm. The blocks (`ClipEncoder`, whose `causal=False` drops the causal mask) are shared with the CLIP
-vision tower in models/clip_vision.py. `ClipTextTransformer.encode` returns all of:
+LayerNorm; with `projection_dim` set it is `CLIPTextModelWithProjection` (SDXL's second tower, OpenCLIP
+ViT-bigG/14): a bias-free `text_projection` of the pooled output. The blocks (`ClipEncoder`, whose
+`causal=False` drops the causal mask) are shared with the CLIP vision tower in models/clip_vision.py.
+`ClipTextTransformer.encode(input_ids, clip_skip=0)` returns all of:
 - last_hidden_state:        final LN of the last block's output (transformers' `last_hidden_state`);
 - penultimate_hidden_state: the second-to-last block's output WITHOUT the final LN (transformers'
-                            `hidden_states[-2]`);
+                            `hidden_states[-2]`; with one block, the embeddings);
 - pooled_output:            last_hidden_state at the end-of-text token (transformers' `pooler_output`);
+- text_embeds:              text_projection(pooled_output), (B, projection_dim); None without a projection
+                            (CLIPTextModelWithProjection's `text_embeds`, SDXL's pooled prompt embedding);
 - context:                  what the UNet cross-attends to, chosen by `config.output_layer`:
     "last"        -> last_hidden_state (SD v1, FrozenCLIPEmbedder);
     "penultimate" -> final LN applied to penultimate_hidden_state. This is SD v2's
@@ -23,6 +27,16 @@ vision tower in models/clip_vision.py. `ClipTextTransformer.encode` returns all 
                      applies `ln_final`; diffusers gets the same numbers by shipping SD2's text encoder with
                      23 of OpenCLIP's 24 blocks (or `clip_skip=1`: hidden_states[-2] -> final_layer_norm).
                      We keep all blocks so that full checkpoints load; the last block's output is unused.
+    "penultimate_no_norm" -> penultimate_hidden_state as it is, no final LN (SDXL, both towers: diffusers'
+                     `hidden_states[-2]`; SGM's FrozenCLIPEmbedder(layer="hidden", layer_idx=-2) and
+                     FrozenOpenCLIPEmbedder2(layer="penultimate", legacy=False)).
+`clip_skip` (a static Python int, a run-time argument rather than config) takes the context from `clip_skip`
+blocks earlier than the configured layer, normalised by the same rule, exactly as diffusers' pipelines do:
+SD 1/2 `hidden_states[-(clip_skip + 1)]` then `final_layer_norm` (our "last"; SD 2 with all 24 blocks and
+"penultimate" gives diffusers' 23-block numbers), SDXL `hidden_states[-(clip_skip + 2)]` without it
+("penultimate_no_norm"). transformers' hidden_states has num_layers + 1 entries (the embeddings first), so
+clip_skip ranges over [0, num_layers - depth], depth 0 for "last" and 1 for the penultimate layers (the
+maximum reads the embeddings); anything else is a ValueError. Pooling and text_embeds ignore clip_skip.
 
 Pooling follows transformers 5 `CLIPTextTransformer`: configs whose eos_token_id is the legacy 2 take the
 token at argmax(input_ids) (the EOT token has the largest id in the OpenAI vocabulary); newer configs take
@@ -67,13 +81,21 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 CLIP_POOLINGS = ("argmax", "first_eos")
-CLIP_OUTPUT_LAYERS = ("last", "penultimate")
+# output_layer -> (blocks before the last one it reads, whether the final LayerNorm is applied)
+CLIP_OUTPUT_LAYERS: dict[str, tuple[int, bool]] = {
+    "last": (0, True), "penultimate": (1, True), "penultimate_no_norm": (1, False),
+}
 TOKENIZER_KINDS = ("clip", "bert", "tokenizer_json")
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -85,6 +107,11 @@ class ClipTextConfig:
 
     SD v2 (OpenCLIP ViT-H/14): hidden_size=1024, intermediate_size=4096, num_layers=24 (23 in diffusers'
     copy), num_heads=16, hidden_act="gelu", output_layer="penultimate", pad_token_id=0.
+    SDXL: tower 1 is these defaults with output_layer="penultimate_no_norm"; tower 2 (OpenCLIP ViT-bigG/14)
+    is hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, hidden_act="gelu",
+    output_layer="penultimate_no_norm", projection_dim=1280, pad_token_id=0.
+    `projection_dim`: None for CLIPTextModel; set, the module has `text_projection` (hidden_size ->
+    projection_dim, no bias) and `encode` returns `text_embeds` (CLIPTextModelWithProjection).
     `pad_token_id`, `max_length` and `tokenizer_kind` say how prompts are tokenised for this model
     (SD v1 pads with the end-of-text id 49407, OpenCLIP pads with 0).
     """
@@ -103,6 +130,7 @@ class ClipTextConfig:
     output_layer: str = "last"
     pad_token_id: int = 49407
     tokenizer_kind: str = "clip"
+    projection_dim: int | None = None
 
     def __post_init__(self):
         _require(self.kind == "clip", f"ClipTextConfig.kind must be 'clip', got {self.kind!r}")
@@ -117,17 +145,25 @@ class ClipTextConfig:
                  f"ClipTextConfig.hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         _require(self.pooling in CLIP_POOLINGS, f"ClipTextConfig.pooling {self.pooling!r} not in {CLIP_POOLINGS}")
         _require(self.output_layer in CLIP_OUTPUT_LAYERS,
-                 f"ClipTextConfig.output_layer {self.output_layer!r} not in {CLIP_OUTPUT_LAYERS}")
+                 f"ClipTextConfig.output_layer {self.output_layer!r} not in {tuple(CLIP_OUTPUT_LAYERS)}")
         _require(self.num_layers >= 1, f"ClipTextConfig.num_layers must be >= 1, got {self.num_layers}")
         _require(0 <= self.pad_token_id < self.vocab_size,
                  f"ClipTextConfig.pad_token_id {self.pad_token_id} is outside [0, vocab_size={self.vocab_size})")
         _require(self.tokenizer_kind in TOKENIZER_KINDS,
                  f"ClipTextConfig.tokenizer_kind {self.tokenizer_kind!r} not in {TOKENIZER_KINDS}")
+        _require(self.projection_dim is None or (_is_int(self.projection_dim) and self.projection_dim >= 1),
+                 f"ClipTextConfig.projection_dim must be None or an integer >= 1, got {self.projection_dim!r}")
 
     @property
     def context_dim(self) -> int:
         """Width of the cross-attention context."""
         return self.hidden_size
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest `clip_skip` this config allows: num_layers - the depth of output_layer (see module
+        docstring); at it, the context is read from the embeddings."""
+        return self.num_layers - CLIP_OUTPUT_LAYERS[self.output_layer][0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,12 +311,14 @@ def _split_heads(x: jax.Array, heads: int) -> jax.Array:
 
 @flax.struct.dataclass
 class ClipTextOutput:
-    """Outputs of `ClipTextTransformer.encode`: (B, L, D) hidden states, (B, D) pooled, (B, L, D) context."""
+    """Outputs of `ClipTextTransformer.encode`: (B, L, D) hidden states, (B, D) pooled, (B, L, D) context,
+    (B, projection_dim) text_embeds or None (a config without projection_dim)."""
 
     last_hidden_state: jax.Array
     penultimate_hidden_state: jax.Array
     pooled_output: jax.Array
     context: jax.Array
+    text_embeds: jax.Array | None = None
 
 
 class ClipAttention(nn.Module):
@@ -337,7 +375,10 @@ class ClipEncoderLayer(nn.Module):
 
 
 class ClipEncoder(nn.Module):
-    """The stack of `num_layers` blocks. (B, L, D) -> (last block output, penultimate block output).
+    """The stack of `num_layers` blocks. (B, L, D) -> (last block output, hidden_states).
+
+    hidden_states is transformers' `output_hidden_states` tuple: num_layers + 1 arrays (B, L, D), the input
+    (embeddings) first, then each block's output; no final norm anywhere (the last one is the first result).
 
     causal=True (the text tower): position i attends to positions <= i. causal=False (the vision tower,
     `clip_vision.ClipVisionTransformer`): every position attends to every position. config: a ClipTextConfig
@@ -351,15 +392,15 @@ class ClipEncoder(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         length = x.shape[1]
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None  # (1, 1, Lq, Lk)
-        penultimate = x
+        hidden_states = [x]
         for i in range(self.config.num_layers):
-            penultimate = x
             x = ClipEncoderLayer(self.config, self.attention, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
-        return x, penultimate
+            hidden_states.append(x)
+        return x, tuple(hidden_states)
 
 
 class ClipTextEmbeddings(nn.Module):
@@ -380,10 +421,12 @@ class ClipTextEmbeddings(nn.Module):
 
 
 class ClipTextTransformer(nn.Module):
-    """CLIP text encoder (transformers CLIPTextModel semantics; see the module docstring).
+    """CLIP text encoder (transformers CLIPTextModel semantics, CLIPTextModelWithProjection's with
+    `config.projection_dim`; see the module docstring).
 
-    `encode(input_ids)` -> ClipTextOutput; `__call__(input_ids)` -> the context (B, L, hidden_size).
-    input_ids: (B, L) integers in [0, vocab_size), L <= max_length (77).
+    `encode(input_ids, clip_skip=0)` -> ClipTextOutput; `__call__(input_ids, clip_skip=0)` -> the context
+    (B, L, hidden_size). input_ids: (B, L) integers in [0, vocab_size), L <= max_length (77). clip_skip: a
+    static Python int in [0, config.max_clip_skip].
     """
 
     config: ClipTextConfig
@@ -392,31 +435,46 @@ class ClipTextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embeddings = ClipTextEmbeddings(self.config, **kw)
-        self.encoder = ClipEncoder(self.config, self.attention, **kw)
-        self.final_layer_norm = float32_layer_norm(self.config.layer_norm_eps, self.param_dtype)
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embeddings = ClipTextEmbeddings(c, **kw)
+        self.encoder = ClipEncoder(c, self.attention, **kw)
+        self.final_layer_norm = float32_layer_norm(c.layer_norm_eps, self.param_dtype)
+        if c.projection_dim is not None:
+            self.text_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
 
-    def encode(self, input_ids: jax.Array) -> ClipTextOutput:
-        """All outputs: (B, L, D) last/penultimate hidden states and context, (B, D) pooled output."""
+    def encode(self, input_ids: jax.Array, clip_skip: int = 0) -> ClipTextOutput:
+        """All outputs: (B, L, D) last/penultimate hidden states and context, (B, D) pooled output,
+        (B, projection_dim) text_embeds (None without projection_dim). clip_skip moves only the context."""
         c = self.config
+        depth, normed = CLIP_OUTPUT_LAYERS[c.output_layer]
+        if not _is_int(clip_skip):
+            raise TypeError(f"clip_skip must be a static Python int, got {type(clip_skip).__name__}")
+        if not 0 <= clip_skip <= c.max_clip_skip:
+            raise ValueError(f"clip_skip {clip_skip} is outside [0, {c.max_clip_skip}] (num_layers {c.num_layers}, "
+                             f"output_layer {c.output_layer!r})")
         check_ids(input_ids, c.vocab_size, what="CLIP input_ids", ndim=2, max_length=c.max_length)
-        last, penultimate = self.encoder(self.embeddings(input_ids))
-        last = self.final_layer_norm(last).astype(self.dtype)
+        # 1. blocks; 2. final LN and pooling at the end-of-text token; 3. projection; 4. the context layer.
+        _, hidden_states = self.encoder(self.embeddings(input_ids))  # num_layers + 1 entries
+        last = self.final_layer_norm(hidden_states[-1]).astype(self.dtype)
         if c.pooling == "argmax":
             eos_index = jnp.argmax(input_ids, axis=-1)
         else:  # first occurrence of eos_token_id (index 0 if absent, as in transformers)
             eos_index = jnp.argmax(input_ids == c.eos_token_id, axis=-1)
         pooled = last[jnp.arange(last.shape[0]), eos_index]
-        if c.output_layer == "last":
+        text_embeds = self.text_projection(pooled) if c.projection_dim is not None else None
+        index = -1 - depth - int(clip_skip)  # transformers' hidden_states[-(clip_skip + 1 + depth)]
+        if index == -1 and normed:
             context = last
+        elif normed:
+            context = self.final_layer_norm(hidden_states[index]).astype(self.dtype)
         else:
-            context = self.final_layer_norm(penultimate).astype(self.dtype)
-        return ClipTextOutput(last, penultimate, pooled, context)
+            context = hidden_states[index]
+        return ClipTextOutput(last_hidden_state=last, penultimate_hidden_state=hidden_states[-2],
+                              pooled_output=pooled, context=context, text_embeds=text_embeds)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        """input_ids (B, L) -> context (B, L, hidden_size) per `config.output_layer`."""
-        return self.encode(input_ids).context
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> jax.Array:
+        """input_ids (B, L) -> context (B, L, hidden_size) per `config.output_layer` and `clip_skip`."""
+        return self.encode(input_ids, clip_skip).context
 
 
 # ----------------------------------------------------------------------------------------------- BERT-style
