@@ -3,13 +3,14 @@
 Semantics of CompVis `ldm/modules/diffusionmodules/openaimodel.py: UNetModel`; submodule names of diffusers'
 `UNet2DConditionModel`, so that a diffusers state dict converts key by key (`ldm_jax.convert.diffusers_unet`):
 
-    conv_in, time_embedding/{linear_1, linear_2}, class_embedding,
+    conv_in, time_embedding/{linear_1, linear_2}, class_embedding, add_embedding/{linear_1, linear_2},
     down_blocks_i/{resnets_j, attentions_j, downsamplers_0/conv},
     mid_block/{resnets_0, attentions_0, resnets_1},
     up_blocks_i/{resnets_j, attentions_j, upsamplers_0/conv}, conv_norm_out, conv_out.
 
 Level l of `channel_mult` works at downsampling factor 2**l; it has transformer (or attention) blocks when
-2**l is in `attention_resolutions`. up_blocks_0 is the deepest level, as in diffusers.
+2**l is in `attention_resolutions`; its transformers have `transformer_depth` blocks (one int, or one per level
+as SDXL's (0, 2, 10); the mid block takes the last level's). up_blocks_0 is the deepest level, as in diffusers.
 
 Conditioning, by the reference's `conditioning_key`:
 - "crossattn": `context` (B, L, context_dim) is attended to by every SpatialTransformer.
@@ -18,6 +19,12 @@ Conditioning, by the reference's `conditioning_key`:
 - "hybrid":    both of the above.
 - "adm"/class: `y` is added to the timestep embedding, as class labels (B,) int when `num_classes` is an int,
                or as a vector (B, adm_in_channels) when `num_classes="sequential"`.
+- "text_time" (SDXL, `addition_embed_type`): `y` (B, P) is the pooled text embedding and `time_ids` (B, N) the
+               micro-conditioning numbers (base: original height, width, crop top, left, target height, width;
+               refiner: original height, width, crop top, left, aesthetic score). Each number gets sinusoidal
+               features of width `addition_time_embed_dim`; [y, features] (B, P + N * dim = adm_in_channels)
+               goes through the MLP `add_embedding` and is added to the timestep embedding (diffusers'
+               add_time_proj + add_embedding; SGM's vector conditioner + label_emb).
 """
 from __future__ import annotations
 
@@ -47,6 +54,13 @@ class UNetConfig:
     `attention_resolutions` are downsampling factors (1, 2, 4, ...), not pixel sizes.
     `num_classes`: None, an int (class labels y of shape (B,)), or "sequential" (y of shape
     (B, adm_in_channels) through a 2-layer MLP).
+    `transformer_depth`: blocks per SpatialTransformer: one int for every level and the mid block, or one int
+    per level (diffusers' `transformer_layers_per_block`, SGM's list; up blocks use their level's, the mid
+    block the last level's). A level without attention may say 0 (SGM's SDXL: (0, 2, 10)); see `depth_at`.
+    `addition_embed_type`: None, or "text_time" (SDXL: pooled text embedding y (B, P) and time_ids (B, N) whose
+    sinusoidal features of width `addition_time_embed_dim` (SDXL 256) are concatenated to y; `adm_in_channels`
+    is then P + N * addition_time_embed_dim, diffusers' projection_class_embeddings_input_dim: SDXL base 2816 =
+    1280 + 6 * 256, refiner 2560 = 1280 + 5 * 256). Needs num_classes=None.
     `flip_sin_to_cos`/`freq_shift`: timestep-feature convention (CompVis: [cos, sin], shift 0).
     `dropout` applies inside the ResnetBlocks only (as in the reference; its transformers use none).
     `position_embedding`: None (CompVis / SD), or the latent (height, width): a learned (height, width,
@@ -66,7 +80,7 @@ class UNetConfig:
     num_heads: int = 8
     num_head_channels: int = -1
     use_spatial_transformer: bool = True
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int | None = 768
     use_linear_in_transformer: bool = False
     conv_resample: bool = True
@@ -74,6 +88,8 @@ class UNetConfig:
     resblock_updown: bool = False
     num_classes: int | str | None = None
     adm_in_channels: int | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
     dropout: float = 0.0
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
@@ -101,15 +117,18 @@ class UNetConfig:
                              "must be >= 1 (channel_mult non-empty)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"UNetConfig: dropout={self.dropout} must be in [0, 1)")
-        if self.num_res_blocks < 1 or self.transformer_depth < 1:
+        depth = self.transformer_depth
+        if self.num_res_blocks < 1 or (_is_int(depth) and depth < 1):
             raise ValueError(f"UNetConfig: num_res_blocks={self.num_res_blocks} and transformer_depth="
-                             f"{self.transformer_depth} must be >= 1")
+                             f"{depth} must be >= 1")
         bad = sorted(set(self.attention_resolutions) - {2**level for level in range(len(self.channel_mult))})
         if bad:
             raise ValueError(
                 f"UNetConfig: attention_resolutions {bad} are not downsampling factors of any level "
                 f"(levels have factors {[2**level for level in range(len(self.channel_mult))]})"
             )
+        self._check_depths()
+        self._check_addition_embedding()
         for level, mult in enumerate(self.channel_mult):
             channels, split = self.model_channels * mult, max(self.num_head_channels, self.num_heads)
             attends = 2**level in self.attention_resolutions or level == len(self.channel_mult) - 1  # + mid block
@@ -117,6 +136,50 @@ class UNetConfig:
                 what = "num_head_channels" if self.num_head_channels > 0 else "num_heads"
                 raise ValueError(f"UNetConfig: {what}={split} does not divide the {channels} channels of level "
                                  f"{level} (model_channels {self.model_channels} x channel_mult {mult})")
+
+    def _check_depths(self) -> None:
+        depth, levels = self.transformer_depth, len(self.channel_mult)
+        if _is_int(depth):
+            return
+        if (not isinstance(depth, tuple) or len(depth) != levels
+                or not all(_is_int(d) and d >= 0 for d in depth)):
+            raise ValueError(f"UNetConfig: transformer_depth={depth!r} must be an int >= 1 or one int >= 0 per "
+                             f"level ({levels} levels, channel_mult {self.channel_mult})")
+        # Levels whose blocks attend, and the last level, whose depth is the mid block's.
+        shallow = [level for level in range(levels) if depth[level] < 1
+                   and (2**level in self.attention_resolutions or level == levels - 1)]
+        if shallow:
+            raise ValueError(
+                f"UNetConfig: transformer_depth={depth} is 0 at level(s) {shallow}, which attend (attention_resolutions "
+                f"{self.attention_resolutions}; the last level's depth is the mid block's); they need >= 1")
+
+    def _check_addition_embedding(self) -> None:
+        kind, dim = self.addition_embed_type, self.addition_time_embed_dim
+        if kind not in (None, "text_time"):
+            raise ValueError(f"UNetConfig: addition_embed_type must be None or 'text_time'; got {kind!r}")
+        if kind is None:
+            if dim is not None:
+                raise ValueError(f"UNetConfig: addition_time_embed_dim={dim} needs addition_embed_type='text_time'")
+            return
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim >= 1 (the "
+                             f"width of each time id's features; SDXL 256); got {dim!r}")
+        if not _is_int(self.adm_in_channels) or self.adm_in_channels < 1:
+            raise ValueError(f"UNetConfig: addition_embed_type='text_time' needs adm_in_channels >= 1 (pooled text "
+                             f"width + number of time ids x addition_time_embed_dim); got {self.adm_in_channels!r}")
+        if self.num_classes is not None:
+            raise ValueError(f"UNetConfig: addition_embed_type='text_time' takes y as the pooled text embedding; "
+                             f"num_classes must be None (got {self.num_classes!r})")
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer of level `level` (its down and up blocks)."""
+        depth = self.transformer_depth
+        return depth if _is_int(depth) else depth[level]
+
+    @property
+    def mid_depth(self) -> int:
+        """Transformer blocks of the mid block's SpatialTransformer: the last level's depth."""
+        return self.depth_at(len(self.channel_mult) - 1)
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of the attention blocks at a level with `channels` channels."""
@@ -127,6 +190,10 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TimestepEmbedding(nn.Module):
@@ -160,6 +227,7 @@ class _Blocks(nn.Module):
     config: UNetConfig
     channels: int
     has_attention: bool
+    depth: int = 1  # transformer blocks per SpatialTransformer (`UNetConfig.depth_at`)
     attention: str = "xla"
     remat: bool | str = False
     dtype: Dtype = jnp.float32
@@ -185,7 +253,7 @@ class _Blocks(nn.Module):
             return _maybe_remat(AttentionBlock, self.remat)(heads, epsilon=NORM_EPS, **kw)
         # The reference passes `dropout` to the ResBlocks only; its transformers run without dropout.
         return _maybe_remat(SpatialTransformer, self.remat)(
-            heads, head_dim, cfg.transformer_depth, cfg.use_linear_in_transformer, **kw
+            heads, head_dim, self.depth, cfg.use_linear_in_transformer, **kw
         )
 
 
@@ -248,16 +316,19 @@ class UpBlock(_Blocks):
 
 
 class UNetModel(nn.Module):
-    """eps_theta(x, t, context, y): the time- and condition-dependent UNet.
+    """eps_theta(x, t, context, y, time_ids): the time- and condition-dependent UNet.
 
-    Call: `apply(params, x, timesteps, context=None, y=None, deterministic=True)`.
+    Call: `apply(params, x, timesteps, context=None, y=None, time_ids=None, deterministic=True)`.
       x: (B, H, W, in_channels) noisy latents (with any concat conditioning already appended on the channel
          axis by the caller); any H and W: a halving of an odd side rounds up and the decoder upsamples to
          the skip's size, as diffusers' UNet2DConditionModel does (its `upsample_size`).
       timesteps: (B,) or scalar, integer or float diffusion steps in [0, num_timesteps).
       context: (B, L, context_dim) cross-attention conditioning; required iff the config has a spatial
          transformer.
-      y: (B,) int class labels or (B, adm_in_channels) vectors; required iff `num_classes` is set.
+      y: (B,) int class labels or (B, adm_in_channels) vectors; required iff `num_classes` is set. With
+         `addition_embed_type="text_time"`: the pooled text embedding (B, P), required.
+      time_ids: (B, N) float micro-conditioning (SDXL base N=6, refiner N=5); required iff "text_time", with
+         P + N * addition_time_embed_dim == adm_in_channels.
       deterministic: False enables dropout (needs a "dropout" rng).
     Returns (B, H, W, out_channels) float32 (the final norm and conv run in float32).
 
@@ -274,15 +345,15 @@ class UNetModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, timesteps, context=None, y=None, *, deterministic: bool = True):
+    def __call__(self, x, timesteps, context=None, y=None, time_ids=None, *, deterministic: bool = True):
         cfg = self.config
-        timesteps = self._check_inputs(x, timesteps, context, y)
+        timesteps = self._check_inputs(x, timesteps, context, y, time_ids)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(attention=self.attention, remat=self.remat, **kw)
         levels = len(cfg.channel_mult)
         channels = [cfg.model_channels * m for m in cfg.channel_mult]
 
-        # 1. Timestep (+ class) embedding, (B, 4 * model_channels).
+        # 1. Timestep (+ class or text_time) embedding, (B, 4 * model_channels).
         t = timestep_embedding(timesteps, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
                                downscale_freq_shift=cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t.astype(self.dtype))
@@ -290,6 +361,14 @@ class UNetModel(nn.Module):
             temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="class_embedding", **kw)(y.astype(self.dtype))
         elif cfg.num_classes is not None:
             temb = temb + nn.Embed(cfg.num_classes, cfg.time_embed_dim, name="class_embedding", **kw)(y)
+        if cfg.addition_embed_type == "text_time":
+            time_ids = jnp.asarray(time_ids, jnp.float32)
+            batch, num_ids = time_ids.shape
+            features = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                          flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+            features = features.reshape(batch, num_ids * cfg.addition_time_embed_dim)  # (B*N, dim) -> (B, N*dim)
+            added = jnp.concatenate([jnp.asarray(y, jnp.float32), features], axis=-1)  # (B, adm_in_channels)
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(added.astype(self.dtype))
 
         # 2. Encoder; every block output is kept as a skip connection.
         h = conv(cfg.model_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
@@ -306,13 +385,14 @@ class UNetModel(nn.Module):
         skips = [h]
         for level in range(levels):
             h, level_skips = DownBlock(
-                cfg, channels[level], 2**level in cfg.attention_resolutions, add_downsample=level < levels - 1,
-                name=f"down_blocks_{level}", **block_kw,
+                cfg, channels[level], 2**level in cfg.attention_resolutions, cfg.depth_at(level),
+                add_downsample=level < levels - 1, name=f"down_blocks_{level}", **block_kw,
             )(h, temb, context, deterministic)
             skips += level_skips
 
         # 3. Bottleneck.
-        h = MidBlock(cfg, channels[-1], True, name="mid_block", **block_kw)(h, temb, context, deterministic)
+        h = MidBlock(cfg, channels[-1], True, cfg.mid_depth, name="mid_block", **block_kw)(h, temb, context,
+                                                                                          deterministic)
 
         # 4. Decoder; up_blocks_i is level levels-1-i and takes num_res_blocks + 1 skips.
         for i, level in enumerate(reversed(range(levels))):
@@ -320,8 +400,8 @@ class UNetModel(nn.Module):
             level_skips, skips = skips[-n:], skips[:-n]
             upsample_size = skips[-1].shape[1:3] if level > 0 else None  # the next skip's (odd sides)
             h = UpBlock(
-                cfg, channels[level], 2**level in cfg.attention_resolutions, add_upsample=level > 0,
-                name=f"up_blocks_{i}", **block_kw,
+                cfg, channels[level], 2**level in cfg.attention_resolutions, cfg.depth_at(level),
+                add_upsample=level > 0, name=f"up_blocks_{i}", **block_kw,
             )(h, level_skips, temb, context, deterministic, upsample_size)
 
         # 5. Output head in float32.
@@ -330,7 +410,7 @@ class UNetModel(nn.Module):
         return conv(cfg.out_channels, 3, dtype=jnp.float32, param_dtype=self.param_dtype,
                     kernel_init=nn.initializers.zeros_init(), name="conv_out")(h)
 
-    def _check_inputs(self, x, timesteps, context, y) -> jax.Array:
+    def _check_inputs(self, x, timesteps, context, y, time_ids) -> jax.Array:
         """Validates shapes (ValueError naming them); returns timesteps broadcast to (B,)."""
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels or min(x.shape[1:3]) < 1:
@@ -347,7 +427,12 @@ class UNetModel(nn.Module):
         elif context is not None:
             raise ValueError(f"UNet: this config has no cross-attention (use_spatial_transformer=False), "
                              f"but context {context.shape} was given")
-        if cfg.num_classes is None:
+        if cfg.addition_embed_type == "text_time":
+            self._check_text_time(batch, y, time_ids)
+        elif time_ids is not None:
+            raise ValueError(f"UNet: time_ids {jnp.shape(time_ids)} given but the config has no text_time "
+                             "embedding (addition_embed_type=None)")
+        elif cfg.num_classes is None:
             if y is not None:
                 raise ValueError(f"UNet: y {jnp.shape(y)} given but the config has num_classes=None")
         elif y is None:
@@ -357,6 +442,22 @@ class UNetModel(nn.Module):
         elif cfg.num_classes != "sequential" and jnp.shape(y) != (batch,):
             raise ValueError(f"UNet: y must be (B={batch},) class labels; got {jnp.shape(y)}")
         return timesteps
+
+    def _check_text_time(self, batch, y, time_ids) -> None:
+        """y (B, P) and time_ids (B, N) with P + N * addition_time_embed_dim == adm_in_channels."""
+        cfg = self.config
+        dim, width = cfg.addition_time_embed_dim, cfg.adm_in_channels
+        y_shape = None if y is None else jnp.shape(y)
+        ids_shape = None if time_ids is None else jnp.shape(time_ids)
+        if y_shape is None or len(y_shape) != 2 or y_shape[0] != batch:
+            raise ValueError(f"UNet: addition_embed_type='text_time' needs y, the pooled text embedding (B={batch}, "
+                             f"P); got {y_shape}")
+        if ids_shape is None or len(ids_shape) != 2 or ids_shape[0] != batch:
+            raise ValueError(f"UNet: addition_embed_type='text_time' needs time_ids (B={batch}, N) (SDXL base N=6, "
+                             f"refiner N=5); got {ids_shape}")
+        if y_shape[1] + ids_shape[1] * dim != width:
+            raise ValueError(f"UNet: y {y_shape} and time_ids {ids_shape} give {y_shape[1]} + {ids_shape[1]} x "
+                             f"{dim} = {y_shape[1] + ids_shape[1] * dim} features; adm_in_channels is {width}")
 
 
 def unet_config(section: Any) -> UNetConfig:
@@ -378,11 +479,15 @@ def build_unet(section_or_config: UNetConfig | Any, *, attention: str = "xla", r
                      dtype=dtype, param_dtype=param_dtype)
 
 
-def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1):
+def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1,
+              num_time_ids: int = 6):
     """Initialises `model`'s params (a {"params": ...} dict) from dummy inputs of the right shapes.
 
     `size` defaults to the smallest spatial size the config accepts (the position embedding's size when the
-    config has one). Works under `jax.eval_shape`.
+    config has one). `num_time_ids` (text_time configs only; SDXL base 6, refiner 5) splits adm_in_channels into
+    the dummy y (B, adm_in_channels - num_time_ids * addition_time_embed_dim) and time_ids (B, num_time_ids); the
+    params do not depend on the split, so any split the width allows gives the same tree. Works under
+    `jax.eval_shape`.
     """
     cfg = model.config
     height, width = cfg.position_embedding or (size or 2 ** (len(cfg.channel_mult) - 1),) * 2
@@ -393,4 +498,11 @@ def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | N
         y = jnp.zeros((batch, cfg.adm_in_channels), jnp.float32)
     elif cfg.num_classes is not None:
         y = jnp.zeros((batch,), jnp.int32)
-    return model.init(key, x, jnp.zeros((batch,), jnp.int32), context, y)
+    time_ids = None
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.adm_in_channels - num_time_ids * cfg.addition_time_embed_dim
+        if num_time_ids < 0 or pooled < 0:
+            raise ValueError(f"init_unet: num_time_ids={num_time_ids} x addition_time_embed_dim "
+                             f"{cfg.addition_time_embed_dim} does not fit adm_in_channels {cfg.adm_in_channels}")
+        y, time_ids = jnp.zeros((batch, pooled), jnp.float32), jnp.zeros((batch, num_time_ids), jnp.float32)
+    return model.init(key, x, jnp.zeros((batch,), jnp.int32), context, y, time_ids)
