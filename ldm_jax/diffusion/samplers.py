@@ -23,6 +23,24 @@ for Euler/Euler-a, as in the diffusers references. Timesteps follow these spacin
              divide T this gives more than `steps` steps, exactly as CompVis does)
   "quad"     CompVis DDIM: int(linspace(0, sqrt(0.8 T), steps)^2) + 1
   "leading", "linspace", "trailing"   diffusers `timestep_spacing` (leading honours `steps_offset`)
+
+Partial runs (`sample(first_step=, stop_step=, start_latent=)`, bounds traced: changing them does not recompile)
+serve an ensemble of expert denoisers, SDXL base + refiner as diffusers' denoising_end / denoising_start: both
+use one sampler (same schedule, steps, spacing); the base runs steps [0, m) and returns its unfinished x in the
+sampler's coordinates (what diffusers returns with output_type="latent": for Euler the unscaled sample); the
+refiner continues from that x at step m without noising it. `denoising_bounds` turns diffusers' fractions into
+(first_step, stop_step) on the host. Each run starts with a fresh sampler state, as diffusers' refiner pipeline
+does with its own scheduler: DPM-Solver++ takes a first-order step first (lower_order_nums = 0 after
+set_begin_index) and PLMS its two-evaluation warm-up again (CompVis; diffusers' PNDMScheduler is no reference
+for a run that starts mid-schedule: its warm-up relies on the repeated timestep at the head of its list, and
+when the base stops after one step PNDM returns the warm-up's first-order prediction where ours finishes the
+step). Single-step samplers given the same key and model make the same split and unsplit runs (step i's
+noise is fold_in(key, i) either way).
+
+diffusers agreement (tests/test_samplers.py, tests/test_samplers_sdxl.py, SDXL's betas): same timesteps,
+sigmas, model-input scaling and steps, to float32 rounding. Known difference: diffusers' DDIMScheduler steps
+to timestep t - T // N whatever the spacing (diffusers issue #12633), which is not the next timestep for
+"linspace", nor for "trailing" when N does not divide T; our DDIM steps to the next timestep.
 """
 from __future__ import annotations
 
@@ -696,9 +714,77 @@ def img2img_steps(strength: Any, num_steps: int) -> jax.Array:
     """Steps run for img2img at `strength` (CompVis: t_enc = int(strength * steps)), int32 scalar.
 
     The 1e-4 slack makes decimal strengths whose float32 value falls just short (0.7 * 10 = 6.9999995)
-    count as written.
+    count as written. (diffusers computes int(steps * strength) in float64, without slack: 0.29 * 100 gives
+    28 there and 29 here; `strength_first_step` is diffusers' rule.)
     """
     return jnp.floor(jnp.asarray(strength, jnp.float32) * num_steps + 1e-4).astype(jnp.int32)
+
+
+def strength_first_step(strength: float, num_steps: int) -> int:
+    """The first step an img2img run at `strength` takes, by diffusers' rule (host, float64):
+    num_steps - min(int(num_steps * strength), num_steps), as `StableDiffusionXLImg2ImgPipeline.get_timesteps`.
+
+    Pass it to `sample` as `first_step=` (with `init_latent`) to reproduce diffusers' img2img, which noises
+    the init latent to that step's level also at strength 1 (where `strength=1` starts from pure noise).
+    """
+    value = float(strength)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"img2img strength must be in [0, 1], got {value}")
+    return num_steps - min(int(num_steps * value), num_steps)
+
+
+def _concrete_timesteps(sampler: Sampler) -> np.ndarray:
+    if isinstance(sampler.timesteps, jax.core.Tracer):
+        raise ValueError("compute denoising bounds on the host, outside jax.jit: they need the sampler's timesteps")
+    return np.asarray(sampler.timesteps)
+
+
+def denoising_cutoff(fraction: float, num_train_timesteps: int) -> int:
+    """diffusers' discrete_timestep_cutoff for denoising_start / denoising_end = `fraction` in (0, 1):
+    int(round(T - fraction * T)), in Python floats (round half to even) exactly as diffusers computes it."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (float, int, np.floating)) or not 0 < fraction < 1:
+        raise ValueError(f"a denoising fraction must be a number in (0, 1), got {fraction!r}")
+    T = int(num_train_timesteps)
+    return int(round(T - float(fraction) * T))
+
+
+def denoising_bounds(sampler: Sampler, num_train_timesteps: int, *, denoising_start: float | None = None,
+                     denoising_end: float | None = None) -> tuple[int, int]:
+    """(first_step, stop_step) for `sample` from diffusers' SDXL denoising fractions (host ints).
+
+    An ensemble of expert denoisers splits one sampler's steps at the cutoff c = `denoising_cutoff(d, T)`:
+    StableDiffusionXLPipeline(denoising_end=d) runs the steps whose timestep is >= c (the first ones) and
+    StableDiffusionXLImg2ImgPipeline(denoising_start=d) the steps whose timestep is < c (the last ones), so
+    with the same d the base's stop_step is the refiner's first_step. No start: first_step 0; no end: stop_step N.
+    diffusers adds one step to the refiner's count for second-order schedulers (Heun, DPM2) when it is even;
+    every sampler here takes one model evaluation per step in diffusers' sense (order 1), so none is added.
+    Raises ValueError for a fraction outside (0, 1) (diffusers silently ignores one) or start >= end.
+    """
+    ts = _concrete_timesteps(sampler)
+    n = len(ts)
+    first, stop = 0, n
+    if denoising_start is not None:
+        first = n - int((ts < denoising_cutoff(denoising_start, num_train_timesteps)).sum())
+    if denoising_end is not None:
+        stop = int((ts >= denoising_cutoff(denoising_end, num_train_timesteps)).sum())
+    if denoising_start is not None and denoising_end is not None and not denoising_start < denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be smaller than denoising_end={denoising_end}")
+    return first, stop
+
+
+def _raise_if_bad_steps(first: Any, stop: Any, n: int) -> None:
+    first, stop = int(np.asarray(first)), int(np.asarray(stop))
+    if not 0 <= first <= stop <= n:
+        raise ValueError(f"step bounds must satisfy 0 <= first_step <= stop_step <= {n} (the sampler's steps), "
+                         f"got first_step={first}, stop_step={stop}")
+
+
+def _check_steps(first: Any, stop: Any, n: int) -> None:
+    """ValueError for bad step bounds; traced bounds are checked when the program runs."""
+    if isinstance(first, jax.core.Tracer) or isinstance(stop, jax.core.Tracer):
+        jax.debug.callback(_raise_if_bad_steps, first, stop, n)
+    else:
+        _raise_if_bad_steps(first, stop, n)
 
 
 def _check_inputs(noise: jax.Array, init_latent: Any, mask: Any, extra_channels: Any) -> None:
@@ -716,16 +802,18 @@ def _check_inputs(noise: jax.Array, init_latent: Any, mask: Any, extra_channels:
         raise ValueError(f"extra_channels has shape {extra_channels.shape}; expected ({b}, {h}, {w}, C_extra)")
 
 
-def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array, key: jax.Array, cond: Any = None, *,
+def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array | None, key: jax.Array, cond: Any = None, *,
            init_latent: jax.Array | None = None, strength: Any = 1.0, mask: jax.Array | None = None,
-           extra_channels: jax.Array | None = None) -> jax.Array:
+           extra_channels: jax.Array | None = None, first_step: Any = None, stop_step: Any = None,
+           start_latent: jax.Array | None = None) -> jax.Array:
     """Runs `sampler` with `model_fn` as one `lax.scan`; call it inside `jax.jit`.
 
     Args:
       sampler: from `make_sampler`; a pytree, so pass it as a jit argument (no recompiling on eta).
       model_fn: (x (B, H, W, C + C_extra) float32, t (B,) int32 or float32, cond) -> prediction (B, H, W, C)
         of the sampler's prediction_type. Wrap with `guidance.classifier_free_guidance` for CFG.
-      noise: (B, H, W, C) standard normal: the start of a from-noise run, and img2img's added noise.
+      noise: (B, H, W, C) standard normal: the start of a from-noise run, and img2img's added noise. May be
+        None when `start_latent` is given (nothing is noised then).
       key: PRNG key; step i's stochastic noise uses fold_in(key, i). Same key, same result. Or a (B,) array
         of typed per-example keys: example b's noise then comes from key[b] alone (independent of the batch).
       cond: any pytree, passed through to model_fn.
@@ -735,54 +823,91 @@ def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array, key: jax.Array
         returns init_latent.
       mask: (B, H, W, 1 or C) in [0, 1], 1 where to generate. Before each model evaluation the known region
         (mask 0) is replaced by init_latent noised to the current level (CompVis); at the end init_latent is
-        pasted back there.
+        pasted back there (also when stop_step < N, as diffusers' inpainting does after its last step).
       extra_channels: (B, H, W, C_extra) appended to the model input (e.g. SD inpainting: mask and masked
         latent, see `guidance.inpaint_channels`).
+      first_step: int32 scalar in [0, N], may be traced (no recompiling): run steps first_step.. only, instead
+        of `strength`. The run starts from `start_latent` if given, else from init_latent noised to the level
+        of step first_step (diffusers' img2img `add_noise`, also at first_step 0; see `strength_first_step`).
+        first_step N runs nothing and returns start_latent / init_latent.
+      stop_step: int32 scalar in [first_step, N], may be traced: run only the steps before it and return x at
+        the level of `timesteps[stop_step]`, in the sampler's coordinates (Euler: x0 + sigma eps, not
+        scaled), unfinished unless stop_step = N: what diffusers' denoising_end returns as "latent".
+      start_latent: (B, H, W, C) x in the sampler's coordinates at the level of step `first_step` (default 0),
+        taken as it is (diffusers' denoising_start, add_noise=False): e.g. a base model's stop_step output.
     Returns:
-      (B, H, W, C) float32, the final sample.
+      (B, H, W, C) float32, the final sample (or, with stop_step < N, the state after stop_step steps).
     """
-    _check_inputs(noise, init_latent, mask, extra_channels)
-    if _per_example(key) and key.shape[0] != noise.shape[0]:
-        raise ValueError(f"{key.shape[0]} per-example keys for a batch of {noise.shape[0]}")
+    ref = start_latent if start_latent is not None else noise
+    if ref is None:
+        raise ValueError("sample needs noise (or start_latent to continue from)")
+    _check_inputs(ref, init_latent, mask, extra_channels)
+    if start_latent is not None and noise is not None and noise.shape != start_latent.shape:
+        raise ValueError(f"start_latent has shape {start_latent.shape}; expected the noise shape {noise.shape}")
+    if _per_example(key) and key.shape[0] != ref.shape[0]:
+        raise ValueError(f"{key.shape[0]} per-example keys for a batch of {ref.shape[0]}")
+    plain_strength = isinstance(strength, (int, float)) and strength == 1.0
+    if first_step is not None and not plain_strength:
+        raise ValueError("pass either strength or first_step (the first step to run), not both")
     n = sampler.num_steps
-    noise = noise.astype(jnp.float32)
-    if init_latent is None:
-        if not (isinstance(strength, (int, float)) and strength == 1.0):
-            raise ValueError(f"strength={strength} needs init_latent (img2img); without it pass strength=1.0")
-        start, t_enc = jnp.zeros((), jnp.int32), None
-        x = sampler.prior(noise)
-    else:
+    noise = None if noise is None else noise.astype(jnp.float32)
+    init_latent = None if init_latent is None else init_latent.astype(jnp.float32)
+    returns_init = None  # traced bool: nothing runs and init_latent is the answer
+    if start_latent is not None:
+        first = jnp.asarray(0 if first_step is None else first_step, jnp.int32)
+        if not plain_strength:
+            raise ValueError("strength applies to init_latent; with start_latent give first_step instead")
+        x = start_latent.astype(jnp.float32)
+    elif first_step is not None:
+        if init_latent is None or noise is None:
+            raise ValueError("first_step needs start_latent (to continue from) or init_latent and noise (img2img)")
+        first = jnp.asarray(first_step, jnp.int32)
+        x = sampler.noise_to(init_latent, noise, jnp.minimum(first, n - 1))
+        returns_init = first >= n
+    elif init_latent is not None:
+        if noise is None:
+            raise ValueError("img2img needs noise")
         check_strength(strength)
-        init_latent = init_latent.astype(jnp.float32)
-        t_enc = img2img_steps(strength, n)
-        start = n - t_enc
-        noised = sampler.noise_to(init_latent, noise, jnp.minimum(start, n - 1))
-        x = jnp.where(start == 0, sampler.prior(noise), noised)
-    state = sampler.init_state(x, start)
-    batch = noise.shape[0]
+        first = n - img2img_steps(strength, n)
+        noised = sampler.noise_to(init_latent, noise, jnp.minimum(first, n - 1))
+        x = jnp.where(first == 0, sampler.prior(noise), noised)
+        returns_init = first >= n
+    else:
+        if not plain_strength:
+            raise ValueError(f"strength={strength} needs init_latent (img2img); without it pass strength=1.0")
+        first = jnp.zeros((), jnp.int32)
+        x = sampler.prior(noise)
+    stop = jnp.asarray(n if stop_step is None else stop_step, jnp.int32)
+    if first_step is not None or stop_step is not None:
+        _check_steps(first, stop, n)
+    gated = init_latent is not None or start_latent is not None or first_step is not None or stop_step is not None
+    state = sampler.init_state(x, first)
+    batch = ref.shape[0]
 
     def evaluate(state):
         step_key = _fold_in(key, state.step)
         if mask is not None:
-            known = sampler.noise_to(init_latent, _normal(_fold_in(step_key, 1), noise), state.step)
+            known = sampler.noise_to(init_latent, _normal(_fold_in(step_key, 1), state.x), state.step)
             state = state.replace(x=mask * state.x + (1 - mask) * known)
         x_in, t = sampler.model_input(state)
         if extra_channels is not None:
             x_in = jnp.concatenate([x_in, extra_channels.astype(x_in.dtype)], axis=-1)
         prediction = model_fn(x_in, jnp.full((batch,), t, t.dtype), cond)
-        if prediction.shape != noise.shape:
-            raise ValueError(f"model_fn returned shape {prediction.shape}; expected {noise.shape}")
+        if prediction.shape != ref.shape:
+            raise ValueError(f"model_fn returned shape {prediction.shape}; expected {ref.shape}")
         return sampler.update(state, prediction.astype(jnp.float32), step_key)
 
     def body(state, i):
-        if init_latent is None:
+        if not gated:
             return evaluate(state), None
-        return jax.lax.cond(i >= start, evaluate, lambda s: s, state), None
+        # Evaluation i runs from step `first` on (PLMS's warm-up takes two evaluations at its first step, so
+        # a run from `first` needs N + 1 - first of its N + 1) and while the state has not reached `stop`.
+        return jax.lax.cond((i >= first) & (state.step < stop), evaluate, lambda s: s, state), None
 
     state, _ = jax.lax.scan(body, state, jnp.arange(sampler.num_evals))
     x = state.x
     if mask is not None:
         x = mask * x + (1 - mask) * init_latent
-    if t_enc is not None:
-        x = jnp.where(t_enc == 0, init_latent, x)
+    if returns_init is not None:
+        x = jnp.where(returns_init, init_latent, x)
     return x
