@@ -40,8 +40,8 @@ from ldm_jax.diffusion.schedule import (LOSS_WEIGHTINGS, PREDICTION_TYPES, Noise
 from ldm_jax.models.attention import check_attention
 from ldm_jax.models.autoencoder import (AutoencoderConfig, DiagonalGaussian, autoencoder_config, build_autoencoder,
                                         init_autoencoder)
-from ldm_jax.models.text import (ClassEmbedderConfig, CondStageConfig, build_cond_stage, cond_stage_config,
-                                 cond_stage_inputs_shape)
+from ldm_jax.models.text import (ClassEmbedderConfig, ClipTextConfig, CondStageConfig, build_cond_stage,
+                                 cond_stage_config, cond_stage_inputs_shape)
 from ldm_jax.models.layers import check_remat
 from ldm_jax.models.tokenizer import tokenize
 from ldm_jax.models.unet import UNetConfig, build_unet, init_unet, unet_config
@@ -67,6 +67,9 @@ class DiffusionConfig:
     loss_weighting: "uniform" or "min_snr" (with `min_snr_gamma`), see `schedule.loss_weights`.
     learn_logvar / logvar_init: the reference's per-timestep log-variance (loss / exp(logvar) + logvar).
     image_size, channels: the latent side and channel count (what the sampler draws by default).
+    force_zeros_for_empty_prompt: without a negative prompt, classifier-free guidance's unconditional text
+      conditioning is all zeros (context and pooled embedding) instead of the encoded empty prompt (SDXL base,
+      diffusers' pipeline option of that name); an explicit negative prompt, even "", is encoded as usual.
     """
 
     schedule: ScheduleConfig = ScheduleConfig()
@@ -82,6 +85,7 @@ class DiffusionConfig:
     logvar_init: float = 0.0
     image_size: int = 64
     channels: int = 4
+    force_zeros_for_empty_prompt: bool = False
 
     def __post_init__(self):
         errors = []
@@ -138,18 +142,25 @@ def diffusion_config(*sections: Any) -> DiffusionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LDMConfig:
-    """A whole latent diffusion model: first stage, optional cond stage, UNet and diffusion settings.
+    """A whole latent diffusion model: first stage, up to two text towers, UNet and diffusion settings.
+
+    `cond_stage_2` is SDXL's second text tower (OpenCLIP ViT-bigG, diffusers' text_encoder_2): both towers read
+    the prompt (each with its own tokenizer) and their contexts are concatenated on the feature axis (768 + 1280
+    = 2048 for SDXL). A UNet with `addition_embed_type="text_time"` also takes the last tower's projected pooled
+    output (`text_embeds`) and `num_time_ids` micro-conditioning numbers (SDXL base: 6 sizes / crops; refiner:
+    5, with the aesthetic score). The SDXL refiner has one tower (bigG) in `cond_stage`.
 
     Checked on construction: the UNet's output channels equal the latent channels (first_stage.embed_dim ==
-    diffusion.channels); "crossattn"/"hybrid" need a cond stage whose context width is the UNet's
-    context_dim; "concat"/"hybrid" need UNet in_channels > latent channels, the others equality; "adm"
-    needs UNet num_classes.
+    diffusion.channels); "crossattn"/"hybrid" need a cond stage whose context width (summed over the towers) is
+    the UNet's context_dim; "concat"/"hybrid" need UNet in_channels > latent channels, the others equality;
+    "adm" needs UNet num_classes; "text_time" needs a projecting last tower whose width fits adm_in_channels.
     """
 
     first_stage: AutoencoderConfig
     unet: UNetConfig
     diffusion: DiffusionConfig = DiffusionConfig()
     cond_stage: CondStageConfig | None = None
+    cond_stage_2: ClipTextConfig | None = None
 
     def __post_init__(self):
         errors = _ldm_config_errors(self)
@@ -186,6 +197,38 @@ class LDMConfig:
         """Id prompts are padded with (SD v1: 49407, SD v2 / BERT: 0), None without a text cond stage."""
         return getattr(self.cond_stage, "pad_token_id", None) if self.tokenizer_kind else None
 
+    @property
+    def text_towers(self) -> tuple[str, ...]:
+        """Names of the text towers' param trees in order: ("cond_stage",), ("cond_stage", "cond_stage_2") or ()."""
+        if self.tokenizer_kind is None:
+            return ()
+        return ("cond_stage",) + (("cond_stage_2",) if self.cond_stage_2 is not None else ())
+
+    @property
+    def text_time(self) -> bool:
+        """Whether the UNet takes SDXL's pooled text embedding and micro-conditioning (`addition_embed_type`)."""
+        return self.unet.addition_embed_type == "text_time"
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of the pooled text embedding a "text_time" UNet takes (the last tower's projection_dim)."""
+        if not self.text_time:
+            return None
+        return getattr(getattr(self, self.text_towers[-1]), "projection_dim", None) if self.text_towers else None
+
+    @property
+    def num_time_ids(self) -> int:
+        """Micro-conditioning numbers a "text_time" UNet takes (SDXL base 6, refiner 5), else 0."""
+        if not self.text_time or self.pooled_dim is None:
+            return 0
+        return (self.unet.adm_in_channels - self.pooled_dim) // self.unet.addition_time_embed_dim
+
+    @property
+    def structured_conditioning(self) -> bool:
+        """Whether conditioning inputs are a dict ("tokens", "tokens_2", "time_ids", "zero_text"; SDXL) rather
+        than one array of token ids or labels."""
+        return self.cond_stage_2 is not None or self.text_time
+
 
 def _ldm_config_errors(cfg: LDMConfig) -> list[str]:
     errors = []
@@ -203,11 +246,17 @@ def _ldm_config_errors(cfg: LDMConfig) -> list[str]:
         errors.append(f"unet.in_channels={unet.in_channels} != {latent} latent channels; with "
                       f"conditioning_key={key!r} nothing is concatenated (9-channel inpainting UNets need "
                       f"conditioning_key='hybrid')")
+    if cfg.cond_stage_2 is not None and not (isinstance(cfg.cond_stage_2, ClipTextConfig)
+                                             and isinstance(cfg.cond_stage, ClipTextConfig)):
+        errors.append("cond_stage_2 (a second text tower) needs CLIP text towers in cond_stage and cond_stage_2; got "
+                      f"{type(cfg.cond_stage).__name__} and {type(cfg.cond_stage_2).__name__}")
     if key in ("crossattn", "hybrid"):
+        width = sum(getattr(cfg, name).context_dim for name in ("cond_stage", "cond_stage_2")
+                    if getattr(cfg, name) is not None)
         if cfg.cond_stage is None:
             errors.append(f"conditioning_key={key!r} needs a cond_stage")
-        elif not unet.use_spatial_transformer or unet.context_dim != cfg.cond_stage.context_dim:
-            errors.append(f"the cond stage's context width {cfg.cond_stage.context_dim} != unet.context_dim "
+        elif not unet.use_spatial_transformer or unet.context_dim != width:
+            errors.append(f"the text towers' context width {width} != unet.context_dim "
                           f"{unet.context_dim} (use_spatial_transformer={unet.use_spatial_transformer})")
     elif unet.use_spatial_transformer:
         errors.append(f"unet.use_spatial_transformer=True needs conditioning_key 'crossattn' or 'hybrid', "
@@ -220,12 +269,28 @@ def _ldm_config_errors(cfg: LDMConfig) -> list[str]:
         errors.append("conditioning_key='adm' passes labels straight to the UNet; cond_stage must be None")
     if isinstance(cfg.cond_stage, ClassEmbedderConfig) and key not in ("crossattn", "hybrid"):
         errors.append(f"a class cond stage gives a cross-attention context; conditioning_key={key!r}")
+    errors += _text_time_errors(cfg)
     return errors
+
+
+def _text_time_errors(cfg: LDMConfig) -> list[str]:
+    if not cfg.text_time:
+        return []
+    last = cfg.text_towers[-1] if cfg.text_towers else None
+    pooled = getattr(getattr(cfg, last), "projection_dim", None) if last else None
+    if pooled is None:
+        return [f"unet.addition_embed_type='text_time' needs a text tower with a projection (projection_dim) as "
+                f"the last tower; got {last or 'no text tower'}"]
+    rest = cfg.unet.adm_in_channels - pooled
+    if rest < 1 or rest % cfg.unet.addition_time_embed_dim:
+        return [f"unet.adm_in_channels={cfg.unet.adm_in_channels} must be the pooled width {pooled} ({last}."
+                f"projection_dim) + N x addition_time_embed_dim {cfg.unet.addition_time_embed_dim}"]
+    return []
 
 
 def ldm_config(config: Any) -> LDMConfig:
     """LDMConfig from a ConfigDict (or mapping: a config file's, a preset's, a saved config.json) with the
-    sections first_stage, unet, diffusion and optionally cond_stage. Unknown fields raise ValueError.
+    sections first_stage, unet, diffusion and optionally cond_stage and cond_stage_2. Unknown fields raise ValueError.
 
     Legacy: configs saved before the one `diffusion` section (e.g. a model directory's config.json) may hold
     the DiffusionConfig fields split over `diffusion` (the schedule) and `ldm` (the rest); `ldm` is merged into
@@ -235,6 +300,7 @@ def ldm_config(config: Any) -> LDMConfig:
     if missing:
         raise ValueError(f"ldm_config: the config lacks section(s) {missing}; it has {sorted(config.keys())}")
     cond = config["cond_stage"] if "cond_stage" in config else None
+    cond_2 = config["cond_stage_2"] if "cond_stage_2" in config else None
     diffusion_sections = [config["diffusion"]] + ([config[LEGACY_DIFFUSION_SECTION]]
                                                   if LEGACY_DIFFUSION_SECTION in config else [])
     return LDMConfig(
@@ -242,6 +308,7 @@ def ldm_config(config: Any) -> LDMConfig:
         unet=unet_config(config["unet"]),
         diffusion=diffusion_config(*diffusion_sections),
         cond_stage=None if cond is None else cond_stage_config(cond),
+        cond_stage_2=None if cond_2 is None else cond_stage_config(cond_2),
     )
 
 
@@ -290,7 +357,8 @@ class LoadedModel:
     """A model ready to sample or fine-tune: its config, params (layout in the module docstring), a
     tokenizer (transformers tokenizer object) or None, where it came from (`model_id`, e.g. a path) and the
     run-time options it was loaded with (`options`). `scheduler_config`: the diffusers scheduler_config.json
-    the model came with (its sampling timesteps, spacing and offset), or None."""
+    the model came with (its sampling timesteps, spacing and offset), or None. `tokenizer_2`: the second text
+    tower's tokenizer (SDXL's tokenizer_2), None for one-tower models."""
 
     config: LDMConfig
     params: dict[str, Any]
@@ -298,6 +366,12 @@ class LoadedModel:
     model_id: str = ""
     options: RunOptions = RunOptions()
     scheduler_config: dict[str, Any] | None = None
+    tokenizer_2: Any = None
+
+    def tokenizers(self) -> dict[str, Any]:
+        """{text tower name: its tokenizer} for `config.text_towers` (cond_stage -> tokenizer, cond_stage_2 ->
+        tokenizer_2)."""
+        return {name: self.tokenizer if name == "cond_stage" else self.tokenizer_2 for name in self.config.text_towers}
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -312,17 +386,20 @@ def modules(config: LDMConfig, options: RunOptions = RunOptions()) -> LDMModules
     """
     kw = dict(attention=options.attention, dtype=options.dtype, param_dtype=options.param_dtype)
     cond = None if config.cond_stage is None else build_cond_stage(config.cond_stage, **kw)
+    cond_2 = None if config.cond_stage_2 is None else build_cond_stage(config.cond_stage_2, **kw)
     return LDMModules(first_stage=build_autoencoder(config.first_stage, remat=options.remat, **kw), cond_stage=cond,
-                      unet=build_unet(config.unet, remat=options.remat, **kw))
+                      unet=build_unet(config.unet, remat=options.remat, **kw), cond_stage_2=cond_2)
 
 
 @dataclasses.dataclass(frozen=True)
 class LDMModules:
-    """The three Flax modules of a latent diffusion model (cond_stage None when unconditional/"adm")."""
+    """The Flax modules of a latent diffusion model (cond_stage None when unconditional/"adm"; cond_stage_2 the
+    second text tower of SDXL, else None)."""
 
     first_stage: nn.Module
     cond_stage: nn.Module | None
     unet: nn.Module
+    cond_stage_2: nn.Module | None = None
 
 
 def init_params(config: LDMConfig, key: jax.Array) -> dict[str, Any]:
@@ -332,11 +409,14 @@ def init_params(config: LDMConfig, key: jax.Array) -> dict[str, Any]:
     """
     m = modules(config)
     k_fs, k_cs, k_unet = jax.random.split(key, 3)
+    k_cs2 = jax.random.fold_in(key, 3)  # a fourth stream that leaves the first three (older models' init) alone
+    unet_kw = {"num_time_ids": config.num_time_ids} if config.text_time else {}
     params = {"first_stage": init_autoencoder(m.first_stage, k_fs)["params"],
-              "unet": init_unet(m.unet, k_unet)["params"]}
-    if m.cond_stage is not None:
-        inputs = jnp.zeros(cond_stage_inputs_shape(config.cond_stage, 1), jnp.int32)
-        params["cond_stage"] = m.cond_stage.init(k_cs, inputs)["params"]
+              "unet": init_unet(m.unet, k_unet, **unet_kw)["params"]}
+    for name, module, k in (("cond_stage", m.cond_stage, k_cs), ("cond_stage_2", m.cond_stage_2, k_cs2)):
+        if module is not None:
+            inputs = jnp.zeros(cond_stage_inputs_shape(getattr(config, name), 1), jnp.int32)
+            params[name] = module.init(k, inputs)["params"]
     if config.diffusion.learn_logvar:
         params["logvar"] = jnp.full((config.diffusion.schedule.num_timesteps,), config.diffusion.logvar_init,
                                     jnp.float32)
@@ -426,22 +506,61 @@ def latents_from_moments(config: LDMConfig, moments: jax.Array, key: jax.Array |
 # ------------------------------------------------------------------------------------------- conditioning
 
 
-def encode_conditioning(config: LDMConfig, params: Mapping[str, Any], inputs: jax.Array, *,
-                        options: RunOptions = RunOptions()) -> dict[str, jax.Array]:
+def encode_conditioning(config: LDMConfig, params: Mapping[str, Any], inputs: Any, *,
+                        options: RunOptions = RunOptions(), clip_skip: int = 0) -> dict[str, jax.Array]:
     """Conditioning inputs -> the UNet conditioning dict.
 
     inputs: token ids (B, L) int for a text cond stage, labels (B,) int for a class cond stage (context
     (B, 1, D)) or for "adm" with int num_classes, vectors (B, adm_in_channels) for "adm" "sequential".
-    Returns {"context": (B, L, D)} for "crossattn"/"hybrid", {"y": ...} for "adm". Concat channels are not
-    made here (see `inpaint_conditioning`).
+    Models with `structured_conditioning` (SDXL) take a dict: "tokens" (B, L) ids for cond_stage, "tokens_2"
+    (B, L2) for cond_stage_2, "time_ids" (B, num_time_ids) float micro-conditioning ("text_time" UNets), and
+    optionally "zero_text" (B,) float, 1 where the text conditioning (context and pooled) is replaced by zeros
+    (diffusers' force_zeros_for_empty_prompt).
+    clip_skip: CLIP blocks to skip before the configured output layer (static; diffusers' `clip_skip`).
+    Returns {"context": (B, L, D)} for "crossattn"/"hybrid" (the towers' contexts concatenated on the feature
+    axis), plus {"y": (B, pooled), "time_ids": (B, N)} for "text_time" UNets; {"y": ...} for "adm". Concat
+    channels are not made here (see `inpaint_conditioning`).
     """
     key = config.diffusion.conditioning_key
     if key == "adm":
         return {"y": inputs}
     if key not in ("crossattn", "hybrid"):
         raise ValueError(f"encode_conditioning: conditioning_key={key!r} has no cond stage to encode with")
-    model = modules(config, options).cond_stage
-    return {"context": model.apply({"params": _part(params, "cond_stage")}, inputs)}
+    m = modules(config, options)
+    if not config.structured_conditioning:
+        kw = {"clip_skip": clip_skip} if clip_skip else {}
+        return {"context": m.cond_stage.apply({"params": _part(params, "cond_stage")}, inputs, **kw)}
+    _check_structured(config, inputs)
+    contexts, pooled = [], None
+    for name, ids in zip(config.text_towers, ("tokens", "tokens_2")):
+        module = getattr(m, name)
+        out = module.apply({"params": _part(params, name)}, inputs[ids], clip_skip=clip_skip, method=module.encode)
+        contexts.append(out.context)
+        pooled = out.text_embeds
+    cond = {"context": jnp.concatenate(contexts, axis=-1) if len(contexts) > 1 else contexts[0]}
+    if config.text_time:
+        cond.update(y=pooled, time_ids=jnp.asarray(inputs["time_ids"], jnp.float32))
+    if "zero_text" in inputs:
+        keep = 1.0 - jnp.asarray(inputs["zero_text"], jnp.float32)
+        for name in ("context", "y"):
+            if name in cond:
+                cond[name] = cond[name] * keep.reshape((-1,) + (1,) * (cond[name].ndim - 1)).astype(cond[name].dtype)
+    return cond
+
+
+def _check_structured(config: LDMConfig, inputs: Any) -> None:
+    """ValueError unless `inputs` is the dict `encode_conditioning` expects for this model."""
+    wanted = {"tokens"} | ({"tokens_2"} if config.cond_stage_2 is not None else set())
+    if config.text_time:
+        wanted.add("time_ids")
+    if not isinstance(inputs, Mapping) or not wanted <= set(inputs) or set(inputs) - wanted - {"zero_text"}:
+        got = sorted(inputs) if isinstance(inputs, Mapping) else f"an array of shape {jnp.shape(inputs)}"
+        raise ValueError(f"encode_conditioning: this model (text towers {config.text_towers}, text_time="
+                         f"{config.text_time}) takes a dict with {sorted(wanted)} (and optionally zero_text); "
+                         f"got {got}")
+    if config.text_time and jnp.shape(inputs["time_ids"])[-1] != config.num_time_ids:
+        raise ValueError(f"encode_conditioning: time_ids must be (B, {config.num_time_ids}) (micro-conditioning "
+                         f"numbers of this UNet); got {jnp.shape(inputs['time_ids'])}")
 
 
 def null_inputs(config: LDMConfig, batch: int, empty_prompt_ids: Any = None) -> jax.Array:
@@ -518,20 +637,21 @@ def check_image_and_mask(config: LDMConfig, images: Any, mask: Any = None) -> No
 def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: jax.Array,
                cond: Mapping[str, jax.Array] | None, *, options: RunOptions = RunOptions(), rngs: Any = None,
                deterministic: bool = True) -> jax.Array:
-    """The denoiser: x (B, h, w, C) latents, t (B,) timesteps, cond {"context"?, "y"?, "concat"?}.
+    """The denoiser: x (B, h, w, C) latents, t (B,) timesteps, cond {"context"?, "y"?, "time_ids"?, "concat"?}.
 
     "concat" channels (B, h, w, C_extra) are appended to x; "context" is cross-attended; "y" goes to the
-    class embedding. Returns the prediction (B, h, w, C) float32 (of `diffusion.prediction_type`).
+    class embedding ("adm") or, with "time_ids", to SDXL's text_time embedding. Returns the prediction (B, h, w, C) float32 (of `diffusion.prediction_type`).
     """
     cond = dict(cond or {})
     if "concat" in cond:
         x = jnp.concatenate([x, cond.pop("concat").astype(x.dtype)], axis=-1)
-    unknown = sorted(set(cond) - {"context", "y"})
+    unknown = sorted(set(cond) - {"context", "y", "time_ids"})
     if unknown:
-        raise ValueError(f"apply_unet: unknown conditioning entries {unknown}; expected context, y, concat")
+        raise ValueError(f"apply_unet: unknown conditioning entries {unknown}; expected context, y, time_ids, concat")
     model = modules(config, options).unet
+    extra = {"time_ids": cond["time_ids"]} if "time_ids" in cond else {}
     return model.apply({"params": _part(params, "unet")}, x, t, cond.get("context"), cond.get("y"),
-                       deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+                       deterministic=deterministic, rngs=rngs, **extra).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- loss

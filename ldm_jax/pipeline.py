@@ -28,6 +28,7 @@ before every step and by the known latent at the end. Init images are encoded to
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping, Sequence
@@ -63,32 +64,111 @@ def make_model_sampler(config: LDMConfig, name: str, steps: int, **opts: Any) ->
 
 
 def encode_prompts(model: LoadedModel, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
-                   warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   warn: bool = True) -> tuple[Any, Any]:
     """Tokenises prompts on the host: (cond, uncond) int32 (B, max_length) token ids.
 
-    uncond is the negative prompts' ids, or the empty prompt's for every example. warn: `warnings.warn` once
-    per distinct prompt that is truncated or holds unknown words (`inspect_prompts`), naming its index in
-    `prompts` (0-based; "negative prompt i" for those); callers that report `inspect_prompts` themselves
-    pass False.
+    uncond is the negative prompts' ids, or the empty prompt's for every example. Two-tower / "text_time"
+    models (SDXL, `config.structured_conditioning`) get dicts {"tokens", "tokens_2"?, "zero_text"}: each tower's
+    ids padded with its own pad token to its own length, and zero_text (B,) float32, which is 1 in uncond when
+    no negative prompts are given and the model sets `diffusion.force_zeros_for_empty_prompt` (the text
+    conditioning is then zeros, as in diffusers; an explicit "" is encoded like any prompt). The
+    micro-conditioning "time_ids" are added by the pipelines, which know the image size.
+    warn: `warnings.warn` once per distinct prompt that is truncated or holds unknown words (`inspect_prompts`),
+    naming its index in `prompts` (0-based; "negative prompt i" for those); callers that report
+    `inspect_prompts` themselves pass False.
     """
-    cfg = _text_config(model, "encode_prompts")
-    kw = dict(pad_token_id=cfg.pad_token_id, max_length=cfg.max_length, warn=False)
-    cond = tokenize(model.tokenizer, list(prompts), **kw)
+    _text_config(model, "encode_prompts")
+    zero_uncond = negative_prompts is None and model.config.diffusion.force_zeros_for_empty_prompt
     if negative_prompts is None:
-        negative_prompts = [""] * len(cond)
-    if len(negative_prompts) != len(cond):
-        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(cond)} prompts")
-    uncond = tokenize(model.tokenizer, list(negative_prompts), **kw)
+        negative_prompts = [""] * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    cond, uncond = {}, {}
+    for name, key, tokenizer in _towers(model):
+        tower = getattr(model.config, name)
+        kw = dict(pad_token_id=tower.pad_token_id, max_length=tower.max_length, warn=False)
+        cond[key] = tokenize(tokenizer, list(prompts), **kw)
+        uncond[key] = tokenize(tokenizer, list(negative_prompts), **kw)
     if warn:
         for what, texts in (("prompt", prompts), ("negative prompt", negative_prompts)):
             for index, report in _distinct_reports(model, texts):
                 for line in report.problems(f"{what} {index}"):
                     warnings.warn(line, stacklevel=2)
+    if not model.config.structured_conditioning:
+        return cond["tokens"], uncond["tokens"]
+    cond["zero_text"] = np.zeros(len(prompts), np.float32)
+    uncond["zero_text"] = np.full(len(prompts), float(zero_uncond), np.float32)
     return cond, uncond
 
 
+def _towers(model: LoadedModel) -> list[tuple[str, str, Any]]:
+    """(tower name, conditioning input key, tokenizer) of each text tower."""
+    towers = []
+    for (name, tokenizer), key in zip(model.tokenizers().items(), ("tokens", "tokens_2")):
+        if tokenizer is None:
+            raise ValueError(f"model {model.model_id!r} has no tokenizer for its text tower {name} "
+                             f"({'tokenizer_2' if name == 'cond_stage_2' else 'tokenizer'} is missing)")
+        towers.append((name, key, tokenizer))
+    return towers
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2), in pixels, with diffusers' defaults.
+
+    original_size, target_size: (height, width); None means the image size. crops_coords_top_left: (top, left).
+    The negative_* values condition the unconditional branch of classifier-free guidance; as in diffusers'
+    StableDiffusionXLPipeline they are used only when both negative sizes are given (else the positive
+    numbers), while the img2img / refiner pipeline defaults each one separately (sizes to the positive ones,
+    crops to (0, 0)). aesthetic_score / negative_aesthetic_score replace the target size for UNets that take
+    five numbers (the refiner, `requires_aesthetics_score`).
+    """
+
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+    def time_ids(self, num_time_ids: int, height: int, width: int, *, img2img: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(positive, negative) micro-conditioning vectors (num_time_ids,) float32 for an image of this size:
+        6 numbers (original h, w, crop top, left, target h, w) or 5 (original, crop, aesthetic score)."""
+        size = (height, width)
+        original, target = self.original_size or size, self.target_size or size
+        if img2img:
+            neg_original = self.negative_original_size or original
+            neg_target = self.negative_target_size or target
+            neg_crops = self.negative_crops_coords_top_left
+        elif self.negative_original_size is not None and self.negative_target_size is not None:
+            neg_original, neg_target = self.negative_original_size, self.negative_target_size
+            neg_crops = self.negative_crops_coords_top_left
+        else:
+            neg_original, neg_target, neg_crops = original, target, self.crops_coords_top_left
+        if num_time_ids == 5:
+            pos = (*original, *self.crops_coords_top_left, self.aesthetic_score)
+            neg = (*neg_original, *neg_crops, self.negative_aesthetic_score)
+        elif num_time_ids == 6:
+            pos = (*original, *self.crops_coords_top_left, *target)
+            neg = (*neg_original, *neg_crops, *neg_target)
+        else:
+            raise ValueError(f"the UNet takes {num_time_ids} micro-conditioning numbers; SDXL's are 6 (base) or 5 "
+                             "(refiner, with the aesthetic score)")
+        return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
+
+    def record(self, num_time_ids: int) -> dict[str, str]:
+        """The settings that reach a model with `num_time_ids` numbers, as text (for PNG metadata)."""
+        keys = ["original_size", "crops_coords_top_left", "negative_original_size",
+                "negative_crops_coords_top_left"]
+        keys += ["aesthetic_score", "negative_aesthetic_score"] if num_time_ids == 5 else ["target_size",
+                                                                                          "negative_target_size"]
+        return {k: str(getattr(self, k)) for k in keys if getattr(self, k) is not None}
+
+
 def inspect_prompts(model: LoadedModel, prompts: Sequence[str]) -> list[PromptReport]:
-    """`tokenizer.inspect_prompts` with the model's tokenizer and max_length: per prompt, its token count
+    """`tokenizer.inspect_prompts` with the model's (first) tokenizer and max_length: per prompt, its token count
     against max_length (`.truncated`) and the words its tokenizer does not know (`.unknown_words`)."""
     cfg = _text_config(model, "inspect_prompts")
     return inspect_tokens(model.tokenizer, list(prompts), max_length=cfg.max_length)
@@ -122,13 +202,16 @@ def place_params(params: Any, mesh: Mesh | None = None) -> Any:
 def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any = None, *,
             guidance_scale: Any = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
             first_index: int = 0, noise: Any = None, batch_size: int | None = None, mesh: Mesh | None = None,
-            options: RunOptions = RunOptions(), chunk_size: int | None = None) -> jax.Array:
+            options: RunOptions = RunOptions(), chunk_size: int | None = None,
+            micro: MicroConditioning = MicroConditioning(), clip_skip: int = 0) -> jax.Array:
     """Generates B images from noise. Returns (B, H, W, 3) float32 in [-1, 1], sharded over the mesh's batch.
 
     cond / uncond: conditioning inputs (B, L) token ids (text models, from `encode_prompts`) or (B,) labels
       (class / "adm" models); uncond None = the null class / zero vector (give it for text models).
       Unconditional models take cond=None and `batch_size` (or `noise`).
-    guidance_scale: scalar or (B,); 1 = the conditional prediction alone. Ignored by unconditional models.
+    guidance_scale: scalar or (B,); as in diffusers' pipelines, a scale <= 1 means the conditional prediction
+      alone, and a batch whose scales are all <= 1 skips the unconditional evaluation (guidance-free distilled
+      models such as SDXL-Turbo run at 0). Ignored by unconditional models.
     height, width: image size (default: diffusion.image_size times the first-stage factor); multiples of f.
     noise: optional (B, h, w, C) initial latent noise instead of the per-example draw (e.g. for parity tests).
     mesh: default `parallel.make_mesh()` over all devices; B must divide by its size.
@@ -138,17 +221,21 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     chunk_size: examples a device processes at once (static; default its whole share). With chunk_size=1
       every image's arithmetic is the same whatever the batch size and device count, so images agree
       bitwise; larger chunks are faster and agree to float32 rounding (XLA picks kernels by shape).
+    micro: SDXL micro-conditioning (`MicroConditioning`), for UNets with addition_embed_type "text_time".
+    clip_skip: CLIP blocks skipped before the text towers' output layer (static; diffusers' `clip_skip`).
     """
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=None,
                             batch_size=batch_size)
     hw = _latent_hw(config, height, width)
-    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size)
+    _add_time_ids(config, inputs, micro, hw, img2img=False)
+    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
 
 
 def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any, *,
             strength: float = 0.75, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
             noise: Any = None, mesh: Mesh | None = None, options: RunOptions = RunOptions(),
-            chunk_size: int | None = None) -> jax.Array:
+            chunk_size: int | None = None, micro: MicroConditioning = MicroConditioning(),
+            clip_skip: int = 0) -> jax.Array:
     """SDEdit: encodes `images` (B, H, W, 3) in [-1, 1], noises them to `strength` in [0, 1] (the last
     int(strength * steps) steps run), denoises. Returns (B, H, W, 3) float32 in [-1, 1]. Other arguments as
     in `txt2img`."""
@@ -156,13 +243,15 @@ def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=images)
     inputs.update(image=np.asarray(images, np.float32), strength=_strength(strength))
     hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
-    return _run("img2img", config, params, sampler, inputs, hw, mesh, options, chunk_size)
+    _add_time_ids(config, inputs, micro, hw, img2img=True)
+    return _run("img2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
 
 
 def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any,
             mask: Any, *, strength: float = 1.0, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
             noise: Any = None, mesh: Mesh | None = None, options: RunOptions = RunOptions(),
-            chunk_size: int | None = None) -> jax.Array:
+            chunk_size: int | None = None, micro: MicroConditioning = MicroConditioning(),
+            clip_skip: int = 0) -> jax.Array:
     """Repaints `images` (B, H, W, 3) in [-1, 1] where `mask` (B, H, W, 1) >= 0.5.
 
     Models with concat channels (SD inpainting) see [mask, masked-image latent]; others blend (module doc).
@@ -179,7 +268,8 @@ def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     inputs.update(image=np.asarray(images, np.float32), mask=np.asarray(mask, np.float32),
                   strength=_strength(strength))
     hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
-    return _run("inpaint", config, params, sampler, inputs, hw, mesh, options, chunk_size)
+    _add_time_ids(config, inputs, micro, hw, img2img=True)
+    return _run("inpaint", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
 
 
 # -------------------------------------------------------------------------------------------- input checks
@@ -209,18 +299,23 @@ def _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, nois
     if conditional:
         if cond is None:
             raise ValueError(f"conditioning_key={config.diffusion.conditioning_key!r}: give cond (token ids or labels)")
-        cond = np.asarray(cond)
-        uncond = ldm.null_inputs(config, cond.shape[0]) if uncond is None and config.tokenizer_kind is None else uncond
-        if uncond is None:
-            raise ValueError("text models need uncond token ids (the empty or negative prompt; see encode_prompts)")
-        uncond = np.asarray(uncond)
-        _check_cond(config, cond, "cond")
-        if uncond.shape != cond.shape:
-            raise ValueError(f"uncond has shape {uncond.shape}; expected cond's {cond.shape}")
+        if config.structured_conditioning:
+            cond, uncond = _structured_cond(config, cond, "cond"), _structured_cond(config, uncond, "uncond")
+        else:
+            cond = np.asarray(cond)
+            uncond = ldm.null_inputs(config, cond.shape[0]) if uncond is None and config.tokenizer_kind is None else uncond
+            if uncond is None:
+                raise ValueError("text models need uncond token ids (the empty or negative prompt; see encode_prompts)")
+            uncond = np.asarray(uncond)
+            _check_cond(config, cond, "cond")
+        if jax.tree.map(np.shape, uncond) != jax.tree.map(np.shape, cond):
+            raise ValueError(f"uncond has shape(s) {jax.tree.map(np.shape, uncond)}; expected cond's "
+                             f"{jax.tree.map(np.shape, cond)}")
         inputs.update(cond=cond, uncond=uncond)
     elif cond is not None:
         raise ValueError(f"conditioning_key={config.diffusion.conditioning_key!r} takes no cond")
-    batch = _batch_size(cond if conditional else None, noise, batch_from, batch_size)
+    first_cond = (cond["tokens"] if isinstance(cond, Mapping) else cond) if conditional else None
+    batch = _batch_size(first_cond, noise, batch_from, batch_size)
     scale = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch,)).copy()
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -231,6 +326,39 @@ def _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, nois
     if noise is not None:
         inputs["noise"] = np.asarray(noise, np.float32)
     return inputs
+
+
+def _structured_cond(config: LDMConfig, cond: Any, what: str) -> dict[str, np.ndarray]:
+    """A two-tower / text_time model's conditioning dict (`encode_prompts`), checked; numpy arrays."""
+    keys = {"tokens", "zero_text"} | ({"tokens_2"} if config.cond_stage_2 is not None else set())
+    if not isinstance(cond, Mapping) or set(cond) != keys:
+        got = sorted(cond) if isinstance(cond, Mapping) else type(cond).__name__
+        raise ValueError(f"{what} must be a dict with {sorted(keys)} for this model (from encode_prompts); got {got}")
+    out = {k: np.asarray(v) for k, v in cond.items()}
+    for key, name in (("tokens", "cond_stage"), ("tokens_2", "cond_stage_2")):
+        if key in out:
+            length = getattr(config, name).max_length
+            if out[key].ndim != 2 or out[key].shape[1] != length or not np.issubdtype(out[key].dtype, np.integer):
+                raise ValueError(f"{what}[{key!r}] must be (B, {length}) token ids; got {out[key].dtype}{out[key].shape}")
+    batch = out["tokens"].shape[0]
+    if out.get("tokens_2", out["tokens"]).shape[0] != batch or out["zero_text"].shape != (batch,):
+        raise ValueError(f"{what}: entries disagree on the batch size: {jax.tree.map(np.shape, out)}")
+    out["zero_text"] = out["zero_text"].astype(np.float32)
+    return out
+
+
+def _add_time_ids(config: LDMConfig, inputs: dict[str, Any], micro: MicroConditioning, hw: tuple[int, int], *,
+                  img2img: bool) -> None:
+    """Adds the micro-conditioning "time_ids" (B, N) to inputs' cond and uncond for "text_time" UNets."""
+    if not config.text_time:
+        return
+    if not isinstance(micro, MicroConditioning):
+        raise TypeError(f"micro must be a pipeline.MicroConditioning, got {type(micro).__name__}")
+    f = config.downsample_factor
+    pos, neg = micro.time_ids(config.num_time_ids, hw[0] * f, hw[1] * f, img2img=img2img)
+    batch = inputs["index"].shape[0]
+    inputs["cond"]["time_ids"] = np.tile(pos, (batch, 1))
+    inputs["uncond"]["time_ids"] = np.tile(neg, (batch, 1))
 
 
 def _check_cond(config: LDMConfig, cond: np.ndarray, what: str) -> None:
@@ -262,7 +390,7 @@ def _batch_size(cond, noise, images, batch_size) -> int:
 # ---------------------------------------------------------------------------------------------- the program
 
 
-def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size) -> jax.Array:
+def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip=0) -> jax.Array:
     if kind != "inpaint" and config.concat_channels:
         raise ValueError(f"{kind}: this UNet takes {config.concat_channels} concat channels beside the latents "
                          f"(in_channels {config.unet.in_channels}); use inpaint() for inpainting models")
@@ -280,7 +408,10 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size) -
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide each device's {share} examples")
     if not isinstance(options, RunOptions):
         raise TypeError(f"{kind}: options must be an ldm.RunOptions, got {type(options).__name__}")
-    fn = _compiled(kind, config, mesh, options, hw, chunk, tuple(sorted(inputs)))
+    if not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0:
+        raise ValueError(f"clip_skip must be an integer >= 0, got {clip_skip!r}")
+    guided = "cond" in inputs and bool(np.any(inputs["scale"] > 1.0))
+    fn = _compiled(kind, config, mesh, options, hw, chunk, jax.tree.structure(inputs), guided, int(clip_skip))
     replicated = parallel.replicated(mesh)
     params, sampler = (_replicate(tree, replicated) for tree in (params, sampler))
     return fn(params, sampler, _place_inputs(inputs, mesh))
@@ -295,8 +426,8 @@ def _replicate(tree: Any, replicated: NamedSharding) -> Any:
 
 
 def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    batched = {k: v for k, v in inputs.items() if np.ndim(v) > 0}
-    scalars = {k: v for k, v in inputs.items() if np.ndim(v) == 0}
+    batched = {k: v for k, v in inputs.items() if k not in _SCALAR_INPUTS}
+    scalars = {k: v for k, v in inputs.items() if k in _SCALAR_INPUTS}
     if jax.process_count() > 1:
         batched = parallel.host_local_to_global(batched, mesh)
     else:
@@ -304,16 +435,22 @@ def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return {**batched, **jax.device_put(scalars, parallel.replicated(mesh))}
 
 
+_SCALAR_INPUTS = ("seed", "strength")
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw: tuple[int, int], chunk: int,
-              keys: tuple[str, ...]):
-    """The jitted program for one (kind, config, mesh, run-time options, latent size, chunk size, set of inputs)."""
+              structure: Any, guided: bool, clip_skip: int):
+    """The jitted program for one (kind, config, mesh, run-time options, latent size, chunk size, inputs'
+    structure, whether guidance runs the unconditional branch, clip_skip)."""
     batch_spec, rep = P(parallel.BATCH_AXES), P()
-    in_specs = (rep, rep, {k: (rep if k in ("seed", "strength") else batch_spec) for k in keys})
+    keys = jax.tree.unflatten(structure, [None] * structure.num_leaves).keys()
+    in_specs = (rep, rep, {k: (rep if k in _SCALAR_INPUTS else batch_spec) for k in keys})
+    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip)
 
     def program(params, sampler, inputs):
         _TRACES[kind] += 1
-        return _in_chunks(functools.partial(_generate, kind, config, options, hw, params, sampler), inputs, chunk)
+        return _in_chunks(functools.partial(generate, params, sampler), inputs, chunk)
 
     per_device = jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)
     return jax.jit(per_device, out_shardings=NamedSharding(mesh, batch_spec))
@@ -321,7 +458,7 @@ def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw:
 
 def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     """generate(inputs) over the device's examples `chunk` at a time (a `lax.map`); scalars go to every chunk."""
-    scalars = {k: v for k, v in inputs.items() if k in ("seed", "strength")}
+    scalars = {k: v for k, v in inputs.items() if k in _SCALAR_INPUTS}
     batched = {k: v for k, v in inputs.items() if k not in scalars}
     share = batched["index"].shape[0]
     if chunk == share:
@@ -331,7 +468,7 @@ def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     return images.reshape(share, *images.shape[2:])
 
 
-def _generate(kind, config, options, hw, params, sampler, inputs) -> jax.Array:
+def _generate(kind, config, options, hw, guided, clip_skip, params, sampler, inputs) -> jax.Array:
     """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1]."""
     example_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(inputs["seed"]), i))(inputs["index"])
     shape = (*hw, config.latent_channels)
@@ -340,7 +477,7 @@ def _generate(kind, config, options, hw, params, sampler, inputs) -> jax.Array:
     else:
         noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(example_keys)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, STEP_STREAM))(example_keys)
-    model_fn, cond = _denoiser(config, options, params, inputs)
+    model_fn, cond = _denoiser(config, options, params, inputs, guided, clip_skip)
     extra = {}
     if kind != "txt2img":
         images = inputs["image"]
@@ -357,18 +494,21 @@ def _generate(kind, config, options, hw, params, sampler, inputs) -> jax.Array:
     return jnp.clip(ldm.decode_first_stage(config, params, latents, options=options), -1.0, 1.0)
 
 
-def _denoiser(config, options, params, inputs):
-    """(model_fn(x, t, cond), cond) for `sample`: classifier-free guided when the model is conditional."""
+def _denoiser(config, options, params, inputs, guided, clip_skip):
+    """(model_fn(x, t, cond), cond) for `sample`: classifier-free guided when the model is conditional and some
+    scale exceeds 1 (`guided`); examples with scale <= 1 get the conditional prediction (scale 1)."""
 
     def model_fn(x, t, cond):
         return ldm.apply_unet(config, params, x, t, cond, options=options)
 
     if "cond" not in inputs:
         return model_fn, None
-    cond = ldm.encode_conditioning(config, params, inputs["cond"], options=options)
-    uncond = ldm.encode_conditioning(config, params, inputs["uncond"], options=options)
-    return classifier_free_guidance(model_fn), guided_cond(cond, uncond, inputs["scale"])
+    cond = ldm.encode_conditioning(config, params, inputs["cond"], options=options, clip_skip=clip_skip)
+    if not guided:
+        return model_fn, cond
+    uncond = ldm.encode_conditioning(config, params, inputs["uncond"], options=options, clip_skip=clip_skip)
+    return classifier_free_guidance(model_fn), guided_cond(cond, uncond, jnp.maximum(inputs["scale"], 1.0))
 
 
-__all__ = ["KINDS", "STEP_STREAM", "encode_prompts", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
+__all__ = ["KINDS", "STEP_STREAM", "MicroConditioning", "encode_prompts", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
            "place_params", "to_uint8", "trace_count", "txt2img"]

@@ -62,6 +62,21 @@ GRID_FILE = "grid.png"  # the contact sheet written beside the images (evaluate 
 MAX_SIDE = 8192  # the largest --height / --width in pixels (a 8192x8192 SD image is 1024x1024 latents)
 SEED_RANGE = 2**32  # seeds are in [0, 2**32); -1 draws one at random
 RANDOM_SEED = -1
+# Few-step distilled models (--distilled): the sampler settings their authors publish, used where the user gave
+# no flag of their own. SDXL-Turbo: Euler ancestral, trailing spacing, 1 step, no guidance; SDXL-Lightning:
+# Euler, trailing spacing, 4 steps (its 2-, 4- and 8-step checkpoints), no guidance.
+DISTILLED = {
+    "turbo": {"sampler": "euler-a", "timestep_spacing": "trailing", "steps": 1, "guidance": 0.0},
+    "lightning": {"sampler": "euler", "timestep_spacing": "trailing", "steps": 4, "guidance": 0.0},
+}
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5
+MICRO_FLAGS = {  # SampleRequest field -> flag, for SDXL's micro-conditioning
+    "original_size": "--original-size", "crops_coords_top_left": "--crops-coords-top-left",
+    "target_size": "--target-size", "negative_original_size": "--negative-original-size",
+    "negative_crops_coords_top_left": "--negative-crops-coords-top-left",
+    "negative_target_size": "--negative-target-size", "aesthetic_score": "--aesthetic-score",
+    "negative_aesthetic_score": "--negative-aesthetic-score",
+}
 
 
 class UserError(Exception):
@@ -74,7 +89,7 @@ class SampleRequest:
     draw one at random (`run` prints and records the drawn seed)."""
 
     prompts: tuple[str, ...]
-    negative_prompt: str = ""
+    negative_prompt: str | None = None
     sampler: str = "ddim"
     steps: int = 50
     guidance: float = 7.5
@@ -97,6 +112,16 @@ class SampleRequest:
     text_encoder_config: str | None = None
     outdir: str = "outputs"
     batch_size: int | None = None
+    clip_skip: int = 0
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    distilled: str | None = None
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -112,7 +137,9 @@ def validate(request: SampleRequest) -> None:
         raise UserError(f"--steps must be >= 1, got {request.steps}")
     if request.n < 1:
         raise UserError(f"--n must be >= 1, got {request.n}")
-    for flag, value in (("--guidance", request.guidance), ("--eta", request.eta), ("--strength", request.strength)):
+    for flag, value in (("--guidance", request.guidance), ("--eta", request.eta), ("--strength", request.strength),
+                        ("--aesthetic-score", request.aesthetic_score),
+                        ("--negative-aesthetic-score", request.negative_aesthetic_score)):
         if not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, got {value}")
     if not 0.0 <= request.strength <= 1.0:
@@ -129,6 +156,14 @@ def validate(request: SampleRequest) -> None:
         raise UserError(f"--timestep-spacing {request.timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     if request.steps_offset is not None and request.steps_offset < 0:
         raise UserError(f"--steps-offset must be >= 0, got {request.steps_offset}")
+    if request.clip_skip < 0:
+        raise UserError(f"--clip-skip must be >= 0, got {request.clip_skip}")
+    if request.distilled is not None and request.distilled not in DISTILLED:
+        raise UserError(f"--distilled {request.distilled!r} is unknown; choose one of {', '.join(DISTILLED)}")
+    for field, flag in MICRO_FLAGS.items():
+        value, low = getattr(request, field), 0 if "crops" in field else 1
+        if isinstance(value, tuple) and min(value) < low:
+            raise UserError(f"{flag} takes two integers >= {low} (height width / top left), got {value}")
     if request.mask is not None and request.init_image is None:
         raise UserError("--mask needs --init-image (the image to inpaint)")
     for flag, value in (("--height", request.height), ("--width", request.width), ("--batch-size", request.batch_size)):
@@ -198,6 +233,7 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     request = _resolve_seed(request)
     model = load_model(request)
     config = model.config
+    micro = check_model_flags(request, config)
     init, mask = _init_and_mask(request)
     height, width = _size(request, config, init)
     sampler_opts = sampler_options(request, model.scheduler_config)
@@ -212,16 +248,17 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     batch = math.ceil(batch / devices) * devices
     latents = read_latents(request.latents, len(prompts), config, height, width) if request.latents else None
     if model.tokenizer is not None:
-        report_prompts(request, pipeline.inspect_prompts(model, [*request.prompts, request.negative_prompt]))
+        report_prompts(request, pipeline.inspect_prompts(model, [*request.prompts, request.negative_prompt or ""]))
     images = []
     print(f"model {model.model_id}: {len(prompts)} image(s), {request.sampler} {request.steps} steps, "
           f"guidance {request.guidance}, {height}x{width}, {devices} device(s)", file=sys.stderr)
     for start in tqdm(range(0, len(prompts), batch), desc="sampling", unit="batch", file=sys.stderr):
         chunk = prompts[start:start + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # every device gets an equal share
-        cond, uncond = pipeline.encode_prompts(model, padded, [request.negative_prompt] * batch, warn=False)
+        negatives = None if request.negative_prompt is None else [request.negative_prompt] * batch
+        cond, uncond = pipeline.encode_prompts(model, padded, negatives, warn=False)
         common = dict(guidance_scale=request.guidance, seed=request.seed, first_index=start, mesh=mesh,
-                      options=model.options)
+                      options=model.options, micro=micro, clip_skip=request.clip_skip)
         if latents is not None:
             noise = latents[start:start + batch]
             common["noise"] = np.concatenate([noise, np.repeat(noise[-1:], batch - len(noise), axis=0)])
@@ -238,6 +275,34 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     paths = write_outputs(request, model.model_id, prompts, images, height, width)
     _check_all_written(request, images)
     return paths
+
+
+def check_model_flags(request: SampleRequest, config) -> Any:
+    """The flags that depend on the loaded model, checked (UserError naming the flag); returns the
+    `pipeline.MicroConditioning` of the request (SDXL; unused by other models)."""
+    from ldm_jax import pipeline  # noqa: PLC0415
+
+    towers = [getattr(config, name) for name in config.text_towers]
+    if request.clip_skip:
+        if not towers or any(not hasattr(t, "max_clip_skip") for t in towers):
+            raise UserError(f"--clip-skip {request.clip_skip}: this model has no CLIP text tower to skip layers of")
+        limit = min(t.max_clip_skip for t in towers)
+        if request.clip_skip > limit:
+            raise UserError(f"--clip-skip {request.clip_skip} is more than this model's text towers have blocks "
+                            f"to skip (at most {limit})")
+    given = [flag for field, flag in MICRO_FLAGS.items()
+             if getattr(request, field) != getattr(SampleRequest, field)]
+    n = config.num_time_ids
+    if given and not n:
+        raise UserError(f"{given[0]} applies to SDXL models (a UNet with text_time micro-conditioning); this model "
+                        "takes none")
+    refiner_only = ("--aesthetic-score", "--negative-aesthetic-score")
+    wrong = [f for f in given if (f in refiner_only) != (n == 5) and "crops" not in f and "original" not in f]
+    if wrong:
+        which = "the refiner's aesthetic score" if n == 5 else "target sizes"
+        raise UserError(f"{wrong[0]} does not apply to this model: its UNet takes {n} micro-conditioning numbers "
+                        f"({which})")
+    return pipeline.MicroConditioning(**{field: getattr(request, field) for field in MICRO_FLAGS})
 
 
 def _resolve_seed(request: SampleRequest) -> SampleRequest:
@@ -405,7 +470,7 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
               width: int) -> dict[str, Any]:
     return {
         "prompt": prompt,
-        "negative_prompt": request.negative_prompt,
+        "negative_prompt": request.negative_prompt or "",
         "seed": request.seed,
         "index": index,
         "sampler": request.sampler,
@@ -420,6 +485,9 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "init_image": request.init_image or "",
         "strength": request.strength if request.init_image else "",
         "mask": request.mask or "",
+        "clip_skip": request.clip_skip,
+        "distilled": request.distilled or "",
+        **{field: getattr(request, field) for field in MICRO_FLAGS if getattr(request, field) is not None},
     }
 
 
@@ -433,12 +501,15 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); warnings name prompts by "
                    "their 0-based index among the --prompt flags, then the --prompts-file lines")
     p.add_argument("--prompts-file", "--from-file", dest="prompts_file", help="a text file with one prompt per line")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (the unconditional branch); "
+                   "without it SDXL base models use zero text conditioning there, as diffusers")
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default ddim)")
     p.add_argument("--plms", action="store_true", help="CompVis alias of --sampler plms")
-    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=50)
+    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
+                   help=f"sampling steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", "--scale", dest="guidance", type=finite_float, default=None,
-                   help="classifier-free guidance scale (default 7.5, for Stable Diffusion and the embedded model alike)")
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}); <= 1 runs the conditional "
+                   "prediction alone, as diffusers")
     p.add_argument("--eta", "--ddim_eta", dest="eta", type=finite_float, default=0.0,
                    help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**32); -1 draws one at random (printed and "
@@ -463,6 +534,18 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     p.add_argument("--timestep-spacing", help=f"override the sampler's timestep spacing: {', '.join(TIMESTEP_SPACINGS)}")
     p.add_argument("--steps-offset", type=int, help="override the leading spacing's offset")
     p.add_argument("--batch-size", type=int, help="images generated at once (a multiple of the device count)")
+    p.add_argument("--clip-skip", type=int, default=0, help="CLIP blocks to skip before the text towers' output "
+                   "layer (diffusers' clip_skip)")
+    p.add_argument("--distilled", help=f"a few-step distilled model: {', '.join(DISTILLED)} (its sampler, "
+                   "trailing spacing, steps and guidance 0, where not given)")
+    micro = p.add_argument_group("SDXL micro-conditioning (pixels; default: the image size, crops 0 0)")
+    for field, flag in MICRO_FLAGS.items():
+        if "aesthetic" in field:
+            micro.add_argument(flag, dest=field, type=finite_float, default=getattr(SampleRequest, field),
+                               help=f"the refiner's {field.replace('_', ' ')} (default {getattr(SampleRequest, field)})")
+        else:
+            names = ("TOP", "LEFT") if "crops" in field else ("H", "W")
+            micro.add_argument(flag, dest=field, type=int, nargs=2, metavar=names, default=None)
     p.add_argument("--outdir", default="outputs")
     return p
 
@@ -479,10 +562,18 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sample.py") -> Sa
         prompts += [line.strip() for line in lines if line.strip()]
     if args.plms and args.sampler not in (None, "plms"):
         raise UserError(f"--plms and --sampler {args.sampler} disagree; give one")
-    fields = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts_file", "guidance", "plms", "sampler")}
-    fields["sampler"] = "plms" if args.plms else (args.sampler or "ddim")
-    if args.guidance is not None:
-        fields["guidance"] = args.guidance
+    preset = DISTILLED.get(args.distilled, {})
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("prompt", "prompts_file", "guidance", "plms", "sampler", "steps", "timestep_spacing")}
+    fields["sampler"] = "plms" if args.plms else (args.sampler or preset.get("sampler", "ddim"))
+    fields["steps"] = args.steps if args.steps is not None else preset.get("steps", DEFAULT_STEPS)
+    fields["guidance"] = args.guidance if args.guidance is not None else preset.get("guidance", DEFAULT_GUIDANCE)
+    fields["timestep_spacing"] = args.timestep_spacing or preset.get("timestep_spacing")
+    for field in MICRO_FLAGS:
+        if isinstance(fields.get(field), list):
+            fields[field] = tuple(fields[field])
+    fields["crops_coords_top_left"] = fields["crops_coords_top_left"] or (0, 0)
+    fields["negative_crops_coords_top_left"] = fields["negative_crops_coords_top_left"] or (0, 0)
     return SampleRequest(prompts=tuple(prompts), **fields)
 
 

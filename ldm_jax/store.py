@@ -5,16 +5,18 @@ that decides what a path is. Sources:
 
 - "ldm": our model directory, the one on-disk format of our own:
 
-      config.json           the model sections {"first_stage", "cond_stage"?, "unet", "diffusion"} (architecture
+      config.json           the model sections {"first_stage", "cond_stage"?, "cond_stage_2"?, "unet", "diffusion"} (architecture
                             and diffusion settings only; run-time options are never written here)
       params.safetensors    every param, named by its "/"-joined Flax path ("unet/conv_in/kernel", ...), in
                             float32, float16 or bfloat16 (loaded as float32)
       tokenizer/            the tokenizer files (text models)
+      tokenizer_2/          the second text tower's tokenizer (SDXL)
       scheduler_config.json the diffusers scheduler settings the model came with (optional)
 
   An autoencoder directory is the same with only a "first_stage" section (`save_first_stage`,
   `load_first_stage`); directories written before the store (`first_stage.json`) are read too.
-- "diffusers": a diffusers Stable Diffusion folder (`model_index.json`, unet/, vae/, text_encoder/, ...).
+- "diffusers": a diffusers Stable Diffusion or SDXL folder (`model_index.json`, unet/, vae/, text_encoder/,
+  text_encoder_2/, ...).
 - "compvis": a CompVis / SGM single file (`.ckpt`, `.safetensors`, `.pt`, `.pth`, `.bin`). Its config is the
   `config` argument, else `config.yaml` beside it (the LDM-zoo layout), else inferred from the weights'
   shapes (`compvis.infer_config`, any size); text models need `tokenizer`, a local tokenizer directory.
@@ -37,7 +39,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,7 @@ from flax import traverse_util
 from ldm_jax import ldm
 from ldm_jax.convert.checkpoint_io import TORCH_EXTENSIONS, load_state_dict, save_safetensors
 from ldm_jax.convert.common import assemble_params, expected_shapes
+from ldm_jax.models import tokenizer as tokenizer_lib
 from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,12 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *TORCH_EXTENSIONS)
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"
 SCHEDULER_FILE = "scheduler_config.json"
 LEGACY_FIRST_STAGE_FILE = "first_stage.json"  # autoencoder directories written before the store
-MODEL_SECTIONS = ("first_stage", "cond_stage", "unet", "diffusion")
-DIFFUSERS_FOLDERS = {"first_stage": "vae", "cond_stage": "text_encoder", "unet": "unet"}  # param tree -> subfolder
+MODEL_SECTIONS = ("first_stage", "cond_stage", "cond_stage_2", "unet", "diffusion")
+DIFFUSERS_FOLDERS = {"first_stage": "vae", "cond_stage": "text_encoder", "cond_stage_2": "text_encoder_2",
+                     "unet": "unet"}  # param tree -> subfolder
 STORED_DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
                  "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}  # what save_model may write params as
 
@@ -142,8 +146,9 @@ def resolve_config(config: Any, *, text_encoder_config: str | os.PathLike | None
 def config_to_json(config: ldm.LDMConfig) -> dict[str, Any]:
     """An LDMConfig as the JSON sections of a model directory's config.json (`ldm.ldm_config` reads it)."""
     data = json.loads(json.dumps(dataclasses.asdict(config)))
-    if data.get("cond_stage") is None:
-        data.pop("cond_stage", None)
+    for name in ("cond_stage", "cond_stage_2"):
+        if data.get(name) is None:
+            data.pop(name, None)
     return {name: data[name] for name in MODEL_SECTIONS if name in data}
 
 
@@ -250,13 +255,15 @@ def _load_model_dir(path: pathlib.Path, *, tokenizer: str | os.PathLike | None) 
     if not params_path.is_file():
         raise FileNotFoundError(f"model directory {path} lacks {PARAMS_FILE}")
     params = load_params(params_path, param_shapes(config))
-    tok = None
+    tok = tok_2 = None
     if config.tokenizer_kind is not None:
         tok = _load_tokenizer(tokenizer if tokenizer is not None else path / TOKENIZER_DIR, config.tokenizer_kind)
+    if config.cond_stage_2 is not None:
+        tok_2 = _load_tokenizer(path / TOKENIZER_2_DIR, config.cond_stage_2.tokenizer_kind)
     scheduler = path / SCHEDULER_FILE
     scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else None
     return ldm.LoadedModel(config=config, params=params, tokenizer=tok, model_id=str(path),
-                           scheduler_config=scheduler_config)
+                           scheduler_config=scheduler_config, tokenizer_2=tok_2)
 
 
 def _read_config_json(path: pathlib.Path) -> dict[str, Any]:
@@ -281,11 +288,9 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _load_tokenizer(directory: str | os.PathLike, kind: str | None):
-    from ldm_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415 (transformers loads slowly)
-
     if kind is None:
         raise StoreError(f"tokenizer {directory} given, but this model has no text encoder")
-    return load_tokenizer(directory, kind)
+    return tokenizer_lib.load_tokenizer(directory, kind)
 
 
 def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.PathLike | None,
@@ -317,8 +322,7 @@ def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.Pa
 def _check_same_config(wanted: ldm.LDMConfig, found: ldm.LDMConfig, source: str) -> None:
     if wanted == found:
         return
-    diffs = [name for name in ("first_stage", "cond_stage", "unet", "diffusion")
-             if getattr(wanted, name) != getattr(found, name)]
+    diffs = [name for name in MODEL_SECTIONS if getattr(wanted, name) != getattr(found, name)]
     raise StoreError(f"{source}: the given config differs from the model's own in {', '.join(diffs)}; "
                      f"leave config out for model directories and diffusers folders")
 
@@ -344,6 +348,8 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
     check_params(model.params, param_shapes(config), source=f"the params of {model.model_id or 'the model'}")
     if format == "ldm" and config.tokenizer_kind is not None and model.tokenizer is None:
         raise StoreError(f"{dest}: a text model needs its tokenizer to be saved; load it with tokenizer=DIR")
+    if format in ("ldm", "diffusers") and config.cond_stage_2 is not None and model.tokenizer_2 is None:
+        raise StoreError(f"{dest}: this model has a second text tower (cond_stage_2) but no tokenizer_2 to save")
     if format == "compvis":
         if dest.suffix.lower() != ".safetensors":
             raise StoreError(f"{dest}: a CompVis export is one .safetensors file; name it *.safetensors")
@@ -362,7 +368,9 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
     save_params(dest / PARAMS_FILE, model.params, dtype=store_dtype)
     (dest / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
     if model.tokenizer is not None:
-        _save_tokenizer(model.tokenizer, dest / TOKENIZER_DIR, config)
+        tokenizer_lib.save_tokenizer(model.tokenizer, dest / TOKENIZER_DIR, config.max_length)
+    if model.tokenizer_2 is not None and config.cond_stage_2 is not None:
+        tokenizer_lib.save_tokenizer(model.tokenizer_2, dest / TOKENIZER_2_DIR, config.cond_stage_2.max_length)
     if model.scheduler_config is not None:
         (dest / SCHEDULER_FILE).write_text(json.dumps(model.scheduler_config, indent=2) + "\n")
     return dest
@@ -377,18 +385,6 @@ def _prepare_dir(dest: pathlib.Path) -> None:
                                                        or (dest / "model_index.json").is_file()):
         raise StoreError(f"{dest} exists, is not empty and is not a model directory; not writing into it")
     dest.mkdir(parents=True, exist_ok=True)
-
-
-def _save_tokenizer(tokenizer: Any, directory: pathlib.Path, config: ldm.LDMConfig) -> None:
-    if directory.exists():
-        shutil.rmtree(directory)
-    tokenizer.save_pretrained(str(directory))
-    settings = directory / "tokenizer_config.json"
-    if settings.is_file() and config.max_length is not None:  # diffusers needs model_max_length (ENVIRONMENT.md)
-        data = json.loads(settings.read_text())
-        if not isinstance(data.get("model_max_length"), int) or data["model_max_length"] > 10**6:
-            data["model_max_length"] = config.max_length
-            settings.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- first stage

@@ -41,7 +41,13 @@ SAMPLE_FLAGS = {
     "steps": ("int", ["0", "-1"]), "n": ("int", ["0"]), "height": ("int", ["0", "64", "100000"]),
     "width": ("int", ["0", "63", "100000"]), "seed": ("int", ["-2", str(2**32)]), "steps_offset": ("int", ["-1"]),
     "batch_size": ("int", ["0"]), "guidance": ("float", []), "eta": ("float", ["-0.5"]),
-    "strength": ("float", ["-0.1", "1.5"]),
+    "strength": ("float", ["-0.1", "1.5"]), "clip_skip": ("int", ["-1", "50"]), "distilled": "choice",
+    # SDXL micro-conditioning: two integers each (one bad token is "expected 2 arguments"); the embedded model
+    # takes no micro-conditioning, so a good value is refused too.
+    "original_size": ("int", ["0"]), "target_size": ("int", ["0"]), "crops_coords_top_left": ("int", ["-1"]),
+    "negative_original_size": ("int", []), "negative_target_size": ("int", []),
+    "negative_crops_coords_top_left": ("int", []), "aesthetic_score": ("float", ["7"]),
+    "negative_aesthetic_score": ("float", ["2"]),
 }
 CONVERT_FLAGS = {
     "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",

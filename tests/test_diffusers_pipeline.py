@@ -14,8 +14,8 @@ import torch
 from ldm_jax import pipeline
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.diffusers_pipeline import (load_diffusers_pipeline, read_scheduler_config, sampler_options,
-                                                save_diffusers_pipeline, unet_to_diffusers_config)
-from ldm_jax.convert.diffusers_unet import unet_config_from_diffusers
+                                                save_diffusers_pipeline)
+from ldm_jax.convert.diffusers_unet import unet_config_from_diffusers, unet_config_to_diffusers
 from ldm_jax.parallel import make_mesh
 from conftest import TINY_SD_SIZE, assert_same_sd_weights
 
@@ -100,7 +100,7 @@ def test_export_round_trip(sd, tmp_path):
 
 def test_unet_config_round_trip(sd):
     config = unet_config_from_diffusers(dict(sd[0].unet.config))
-    assert unet_config_from_diffusers(unet_to_diffusers_config(config)) == config
+    assert unet_config_from_diffusers(unet_config_to_diffusers(config)) == config
 
 
 def test_bad_folders(sd, tmp_path):

@@ -38,23 +38,25 @@ from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
 from ldm_jax.convert.common import ConversionError, params_to_state_dict
 from ldm_jax.convert.diffusers_autoencoder import (config_from_diffusers, convert_diffusers_autoencoder,
                                                   to_diffusers_config)
-from ldm_jax.convert.diffusers_unet import convert_diffusers_unet, unet_config_from_diffusers
-from ldm_jax.convert.transformers_clip import (LEGACY_EOS_TOKEN_ID, clip_text_config_from_transformers,
-                                               convert_clip_text_state_dict)
+from ldm_jax.convert.diffusers_unet import (LITERAL_NAMES, convert_diffusers_unet, unet_config_from_diffusers,
+                                          unet_config_to_diffusers)
+from ldm_jax.convert.transformers_clip import (clip_text_config_from_transformers, clip_text_to_transformers_config,
+                                               clip_text_to_transformers_state_dict, convert_clip_text_state_dict)
 from ldm_jax.diffusion.schedule import ScheduleConfig
 from ldm_jax.ldm import DiffusionConfig, LDMConfig, LoadedModel
 from ldm_jax.models.text import ClipTextConfig
-from ldm_jax.models.tokenizer import load_tokenizer
-from ldm_jax.models.unet import UNetConfig
+from ldm_jax.models.tokenizer import load_tokenizer, save_tokenizer
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                         "StableDiffusionXLInpaintPipeline")
+TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+SDXL_OUTPUT_LAYER = "penultimate_no_norm"  # diffusers' SDXL pipelines: hidden_states[-2], no final LayerNorm
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 DIFFUSERS_COSINE_S = 0.008  # betas_for_alpha_bar's cosine offset
-_LITERAL_NAMES = ("linear_1", "linear_2")  # diffusers TimestepEmbedding attributes, not numbered children
 # Scheduler options that change the model's noise schedule and that we do not implement: name -> allowed.
 _SCHEDULE_REQUIRED = {"trained_betas": None, "rescale_betas_zero_snr": False}
 _DIFFUSERS_VERSION = "0.42.1"
@@ -64,24 +66,40 @@ _DIFFUSERS_VERSION = "0.42.1"
 
 
 def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
-    """Loads a diffusers Stable Diffusion folder into a `LoadedModel` (config, params, tokenizer, model_id),
-    with the default run-time options (`ldm.RunOptions`; `store.load_model` sets others).
+    """Loads a diffusers Stable Diffusion or SDXL folder into a `LoadedModel` (config, params, tokenizers,
+    model_id), with the default run-time options (`ldm.RunOptions`; `store.load_model` sets others).
 
+    SDXL folders (`SDXL_PIPELINE_CLASSES`): text_encoder + tokenizer (CLIP ViT-L) become cond_stage,
+    text_encoder_2 + tokenizer_2 (OpenCLIP bigG with its projection) cond_stage_2; a refiner has only the second
+    pair, which becomes cond_stage. Both towers are read at the penultimate block without the final LayerNorm
+    (output_layer "penultimate_no_norm"), as diffusers' SDXL pipelines do; `force_zeros_for_empty_prompt` comes
+    from model_index.json (diffusers' default True).
     Raises FileNotFoundError naming a missing subfolder/file, ConversionError / ValueError for a checkpoint
     that does not match its config or an unsupported option.
     """
     folder = pathlib.Path(folder)
     index = _read_json(folder / "model_index.json", what="a diffusers pipeline folder")
-    if index.get("_class_name") not in PIPELINE_CLASSES:
-        raise ValueError(f"{folder}/model_index.json: _class_name {index.get('_class_name')!r} is not one of "
-                         f"{PIPELINE_CLASSES}")
-    for name in COMPONENTS:
-        if not index.get(name) or index[name][0] is None:
+    pipeline_class = index.get("_class_name")
+    if pipeline_class not in PIPELINE_CLASSES + SDXL_PIPELINE_CLASSES:
+        raise ValueError(f"{folder}/model_index.json: _class_name {pipeline_class!r} is not one of "
+                         f"{PIPELINE_CLASSES + SDXL_PIPELINE_CLASSES}")
+    sdxl = pipeline_class in SDXL_PIPELINE_CLASSES
+    towers = [pair for pair in TEXT_COMPONENTS if _listed(index, pair[0])] if sdxl else [TEXT_COMPONENTS[0]]
+    if sdxl and not towers:
+        raise ValueError(f"{folder}/model_index.json lists neither text_encoder nor text_encoder_2")
+    for name in ("unet", "vae", "scheduler") + tuple(n for pair in towers for n in pair):
+        if not _listed(index, name):
             raise ValueError(f"{folder}/model_index.json has no {name!r} component (got {index.get(name)!r})")
         if not (folder / name).is_dir():
             raise FileNotFoundError(f"{folder} has no {name}/ subfolder (model_index.json lists {index[name]})")
-    tokenizer = load_tokenizer(folder / "tokenizer", "clip")
-    cond_stage, cond_params = _load_text_encoder(folder / "text_encoder", tokenizer)
+    tokenizers, text_configs, text_params = [], [], []
+    for encoder, tokenizer_dir in towers:
+        tokenizer = load_tokenizer(folder / tokenizer_dir, "clip")
+        config, params = _load_text_encoder(folder / encoder, tokenizer,
+                                            output_layer=SDXL_OUTPUT_LAYER if sdxl else "last")
+        tokenizers.append(tokenizer)
+        text_configs.append(config)
+        text_params.append(params)
     vae_config, vae_params, scale = _load_vae(folder / "vae")
     unet_json = _read_json(folder / "unet" / "config.json", what="the unet/ subfolder")
     unet_config = unet_config_from_diffusers(unet_json)
@@ -95,11 +113,21 @@ def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
         conditioning_key="hybrid" if unet_config.in_channels > latent else "crossattn",
         image_size=int(np.max(unet_json.get("sample_size", 64))),
         channels=latent,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)) if sdxl else False,
     )
-    config = LDMConfig(first_stage=vae_config, unet=unet_config, diffusion=diffusion, cond_stage=cond_stage)
-    params = {"first_stage": vae_params, "cond_stage": cond_params, "unet": unet_params}
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, model_id=str(folder),
-                       scheduler_config=scheduler)
+    config = LDMConfig(first_stage=vae_config, unet=unet_config, diffusion=diffusion, cond_stage=text_configs[0],
+                       cond_stage_2=text_configs[1] if len(text_configs) > 1 else None)
+    params = {"first_stage": vae_params, "unet": unet_params, "cond_stage": text_params[0]}
+    if len(text_params) > 1:
+        params["cond_stage_2"] = text_params[1]
+    return LoadedModel(config=config, params=params, tokenizer=tokenizers[0], model_id=str(folder),
+                       scheduler_config=scheduler, tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None)
+
+
+def _listed(index: Mapping[str, Any], name: str) -> bool:
+    """Whether model_index.json lists the component `name` (an entry [library, class], not [null, null])."""
+    entry = index.get(name)
+    return bool(entry) and entry[0] is not None
 
 
 def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -145,7 +173,8 @@ def sampler_options(scheduler: Mapping[str, Any], name: str) -> dict[str, Any]:
     return opts
 
 
-def _load_text_encoder(folder: pathlib.Path, tokenizer: Any) -> tuple[ClipTextConfig, dict[str, Any]]:
+def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, *, output_layer: str
+                       ) -> tuple[ClipTextConfig, dict[str, Any]]:
     hf_config = _read_json(folder / "config.json", what="the text_encoder/ subfolder")
     if hf_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise ValueError(f"{folder}/config.json: model_type {hf_config.get('model_type')!r}; expected a CLIP text "
@@ -154,7 +183,7 @@ def _load_text_encoder(folder: pathlib.Path, tokenizer: Any) -> tuple[ClipTextCo
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer beside {folder} has no pad token; Stable Diffusion pads prompts")
     config = clip_text_config_from_transformers(hf_config, pad_token_id=int(tokenizer.pad_token_id),
-                                                tokenizer_kind="clip")
+                                                output_layer=output_layer, tokenizer_kind="clip")
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max is not None and model_max < 10**6 and model_max != config.max_length:
         raise ValueError(f"tokenizer model_max_length {model_max} != the text encoder's max_position_embeddings "
@@ -195,94 +224,82 @@ def _read_weights(folder: pathlib.Path, names: tuple[str, ...]) -> dict[str, np.
 
 
 def save_diffusers_pipeline(model: LoadedModel, folder: str | os.PathLike, *,
-                            scheduler_class: str = "PNDMScheduler") -> pathlib.Path:
-    """Writes `model` as a diffusers Stable Diffusion folder (see the module docstring); returns the folder.
+                            scheduler_class: str | None = None) -> pathlib.Path:
+    """Writes `model` as a diffusers Stable Diffusion or SDXL folder (see the module docstring); returns it.
 
-    The pipeline class is StableDiffusionInpaintPipeline for models with concat channels, else
+    The pipeline class: StableDiffusionXL(Img2Img / Inpaint)Pipeline for SDXL models (two towers or a
+    "text_time" UNet; the refiner, whose UNet takes the aesthetic score, as StableDiffusionXLImg2ImgPipeline with
+    its one tower as text_encoder_2), else StableDiffusionInpaintPipeline for models with concat channels or
     StableDiffusionPipeline. The scheduler config is the model's own `scheduler_config` when it came with one
-    (a diffusers folder, or a model directory converted from one); otherwise it carries the schedule and prediction type with SD's
-    usual sampling options (leading spacing, steps_offset 1, set_alpha_to_one and clip_sample off).
-    Raises ValueError for what a diffusers SD folder cannot hold (VQ first stage, non-CLIP text encoder, ...).
+    (a diffusers folder, or a model directory converted from one); otherwise it carries the schedule and
+    prediction type with the family's usual sampling options (SD: PNDM, leading spacing, steps_offset 1;
+    SDXL: Euler, leading, steps_offset 1).
+    Raises ValueError for what a diffusers folder cannot hold (VQ first stage, non-CLIP text encoder, ...).
     """
     cfg, folder = model.config, pathlib.Path(folder)
-    if model.tokenizer is None:
-        raise ValueError("save_diffusers_pipeline: the model has no tokenizer; a diffusers folder needs one")
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (folder / name).mkdir(parents=True, exist_ok=True)
+    sdxl = cfg.structured_conditioning
+    if model.tokenizer is None or (cfg.cond_stage_2 is not None and model.tokenizer_2 is None):
+        raise ValueError("save_diffusers_pipeline: the model lacks a tokenizer for one of its text towers; a diffusers "
+                         "folder needs them")
+    scheduler_class = scheduler_class or ("EulerDiscreteScheduler" if sdxl else "PNDMScheduler")
     params = model.params
-    _write_part(folder / "unet", "diffusion_pytorch_model.safetensors", params["unet"],
-                {"_class_name": "UNet2DConditionModel", **unet_to_diffusers_config(cfg.unet, cfg.diffusion.image_size)})
+    unet_config = {"_class_name": "UNet2DConditionModel",
+                   **unet_config_to_diffusers(cfg.unet, cfg.diffusion.image_size)}
+    _write_part(folder / "unet", "diffusion_pytorch_model.safetensors", params["unet"], unet_config)
     vae_config = {"_class_name": "AutoencoderKL", **_vae_config(cfg), "scaling_factor": cfg.diffusion.scale_factor}
     _write_part(folder / "vae", "diffusion_pytorch_model.safetensors", params["first_stage"], vae_config)
-    text_state = {f"text_model.{k}": v for k, v in params_to_state_dict(params["cond_stage"]).items()}
-    save_safetensors(folder / "text_encoder" / "model.safetensors", text_state, {"format": "pt"})
-    _write_json(folder / "text_encoder" / "config.json", clip_to_transformers_config(cfg.cond_stage))
-    model.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    scheduler = model.scheduler_config  # the settings the model came with, else SD's usual ones
+    # (tower, subfolder, tokenizer subfolder, tokenizer): a refiner's one tower is diffusers' text_encoder_2.
+    towers = [("cond_stage", "text_encoder", "tokenizer", model.tokenizer)]
+    if cfg.cond_stage_2 is not None:
+        towers.append(("cond_stage_2", "text_encoder_2", "tokenizer_2", model.tokenizer_2))
+    elif sdxl:
+        towers = [("cond_stage", "text_encoder_2", "tokenizer_2", model.tokenizer)]
+    index_entries: dict[str, Any] = {}
+    for name, encoder, tokenizer_dir, tokenizer in towers:
+        tower = getattr(cfg, name)
+        hf_config = clip_to_transformers_config(tower, sdxl=sdxl)
+        (folder / encoder).mkdir(parents=True, exist_ok=True)
+        save_safetensors(folder / encoder / "model.safetensors",
+                         clip_text_to_transformers_state_dict(params[name], tower), {"format": "pt"})
+        _write_json(folder / encoder / "config.json", hf_config)
+        save_tokenizer(tokenizer, folder / tokenizer_dir, tower.max_length)
+        index_entries[encoder] = ["transformers", hf_config["architectures"][0]]
+        index_entries[tokenizer_dir] = ["transformers", "CLIPTokenizer"]
+    scheduler = model.scheduler_config  # the settings the model came with, else the family's usual ones
     if scheduler is not None and scheduler.get("_class_name"):
         scheduler_class = scheduler["_class_name"]
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     _write_json(folder / "scheduler" / "scheduler_config.json",
                 scheduler if scheduler is not None else scheduler_config(cfg.diffusion, scheduler_class))
-    pipeline = "StableDiffusionInpaintPipeline" if cfg.concat_channels else "StableDiffusionPipeline"
-    _write_json(folder / "model_index.json", {
-        "_class_name": pipeline, "_diffusers_version": _DIFFUSERS_VERSION,
-        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-        "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    })
+    common = {"_diffusers_version": _DIFFUSERS_VERSION, "scheduler": ["diffusers", scheduler_class],
+              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+              "feature_extractor": [None, None], "image_encoder": [None, None]}
+    if sdxl:
+        refiner = cfg.num_time_ids == 5
+        pipeline = ("StableDiffusionXLInpaintPipeline" if cfg.concat_channels else
+                    "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
+        index = {**common, "text_encoder": [None, None], "tokenizer": [None, None], **index_entries,
+                 "force_zeros_for_empty_prompt": cfg.diffusion.force_zeros_for_empty_prompt}
+        if pipeline != "StableDiffusionXLPipeline":
+            index["requires_aesthetics_score"] = refiner
+    else:
+        pipeline = "StableDiffusionInpaintPipeline" if cfg.concat_channels else "StableDiffusionPipeline"
+        index = {**common, **index_entries, "requires_safety_checker": False, "safety_checker": [None, None]}
+    _write_json(folder / "model_index.json", {"_class_name": pipeline, **index})
     return folder
 
 
-def unet_to_diffusers_config(config: UNetConfig, sample_size: int = 64) -> dict[str, Any]:
-    """diffusers UNet2DConditionModel config of the same architecture (inverse of unet_config_from_diffusers).
-
-    Raises ValueError for UNets diffusers' UNet2DConditionModel cannot express (plain self-attention
-    blocks without cross-attention, avg-pool downsampling).
-    """
-    if not config.use_spatial_transformer or not config.conv_resample:
-        raise ValueError("diffusers UNet2DConditionModel needs spatial transformers (use_spatial_transformer=True) "
-                         "and conv resampling (conv_resample=True)")
-    channels = [config.model_channels * m for m in config.channel_mult]
-    attn = [2**level in config.attention_resolutions for level in range(len(channels))]
-    if config.num_heads > 0:
-        heads: Any = config.num_heads
-    else:
-        heads = [c // config.num_head_channels for c in channels]
-    out = dict(
-        sample_size=sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=channels,
-        layers_per_block=config.num_res_blocks, cross_attention_dim=config.context_dim,
-        attention_head_dim=heads, transformer_layers_per_block=config.transformer_depth,
-        use_linear_projection=config.use_linear_in_transformer,
-        resnet_time_scale_shift="scale_shift" if config.use_scale_shift_norm else "default",
-        flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=int(config.freq_shift), dropout=config.dropout,
-        act_fn="silu", norm_num_groups=32, norm_eps=1e-5, downsample_padding=1, center_input_sample=False,
-    )
-    if config.num_classes == "sequential":
-        out.update(class_embed_type="projection", projection_class_embeddings_input_dim=config.adm_in_channels)
-    elif config.num_classes is not None:
-        out.update(num_class_embeds=config.num_classes)
-    return out
-
-
-def clip_to_transformers_config(config: Any) -> dict[str, Any]:
+def clip_to_transformers_config(config: Any, *, sdxl: bool = False) -> dict[str, Any]:
     """transformers CLIPTextConfig dict (config.json) for our ClipTextConfig (inverse of
-    clip_text_config_from_transformers). Only output_layer "last" is what diffusers' pipelines use."""
-    if not isinstance(config, ClipTextConfig) or config.output_layer != "last":
-        raise ValueError(f"a diffusers SD folder holds a CLIP text encoder read at its last layer; got {config}")
-    eos = LEGACY_EOS_TOKEN_ID if config.pooling == "argmax" else config.eos_token_id
-    return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "max_position_embeddings": config.max_length, "hidden_act": config.hidden_act,
-        "layer_norm_eps": config.layer_norm_eps, "eos_token_id": eos,
-        "pad_token_id": config.pad_token_id, "attention_dropout": 0.0, "dropout": 0.0,
-        "projection_dim": config.hidden_size, "dtype": "float32",
-    }
+    clip_text_config_from_transformers): CLIPTextModelWithProjection when the tower has a projection.
+
+    diffusers' pipelines choose the layer they read, so the tower must be read as they do: at its last layer
+    (SD pipelines) or at the penultimate block without the final LayerNorm (`sdxl`, SDXL pipelines)."""
+    layer = SDXL_OUTPUT_LAYER if sdxl else "last"
+    if not isinstance(config, ClipTextConfig) or config.output_layer != layer:
+        raise ValueError(f"a diffusers {'SDXL' if sdxl else 'SD'} folder holds CLIP text encoders read at "
+                         f"output_layer {layer!r}; got {config}")
+    return clip_text_to_transformers_config(config)
 
 
 def scheduler_config(diffusion: DiffusionConfig, scheduler_class: str = "PNDMScheduler") -> dict[str, Any]:
@@ -313,7 +330,8 @@ def _vae_config(cfg: LDMConfig) -> dict[str, Any]:
 
 def _write_part(folder: pathlib.Path, weights: str, params: Mapping[str, Any], config: dict[str, Any]) -> None:
     config = {**config, "_diffusers_version": _DIFFUSERS_VERSION}
-    save_safetensors(folder / weights, params_to_state_dict(params, literal=_LITERAL_NAMES), {"format": "pt"})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / weights, params_to_state_dict(params, literal=LITERAL_NAMES), {"format": "pt"})
     _write_json(folder / "config.json", config)
 
 
@@ -323,4 +341,4 @@ def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
 
 __all__ = ["clip_to_transformers_config", "load_diffusers_pipeline", "prediction_type_from_scheduler",
            "read_scheduler_config", "sampler_options", "save_diffusers_pipeline", "schedule_from_scheduler",
-           "scheduler_config", "unet_to_diffusers_config"]
+           "scheduler_config"]

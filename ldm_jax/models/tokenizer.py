@@ -21,7 +21,10 @@ word-level vocabulary turns "crimson" into <|unk|>). Command lines print these o
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +64,21 @@ def load_tokenizer(directory: str | pathlib.Path, kind: str) -> Any:
         raise ValueError(f"tokenizer in {directory} loaded with an empty vocabulary ({len(tokenizer)} tokens, "
                          f"all special); check {', '.join(expected)}")
     return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, directory: str | os.PathLike, max_length: int | None) -> None:
+    """Writes a transformers tokenizer to `directory` (replacing it), with `model_max_length` = max_length when
+    the tokenizer has none (diffusers' pipelines need it; ENVIRONMENT.md)."""
+    directory = pathlib.Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tokenizer.save_pretrained(str(directory))
+    settings = directory / "tokenizer_config.json"
+    if settings.is_file() and max_length is not None:
+        data = json.loads(settings.read_text())
+        if not isinstance(data.get("model_max_length"), int) or data["model_max_length"] > 10**6:
+            data["model_max_length"] = max_length
+            settings.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _tokenizer_class(kind: str) -> type:
