@@ -41,13 +41,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import ldm, parallel
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
-from ldm_jax.diffusion.samplers import Sampler, make_sampler, sample
+from ldm_jax.diffusion.samplers import Sampler, denoising_bounds, make_sampler, sample
 from ldm_jax.ldm import LDMConfig, LoadedModel, RunOptions
 from ldm_jax.images import to_uint8  # re-exported: pipeline.to_uint8 (in __all__)
 from ldm_jax.models.tokenizer import PromptReport, tokenize
 from ldm_jax.models.tokenizer import inspect_prompts as inspect_tokens
 
-KINDS = ("txt2img", "img2img", "inpaint")
+KINDS = ("txt2img", "img2img", "inpaint", "refine")
+OUTPUTS = ("images", "latents")
 STEP_STREAM = 2**32 - 1
 _TRACES: collections.Counter = collections.Counter()
 
@@ -203,7 +204,8 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
             guidance_scale: Any = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
             first_index: int = 0, noise: Any = None, batch_size: int | None = None, mesh: Mesh | None = None,
             options: RunOptions = RunOptions(), chunk_size: int | None = None,
-            micro: MicroConditioning = MicroConditioning(), clip_skip: int = 0) -> jax.Array:
+            micro: MicroConditioning = MicroConditioning(), clip_skip: int = 0, denoising_end: float | None = None,
+            output: str = "images") -> jax.Array:
     """Generates B images from noise. Returns (B, H, W, 3) float32 in [-1, 1], sharded over the mesh's batch.
 
     cond / uncond: conditioning inputs (B, L) token ids (text models, from `encode_prompts`) or (B,) labels
@@ -223,12 +225,41 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
       bitwise; larger chunks are faster and agree to float32 rounding (XLA picks kernels by shape).
     micro: SDXL micro-conditioning (`MicroConditioning`), for UNets with addition_embed_type "text_time".
     clip_skip: CLIP blocks skipped before the text towers' output layer (static; diffusers' `clip_skip`).
+    denoising_end: a fraction in (0, 1): stop where the remaining noise is that fraction of the training
+      timesteps, as diffusers' `denoising_end` (the base of an ensemble of expert denoisers; `refine` continues).
+      Traced: changing it does not recompile.
+    output: "images" (decoded, (B, H, W, 3) in [-1, 1]) or "latents" ((B, h, w, C) in the sampler's own
+      coordinates, what `refine` takes; diffusers' output_type="latent").
     """
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=None,
                             batch_size=batch_size)
     hw = _latent_hw(config, height, width)
     _add_time_ids(config, inputs, micro, hw, img2img=False)
-    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
+    if denoising_end is not None:
+        inputs["stop_step"] = _bounds(config, sampler, denoising_end=denoising_end)[1]
+    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip, output)
+
+
+def refine(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, latents: Any, *,
+           denoising_start: float, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
+           mesh: Mesh | None = None, options: RunOptions = RunOptions(), chunk_size: int | None = None,
+           micro: MicroConditioning = MicroConditioning(), clip_skip: int = 0) -> jax.Array:
+    """The second expert of an ensemble (SDXL's refiner; diffusers' StableDiffusionXLImg2ImgPipeline with
+    `denoising_start` and latents): continues `latents` (B, h, w, C), which `txt2img(..., denoising_end=d,
+    output="latents")` left at the level of fraction d, over the remaining steps without adding noise, then
+    decodes. `sampler` must be the base's (same kind, steps and schedule: the ensemble shares one); `seed` and
+    `first_index` the base's, so that a stochastic sampler's step noise continues its stream. Returns (B, H, W, 3)
+    float32 in [-1, 1]. Other arguments as in `txt2img`; the micro-conditioning is the img2img pipeline's
+    (the refiner's aesthetic scores).
+    """
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
+        raise ValueError(f"refine: latents must be (B, h, w, {config.latent_channels}); got {latents.shape}")
+    inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, None, batch_from=latents)
+    inputs.update(latents=latents, first_step=_bounds(config, sampler, denoising_start=denoising_start)[0])
+    hw = latents.shape[1:3]
+    _add_time_ids(config, inputs, micro, hw, img2img=True)
+    return _run("refine", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
 
 
 def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any, *,
@@ -273,6 +304,12 @@ def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
 
 
 # -------------------------------------------------------------------------------------------- input checks
+
+
+def _bounds(config: LDMConfig, sampler: Sampler, **fraction: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(first_step, stop_step) int32 scalars of a denoising fraction (`samplers.denoising_bounds`)."""
+    first, stop = denoising_bounds(sampler, config.diffusion.schedule.num_timesteps, **fraction)
+    return np.asarray(first, np.int32), np.asarray(stop, np.int32)
 
 
 def _strength(strength: Any) -> np.ndarray:
@@ -390,7 +427,8 @@ def _batch_size(cond, noise, images, batch_size) -> int:
 # ---------------------------------------------------------------------------------------------- the program
 
 
-def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip=0) -> jax.Array:
+def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip=0, output="images"
+         ) -> jax.Array:
     if kind != "inpaint" and config.concat_channels:
         raise ValueError(f"{kind}: this UNet takes {config.concat_channels} concat channels beside the latents "
                          f"(in_channels {config.unet.in_channels}); use inpaint() for inpainting models")
@@ -408,10 +446,13 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, c
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide each device's {share} examples")
     if not isinstance(options, RunOptions):
         raise TypeError(f"{kind}: options must be an ldm.RunOptions, got {type(options).__name__}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0:
         raise ValueError(f"clip_skip must be an integer >= 0, got {clip_skip!r}")
     guided = "cond" in inputs and bool(np.any(inputs["scale"] > 1.0))
-    fn = _compiled(kind, config, mesh, options, hw, chunk, jax.tree.structure(inputs), guided, int(clip_skip))
+    fn = _compiled(kind, config, mesh, options, hw, chunk, jax.tree.structure(inputs), guided, int(clip_skip),
+                   output == "images")
     replicated = parallel.replicated(mesh)
     params, sampler = (_replicate(tree, replicated) for tree in (params, sampler))
     return fn(params, sampler, _place_inputs(inputs, mesh))
@@ -435,18 +476,18 @@ def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return {**batched, **jax.device_put(scalars, parallel.replicated(mesh))}
 
 
-_SCALAR_INPUTS = ("seed", "strength")
+_SCALAR_INPUTS = ("seed", "strength", "first_step", "stop_step")
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw: tuple[int, int], chunk: int,
-              structure: Any, guided: bool, clip_skip: int):
+              structure: Any, guided: bool, clip_skip: int, decode: bool):
     """The jitted program for one (kind, config, mesh, run-time options, latent size, chunk size, inputs'
-    structure, whether guidance runs the unconditional branch, clip_skip)."""
+    structure, whether guidance runs the unconditional branch, clip_skip, whether to decode the latents)."""
     batch_spec, rep = P(parallel.BATCH_AXES), P()
     keys = jax.tree.unflatten(structure, [None] * structure.num_leaves).keys()
     in_specs = (rep, rep, {k: (rep if k in _SCALAR_INPUTS else batch_spec) for k in keys})
-    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip)
+    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip, decode)
 
     def program(params, sampler, inputs):
         _TRACES[kind] += 1
@@ -468,8 +509,9 @@ def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     return images.reshape(share, *images.shape[2:])
 
 
-def _generate(kind, config, options, hw, guided, clip_skip, params, sampler, inputs) -> jax.Array:
-    """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1]."""
+def _generate(kind, config, options, hw, guided, clip_skip, decode, params, sampler, inputs) -> jax.Array:
+    """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1], or its latents
+    (b, h, w, C) when not `decode`."""
     example_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(inputs["seed"]), i))(inputs["index"])
     shape = (*hw, config.latent_channels)
     if "noise" in inputs:
@@ -479,7 +521,7 @@ def _generate(kind, config, options, hw, guided, clip_skip, params, sampler, inp
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, STEP_STREAM))(example_keys)
     model_fn, cond = _denoiser(config, options, params, inputs, guided, clip_skip)
     extra = {}
-    if kind != "txt2img":
+    if kind in ("img2img", "inpaint"):
         images = inputs["image"]
         extra.update(init_latent=ldm.encode_first_stage(config, params, images, options=options),
                      strength=inputs["strength"])
@@ -490,7 +532,13 @@ def _generate(kind, config, options, hw, guided, clip_skip, params, sampler, inp
         else:
             f = config.downsample_factor
             extra["mask"] = (inputs["mask"][:, ::f, ::f, :] >= 0.5).astype(jnp.float32)
+    if "stop_step" in inputs:
+        extra["stop_step"] = inputs["stop_step"]
+    if kind == "refine":
+        extra.update(start_latent=inputs["latents"], first_step=inputs["first_step"])
     latents = sample(sampler, model_fn, noise, step_keys, cond, **extra)
+    if not decode:
+        return latents
     return jnp.clip(ldm.decode_first_stage(config, params, latents, options=options), -1.0, 1.0)
 
 
@@ -510,5 +558,5 @@ def _denoiser(config, options, params, inputs, guided, clip_skip):
     return classifier_free_guidance(model_fn), guided_cond(cond, uncond, jnp.maximum(inputs["scale"], 1.0))
 
 
-__all__ = ["KINDS", "STEP_STREAM", "MicroConditioning", "encode_prompts", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
+__all__ = ["KINDS", "OUTPUTS", "STEP_STREAM", "MicroConditioning", "encode_prompts", "refine", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
            "place_params", "to_uint8", "trace_count", "txt2img"]

@@ -122,6 +122,8 @@ class SampleRequest:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     distilled: str | None = None
+    refiner: str | None = None
+    denoising_end: float = 0.8
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -156,6 +158,14 @@ def validate(request: SampleRequest) -> None:
         raise UserError(f"--timestep-spacing {request.timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     if request.steps_offset is not None and request.steps_offset < 0:
         raise UserError(f"--steps-offset must be >= 0, got {request.steps_offset}")
+    if not 0.0 < request.denoising_end < 1.0:
+        raise UserError(f"--denoising-end must be in (0, 1) (the noise fraction where the refiner takes over), "
+                        f"got {request.denoising_end}")
+    if request.refiner is not None and request.init_image is not None:
+        raise UserError("--refiner applies to text-to-image runs (the base denoises from noise, the refiner "
+                        "finishes); leave out --init-image")
+    if request.refiner is not None and not pathlib.Path(request.refiner).exists():
+        raise UserError(f"--refiner {request.refiner}: no such file or directory")
     if request.clip_skip < 0:
         raise UserError(f"--clip-skip must be >= 0, got {request.clip_skip}")
     if request.distilled is not None and request.distilled not in DISTILLED:
@@ -233,7 +243,8 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     request = _resolve_seed(request)
     model = load_model(request)
     config = model.config
-    micro = check_model_flags(request, config)
+    refiner = load_refiner(request, model) if request.refiner else None
+    micro = check_model_flags(request, config, None if refiner is None else refiner.config)
     init, mask = _init_and_mask(request)
     height, width = _size(request, config, init)
     sampler_opts = sampler_options(request, model.scheduler_config)
@@ -262,7 +273,15 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
         if latents is not None:
             noise = latents[start:start + batch]
             common["noise"] = np.concatenate([noise, np.repeat(noise[-1:], batch - len(noise), axis=0)])
-        if init is None:
+        if refiner is not None:
+            latents_out = pipeline.txt2img(config, model.params, sampler, cond, uncond, height=height, width=width,
+                                           denoising_end=request.denoising_end, output="latents", **common)
+            cond, uncond = pipeline.encode_prompts(refiner, padded, negatives, warn=False)
+            common.update(options=refiner.options)
+            common.pop("noise", None)
+            out = pipeline.refine(refiner.config, refiner.params, sampler, cond, uncond, latents_out,
+                                  denoising_start=request.denoising_end, **common)
+        elif init is None:
             out = pipeline.txt2img(config, model.params, sampler, cond, uncond, height=height, width=width, **common)
         elif mask is None:
             out = pipeline.img2img(config, model.params, sampler, cond, uncond, _tile(init, batch),
@@ -277,12 +296,42 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     return paths
 
 
-def check_model_flags(request: SampleRequest, config) -> Any:
-    """The flags that depend on the loaded model, checked (UserError naming the flag); returns the
-    `pipeline.MicroConditioning` of the request (SDXL; unused by other models)."""
+def load_refiner(request: SampleRequest, base: Any) -> Any:
+    """The --refiner model (through the store, with the base's run-time options), checked against the base: one
+    noise schedule and prediction type, one latent space (channels and factor), a refiner's UNet."""
+    try:
+        refiner = load_model(dataclasses.replace(request, checkpoint=request.refiner, config=None, tokenizer=None))
+    except UserError as error:
+        raise UserError(str(error).replace("--checkpoint", "--refiner", 1)) from None
+    a, b = base.config, refiner.config
+    if b.num_time_ids != 5:
+        raise UserError(f"--refiner {request.refiner}: not an SDXL refiner (its UNet takes "
+                        f"{b.num_time_ids or 'no'} micro-conditioning numbers; a refiner takes 5, with the "
+                        "aesthetic score)")
+    if a.num_time_ids != 6:
+        raise UserError(f"--checkpoint {base.model_id}: a refiner finishes an SDXL base's latents; this model is "
+                        f"not an SDXL base (its UNet takes {a.num_time_ids or 'no'} micro-conditioning numbers, "
+                        "a base takes 6)")
+    same = ((a.diffusion.schedule, a.diffusion.prediction_type, a.latent_channels, a.downsample_factor)
+            == (b.diffusion.schedule, b.diffusion.prediction_type, b.latent_channels, b.downsample_factor))
+    if not same:
+        raise UserError(f"--refiner {request.refiner}: its noise schedule, prediction type or latent space differs "
+                        "from the base's; an ensemble shares them")
+    return refiner
+
+
+def check_model_flags(request: SampleRequest, config, refiner_config=None) -> Any:
+    """The flags that depend on the loaded model (and --refiner), checked (UserError naming the flag); returns
+    the `pipeline.MicroConditioning` of the request (SDXL; unused by other models)."""
     from ldm_jax import pipeline  # noqa: PLC0415
 
+    if config.num_time_ids == 5 and request.init_image is None:
+        raise UserError(f"--checkpoint {request.checkpoint}: an SDXL refiner (its UNet takes the aesthetic score) "
+                        "finishes images rather than starting from noise: give it as --refiner beside an SDXL base, "
+                        "or with --init-image")
     towers = [getattr(config, name) for name in config.text_towers]
+    if refiner_config is not None:
+        towers += [getattr(refiner_config, name) for name in refiner_config.text_towers]
     if request.clip_skip:
         if not towers or any(not hasattr(t, "max_clip_skip") for t in towers):
             raise UserError(f"--clip-skip {request.clip_skip}: this model has no CLIP text tower to skip layers of")
@@ -297,7 +346,8 @@ def check_model_flags(request: SampleRequest, config) -> Any:
         raise UserError(f"{given[0]} applies to SDXL models (a UNet with text_time micro-conditioning); this model "
                         "takes none")
     refiner_only = ("--aesthetic-score", "--negative-aesthetic-score")
-    wrong = [f for f in given if (f in refiner_only) != (n == 5) and "crops" not in f and "original" not in f]
+    wrong = [f for f in given if (f in refiner_only) != (n == 5) and "crops" not in f and "original" not in f
+             and not (refiner_config is not None and f in refiner_only)]
     if wrong:
         which = "the refiner's aesthetic score" if n == 5 else "target sizes"
         raise UserError(f"{wrong[0]} does not apply to this model: its UNet takes {n} micro-conditioning numbers "
@@ -487,6 +537,8 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "mask": request.mask or "",
         "clip_skip": request.clip_skip,
         "distilled": request.distilled or "",
+        "refiner": request.refiner or "",
+        "denoising_end": request.denoising_end if request.refiner else "",
         **{field: getattr(request, field) for field in MICRO_FLAGS if getattr(request, field) is not None},
     }
 
@@ -536,6 +588,10 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images generated at once (a multiple of the device count)")
     p.add_argument("--clip-skip", type=int, default=0, help="CLIP blocks to skip before the text towers' output "
                    "layer (diffusers' clip_skip)")
+    p.add_argument("--refiner", help="an SDXL refiner (model directory, diffusers folder or single file) that "
+                   "finishes the base's images: an ensemble of expert denoisers sharing one noise schedule")
+    p.add_argument("--denoising-end", type=finite_float, default=0.8, help="with --refiner: the noise fraction "
+                   "where the base stops and the refiner takes over (diffusers' denoising_end; default 0.8)")
     p.add_argument("--distilled", help=f"a few-step distilled model: {', '.join(DISTILLED)} (its sampler, "
                    "trailing spacing, steps and guidance 0, where not given)")
     micro = p.add_argument_group("SDXL micro-conditioning (pixels; default: the image size, crops 0 0)")

@@ -47,7 +47,7 @@ SAMPLE_FLAGS = {
     "original_size": ("int", ["0"]), "target_size": ("int", ["0"]), "crops_coords_top_left": ("int", ["-1"]),
     "negative_original_size": ("int", []), "negative_target_size": ("int", []),
     "negative_crops_coords_top_left": ("int", []), "aesthetic_score": ("float", ["7"]),
-    "negative_aesthetic_score": ("float", ["2"]),
+    "negative_aesthetic_score": ("float", ["2"]), "refiner": "path", "denoising_end": ("float", ["0", "1.5"]),
 }
 CONVERT_FLAGS = {
     "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",

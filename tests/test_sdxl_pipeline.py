@@ -200,6 +200,42 @@ def test_refiner_img2img_matches_diffusers(sdxl):
     assert _rel_err(ours, theirs) <= RTOL
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpm++"])
+def test_base_and_refiner_ensemble_matches_diffusers(sdxl, sampler):
+    """denoising_end 0.7 on the base, denoising_start 0.7 on the refiner, one shared schedule (diffusers'
+    documented ensemble of expert denoisers); the latents handed over are the base's, not re-noised."""
+    base_pipe, base_dir, refiner_pipe, refiner_dir = sdxl
+    base, refiner = store.load_model(base_dir), store.load_model(refiner_dir)
+    noise, steps, split = _noise(5), 6, 0.7
+    mesh = make_mesh(devices=jax.devices()[:2])
+    options = dict(timestep_spacing="leading", steps_offset=1)
+    if sampler == "dpm++":
+        options["use_karras_sigmas"] = True
+    schedulers = (base_pipe.scheduler, refiner_pipe.scheduler)
+    if sampler == "dpm++":
+        kind = diffusers.DPMSolverMultistepScheduler
+        base_pipe.scheduler = kind.from_config(schedulers[0].config, use_karras_sigmas=True)
+        refiner_pipe.scheduler = kind.from_config(schedulers[1].config, use_karras_sigmas=True)
+    try:
+        s = pipeline.make_model_sampler(base.config, sampler, steps, **options)
+        cond, uncond = pipeline.encode_prompts(base, PROMPTS)
+        latents = pipeline.txt2img(base.config, base.params, s, cond, uncond, guidance_scale=GUIDANCE, noise=noise,
+                                   height=SIZE, width=SIZE, denoising_end=split, output="latents", mesh=mesh)
+        cond, uncond = pipeline.encode_prompts(refiner, PROMPTS)
+        ours = np.asarray(pipeline.refine(refiner.config, refiner.params, s, cond, uncond, np.asarray(latents),
+                                          denoising_start=split, guidance_scale=GUIDANCE, mesh=mesh))
+        with torch.no_grad():
+            handed = base_pipe(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=steps,
+                               guidance_scale=GUIDANCE, latents=_nchw(noise), denoising_end=split,
+                               output_type="latent").images
+            theirs = refiner_pipe(prompt=PROMPTS, image=handed, num_inference_steps=steps, denoising_start=split,
+                                  guidance_scale=GUIDANCE, output_type="np").images * 2 - 1
+    finally:
+        base_pipe.scheduler, refiner_pipe.scheduler = schedulers
+    assert _rel_err(np.asarray(latents).transpose(0, 3, 1, 2), handed.numpy()) <= RTOL
+    assert _rel_err(ours, theirs) <= RTOL
+
+
 def test_export_loads_in_diffusers(sdxl, tmp_path):
     _, folder, _, refiner_folder = sdxl
     for source, cls in ((folder, diffusers.StableDiffusionXLPipeline),
@@ -240,3 +276,42 @@ def test_missing_second_tokenizer_is_named(sdxl, tmp_path):
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         store.load_model(broken)
+
+
+def test_sample_cli_base_and_refiner(sdxl, tmp_path):
+    """`ldm-jax sample` with an SDXL base and --refiner: images written with the micro-conditioning recorded."""
+    from PIL import Image
+
+    from ldm_jax import sampling
+
+    _, base_dir, _, refiner_dir = sdxl
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(base_dir), "--refiner", str(refiner_dir), "--prompt", PROMPTS[0], "--steps", "4",
+            "--sampler", "euler", "--height", str(SIZE), "--width", str(SIZE), "--original-size", "32", "24",
+            "--aesthetic-score", "7", "--outdir", str(out)]
+    assert sampling.main(argv) == 0
+    with Image.open(out / "00000.png") as image:
+        meta = dict(image.text)
+    assert image.size == (SIZE, SIZE)
+    assert meta["refiner"] == str(refiner_dir) and meta["original_size"] == "(32, 24)"
+    assert meta["aesthetic_score"] == "7.0" and meta["denoising_end"] == "0.8"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--refiner", "{base}"], "not an SDXL refiner"),
+    (["--checkpoint", "{refiner}"], "finishes images rather than starting from noise"),
+    (["--checkpoint", "{refiner}", "--refiner", "{refiner}"], "not an SDXL base"),
+    (["--height", "15"], "multiples of 2"),
+    (["--aesthetic-score", "7"], "--aesthetic-score does not apply to this model"),
+    (["--clip-skip", "3"], "--clip-skip 3 is more than"),
+])
+def test_sample_cli_sdxl_bad_input(sdxl, tmp_path, capsys, argv, message):
+    from ldm_jax import sampling
+
+    _, base_dir, _, refiner_dir = sdxl
+    argv = [a.format(base=base_dir, refiner=refiner_dir) for a in argv]
+    if "--checkpoint" not in argv:
+        argv = ["--checkpoint", str(base_dir), *argv]
+    assert sampling.main([*argv, "--prompt", "a cat", "--steps", "2", "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("sample.py: error:") and message in err[-1], err

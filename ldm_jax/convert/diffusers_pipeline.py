@@ -160,8 +160,9 @@ def prediction_type_from_scheduler(scheduler: Mapping[str, Any]) -> str:
 
 def sampler_options(scheduler: Mapping[str, Any], name: str) -> dict[str, Any]:
     """Options for `make_sampler(name, ...)` that match a diffusers scheduler config's timesteps and
-    final step: timestep_spacing and steps_offset (diffusers defaults "leading" and 0), and for "ddim"
-    set_alpha_to_one (default True) and clip_sample (default on, range 1.0)."""
+    final step: timestep_spacing and steps_offset (diffusers defaults "leading" and 0), for "ddim"
+    set_alpha_to_one (default True) and clip_sample (default on, range 1.0), for "euler" and "dpm++"
+    use_karras_sigmas and final_sigmas_type."""
     spacing = scheduler.get("timestep_spacing", "leading")
     opts: dict[str, Any] = {"timestep_spacing": spacing, "prediction_type": prediction_type_from_scheduler(scheduler)}
     if spacing == "leading":
@@ -170,6 +171,10 @@ def sampler_options(scheduler: Mapping[str, Any], name: str) -> dict[str, Any]:
         opts["set_alpha_to_one"] = bool(scheduler.get("set_alpha_to_one", True))
     if name in ("ddim", "ddpm") and scheduler.get("clip_sample", True):
         opts["clip_sample"] = float(scheduler.get("clip_sample_range", 1.0))
+    if name in ("euler", "dpm++"):  # the noise-level options of the schedulers that have them
+        opts["use_karras_sigmas"] = bool(scheduler.get("use_karras_sigmas", False))
+        if "final_sigmas_type" in scheduler:
+            opts["final_sigmas_type"] = scheduler["final_sigmas_type"]
     return opts
 
 
