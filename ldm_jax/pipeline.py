@@ -1,6 +1,6 @@
 """Sampling pipelines: txt2img, img2img and inpaint as pure functions, each jitted once per (shapes, sampler).
 
-Every pipeline is one `jax.jit` of a `jax.shard_map` over the mesh: the batch is split over the mesh's
+Every pipeline (txt2img, img2img, inpaint, refine) is one `jax.jit` of a `jax.shard_map` over the mesh: the batch is split over the mesh's
 ("data", "fsdp") axes and every device generates its share with no communication (the pmapped use);
 params and the sampler are replicated. Inside, per device: encode the prompt token ids (tokenised on the
 host, `encode_prompts`) with the cond stage, draw the initial noise, run the sampler (one `lax.scan`) with
@@ -8,15 +8,24 @@ classifier-free guidance, decode with the first stage.
 
 Params are replicated on every device (`place_params` once; numpy params are copied on every call).
 Traced (changing them does not recompile): params, the sampler's tables and DDIM's `eta`, prompt token ids,
-guidance scale, seed, example indices, strength, init images and masks. Static (a new compilation each):
-config, mesh, the run-time options (`ldm.RunOptions`: attention implementation, remat, compute and param
-dtypes), the sampler kind and step count, batch size and image size. `trace_count(kind)` counts
+guidance scale, seed, example indices, strength, denoising fractions, micro-conditioning, init images and
+masks. Static (a new compilation each): config, mesh, the run-time options (`ldm.RunOptions`: attention
+implementation, remat, compute and param dtypes), the sampler kind and step count, batch size and image size,
+clip_skip, whether guidance runs (some scale > 1) and whether latents or images come out. `trace_count(kind)` counts
 traces, for tests.
 
 Randomness, per example: example i (its global index, `first_index + position in the batch`) uses
   e_i = fold_in(key(seed), i);  initial noise = normal(e_i, latent shape);
   sampler step keys derive from fold_in(e_i, STEP_STREAM) (a counter no latent-sized draw from e_i reaches).
 So image i depends only on (seed, i, prompt, settings): not on the batch size or the device count.
+
+SDXL (two text towers and/or a "text_time" UNet, `LDMConfig.structured_conditioning`): `encode_prompts` gives
+dicts of both towers' ids (and "zero_text", diffusers' force_zeros_for_empty_prompt); the pipelines add the
+micro-conditioning numbers of `MicroConditioning` for the image size. An ensemble of expert denoisers (base +
+refiner) is `txt2img(..., denoising_end=d, output="latents")` followed by `refine(latents, denoising_start=d)`
+with the same sampler, seed and indices: the refiner continues the base's latents without adding noise.
+Guidance: as diffusers' pipelines, a scale <= 1 gives the conditional prediction alone and a batch whose scales
+are all <= 1 runs no unconditional branch (guidance-free distilled models such as SDXL-Turbo).
 
 Conventions: images float32 NHWC in [-1, 1] (outputs clipped to it; `to_uint8` for files); masks
 (B, H, W, 1) in [0, 1] with 1 = repaint, binarised at 0.5; H and W multiples of the first stage's factor.

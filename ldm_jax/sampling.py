@@ -32,6 +32,16 @@ encoder's max_length, once per prompt. Images whose float output is not finite (
 (nor put in the grid): a warning names each, the finite ones are written, and the run ends with an error
 (exit status 2).
 
+SDXL (a diffusers SDXL folder, a model directory converted from one, or an SGM single file): both text towers
+read the prompt; without --negative-prompt the base's unconditional branch is zero text conditioning (its
+force_zeros_for_empty_prompt), an explicit --negative-prompt "" is encoded as a prompt. Micro-conditioning flags
+(--original-size H W, --crops-coords-top-left TOP LEFT, --target-size H W, their --negative-* versions, and the
+refiner's --aesthetic-score / --negative-aesthetic-score) default as in diffusers and are recorded in the PNGs.
+--refiner SRC finishes the base's latents from --denoising-end (default 0.8) on: an ensemble of expert
+denoisers sharing one sampler and noise schedule. --distilled turbo|lightning picks a few-step distilled model's
+settings (sampler, trailing spacing, steps, guidance 0) wherever the flags do not. --clip-skip N reads the text
+towers N blocks earlier (diffusers' clip_skip).
+
 The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps, --ddim_eta, --n_samples,
 --H, --W, --from-file, --plms.
 """

@@ -113,6 +113,22 @@ def sdxl(tmp_path_factory):
     return base, root / "base", refiner, root / "refiner"
 
 
+@pytest.fixture(scope="module")
+def sdxl_inpaint(sdxl, tmp_path_factory):
+    """(pipeline, folder): the base's parts with a 9-channel inpainting UNet (StableDiffusionXLInpaintPipeline)."""
+    base = sdxl[0]
+    torch.manual_seed(1)
+    unet = _unet(32 + 48, 6, in_channels=9)
+    _randomise(unet)
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=_scheduler())
+    folder = tmp_path_factory.mktemp("sdxl_inpaint") / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, folder
+
+
 def _noise(seed=0):
     return np.random.default_rng(seed).standard_normal((len(PROMPTS), SIZE // 2, SIZE // 2, 4)).astype(np.float32)
 
@@ -234,6 +250,43 @@ def test_base_and_refiner_ensemble_matches_diffusers(sdxl, sampler):
         base_pipe.scheduler, refiner_pipe.scheduler = schedulers
     assert _rel_err(np.asarray(latents).transpose(0, 3, 1, 2), handed.numpy()) <= RTOL
     assert _rel_err(ours, theirs) <= RTOL
+
+
+def test_inpaint_9_channel_matches_diffusers(sdxl_inpaint):
+    """StableDiffusionXLInpaintPipeline (9-channel UNet: latent + mask + masked-image latent) at strength 1."""
+    pipe, folder = sdxl_inpaint
+    model = store.load_model(folder)
+    assert model.config.concat_channels == 5 and model.config.diffusion.conditioning_key == "hybrid"
+    rng = np.random.default_rng(6)
+    images = rng.uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    mask = np.zeros((2, SIZE, SIZE, 1), np.float32)
+    mask[:, 4:12, 2:10] = 1.0
+    noise = _noise(7)
+    cond, uncond = pipeline.encode_prompts(model, PROMPTS)
+    ours = np.asarray(pipeline.inpaint(model.config, model.params, _sampler(model), cond, uncond, images, mask,
+                                       strength=1.0, guidance_scale=GUIDANCE, noise=noise,
+                                       mesh=make_mesh(devices=jax.devices()[:2])))
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPTS, image=_nchw(images) / 2 + 0.5, mask_image=_nchw(mask), strength=1.0,
+                      height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      latents=_nchw(noise), output_type="np").images * 2 - 1
+    assert _rel_err(ours, theirs) <= RTOL
+
+
+def test_no_retrace_when_only_traced_settings_change(sdxl):
+    """Same sampler kind and steps: new seeds, guidance scales, micro-conditioning and denoising fractions reuse
+    the compiled program."""
+    _, folder, _, _ = sdxl
+    model = store.load_model(folder)
+    cond, uncond = pipeline.encode_prompts(model, PROMPTS)
+    sampler = pipeline.make_model_sampler(model.config, "euler", 3, timestep_spacing="trailing")
+    mesh = make_mesh(devices=jax.devices()[:2])
+    before = pipeline.trace_count("txt2img")
+    for seed, scale, end, size in ((0, 3.0, 0.5, (20, 20)), (1, 6.0, 0.8, (40, 24)), (2, 2.0, 0.3, None)):
+        micro = pipeline.MicroConditioning(original_size=size)
+        pipeline.txt2img(model.config, model.params, sampler, cond, uncond, guidance_scale=scale, seed=seed,
+                         height=SIZE, width=SIZE, denoising_end=end, micro=micro, mesh=mesh).block_until_ready()
+    assert pipeline.trace_count("txt2img") == before + 1
 
 
 def test_export_loads_in_diffusers(sdxl, tmp_path):
