@@ -14,6 +14,18 @@ A CompVis `LatentDiffusion` state dict holds, under fixed prefixes:
 - buffers: the noise schedule (`betas`, `alphas_cumprod`, ...), `scale_factor` (scale_by_std models), `logvar`,
   and the EMA copy of the UNet (`model_ema.<name without dots>`, `model_ema.decay`, `model_ema.num_updates`).
 
+SGM single files (Stability's generative-models `DiffusionEngine`: sd_xl_base_1.0, sd_xl_refiner_1.0) hold the same
+`model.diffusion_model.*` UNet (SDXL's text_time MLP as openaimodel's `label_emb.0.0` / `label_emb.0.2`, SGM's
+num_classes "sequential" fed the conditioner's vector [pooled bigG embedding, sinusoids of the size / crop /
+aesthetic numbers], the vector our UNet builds) and `first_stage_model.*` autoencoder, and the text towers under
+`conditioner.embedders.N.` in embedder order: the base's CLIP ViT-L as `conditioner.embedders.0.transformer.
+text_model.*` (transformers names; our cond_stage) and OpenCLIP bigG as `conditioner.embedders.1.model.*` (open_clip
+names, all 32 blocks, `text_projection` a (width, projection_dim) matrix applied as x @ P, i.e. our Dense kernel as
+stored; our cond_stage_2); the refiner's bigG alone as `conditioner.embedders.0.model.*` (our cond_stage). SDXL
+configs (`is_sgm`: a second tower or a text_time UNet) read and write this layout, the others the CompVis one;
+a file of the other layout is refused in one line. The only schedule buffer is DiscreteDenoiser's
+`denoiser.sigmas` (sqrt((1 - alphas_cumprod) / alphas_cumprod), checked like the CompVis buffers).
+
 `compvis_layout(config)` builds the mapping by construction: it walks the UNet levels, the autoencoder levels
 and the text encoder's blocks the way the reference builds them and pairs each CompVis module with our
 module (`ldm_jax.models.*`, diffusers names), then lists every param leaf as an `Entry` (CompVis key, our
@@ -31,12 +43,18 @@ Keys that hold no parameter of our model are handled by the explicit rules in `_
 its reason, logged); schedule buffers, `scale_factor` and a constant `logvar` are compared with the config and
 raise `ConversionError` when they differ. Nothing else is skipped.
 
+Known SGM extras, dropped on import with a logged count: transformers' `position_ids` buffer, OpenCLIP's
+`logit_scale` (and `attn_mask`); `denoiser.sigmas` after the schedule check. Export writes `denoiser.sigmas` but
+neither `logit_scale` (our params do not hold it) nor `position_ids`; diffusers' single-file loader
+(`StableDiffusionXLPipeline.from_single_file`) reads the export and gives back the diffusers weights exactly.
+
 SD 2.x: the reference embeds prompts with OpenCLIP's penultimate layer (`layer="penultimate"`). Our SD2
 presets (sd_v2, sd_v2_768_v; `ldm_yaml` for that yaml) have 23 blocks and `output_layer="last"`, as diffusers
 ships it; a CompVis file's 24th block is then never evaluated and is dropped explicitly. A config with
 `num_layers=24, output_layer="penultimate"` loads all 24 blocks instead (same context).
-Exported OpenCLIP towers hold the blocks our params have; `text_projection` and `logit_scale` (unused for the
-context) are not written. The original code loads such files with `strict=False`, as it loads every file.
+Exported OpenCLIP towers hold the blocks our params have; `logit_scale` and, for towers without a projection
+(SD 2.x), `text_projection` (unused for the context) are not written. The original code loads such files with
+`strict=False`, as it loads every file.
 """
 from __future__ import annotations
 
@@ -53,7 +71,7 @@ from flax import traverse_util
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
 from ldm_jax.convert.common import (ConversionError, assemble_params, flax_to_torch_leaf,
                                     path_to_diffusers_key, to_numpy_state_dict, torch_to_flax_leaf)
-from ldm_jax.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
+from ldm_jax.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_betas, make_schedule
 from ldm_jax.ldm import DiffusionConfig, LDMConfig, LoadedModel, ldm_config, param_shapes
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.text import BertEmbedderConfig, ClassEmbedderConfig, ClipTextConfig
@@ -73,6 +91,13 @@ HF_CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 HF_CLIP_PREFIX_FLAT = "cond_stage_model.transformer."  # CLIP saved without the `text_model` level
 OPENCLIP_PREFIX = "cond_stage_model.model."
 CLIP_LAYOUTS = ("hf", "openclip")
+# SGM (Stability's generative-models, SDXL): GeneralConditioner embedders N hold the text towers, transformers
+# CLIP (FrozenCLIPEmbedder) under `conditioner.embedders.N.transformer.text_model.`, OpenCLIP
+# (FrozenOpenCLIPEmbedder2) under `conditioner.embedders.N.model.`; DiscreteDenoiser's `sigmas` buffer.
+SGM_PREFIX = "conditioner.embedders."
+SGM_HF_CLIP = "transformer.text_model."  # after SGM_PREFIX + "N."
+SGM_OPENCLIP = "model."
+SGM_SIGMAS = "denoiser.sigmas"
 # DDPM.register_schedule buffers: exactly the arrays of our NoiseSchedule, under the same names.
 SCHEDULE_BUFFERS = tuple(f.name for f in dataclasses.fields(NoiseSchedule))
 SCHEDULE_RTOL, SCHEDULE_ATOL = 1e-5, 1e-8  # both sides are float64 computations rounded to float32
@@ -99,6 +124,10 @@ CONV1X1_AS_DENSE = Codec("conv1x1", lambda a: (a[:, :, 0, 0].T,), lambda xs: xs[
                          lambda ss: (ss[0][1], ss[0][0], 1, 1))
 CONV1D_AS_DENSE = Codec("conv1d", lambda a: (a[:, :, 0].T,), lambda xs: xs[0].T[:, :, None],
                         lambda ss: (ss[0][1], ss[0][0], 1))
+
+
+# OpenCLIP's `text_projection` (width, projection_dim) is applied as x @ P: our Dense kernel as it is stored.
+AS_STORED = Codec("as_stored", lambda a: (a,), lambda xs: xs[0], lambda ss: tuple(ss[0]))
 
 
 def _legacy_qkv(heads: int, weight: bool) -> Codec:
@@ -177,13 +206,26 @@ class Entry:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextTower:
+    """Where one CLIP text tower is stored: our params tree (`cond_stage` / `cond_stage_2`), its layout ("hf":
+    transformers CLIPTextModel names, "openclip": open_clip's) and the key prefix."""
+
+    name: str
+    layout: str
+    prefix: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Layout:
-    """The CompVis layout of one LDMConfig: every entry, our param shapes, and how the text tower is stored."""
+    """The CompVis or SGM layout of one LDMConfig: every entry, our param shapes, and how the text towers are
+    stored (`clip_layout` / `text_prefix`: those of the first CLIP tower, or None)."""
 
     entries: tuple[Entry, ...]
     shapes: Mapping[Path, Shape]
     clip_layout: str | None
     text_prefix: str | None
+    towers: tuple[TextTower, ...] = ()
+    sgm: bool = False
 
     def torch_shapes(self) -> dict[str, Shape]:
         """{CompVis key: torch-layout shape} of every entry."""
@@ -257,6 +299,9 @@ def _unet(b: _Builder, cfg, root: str) -> None:
         b.module(f"{p}label_emb.0.2", at("class_embedding/linear_2"))
     elif cfg.num_classes is not None:
         b.module(f"{p}label_emb", at("class_embedding"))
+    if cfg.addition_embed_type == "text_time":  # SGM: num_classes "sequential" fed the conditioner's vector
+        b.module(f"{p}label_emb.0.0", at("add_embedding/linear_1"))
+        b.module(f"{p}label_emb.0.2", at("add_embedding/linear_2"))
     b.module(f"{p}input_blocks.0.0", at("conv_in"))
     levels, k = len(cfg.channel_mult), 1
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
@@ -349,9 +394,9 @@ def _vae_attention(b: _Builder, key: str, path: str) -> None:
         b.module(f"{key}.{torch_name}", f"{path}/{ours}", CONV1X1_AS_DENSE)
 
 
-def _openclip(b: _Builder, cfg: ClipTextConfig, root: str) -> None:
-    """open_clip text tower (FrozenOpenCLIPEmbedder.model without `visual`) <-> our ClipTextTransformer."""
-    p = OPENCLIP_PREFIX
+def _openclip(b: _Builder, cfg: ClipTextConfig, root: str, p: str) -> None:
+    """open_clip text tower (FrozenOpenCLIPEmbedder(2).model without `visual`) under prefix `p` <-> our
+    ClipTextTransformer; `text_projection` when the tower has a projection (SDXL's bigG)."""
     b.leaf(f"{p}token_embedding.weight", _path(f"{root}/embeddings/token_embedding/embedding"))
     b.leaf(f"{p}positional_embedding", _path(f"{root}/embeddings/position_embedding/embedding"))
     for i in range(cfg.num_layers):
@@ -364,14 +409,20 @@ def _openclip(b: _Builder, cfg: ClipTextConfig, root: str) -> None:
         b.module(f"{key}.mlp.c_fc", f"{ours}/mlp/fc1")
         b.module(f"{key}.mlp.c_proj", f"{ours}/mlp/fc2")
     b.module(f"{p}ln_final", f"{root}/final_layer_norm")
+    if cfg.projection_dim is not None:
+        b.leaf(f"{p}text_projection", _path(f"{root}/text_projection/kernel"), AS_STORED)
 
 
-def _cond_stage(b: _Builder, cfg, clip_layout: str | None, text_prefix: str | None, root: str) -> None:
+def _cond_stage(b: _Builder, cfg, tower: TextTower | None, root: str) -> None:
     if isinstance(cfg, ClipTextConfig):
-        if clip_layout == "openclip":
-            _openclip(b, cfg, root)
+        if tower.layout == "openclip":
+            _openclip(b, cfg, root, tower.prefix)
+        elif cfg.projection_dim is not None:
+            raise ConversionError(f"CompVis / SGM layout: {tower.name} is a transformers-CLIP tower with a projection "
+                                  f"(projection_dim={cfg.projection_dim}); those files hold projections only in "
+                                  "OpenCLIP towers (hidden_act 'gelu')")
         else:
-            b.subtree(text_prefix.rstrip("."), root)  # transformers CLIPTextModel names (text_model.*)
+            b.subtree(tower.prefix.rstrip("."), root)  # transformers CLIPTextModel names (text_model.*)
     elif isinstance(cfg, BertEmbedderConfig):
         b.subtree(f"{COND_PREFIX}transformer", root)  # x-transformers TransformerWrapper names
     elif isinstance(cfg, ClassEmbedderConfig):
@@ -389,14 +440,42 @@ def default_clip_layout(config: LDMConfig) -> str | None:
     return "openclip" if cond.hidden_act == "gelu" else "hf"
 
 
+def is_sgm(config: LDMConfig) -> bool:
+    """Whether `config` is stored in the SGM layout (SDXL: a second text tower or a text_time UNet)."""
+    return config.cond_stage_2 is not None or config.unet.addition_embed_type == "text_time"
+
+
+def sgm_towers(config: LDMConfig) -> tuple[TextTower, ...]:
+    """The text towers of an SGM file, in embedder order: `cond_stage` is embedder 0, `cond_stage_2` embedder 1;
+    OpenCLIP (gelu) towers under `conditioner.embedders.N.model.`, transformers CLIP (quick_gelu) ones under
+    `conditioner.embedders.N.transformer.text_model.` (SDXL base: CLIP ViT-L then bigG; refiner: bigG alone)."""
+    towers = []
+    for index, name in enumerate(config.text_towers):
+        tower = getattr(config, name)
+        if not isinstance(tower, ClipTextConfig):
+            raise ConversionError(f"SGM layout: {name} is {type(tower).__name__}; SGM files hold CLIP text towers")
+        kind = "openclip" if tower.hidden_act == "gelu" else "hf"
+        prefix = f"{SGM_PREFIX}{index}.{SGM_OPENCLIP if kind == 'openclip' else SGM_HF_CLIP}"
+        towers.append(TextTower(name, kind, prefix))
+    return tuple(towers)
+
+
 def compvis_layout(config: LDMConfig | Any, *, clip_layout: str | None = None,
                    text_prefix: str = HF_CLIP_PREFIX) -> Layout:
-    """The CompVis layout of `config` (an LDMConfig or a config with its sections).
+    """The CompVis layout of `config` (an LDMConfig or a config with its sections), or its SGM layout for SDXL
+    configs (`is_sgm`: text towers `sgm_towers`, the UNet's text_time MLP as `label_emb.0.0` / `label_emb.0.2`).
 
     clip_layout: "hf" or "openclip" for CLIP cond stages (default: `default_clip_layout`); text_prefix: the
     key prefix of an "hf" CLIP tower (HF_CLIP_PREFIX, or HF_CLIP_PREFIX_FLAT for files without `text_model`).
+    Both are CompVis options: SGM layouts fix every tower's layout and prefix (ValueError when clip_layout is
+    given for one).
     """
     config = as_ldm_config(config)
+    if is_sgm(config):
+        if clip_layout is not None:
+            raise ValueError(f"clip_layout={clip_layout!r}: an SDXL (SGM) layout stores each text tower in its fixed "
+                             f"layout ({', '.join(f'{t.name}: {t.layout}' for t in sgm_towers(config))})")
+        return _layout(config, None, None)
     clip_layout = clip_layout or default_clip_layout(config)
     if clip_layout is not None and clip_layout not in CLIP_LAYOUTS:
         raise ValueError(f"clip_layout={clip_layout!r}; expected one of {CLIP_LAYOUTS}")
@@ -411,14 +490,25 @@ def _layout(config: LDMConfig, clip_layout: str | None, text_prefix: str | None)
     b = _Builder(shapes)
     _unet(b, config.unet, "unet")
     _autoencoder(b, config.first_stage, "first_stage")
-    if config.cond_stage is not None:
-        _cond_stage(b, config.cond_stage, clip_layout, text_prefix, "cond_stage")
+    sgm = is_sgm(config)
+    if sgm:
+        towers = sgm_towers(config)
+    elif clip_layout is not None:
+        towers = (TextTower("cond_stage", clip_layout, OPENCLIP_PREFIX if clip_layout == "openclip" else text_prefix),)
+    else:
+        towers = ()
+    if towers:
+        for tower in towers:
+            _cond_stage(b, getattr(config, tower.name), tower, tower.name)
+        clip_layout, text_prefix = towers[0].layout, (towers[0].prefix if towers[0].layout == "hf" else None)
+    elif config.cond_stage is not None:
+        _cond_stage(b, config.cond_stage, None, "cond_stage")
     if ("logvar",) in shapes:
         b.leaf("logvar", ("logvar",))
     unclaimed = sorted("/".join(p) for p in shapes if p not in b.claimed)
     if unclaimed:
         raise RuntimeError(f"internal: the CompVis layout does not cover {unclaimed}")
-    return Layout(tuple(b.entries), shapes, clip_layout, text_prefix)
+    return Layout(tuple(b.entries), shapes, clip_layout, text_prefix, towers, sgm)
 
 
 def as_ldm_config(config: LDMConfig | Any) -> LDMConfig:
@@ -431,8 +521,9 @@ def as_ldm_config(config: LDMConfig | Any) -> LDMConfig:
 
 
 def detect_clip_layout(state_dict: Mapping[str, Any], config: LDMConfig) -> tuple[str | None, str]:
-    """(clip_layout, text_prefix) of the CLIP tower in a CompVis state dict (defaults when it has none)."""
-    if not isinstance(config.cond_stage, ClipTextConfig):
+    """(clip_layout, text_prefix) of the CLIP tower in a CompVis state dict (defaults when it has none; SGM
+    configs: (None, HF_CLIP_PREFIX), their layout is fixed)."""
+    if not isinstance(config.cond_stage, ClipTextConfig) or is_sgm(config):
         return None, HF_CLIP_PREFIX
     keys = list(state_dict)
     if any(k.startswith(OPENCLIP_PREFIX) for k in keys):
@@ -446,17 +537,21 @@ def detect_clip_layout(state_dict: Mapping[str, Any], config: LDMConfig) -> tupl
 
 def convert_compvis_state_dict(state_dict: Mapping[str, Any], config: LDMConfig | Any, *, use_ema: bool = False,
                                source: str = "CompVis checkpoint") -> dict[str, Any]:
-    """A CompVis LatentDiffusion state dict (name -> array or torch tensor) -> LDM params, strictly.
+    """A CompVis LatentDiffusion or SGM DiffusionEngine state dict (name -> array or torch tensor) -> LDM params,
+    strictly. SDXL configs (`is_sgm`) read the SGM layout, the others the CompVis one.
 
-    Returns {"first_stage", "unet", "cond_stage"?, "logvar"?} of float32 numpy arrays (`ldm_jax.ldm` layout).
-    use_ema: take the UNet from the EMA copy (`model_ema.*`), which must then be complete.
-    Raises ConversionError naming every missing, unexpected and mis-shaped CompVis key (shapes in torch
-    layout), and for schedule buffers / scale_factor / logvar that disagree with `config`.
+    Returns {"first_stage", "unet", "cond_stage"?, "cond_stage_2"?, "logvar"?} of float32 numpy arrays
+    (`ldm_jax.ldm` layout). use_ema: take the UNet from the EMA copy (`model_ema.*`), which must then be complete.
+    Raises ConversionError naming every missing, unexpected and mis-shaped key (shapes in torch layout), and for
+    schedule buffers / scale_factor / logvar / denoiser.sigmas that disagree with `config`. A file of the other
+    layout (an SGM file given an SD config, or the reverse) or with other text towers than the config's (an SDXL
+    refiner given a base config) is a one-line ConversionError naming the file and a key.
     """
     config = as_ldm_config(config)
     sd = to_numpy_state_dict(state_dict)
     clip_layout, text_prefix = detect_clip_layout(sd, config)
-    layout = compvis_layout(config, clip_layout=clip_layout, text_prefix=text_prefix)
+    layout = compvis_layout(config, clip_layout=None if is_sgm(config) else clip_layout, text_prefix=text_prefix)
+    _check_text_towers(sd, layout, source)
     dropped: dict[str, str] = {}
     _select_unet(sd, layout, use_ema, dropped, source)
     _check_buffers(sd, config, dropped, source)
@@ -481,35 +576,46 @@ def load_compvis_checkpoint(path: str | os.PathLike, config: LDMConfig | Any, *,
 
 
 def load_compvis_model(path: str | os.PathLike, config: LDMConfig | Any, *, tokenizer: str | os.PathLike | None = None,
-                       use_ema: bool = False) -> LoadedModel:
-    """A `LoadedModel` from a CompVis single file: params, config, and the tokenizer of `tokenizer` (a local
-    directory, loaded as `config.tokenizer_kind`) or None."""
-    return loaded_model_from_state_dict(load_state_dict(path), config, tokenizer=tokenizer, use_ema=use_ema,
-                                        source=str(path))
+                       tokenizer_2: str | os.PathLike | None = None, use_ema: bool = False) -> LoadedModel:
+    """A `LoadedModel` from a CompVis or SGM single file: params, config, and the tokenizer of `tokenizer` (a
+    local directory, loaded as `config.tokenizer_kind`) or None; for SDXL base models also `tokenizer_2`, the
+    second tower's (both or neither)."""
+    return loaded_model_from_state_dict(load_state_dict(path), config, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                        use_ema=use_ema, source=str(path))
 
 
 def loaded_model_from_state_dict(state_dict: Mapping[str, Any], config: LDMConfig | Any, *,
-                                 tokenizer: str | os.PathLike | None = None, use_ema: bool = False,
+                                 tokenizer: str | os.PathLike | None = None,
+                                 tokenizer_2: str | os.PathLike | None = None, use_ema: bool = False,
                                  source: str = "checkpoint") -> LoadedModel:
     """`load_compvis_model` for a state dict already read (e.g. to infer its config first).
 
     For scale_by_std models the checkpoint's `scale_factor` buffer (the value training settled on) replaces
-    the config's, as the reference does when it restores such a model.
+    the config's, as the reference does when it restores such a model. ValueError for a tokenizer the model has
+    no tower for, and for an SDXL base given one of its two tokenizers (checked before any weight is converted).
     """
     config = as_ldm_config(config)
+    if tokenizer is not None and config.tokenizer_kind is None:
+        raise ValueError(f"tokenizer={tokenizer!s} given, but this model has no text cond stage")
+    if tokenizer_2 is not None and config.cond_stage_2 is None:
+        raise ValueError(f"tokenizer_2={tokenizer_2!s} given, but this model has no second text tower (cond_stage_2)")
+    if config.cond_stage_2 is not None and (tokenizer is None) != (tokenizer_2 is None):
+        raise ValueError(f"{source}: an SDXL base has two text towers: give both tokenizer (CLIP ViT-L's) and "
+                         f"tokenizer_2 (OpenCLIP bigG's), or neither; got only "
+                         f"{'tokenizer' if tokenizer is not None else 'tokenizer_2'}")
     if config.diffusion.scale_by_std and "scale_factor" in state_dict:
         value = _scalar(state_dict["scale_factor"], "scale_factor", source)
         log.info("%s: scale_by_std model, scale_factor %.8g from the checkpoint", source, value)
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, scale_factor=value))
     params = convert_compvis_state_dict(state_dict, config, use_ema=use_ema, source=source)
-    tok = None
+    tok = tok_2 = None
     if tokenizer is not None:
-        if config.tokenizer_kind is None:
-            raise ValueError(f"tokenizer={tokenizer!s} given, but this model has no text cond stage")
         from ldm_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415 (transformers: only when needed)
 
         tok = load_tokenizer(tokenizer, config.tokenizer_kind)
-    return LoadedModel(config=config, params=params, tokenizer=tok, model_id=source)
+        if tokenizer_2 is not None:
+            tok_2 = load_tokenizer(tokenizer_2, config.cond_stage_2.tokenizer_kind)
+    return LoadedModel(config=config, params=params, tokenizer=tok, model_id=source, tokenizer_2=tok_2)
 
 
 # ------------------------------------------------------------------------------------------- config inference
@@ -522,7 +628,10 @@ FAMILY_PRESETS = {
     "bert": "ldm_txt2img_1p4b",  # x-transformers BERT embedder: LDM-KL-8-G txt2img-1p4B (SD v1's UNet)
     "class": "ldm_cin256",  # class embedder as the context: LDM cin256-v2 (single-head transformers)
     None: "ldm_celebahq_vq4",  # unconditional (celebahq / ffhq / lsun-ldm-vq-4): plain attention, 32 per head
+    "sgm_base": "sdxl_base",  # SGM, CLIP ViT-L + OpenCLIP towers: SDXL base (64-wide heads, 6 time ids)
+    "sgm_refiner": "sdxl_refiner",  # SGM, one OpenCLIP tower: SDXL refiner (64-wide heads, 5 time ids)
 }
+SGM_FAMILIES = {("hf", "openclip"): "sgm_base", ("openclip",): "sgm_refiner"}  # tower layouts -> family
 PLAIN_ATTENTION_FAMILY = None  # plain AttentionBlocks (no spatial transformer) take this family's UNet heads
 CLIP_HEAD_WIDTH = 64  # CLIP and OpenCLIP text towers: heads = width / 64
 BERT_HEAD_WIDTH = 64  # x-transformers' default dim_head
@@ -543,24 +652,34 @@ def _family_unet_heads(family: str | None) -> dict[str, int]:
     return dict(num_heads=unet.num_heads, num_head_channels=unet.num_head_channels)
 
 
+def _family_scale_factor(family: str | None, kind: str) -> float:
+    """The family preset's latent scale when its first stage is of `kind` (SDXL's 0.13025), else SCALE_FACTORS."""
+    preset = _family_preset(family)
+    return preset.diffusion.scale_factor if preset.first_stage.kind == kind else SCALE_FACTORS[kind]
+
+
 def _family_linear_schedule(family: str | None) -> tuple[float, float]:
     schedule = _family_preset(family).diffusion.schedule
     return schedule.linear_start, schedule.linear_end
 
 
 def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkpoint") -> LDMConfig:
-    """The LDMConfig of a CompVis LatentDiffusion state dict, read off its tensor shapes (any size).
+    """The LDMConfig of a CompVis LatentDiffusion or SGM DiffusionEngine state dict, read off its tensor shapes
+    (any size).
 
     Read from the weights: UNet in/out channels, model_channels, channel_mult, num_res_blocks, attention levels,
-    spatial transformer or plain attention, transformer depth, linear vs conv proj_in, context width, resample
-    convs, scale-shift norm, class embedding (int or "sequential" with adm_in_channels); first stage KL vs VQ
+    spatial transformer or plain attention, transformer depth (one int, or one per level when levels differ:
+    0 at levels without attention, the last level's = the mid block's), linear vs conv proj_in, context width,
+    resample convs, scale-shift norm, class embedding (int or "sequential" with adm_in_channels); first stage KL vs VQ
     (a `quantize.embedding`), ch, ch_mult, num_res_blocks, attention levels, z_channels, double_z, embed_dim,
     n_embed, in/out channels; the text tower's layout (transformers CLIP `transformer.text_model.*` or
-    `transformer.*`, OpenCLIP `model.*`, x-transformers BERT `transformer.token_emb`, class `embedding`),
-    width, depth, MLP width, vocabulary and positions. From the buffers when the file has them: the noise
+    `transformer.*`, OpenCLIP `model.*`, x-transformers BERT `transformer.token_emb`, class `embedding`; SGM:
+    the `conditioner.embedders.N` towers), width, depth, MLP width, vocabulary, positions and an OpenCLIP
+    tower's `text_projection` width (projection_dim). From the buffers when the file has them: the noise
     schedule (`betas`, else `alphas_cumprod`: linear, sqrt_linear or cosine, compared at the precision the file
     stored them in, end points rounded to float32's shortest decimals), scale_factor
-    (its buffer exists only for scale_by_std models) and a constant or learned `logvar`.
+    (its buffer exists only for scale_by_std models) and a constant or learned `logvar`; SGM files store no
+    schedule buffer but maybe DiscreteDenoiser's `denoiser.sigmas`, read as alphas_cumprod = 1 / (1 + sigma^2).
     conditioning_key: "adm" with a class embedding, else "hybrid"/"crossattn" for spatial transformers and
     "concat"/None without, by whether the UNet takes more input channels than the latents have.
 
@@ -572,25 +691,42 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkp
       dropped on import), prompts padded with 0; images 512 px.
     - BERT (txt2img-1p4B-like): UNet num_heads=8; dim_head 64; bert tokenizer; images 256 px.
     - class embedder (cin256-like): UNet num_heads=1; images 256 px. No cond stage (celebahq-like): images 256 px.
+    - SGM (`conditioner.embedders.*`), SDXL base (tower 0 transformers CLIP, tower 1 OpenCLIP) or refiner (tower
+      0 OpenCLIP; any other set of towers is a ValueError): both towers keep every block and are read at the
+      penultimate block without the final LayerNorm ("penultimate_no_norm"), the OpenCLIP one with its
+      `text_projection` (projection_dim from its shape), OpenCLIP padded with 0, CLIP with end-of-text; the UNet's
+      `label_emb` is SDXL's text_time MLP (`addition_embed_type="text_time"`, adm_in_channels from its shape, the
+      family's number of micro-conditioning numbers: 6 base, 5 refiner, and addition_time_embed_dim = (adm_in_channels
+      - projection_dim) / that number, 256 for every SDXL file); UNet num_head_channels=64; scale_factor 0.13025;
+      images 1024 px; force_zeros_for_empty_prompt True for the base, False for the refiner (diffusers'). A
+      9-channel UNet (SDXL inpainting) gives conditioning_key "hybrid".
     UNet attention without spatial transformers gets 32 channels per head (celebahq's). Without schedule buffers:
     1000 steps of the reference's "linear" schedule, 0.00085..0.012 for text models, 0.0015..0.0195 otherwise.
     Always: eps prediction (v cannot be read from weights: a 768-v SD 2.x file needs the preset sd_v2_768_v),
-    scale_factor 0.18215 for KL and 1.0 for VQ first stages (unless the file's buffer says), first-stage
+    scale_factor 0.18215 for KL and 1.0 for VQ first stages (SDXL: 0.13025; unless the file's buffer says), first-stage
     resolution 256, dropout 0, diffusion.image_size = images px / downsampling factor.
     `ldm_jax.presets.matching_preset(config)` names the preset the result equals, if any.
 
     Raises ValueError naming the missing key when the file is not a latent diffusion checkpoint (no
     `model.diffusion_model.` UNet, no `first_stage_model.` autoencoder), and for layouts outside our configs
-    (per-level depths or res-block counts, a text width that is not a multiple of 64, an unknown cond stage).
+    (per-level res-block counts, a text width that is not a multiple of 64, an unknown cond stage).
     """
     keys = _KeyIndex(state_dict, source)
     keys.require(f"{UNET_PREFIX}input_blocks.0.0.weight", "a latent diffusion UNet (model.diffusion_model.*)")
     keys.require(f"{FIRST_STAGE_PREFIX}encoder.conv_in.weight", "a first-stage autoencoder (first_stage_model.*)")
-    cond, family = _infer_cond_stage(keys)
+    if keys.any_under(SGM_PREFIX):
+        towers, family = _infer_sgm_towers(keys)
+    else:
+        cond, family = _infer_cond_stage(keys)
+        towers = [] if cond is None else [cond]
     first_stage = _infer_first_stage(keys)
-    unet = _infer_unet(keys, _family_unet_heads(family))
+    text_time = None
+    if family in SGM_FAMILIES.values():
+        text_time = (getattr(towers[-1], "projection_dim", None), _family_preset(family).num_time_ids)
+    unet = _infer_unet(keys, _family_unet_heads(family), text_time)
     diffusion = _infer_diffusion(state_dict, keys, first_stage, unet, family)
-    return LDMConfig(first_stage=first_stage, unet=unet, diffusion=diffusion, cond_stage=cond)
+    return LDMConfig(first_stage=first_stage, unet=unet, diffusion=diffusion,
+                     cond_stage=towers[0] if towers else None, cond_stage_2=towers[1] if len(towers) > 1 else None)
 
 
 class _KeyIndex:
@@ -625,7 +761,10 @@ class _KeyIndex:
         return any(k.startswith(prefix) for k in self.state_dict)
 
 
-def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int]) -> UNetConfig:
+def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int], text_time: tuple[int | None, int] | None = None
+                ) -> UNetConfig:
+    """The UNet's config; text_time: (pooled width, number of time ids) for SGM families, whose `label_emb`
+    is the text_time MLP, else None."""
     p = UNET_PREFIX
     model_channels, in_channels = keys.shape(f"{p}input_blocks.0.0.weight")[:2]
     blocks = keys.children(f"{p}input_blocks.")
@@ -662,22 +801,46 @@ def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int]) -> UNetConfig:
                   use_scale_shift_norm=keys.shape(f"{p}input_blocks.1.0.emb_layers.1.weight")[0]
                   == 2 * model_channels * channel_mult[0])
     if spatial:
-        depths = {len(keys.children(f"{prefix}transformer_blocks."))
-                  for prefix in [mid] + [f"{p}input_blocks.{lv[0]}.1." for lv in levels
-                                         if keys.any_under(f"{p}input_blocks.{lv[0]}.1.")]}
-        if len(depths) != 1:
-            raise ValueError(f"{keys.source}: the UNet's spatial transformers have depths {sorted(depths)}; one "
-                             f"transformer_depth for every level is supported")
-        config.update(heads, transformer_depth=depths.pop(),
+        config.update(heads, transformer_depth=_infer_depth(keys, levels),
                       context_dim=keys.shape(f"{mid}transformer_blocks.0.attn2.to_k.weight")[1],
                       use_linear_in_transformer=len(keys.shape(f"{mid}proj_in.weight")) == 2)
     else:
         config.update(_family_unet_heads(PLAIN_ATTENTION_FAMILY), context_dim=None)
     if f"{p}label_emb.weight" in keys:
         config["num_classes"] = keys.shape(f"{p}label_emb.weight")[0]
+    elif f"{p}label_emb.0.0.weight" in keys and text_time is not None:
+        config.update(_infer_text_time(keys, keys.shape(f"{p}label_emb.0.0.weight")[1], *text_time))
     elif f"{p}label_emb.0.0.weight" in keys:
         config.update(num_classes="sequential", adm_in_channels=keys.shape(f"{p}label_emb.0.0.weight")[1])
     return UNetConfig(**config)
+
+
+def _infer_depth(keys: _KeyIndex, levels: list[list[int]]) -> int | tuple[int, ...]:
+    """transformer_depth: one int when every attending level and the mid block have the same depth, else one
+    per level (0 where a level does not attend; the last level's is the mid block's, as in SGM's UNetModel)."""
+    p, last = UNET_PREFIX, len(levels) - 1
+    mid = len(keys.children(f"{p}middle_block.1.transformer_blocks."))
+    at_level = {n: len(keys.children(f"{p}input_blocks.{level[0]}.1.transformer_blocks."))
+                for n, level in enumerate(levels) if keys.any_under(f"{p}input_blocks.{level[0]}.1.")}
+    if set(at_level.values()) <= {mid}:
+        return mid
+    if at_level.get(last, mid) != mid:
+        raise ValueError(f"{keys.source}: the UNet's last level has transformer depth {at_level[last]} but its mid "
+                         f"block {mid}; our UNet gives the mid block the last level's depth")
+    return tuple(at_level.get(n, mid if n == last else 0) for n in range(len(levels)))
+
+
+def _infer_text_time(keys: _KeyIndex, adm_in_channels: int, pooled: int | None, num_time_ids: int) -> dict[str, Any]:
+    """SDXL's text_time embedding (SGM's label_emb fed [pooled text embedding, sinusoids of the time ids])."""
+    if pooled is None:
+        raise ValueError(f"{keys.source}: the UNet has SDXL's label_emb (text_time embedding) but the last text tower "
+                         f"has no text_projection for the pooled prompt embedding")
+    rest = adm_in_channels - pooled
+    if rest < num_time_ids or rest % num_time_ids:
+        raise ValueError(f"{keys.source}: label_emb takes {adm_in_channels} inputs; with the pooled width {pooled} "
+                         f"the other {rest} are not {num_time_ids} micro-conditioning numbers' features of one width")
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=rest // num_time_ids,
+                adm_in_channels=adm_in_channels)
 
 
 def _infer_first_stage(keys: _KeyIndex) -> AutoencoderConfig:
@@ -718,28 +881,9 @@ def _infer_cond_stage(keys: _KeyIndex) -> tuple[Any, str | None]:
     hf = [prefix for prefix in (HF_CLIP_PREFIX, HF_CLIP_PREFIX_FLAT)
           if f"{prefix}embeddings.token_embedding.weight" in keys]
     if f"{OPENCLIP_PREFIX}token_embedding.weight" in keys:
-        p = OPENCLIP_PREFIX
-        vocab, width = keys.shape(f"{p}token_embedding.weight")
-        blocks = len(keys.children(f"{p}transformer.resblocks."))
-        if blocks < 2:
-            raise ValueError(f"{keys.source}: an OpenCLIP text tower of {blocks} block(s); SD 2.x-like models use "
-                             f"the penultimate layer, which needs 2 or more")
-        return ClipTextConfig(
-            vocab_size=vocab, hidden_size=width, max_length=keys.shape(f"{p}positional_embedding")[0],
-            intermediate_size=keys.shape(f"{p}transformer.resblocks.0.mlp.c_fc.weight")[0], num_layers=blocks - 1,
-            num_heads=_heads(width, CLIP_HEAD_WIDTH, "OpenCLIP text tower", keys.source), hidden_act="gelu",
-            eos_token_id=vocab - 1, pooling="argmax", output_layer="last", pad_token_id=0,
-            tokenizer_kind="clip"), "openclip"
+        return _infer_openclip(keys, OPENCLIP_PREFIX, sgm=False), "openclip"
     if hf:
-        p = hf[0]
-        vocab, width = keys.shape(f"{p}embeddings.token_embedding.weight")
-        return ClipTextConfig(
-            vocab_size=vocab, hidden_size=width, max_length=keys.shape(f"{p}embeddings.position_embedding.weight")[0],
-            intermediate_size=keys.shape(f"{p}encoder.layers.0.mlp.fc1.weight")[0],
-            num_layers=len(keys.children(f"{p}encoder.layers.")),
-            num_heads=_heads(width, CLIP_HEAD_WIDTH, "CLIP text tower", keys.source), hidden_act="quick_gelu",
-            eos_token_id=vocab - 1, pooling="argmax", output_layer="last", pad_token_id=vocab - 1,
-            tokenizer_kind="clip"), "hf_clip"
+        return _infer_hf_clip(keys, hf[0], output_layer="last"), "hf_clip"
     p = f"{COND_PREFIX}transformer."
     if f"{p}token_emb.weight" in keys:
         vocab, width = keys.shape(f"{p}token_emb.weight")
@@ -762,6 +906,54 @@ def _infer_cond_stage(keys: _KeyIndex) -> tuple[Any, str | None]:
     return None, None
 
 
+def _infer_openclip(keys: _KeyIndex, p: str, *, sgm: bool) -> ClipTextConfig:
+    """An OpenCLIP text tower under prefix `p`: SD 2.x's (the penultimate layer as N - 1 blocks read at the last,
+    no projection) or, `sgm`, SDXL's (all N blocks read at the penultimate without the final LayerNorm, with the
+    `text_projection` when the file has it). gelu, prompts padded with 0, end-of-text = the last id."""
+    vocab, width = keys.shape(f"{p}token_embedding.weight")
+    blocks = len(keys.children(f"{p}transformer.resblocks."))
+    if blocks < 2:
+        raise ValueError(f"{keys.source}: an OpenCLIP text tower ({p}*) of {blocks} block(s); SD 2.x and SDXL read "
+                         f"it at the penultimate layer, which needs 2 or more")
+    projection = keys.shape(f"{p}text_projection")[1] if sgm and f"{p}text_projection" in keys else None
+    return ClipTextConfig(
+        vocab_size=vocab, hidden_size=width, max_length=keys.shape(f"{p}positional_embedding")[0],
+        intermediate_size=keys.shape(f"{p}transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_layers=blocks if sgm else blocks - 1,
+        num_heads=_heads(width, CLIP_HEAD_WIDTH, "OpenCLIP text tower", keys.source), hidden_act="gelu",
+        eos_token_id=vocab - 1, pooling="argmax", output_layer="penultimate_no_norm" if sgm else "last",
+        pad_token_id=0, tokenizer_kind="clip", projection_dim=projection)
+
+
+def _infer_hf_clip(keys: _KeyIndex, p: str, *, output_layer: str) -> ClipTextConfig:
+    """A transformers CLIP text tower under prefix `p` (OpenAI CLIP: quick_gelu, prompts padded with the
+    end-of-text id = the last id), read at `output_layer`."""
+    vocab, width = keys.shape(f"{p}embeddings.token_embedding.weight")
+    return ClipTextConfig(
+        vocab_size=vocab, hidden_size=width, max_length=keys.shape(f"{p}embeddings.position_embedding.weight")[0],
+        intermediate_size=keys.shape(f"{p}encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=len(keys.children(f"{p}encoder.layers.")),
+        num_heads=_heads(width, CLIP_HEAD_WIDTH, "CLIP text tower", keys.source), hidden_act="quick_gelu",
+        eos_token_id=vocab - 1, pooling="argmax", output_layer=output_layer, pad_token_id=vocab - 1,
+        tokenizer_kind="clip")
+
+
+def _infer_sgm_towers(keys: _KeyIndex) -> tuple[list[ClipTextConfig], str]:
+    """The text towers of an SGM file (embedder order) and its family (SGM_FAMILIES)."""
+    embedders = _sgm_embedders(list(keys.state_dict))
+    kinds = tuple("hf" if e.endswith(SGM_HF_CLIP) else "openclip" if e.endswith(SGM_OPENCLIP) else "?"
+                  for e in embedders)
+    expected = [f"{SGM_PREFIX}{i}." for i in range(len(embedders))]
+    family = SGM_FAMILIES.get(kinds)
+    if family is None or any(not e.startswith(x) for e, x in zip(embedders, expected)):
+        raise ValueError(f"{keys.source}: SGM conditioner embedders {[e + '*' for e in embedders]} are neither "
+                         f"SDXL base's ({SGM_PREFIX}0.{SGM_HF_CLIP}*, {SGM_PREFIX}1.{SGM_OPENCLIP}*) nor the "
+                         f"refiner's ({SGM_PREFIX}0.{SGM_OPENCLIP}*); give a config")
+    towers = [_infer_hf_clip(keys, e, output_layer="penultimate_no_norm") if kind == "hf"
+              else _infer_openclip(keys, e, sgm=True) for e, kind in zip(embedders, kinds)]
+    return towers, family
+
+
 def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage: AutoencoderConfig,
                      unet: UNetConfig, family: str | None) -> DiffusionConfig:
     preset = _family_preset(family)
@@ -772,15 +964,21 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
         conditioning_key = "hybrid" if unet.in_channels > latent else "crossattn"
     else:
         conditioning_key = "concat" if unet.in_channels > latent else None
-    buffers = to_numpy_state_dict({k: state_dict[k] for k in ("betas", "alphas_cumprod", "scale_factor", "logvar")
-                                   if k in keys})
+    buffers = to_numpy_state_dict({k: state_dict[k] for k in ("betas", "alphas_cumprod", "scale_factor", "logvar",
+                                                               SGM_SIGMAS) if k in keys})
+    rtol = None
+    if SGM_SIGMAS in buffers and "alphas_cumprod" not in buffers:  # sigma^2 = (1 - alphas_cumprod) / alphas_cumprod
+        sigmas = np.asarray(buffers[SGM_SIGMAS], np.float64).reshape(-1)
+        buffers["alphas_cumprod"] = 1.0 / (1.0 + sigmas**2)
+        rtol = 2 * buffer_rtol(sigmas)  # |d log alphas_cumprod| <= 2 |d log sigma|
     known = [name for name in ("betas", "alphas_cumprod") if name in buffers]
-    schedule = (_schedule_from_buffer(known[0], buffers[known[0]], keys.source, family) if known
+    schedule = (_schedule_from_buffer(known[0], buffers[known[0]], keys.source, family, rtol) if known
                 else preset.diffusion.schedule)
     pixels = preset.diffusion.image_size * preset.first_stage.downsample_factor  # the family's image size
     values = dict(schedule=schedule, prediction_type="eps", conditioning_key=conditioning_key,
-                  scale_factor=SCALE_FACTORS[first_stage.kind], image_size=pixels // first_stage.downsample_factor,
-                  channels=latent)
+                  scale_factor=_family_scale_factor(family, first_stage.kind),
+                  image_size=pixels // first_stage.downsample_factor, channels=latent,
+                  force_zeros_for_empty_prompt=preset.diffusion.force_zeros_for_empty_prompt)
     if "scale_factor" in buffers:  # registered as a buffer only by scale_by_std models
         values.update(scale_by_std=True, scale_factor=_scalar(buffers["scale_factor"], "scale_factor", keys.source))
     if "logvar" in buffers:
@@ -790,13 +988,14 @@ def _infer_diffusion(state_dict: Mapping[str, Any], keys: _KeyIndex, first_stage
     return DiffusionConfig(**values)
 
 
-def _schedule_from_buffer(name: str, values: np.ndarray, source: str, family: str | None) -> ScheduleConfig:
+def _schedule_from_buffer(name: str, values: np.ndarray, source: str, family: str | None,
+                          rtol: float | None = None) -> ScheduleConfig:
     """The ScheduleConfig whose `name` buffer ("betas" or "alphas_cumprod") equals the file's: the family's
     linear end points, the other families', DDPM_LINEAR_SCHEDULE, then linear / sqrt_linear with the file's end
     points (rounded to float32's shortest decimals), then cosine; compared at the precision the buffer was stored
-    in (`buffer_rtol`)."""
+    in (`buffer_rtol`, or `rtol` for values derived from another buffer)."""
     values = np.asarray(values, np.float64).reshape(-1)
-    n, rtol = len(values), buffer_rtol(values)
+    n, rtol = len(values), buffer_rtol(values) if rtol is None else rtol
     betas = values if name == "betas" else 1.0 - values / np.concatenate([[1.0], values[:-1]])
     start, end = (float(str(np.float32(b))) for b in (betas[0], betas[-1]))
     pairs = dict.fromkeys([_family_linear_schedule(family)] + [_family_linear_schedule(f) for f in FAMILY_PRESETS]
@@ -833,6 +1032,62 @@ def _scalar(value: Any, key: str, source: str) -> float:
     if array.size != 1:
         raise ConversionError(f"{source}: {key!r} is shape {array.shape}; expected a scalar buffer (shape () or (1,))")
     return float(array.reshape(-1)[0])
+
+
+def _sgm_embedders(keys: Sequence[str]) -> list[str]:
+    """The key prefix of every SGM conditioner embedder that holds weights, in order: its text tower's prefix
+    (`conditioner.embedders.N.transformer.text_model.` or `conditioner.embedders.N.model.`), or
+    `conditioner.embedders.N.` for an embedder that is neither."""
+    found: dict[int, str] = {}
+    for key in keys:
+        if key.startswith(SGM_PREFIX):
+            head, _, rest = key[len(SGM_PREFIX):].partition(".")
+            if head.isdigit():
+                index = int(head)
+                kind = next((sub for sub in (SGM_HF_CLIP, SGM_OPENCLIP) if rest.startswith(sub)), "")
+                if not found.get(index, "").endswith(("transformer.text_model.", "model.")):
+                    found[index] = f"{SGM_PREFIX}{index}.{kind}"
+    return [found[i] for i in sorted(found)]
+
+
+def _check_text_towers(sd: Mapping[str, Any], layout: Layout, source: str) -> None:
+    """One-line ConversionErrors for a file of the other family (SGM vs CompVis) or with other SGM text towers
+    than the config's, before the key-by-key comparison (which would list every key of every tower)."""
+    keys = list(sd)
+    sgm_keys = [k for k in keys if k.startswith(SGM_PREFIX)]
+    compvis_keys = [k for k in keys if k.startswith(COND_PREFIX)]
+    towers = ", ".join(f"{t.name} at {t.prefix}*" for t in layout.towers)
+    if layout.sgm and compvis_keys and not sgm_keys:
+        raise ConversionError(
+            f"{source}: a CompVis (SD 1.x / 2.x) file (text encoder under {COND_PREFIX}*, e.g. {compvis_keys[0]!r}), "
+            f"but the config is an SDXL model whose text towers an SGM file holds under {SGM_PREFIX}* ({towers}); "
+            f"give the file's own config, or none to infer it from the weights")
+    if not layout.sgm and sgm_keys:
+        raise ConversionError(
+            f"{source}: an SGM (SDXL) file (text towers under {SGM_PREFIX}*, e.g. {sgm_keys[0]!r}), but the config "
+            f"is a CompVis (SD 1.x / 2.x-style) model; give an SDXL config (presets sdxl_base, sdxl_refiner), or "
+            f"none to infer it from the weights")
+    if not layout.sgm:
+        return
+    found = _sgm_embedders(sgm_keys)
+    missing = [f"{t.prefix}* ({t.name})" for t in layout.towers if t.prefix not in found]
+    extra = [f"{prefix}*" for prefix in found if prefix not in {t.prefix for t in layout.towers}]
+    if missing or extra:
+        what = "; ".join(([f"it has no {', '.join(missing)} keys"] if missing else [])
+                         + ([f"it has {', '.join(extra)} keys, which the config has no tower for"] if extra else []))
+        raise ConversionError(
+            f"{source}: the file's text towers ({', '.join(p + '*' for p in found) or 'none'}) are not the config's "
+            f"({towers or 'none'}): {what}; an SDXL refiner file has one OpenCLIP tower at "
+            f"{SGM_PREFIX}0.{SGM_OPENCLIP}*, a base file CLIP ViT-L at {SGM_PREFIX}0.{SGM_HF_CLIP}* and bigG at "
+            f"{SGM_PREFIX}1.{SGM_OPENCLIP}* (presets sdxl_refiner, sdxl_base)")
+
+
+def sgm_sigmas(schedule: ScheduleConfig) -> np.ndarray:
+    """SGM DiscreteDenoiser's `sigmas` buffer for our schedule: sqrt((1 - alphas_cumprod) / alphas_cumprod),
+    ascending in t (LegacyDDPMDiscretization flipped twice), computed in float64 and stored as float32."""
+    ac = np.cumprod(1.0 - make_betas(schedule.beta_schedule, schedule.num_timesteps, linear_start=schedule.linear_start,
+                                     linear_end=schedule.linear_end, cosine_s=schedule.cosine_s))
+    return np.sqrt((1.0 - ac) / ac).astype(np.float32)
 
 
 def ema_key(key: str) -> str:
@@ -877,6 +1132,13 @@ def _check_buffers(sd: dict[str, np.ndarray], config: LDMConfig, dropped: dict[s
             elif not np.allclose(got, want, rtol=buffer_rtol(got), atol=SCHEDULE_ATOL):
                 problems.append(f"{name}: max |difference| {np.max(np.abs(got - want)):.3g}")
             checked[name] = "noise-schedule buffer, equal to the config's schedule"
+    if SGM_SIGMAS in sd:
+        got, want = np.asarray(sd[SGM_SIGMAS], np.float64).reshape(-1), sgm_sigmas(d.schedule).astype(np.float64)
+        if got.shape != want.shape:
+            problems.append(f"{SGM_SIGMAS}: checkpoint shape {got.shape} vs {want.shape} (num_timesteps)")
+        elif not np.allclose(got, want, rtol=buffer_rtol(got), atol=SCHEDULE_ATOL):
+            problems.append(f"{SGM_SIGMAS}: max relative difference {np.max(np.abs(got / want - 1)):.3g}")
+        checked[SGM_SIGMAS] = "SGM DiscreteDenoiser sigmas, equal to the config's schedule"
     if "scale_factor" in sd:
         got = _scalar(sd["scale_factor"], "scale_factor", source)
         if not np.isclose(got, d.scale_factor, rtol=1e-6, atol=0.0):
@@ -904,21 +1166,8 @@ def _drop_known_extras(sd: dict[str, np.ndarray], layout: Layout, config: LDMCon
     """The explicit list of keys that are no parameter of our model, with the reason for each."""
     rules: list[tuple[Callable[[str], bool], str]] = []
     cond = config.cond_stage
-    if layout.clip_layout == "hf":
-        position_ids = f"{layout.text_prefix}embeddings.position_ids"
-        rules.append((lambda k: k == position_ids, "transformers CLIP buffer (position indices), rebuilt by the model"))
-    if layout.clip_layout == "openclip":
-        unused = {f"{OPENCLIP_PREFIX}text_projection", f"{OPENCLIP_PREFIX}logit_scale"}
-        rules.append((lambda k: k in unused, "OpenCLIP pooled-embedding projection / logit scale, unused for the "
-                                             "cross-attention context"))
-        rules.append((lambda k: k == f"{OPENCLIP_PREFIX}attn_mask",
-                      "OpenCLIP causal-mask buffer, rebuilt by the model"))
-        extra = f"{OPENCLIP_PREFIX}transformer.resblocks.{cond.num_layers}."
-        beyond = f"{OPENCLIP_PREFIX}transformer.resblocks.{cond.num_layers + 1}."
-        if cond.output_layer == "last" and any(k.startswith(extra) for k in sd) and not any(
-                k.startswith(beyond) for k in sd):
-            rules.append((lambda k: k.startswith(extra), f"OpenCLIP block {cond.num_layers}, never evaluated: SD 2.x "
-                                                         f"embeds prompts with the penultimate layer"))
+    for tower in layout.towers:
+        rules += _tower_extras(sd, tower, getattr(config, tower.name))
     if isinstance(cond, BertEmbedderConfig):
         rules.append((lambda k: k.startswith(f"{COND_PREFIX}transformer.to_logits."),
                       "x-transformers language-model head, unused: BERTEmbedder returns embeddings"))
@@ -928,6 +1177,28 @@ def _drop_known_extras(sd: dict[str, np.ndarray], layout: Layout, config: LDMCon
                 dropped[key] = reason
                 del sd[key]
                 break
+
+
+def _tower_extras(sd: Mapping[str, Any], tower: TextTower, cfg: ClipTextConfig
+                  ) -> list[tuple[Callable[[str], bool], str]]:
+    """The keys of one CLIP tower's prefix that are no parameter of ours, with the reason for each."""
+    p = tower.prefix
+    if tower.layout == "hf":
+        return [(lambda k: k == f"{p}embeddings.position_ids",
+                 "transformers CLIP buffer (position indices), rebuilt by the model")]
+    rules: list[tuple[Callable[[str], bool], str]] = [
+        (lambda k: k == f"{p}logit_scale", "OpenCLIP logit scale (image-text contrastive loss), unused"),
+        (lambda k: k == f"{p}attn_mask", "OpenCLIP causal-mask buffer, rebuilt by the model")]
+    if cfg.projection_dim is None:
+        rules.append((lambda k: k == f"{p}text_projection", "OpenCLIP pooled-embedding projection, unused for the "
+                                                            "cross-attention context (the config has no projection)"))
+    extra = f"{p}transformer.resblocks.{cfg.num_layers}."
+    beyond = f"{p}transformer.resblocks.{cfg.num_layers + 1}."
+    if cfg.output_layer == "last" and any(k.startswith(extra) for k in sd) and not any(
+            k.startswith(beyond) for k in sd):
+        rules.append((lambda k: k.startswith(extra), f"OpenCLIP block {cfg.num_layers}, never evaluated: SD 2.x "
+                                                     f"embeds prompts with the penultimate layer"))
+    return rules
 
 
 def _log_dropped(dropped: Mapping[str, str], source: str) -> None:
@@ -943,14 +1214,19 @@ def _log_dropped(dropped: Mapping[str, str], source: str) -> None:
 
 def export_compvis(params: Mapping[str, Any], config: LDMConfig | Any, *, clip_layout: str | None = None,
                    include_schedule: bool = True, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """LDM params -> a CompVis LatentDiffusion state dict {key: numpy array in torch layout}.
+    """LDM params -> a CompVis LatentDiffusion state dict {key: numpy array in torch layout}; for SDXL configs
+    (`is_sgm`) an SGM DiffusionEngine state dict (what sd_xl_base_1.0.safetensors holds, and diffusers'
+    `StableDiffusionXLPipeline.from_single_file` reads).
 
-    params: {"first_stage", "unet", "cond_stage"?, "logvar"?} matching `config` exactly (checked).
+    params: {"first_stage", "unet", "cond_stage"?, "cond_stage_2"?, "logvar"?} matching `config` exactly (checked).
     clip_layout: "hf" (cond_stage_model.transformer.text_model.*) or "openclip" (cond_stage_model.model.*);
-      default `default_clip_layout(config)`.
+      default `default_clip_layout(config)`. CompVis only: SGM towers have fixed layouts (`sgm_towers`).
     include_schedule: also write the schedule buffers (betas, alphas_cumprod, ...) and, for scale_by_std
-      models, `scale_factor`, as the reference's state dict has them (float32).
+      models, `scale_factor`, as the reference's state dict has them (float32); SGM: DiscreteDenoiser's
+      `denoiser.sigmas` (the only schedule buffer of SGM's DiffusionEngine).
     dtype: the dtype of the exported weights (float32 by default; e.g. np.float16 for half-size files).
+    OpenCLIP's `logit_scale` (and, for SD 2.x towers without a projection, `text_projection`) is not written:
+    our params do not hold it.
     """
     config = as_ldm_config(config)
     layout = compvis_layout(config, clip_layout=clip_layout)
@@ -958,7 +1234,9 @@ def export_compvis(params: Mapping[str, Any], config: LDMConfig | Any, *, clip_l
     assemble_params({p: ("/".join(p), a) for p, a in flat.items()}, layout.shapes, source="params to export")
     out = {e.key: np.ascontiguousarray(e.codec.to_torch([flat[p] for p in e.paths]), dtype=dtype)
            for e in layout.entries}
-    if include_schedule:
+    if include_schedule and layout.sgm:
+        out[SGM_SIGMAS] = sgm_sigmas(config.diffusion.schedule)
+    elif include_schedule:
         schedule = make_schedule(config.diffusion.schedule)
         out.update({name: np.asarray(getattr(schedule, name), np.float32) for name in SCHEDULE_BUFFERS})
         if config.diffusion.scale_by_std:
@@ -972,8 +1250,8 @@ def save_compvis(path: str | os.PathLike, params: Mapping[str, Any], config: LDM
 
 
 __all__ = [
-    "CLIP_LAYOUTS", "ConversionError", "Entry", "Layout", "SCHEDULE_BUFFERS", "as_ldm_config", "compvis_layout",
-    "convert_compvis_state_dict", "default_clip_layout", "detect_clip_layout", "ema_key", "export_compvis",
-    "infer_config", "load_compvis_checkpoint", "load_compvis_model", "loaded_model_from_state_dict",
-    "save_compvis",
+    "CLIP_LAYOUTS", "ConversionError", "Entry", "Layout", "SCHEDULE_BUFFERS", "SGM_PREFIX", "SGM_SIGMAS", "TextTower",
+    "as_ldm_config", "compvis_layout", "convert_compvis_state_dict", "default_clip_layout", "detect_clip_layout",
+    "ema_key", "export_compvis", "infer_config", "is_sgm", "load_compvis_checkpoint", "load_compvis_model",
+    "loaded_model_from_state_dict", "save_compvis", "sgm_sigmas", "sgm_towers",
 ]

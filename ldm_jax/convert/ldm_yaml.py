@@ -14,6 +14,28 @@ Understood `target:` classes (anything else is refused, naming the entry and the
 - first_stage_config: ldm.models.autoencoder.AutoencoderKL (kind "kl"), VQModelInterface / VQModel ("vq");
 - cond_stage_config: ldm.modules.encoders.modules.FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, BERTEmbedder
   (LDM txt2img), ClassEmbedder (LDM cin256), or "__is_unconditional__".
+A list `transformer_depth` (one per level) is one int when the attending levels (and the last, the mid block's)
+agree, else our per-level tuple with 0 at the levels without attention.
+
+SGM yamls (Stability's generative-models: configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml; classes under
+`sgm.`, or `ldm.` in its first releases) are read too: model `DiffusionEngine` with
+- network_config: SGM's `UNetModel` (always spatial transformers; `transformer_depth` one int per level, e.g.
+  [1, 2, 10], becomes ours with 0 at the levels without attention: (0, 2, 10); num_classes "sequential" with
+  adm_in_channels is SDXL's text_time embedding);
+- conditioner_config: `GeneralConditioner` whose emb_models are the text towers in order (FrozenCLIPEmbedder:
+  openai/clip-vit-large-patch14, layer "hidden" at layer_idx 11 (the penultimate block) -> output_layer
+  "penultimate_no_norm"; FrozenOpenCLIPEmbedder2 arch ViT-bigG-14: all 32 blocks with its projection, layer
+  "penultimate" with legacy False -> "penultimate_no_norm" (legacy True: "penultimate"), always_return_pooled on
+  the last tower alone) and `ConcatTimestepEmbedderND` micro-conditioning inputs (outdim -> addition_time_embed_dim;
+  original_size_as_tuple, crop_coords_top_left, then target_size_as_tuple (base) or aesthetic_score (refiner): the
+  order of our time_ids), whose widths must add up to adm_in_channels;
+- denoiser_config: `DiscreteDenoiser` over every timestep of `LegacyDDPMDiscretization` (SD's "linear" schedule
+  and its end points), EpsScaling (eps) or VScaling (v);
+- first_stage_config: `AutoencoderKLInferenceWrapper` / `AutoencoderKL` (ddconfig as CompVis'), scale_factor.
+Images are 1024 px (SDXL's; the yaml has none); force_zeros_for_empty_prompt is True with two text towers (the base)
+and False with one (the refiner), as diffusers' SDXL folders have it. The result is the preset sdxl_base /
+sdxl_refiner for those yamls. Training entries (loss_fn_config, sampler_config, ucg_rate, is_trainable, ...) are
+ignored; other towers or embedders are refused (text_encoder_config does not apply to SGM yamls).
 
 Text encoders: a yaml names a CLIP text tower by `version=` (FrozenCLIPEmbedder, a Hugging Face model id) or
 `arch=` (FrozenOpenCLIPEmbedder, an open_clip architecture) without its sizes. Two are known without help:
@@ -44,13 +66,40 @@ from typing import Any
 import ml_collections
 
 from ldm_jax.convert.transformers_clip import LEGACY_EOS_TOKEN_ID, clip_text_config_from_transformers
-from ldm_jax.presets import get_preset
-from ldm_jax.presets.sections import diffusion
+from ldm_jax.presets import get_preset, sdxl
+from ldm_jax.presets.sections import diffusion, section
 
 LDM_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion", "ldm.models.diffusion.ddpm.LatentInpaintDiffusion")
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+# SGM (generative-models) classes: `sgm.*`, or `ldm.*` in the configs of its first releases.
+SGM_PACKAGES = ("sgm.", "ldm.")
+
+
+def _sgm(name: str) -> tuple[str, ...]:
+    return tuple(package + name for package in SGM_PACKAGES)
+
+
+SGM_TARGETS = _sgm("models.diffusion.DiffusionEngine")
+SGM_UNET_TARGETS = _sgm("modules.diffusionmodules.openaimodel.UNetModel")
+SGM_DENOISER_TARGETS = _sgm("modules.diffusionmodules.denoiser.DiscreteDenoiser")
+SGM_DISCRETIZATION_TARGETS = _sgm("modules.diffusionmodules.discretizer.LegacyDDPMDiscretization")
+SGM_SCALINGS = {**dict.fromkeys(_sgm("modules.diffusionmodules.denoiser_scaling.EpsScaling"), "eps"),
+                **dict.fromkeys(_sgm("modules.diffusionmodules.denoiser_scaling.VScaling"), "v")}
+SGM_CONDITIONER_TARGETS = _sgm("modules.GeneralConditioner") + _sgm("modules.encoders.modules.GeneralConditioner")
+_SGM_ENCODERS = "modules.encoders.modules."
+SGM_CLIP_TARGETS = _sgm(_SGM_ENCODERS + "FrozenCLIPEmbedder")
+SGM_OPENCLIP_TARGETS = _sgm(_SGM_ENCODERS + "FrozenOpenCLIPEmbedder2")
+SGM_TIME_TARGETS = _sgm(_SGM_ENCODERS + "ConcatTimestepEmbedderND")
+# ConcatTimestepEmbedderND inputs -> how many numbers each holds; the orders our (and diffusers') time_ids use.
+SGM_TIME_INPUTS = {"original_size_as_tuple": 2, "crop_coords_top_left": 2, "target_size_as_tuple": 2,
+                   "aesthetic_score": 1}
+SGM_TIME_ORDERS = (("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"),  # base
+                   ("original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"))  # refiner
+SGM_IMAGE_SIZE = 1024  # pixels: SDXL's resolution (the yaml has no image size)
 FIRST_STAGE_TARGETS = {"ldm.models.autoencoder.AutoencoderKL": "kl", "ldm.models.autoencoder.VQModelInterface": "vq",
-                       "ldm.models.autoencoder.VQModel": "vq"}
+                       "ldm.models.autoencoder.VQModel": "vq",
+                       **dict.fromkeys(_sgm("models.autoencoder.AutoencoderKLInferenceWrapper")
+                                       + _sgm("models.autoencoder.AutoencoderKL"), "kl")}
 _ENCODERS = "ldm.modules.encoders.modules."
 COND_TARGETS = tuple(_ENCODERS + n for n in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "BERTEmbedder",
                                                "ClassEmbedder"))
@@ -86,9 +135,21 @@ _FIRST_STAGE_REQUIRED = {"colorize_nlabels": (None,), "remap": (None,), "batch_r
 _DDCONFIG_REQUIRED = {"attn_type": ("vanilla", "vanilla-xformers"), "tanh_out": (False,), "give_pre_end": (False,),
                       "resamp_with_conv": (True,), "use_linear_attn": (False,)}
 _COND_IGNORED = {"device", "freeze", "key", "use_tokenizer"}
+# SGM DiffusionEngine: training, logging and loading options (the model is the other entries).
+_SGM_IGNORED = {
+    "disable_first_stage_autocast", "loss_fn_config", "sampler_config", "optimizer_config", "scheduler_config",
+    "network_wrapper", "ckpt_path", "use_ema", "ema_decay_rate", "input_key", "log_keys", "no_cond_log",
+    "compile_model", "en_and_decode_n_samples_a_time", "load_ckpt_path", "remove_keys_from_weights",
+}
+_SGM_UNET_IGNORED = _UNET_IGNORED | {"spatial_transformer_attn_type"}  # the attention kernel: a run-time option
+_SGM_UNET_REQUIRED = {**_UNET_REQUIRED, "use_spatial_transformer": (True,), "disable_middle_transformer": (False,)}
+_SGM_DENOISER_REQUIRED = {"do_append_zero": (False,), "quantize_c_noise": (True,), "flip": (True,)}
+# GeneralConditioner emb_models entries: training options (conditioning dropout, trainability) beside target/params.
+_SGM_EMBEDDER_ENTRIES = {"target", "params", "is_trainable", "input_key", "input_keys", "ucg_rate", "legacy_ucg_value"}
 
 CLIP_L14_VERSION = "openai/clip-vit-large-patch14"  # FrozenCLIPEmbedder's default version (SD v1)
 OPENCLIP_H14_ARCH = "ViT-H-14"  # FrozenOpenCLIPEmbedder's default arch (SD 2.x)
+OPENCLIP_BIGG_ARCH = "ViT-bigG-14"  # SDXL's second tower (FrozenOpenCLIPEmbedder2)
 # transformers CLIPTextConfig's defaults, for the fields a saved json leaves out (a CLIPConfig's text_config
 # often holds only the fields that differ from them).
 CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -156,7 +217,9 @@ def config_from_ldm_yaml(data: Mapping[str, Any], text_encoder_config: Mapping[s
     if not isinstance(data, Mapping) or not isinstance(data.get("model"), Mapping):
         raise ValueError("expected a CompVis config with a top-level `model:` entry (target + params)")
     model = data["model"]
-    params = _params(model, "model", LDM_TARGETS)
+    if model.get("target") in SGM_TARGETS:
+        return _config_from_sgm(model, text_encoder_config)
+    params = _params(model, "model", LDM_TARGETS + SGM_TARGETS)
     p = _Section(params, "model.params", ignored=_LDM_IGNORED, required=_LDM_REQUIRED)
     cond_cfg = p.need("cond_stage_config")
     unconditional = cond_cfg == UNCONDITIONAL
@@ -188,6 +251,147 @@ def config_from_ldm_yaml(data: Mapping[str, Any], text_encoder_config: Mapping[s
     p.done()
     config.lock()
     return config
+
+
+def _config_from_sgm(model: Mapping[str, Any], text: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+    """An SGM DiffusionEngine (SDXL: sd_xl_base.yaml, sd_xl_refiner.yaml) -> our sections (module docstring)."""
+    if text is not None:
+        raise ValueError(f"text_encoder_config {text.get('source', '')} given, but SGM (SDXL) yamls name their text "
+                         f"towers (FrozenCLIPEmbedder {CLIP_L14_VERSION}, FrozenOpenCLIPEmbedder2 "
+                         f"{OPENCLIP_BIGG_ARCH}); "
+                         "other towers need a model config instead")
+    p = _Section(_params(model, "model", SGM_TARGETS), "model.params", ignored=_SGM_IGNORED)
+    config = ml_collections.ConfigDict()
+    config.first_stage = _first_stage(p.need("first_stage_config"))
+    unet = _unet(p.need("network_config"), sgm=True)
+    towers, time_inputs, time_dim = _sgm_conditioner(p.need("conditioner_config"))
+    config.cond_stage = ml_collections.ConfigDict(towers[0])
+    if len(towers) > 1:
+        config.cond_stage_2 = ml_collections.ConfigDict(towers[1])
+    where = "model.params.network_config.params"
+    if unet.num_classes != "sequential" or not time_inputs:
+        raise ValueError(f"{where}.num_classes={unet.num_classes!r} with the conditioner's vector inputs "
+                         f"{list(time_inputs)}: SDXL's text_time conditioning needs num_classes 'sequential' and "
+                         f"ConcatTimestepEmbedderND embedders")
+    pooled = towers[-1]["projection_dim"]
+    width = pooled + sum(SGM_TIME_INPUTS[k] for k in time_inputs) * time_dim
+    if unet.adm_in_channels != width:
+        raise ValueError(f"{where}.adm_in_channels={unet.adm_in_channels}, but the conditioner's vector is {width} "
+                         f"wide (pooled {pooled} + {list(time_inputs)} x {time_dim})")
+    config.unet = section(sdxl.UNET_FIELDS, **{**unet.to_dict(), "num_classes": None,
+                                               "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim})
+    schedule, prediction_type = _sgm_denoiser(p.need("denoiser_config"))
+    latent, factor = config.first_stage.embed_dim, 2 ** (len(config.first_stage.ch_mult) - 1)
+    config.diffusion = section(
+        sdxl.DIFFUSION_SDXL_FIELDS, **schedule, prediction_type=prediction_type,
+        scale_factor=float(p.get("scale_factor", 1.0)),
+        conditioning_key="hybrid" if unet.in_channels > latent else "crossattn",
+        image_size=SGM_IMAGE_SIZE // factor, channels=latent,
+        # diffusers' SDXL folders: True for the base (two towers), False for the refiner (one)
+        force_zeros_for_empty_prompt=len(towers) > 1)
+    p.done()
+    config.lock()
+    return config
+
+
+def _sgm_denoiser(entry: Any) -> tuple[dict[str, Any], str]:
+    """DiscreteDenoiser(num_idx, scaling, LegacyDDPMDiscretization) -> (schedule fields, prediction type)."""
+    where = "model.params.denoiser_config"
+    p = _Section(_params(entry, where, SGM_DENOISER_TARGETS), f"{where}.params", ignored={"weighting_config"},
+                 required=_SGM_DENOISER_REQUIRED)
+    scaling = p.need("scaling_config")
+    _params(scaling, f"{where}.params.scaling_config", SGM_SCALINGS)
+    d = _Section(_params(p.need("discretization_config"), f"{where}.params.discretization_config",
+                         SGM_DISCRETIZATION_TARGETS), f"{where}.params.discretization_config.params")
+    schedule = dict(beta_schedule="linear", num_timesteps=int(d.get("num_timesteps", 1000)),
+                    linear_start=float(d.get("linear_start", 0.00085)), linear_end=float(d.get("linear_end", 0.012)))
+    num_idx = int(p.need("num_idx"))
+    if num_idx != schedule["num_timesteps"]:
+        raise ValueError(f"{where}.params.num_idx={num_idx}: a denoiser over a subset of the "
+                         f"{schedule['num_timesteps']} training timesteps is not supported")
+    d.done()
+    p.done()
+    return schedule, SGM_SCALINGS[scaling["target"]]
+
+
+def _sgm_conditioner(entry: Any) -> tuple[list[dict[str, Any]], tuple[str, ...], int]:
+    """GeneralConditioner(emb_models) -> (text tower sections in order, micro-conditioning input keys, their
+    feature width). The vector SGM builds ([pooled text embedding, features of the inputs in order]) must be the
+    one our UNet builds: the last tower alone returns its pooled embedding, inputs in SGM_TIME_ORDERS."""
+    where = "model.params.conditioner_config"
+    p = _Section(_params(entry, where, SGM_CONDITIONER_TARGETS), f"{where}.params")
+    models = p.need("emb_models")
+    towers, pooled, time_inputs, dims = [], [], [], set()
+    for i, model in enumerate(models if isinstance(models, tuple) else ()):
+        at = f"{where}.params.emb_models[{i}]"
+        if isinstance(model, Mapping):
+            unknown = sorted(set(model) - _SGM_EMBEDDER_ENTRIES)
+            if unknown:
+                raise ValueError(f"{at}: unknown entr{'y' if len(unknown) == 1 else 'ies'} {unknown}")
+        e = _Section(_params({k: v for k, v in model.items() if k in ("target", "params")} if isinstance(
+            model, Mapping) else model, at, SGM_CLIP_TARGETS + SGM_OPENCLIP_TARGETS + SGM_TIME_TARGETS),
+            f"{at}.params", ignored=_COND_IGNORED)
+        target = model["target"]
+        if target in SGM_TIME_TARGETS:
+            key = model.get("input_key")
+            if key not in SGM_TIME_INPUTS:
+                raise ValueError(f"{at}.input_key={key!r}: micro-conditioning inputs known here: "
+                                 f"{list(SGM_TIME_INPUTS)}")
+            time_inputs.append(key)
+            dims.add(int(e.need("outdim")))
+        else:
+            section_, returns_pooled = (_sgm_clip if target in SGM_CLIP_TARGETS else _sgm_openclip)(e, f"{at}.params")
+            towers.append(section_)
+            pooled.append(returns_pooled)
+        e.done()
+    p.done()
+    if not 1 <= len(towers) <= 2:
+        raise ValueError(f"{where}: {len(towers)} text embedders; SDXL has one (refiner) or two (base)")
+    if pooled != [False] * (len(towers) - 1) + [True] or towers[-1].get("projection_dim") is None:
+        raise ValueError(f"{where}: the text embedders' always_return_pooled are {pooled}; SDXL's vector takes the "
+                         f"pooled embedding of the last tower (an OpenCLIP one) alone")
+    if time_inputs and tuple(time_inputs) not in SGM_TIME_ORDERS:
+        raise ValueError(f"{where}: micro-conditioning inputs {time_inputs}; supported orders: "
+                         f"{[list(order) for order in SGM_TIME_ORDERS]}")
+    if len(dims) > 1:
+        raise ValueError(f"{where}: ConcatTimestepEmbedderND outdims {sorted(dims)}; one width for every input")
+    return towers, tuple(time_inputs), dims.pop() if dims else 0
+
+
+def _sgm_clip(p: _Section, where: str) -> tuple[dict[str, Any], bool]:
+    """SGM FrozenCLIPEmbedder(version, layer "last" / "hidden" with layer_idx): transformers CLIP, padded with
+    end-of-text; layer "hidden" at the penultimate block (layer_idx = blocks - 1; SDXL 11) is our
+    "penultimate_no_norm" (transformers' hidden_states[layer_idx], no final LayerNorm)."""
+    version = p.get("version", CLIP_L14_VERSION)
+    if version != CLIP_L14_VERSION:
+        raise _unknown_text_encoder(where, "version", version, CLIP_L14_VERSION)
+    tower = dict(sdxl.CLIP_FIELDS)
+    layer, layer_idx = p.get("layer", "last"), p.get("layer_idx")
+    if layer == "hidden" and layer_idx in (tower["num_layers"] - 1, -2):
+        tower["output_layer"] = "penultimate_no_norm"
+    elif layer != "last":
+        raise ValueError(f"{where}.layer={layer!r}, layer_idx={layer_idx!r} is not supported (supported: 'last', or "
+                         f"'hidden' at layer_idx {tower['num_layers'] - 1}, the penultimate block)")
+    _max_length(p, where)
+    return tower, bool(p.get("always_return_pooled", False))
+
+
+def _sgm_openclip(p: _Section, where: str) -> tuple[dict[str, Any], bool]:
+    """SGM FrozenOpenCLIPEmbedder2(arch, layer, legacy, always_return_pooled): OpenCLIP with every block kept and
+    its text_projection; layer "penultimate" is "penultimate_no_norm" with legacy False (SDXL), "penultimate"
+    (final LayerNorm applied) with legacy True; layer "last" needs legacy True."""
+    arch = p.get("arch", OPENCLIP_H14_ARCH)
+    if arch != OPENCLIP_BIGG_ARCH:
+        raise _unknown_text_encoder(where, "arch", arch, OPENCLIP_BIGG_ARCH)
+    p.get("version")  # the pretrained tag (laion2b_s39b_b160k): the weights come from the checkpoint
+    layer, legacy = p.get("layer", "last"), bool(p.get("legacy", True))
+    layers = {("penultimate", False): "penultimate_no_norm", ("penultimate", True): "penultimate",
+              ("last", True): "last"}
+    if (layer, legacy) not in layers:
+        raise ValueError(f"{where}.layer={layer!r} with legacy={legacy} is not supported (supported: "
+                         f"{[f'{a} with legacy={b}' for a, b in layers]})")
+    _max_length(p, where)
+    return dict(sdxl.OPENCLIP_BIGG, output_layer=layers[layer, legacy]), bool(p.get("always_return_pooled", False))
 
 
 class _Section:
@@ -260,10 +464,12 @@ def _conditioning_key(p: _Section, unconditional: bool, target: str) -> str | No
     return key
 
 
-def _unet(entry: Any) -> ml_collections.ConfigDict:
-    where = "model.params.unet_config"
-    p = _Section(_params(entry, where, (UNET_TARGET,)), f"{where}.params", ignored=_UNET_IGNORED,
-                 required=_UNET_REQUIRED)
+def _unet(entry: Any, *, sgm: bool = False) -> ml_collections.ConfigDict:
+    """openaimodel UNetModel (CompVis), or SGM's (`sgm`: network_config; always spatial transformers)."""
+    where = f"model.params.{'network_config' if sgm else 'unet_config'}"
+    p = _Section(_params(entry, where, SGM_UNET_TARGETS if sgm else (UNET_TARGET,)), f"{where}.params",
+                 ignored=_SGM_UNET_IGNORED if sgm else _UNET_IGNORED,
+                 required=_SGM_UNET_REQUIRED if sgm else _UNET_REQUIRED)
     num_heads = int(p.get("num_heads", -1))
     upsample_heads = p.get("num_heads_upsample", -1)
     if upsample_heads not in (-1, num_heads):
@@ -274,22 +480,20 @@ def _unet(entry: Any) -> ml_collections.ConfigDict:
         if len(set(context_dim)) != 1:
             raise ValueError(f"{where}.params.context_dim={list(context_dim)}: one width per level is not supported")
         context_dim = context_dim[0]
-    depth = p.get("transformer_depth", 1)
-    if isinstance(depth, tuple):
-        if len(set(depth)) != 1:
-            raise ValueError(f"{where}.params.transformer_depth={list(depth)}: one depth per level is not supported")
-        depth = depth[0]
+    channel_mult = tuple(int(m) for m in p.get("channel_mult", (1, 2, 4, 8)))
+    attention_resolutions = tuple(int(r) for r in p.need("attention_resolutions"))
+    depth = _depth(p.get("transformer_depth", 1), channel_mult, attention_resolutions, f"{where}.params")
     section = dict(
         in_channels=int(p.need("in_channels")),
         out_channels=int(p.need("out_channels")),
         model_channels=int(p.need("model_channels")),
-        channel_mult=tuple(int(m) for m in p.get("channel_mult", (1, 2, 4, 8))),
+        channel_mult=channel_mult,
         num_res_blocks=int(p.need("num_res_blocks")),
-        attention_resolutions=tuple(int(r) for r in p.need("attention_resolutions")),
+        attention_resolutions=attention_resolutions,
         num_heads=num_heads,
         num_head_channels=int(p.get("num_head_channels", -1)),
-        use_spatial_transformer=bool(p.get("use_spatial_transformer", False)),
-        transformer_depth=int(depth),
+        use_spatial_transformer=bool(p.get("use_spatial_transformer", sgm)),
+        transformer_depth=depth,
         context_dim=None if context_dim is None else int(context_dim),
         use_linear_in_transformer=bool(p.get("use_linear_in_transformer", False)),
         conv_resample=bool(p.get("conv_resample", True)),
@@ -303,6 +507,22 @@ def _unet(entry: Any) -> ml_collections.ConfigDict:
     )
     p.done()
     return ml_collections.ConfigDict(section)
+
+
+def _depth(value: Any, channel_mult: tuple[int, ...], attention_resolutions: tuple[int, ...],
+           where: str) -> int | tuple[int, ...]:
+    """transformer_depth: an int as it is; a list (one int per level, SGM's [1, 2, 10]) is one int when every
+    attending level and the mid block (the last level's) agree, else our per-level tuple with 0 at the levels
+    without attention (the yaml's value there is unused), as `convert.diffusers_unet` reads diffusers' lists."""
+    if not isinstance(value, tuple):
+        return int(value)
+    levels = len(channel_mult)
+    if len(value) != levels:
+        raise ValueError(f"{where}.transformer_depth={list(value)}: expected one depth per level ({levels} levels)")
+    used = [level for level in range(levels) if 2**level in attention_resolutions or level == levels - 1]
+    if len({value[level] for level in used}) == 1:
+        return int(value[used[0]])
+    return tuple(int(d) if level in used else 0 for level, d in enumerate(value))
 
 
 def _first_stage(entry: Any) -> ml_collections.ConfigDict:
@@ -438,4 +658,5 @@ def _class(p: _Section, where: str) -> dict[str, Any]:
     return dict(kind="class", n_classes=int(p.get("n_classes", 1000)), embed_dim=int(p.need("embed_dim")))
 
 
-__all__ = ["COND_TARGETS", "FIRST_STAGE_TARGETS", "LDM_TARGETS", "UNET_TARGET", "config_from_ldm_yaml", "load_ldm_yaml"]
+__all__ = ["COND_TARGETS", "FIRST_STAGE_TARGETS", "LDM_TARGETS", "SGM_TARGETS", "UNET_TARGET", "config_from_ldm_yaml",
+           "load_ldm_yaml"]

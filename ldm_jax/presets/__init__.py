@@ -1,8 +1,10 @@
 """Model presets shipped inside the package: `get_preset(name)` -> a locked ConfigDict of model sections.
 
 Model presets (whole latent diffusion models; `ldm.ldm_config(get_preset(name))` builds their LDMConfig) have the
-sections first_stage, cond_stage (absent for unconditional models), unet and diffusion:
+sections first_stage, cond_stage (absent for unconditional models), cond_stage_2 (a second text tower: SDXL
+base), unet and diffusion:
   sd_v1, sd_v1_inpainting, sd_v2 (2.x at 512, eps), sd_v2_768_v (2.x 768-v, v-prediction)   stable_diffusion.py
+  sdxl_base, sdxl_refiner, sdxl_inpainting (SDXL 1.0; also section cond_stage_2)            sdxl.py
   ldm_celebahq_vq4, ldm_cin256, ldm_txt2img_1p4b (the CompVis LDM zoo)                        ldm_zoo.py
   tiny (a 1M-parameter text-to-image model for tests and CPU runs)                            tiny.py
 First-stage presets (section first_stage only; `models.autoencoder.AutoencoderConfig`):
@@ -25,13 +27,16 @@ from typing import Any
 
 import ml_collections
 
-from ldm_jax.presets import autoencoders, ldm_zoo, stable_diffusion, tiny
+from ldm_jax.presets import autoencoders, ldm_zoo, sdxl, stable_diffusion, tiny
 
 _MODELS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "sd_v1": stable_diffusion.sd_v1,
     "sd_v1_inpainting": stable_diffusion.sd_v1_inpainting,
     "sd_v2": stable_diffusion.sd_v2,
     "sd_v2_768_v": stable_diffusion.sd_v2_768_v,
+    "sdxl_base": sdxl.sdxl_base,
+    "sdxl_refiner": sdxl.sdxl_refiner,
+    "sdxl_inpainting": sdxl.sdxl_inpainting,
     "ldm_celebahq_vq4": ldm_zoo.celebahq_vq4,
     "ldm_cin256": ldm_zoo.cin256,
     "ldm_txt2img_1p4b": ldm_zoo.txt2img_1p4b,
@@ -54,7 +59,8 @@ PRESET_NAMES: tuple[str, ...] = MODEL_PRESET_NAMES + FIRST_STAGE_PRESET_NAMES
 def get_preset(name: str) -> ml_collections.ConfigDict:
     """The preset `name` (one of PRESET_NAMES) as a fresh locked ConfigDict (safe to unlock and change).
 
-    Model presets have the sections first_stage, cond_stage (absent when unconditional), unet, diffusion;
+    Model presets have the sections first_stage, cond_stage (absent when unconditional), cond_stage_2 (SDXL base),
+    unet, diffusion;
     first-stage presets only first_stage. An unknown name is a ValueError listing the names.
     """
     builder = _MODELS.get(name) or _FIRST_STAGES.get(name)
