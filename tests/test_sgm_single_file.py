@@ -24,7 +24,7 @@ import pytest
 import yaml
 from flax import traverse_util
 
-from ldm_jax import presets, store
+from ldm_jax import ldm, presets, store
 from ldm_jax.convert import compvis
 from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import ConversionError
@@ -136,9 +136,14 @@ def _assert_equal_params(a, b):
 # ------------------------------------------------------------------------------------- against diffusers
 
 
+@pytest.mark.parametrize("config_folder", ["diffusers", "ours"])
 @pytest.mark.parametrize("name", ["base", "refiner"])
-def test_diffusers_single_file_loader_reads_our_sgm_export(sdxl, name):
-    pipe, folder, _, path = sdxl[name]
+def test_diffusers_single_file_loader_reads_our_sgm_export(sdxl, name, config_folder, tmp_path):
+    """config=: the folder diffusers saved, or the one our store writes (format="diffusers"): both hold every
+    config diffusers needs offline (model_index, unet, vae, text_encoder(_2), tokenizer(_2), scheduler)."""
+    pipe, folder, model, path = sdxl[name]
+    if config_folder == "ours":
+        folder = store.save_model(model, tmp_path / "folder", format="diffusers")
     cls = getattr(diffusers, PIPELINES[name])
     loaded = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
     components = ["unet", "vae", "text_encoder_2"] + (["text_encoder"] if name == "base" else [])
@@ -171,6 +176,19 @@ def test_infer_config_reads_the_tiny_sdxl(sdxl, name):
         c, first_stage=dataclasses.replace(c.first_stage, resolution=256),
         diffusion=dataclasses.replace(c.diffusion, image_size=1024 // c.downsample_factor), **towers)
     assert inferred == expected
+    # ... and the towers read the same prompts the same way (context, pooled embedding): end-of-text is the last id
+    eos = vocab - 1
+    ids = np.full((2, 77), eos, np.int32)
+    ids[:, :4] = [[eos - 1, 5, 9, eos], [eos - 1, 300, 301, 302]]
+    ids[1, 4] = eos
+    inputs = {"tokens": ids, "time_ids": np.ones((2, c.num_time_ids), np.float32)}
+    if c.cond_stage_2 is not None:
+        first_eos = np.argmax(ids == eos, axis=1)
+        inputs["tokens_2"] = np.where(np.arange(77) > first_eos[:, None], 0, ids)  # OpenCLIP pads with 0
+    ours, theirs = (ldm.encode_conditioning(cfg, model.params, inputs) for cfg in (inferred, c))
+    assert ours.keys() == theirs.keys() == {"context", "y", "time_ids"}
+    for key in ours:
+        np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(theirs[key]), err_msg=key)
     assert inferred.unet.transformer_depth == ((0, 1, 2) if name == "base" else 2)
     assert inferred.unet.addition_time_embed_dim == TIME_DIM and inferred.num_time_ids == (6 if name == "base" else 5)
     assert inferred.diffusion.force_zeros_for_empty_prompt == (name == "base")
