@@ -250,6 +250,8 @@ def test_denoiser_sigmas_are_checked_and_read(sdxl):
     compvis.convert_compvis_state_dict(half, model.config)  # checked at float16's precision
     no_sigmas = {k: v for k, v in state.items() if k != compvis.SGM_SIGMAS}  # sd_xl_base_1.0 has none
     assert compvis.infer_config(no_sigmas) == compvis.infer_config(state)
+    with pytest.raises(ValueError, match=r"an EDM-trained SDXL-shaped file \(Playground v2\.5"):
+        compvis.infer_config({**state, "edm_mean": np.zeros((1, 4, 1, 1), np.float32)})
 
 
 def test_wrong_family_or_towers_is_one_line(sdxl, tmp_path):

@@ -715,6 +715,9 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkp
     keys.require(f"{UNET_PREFIX}input_blocks.0.0.weight", "a latent diffusion UNet (model.diffusion_model.*)")
     keys.require(f"{FIRST_STAGE_PREFIX}encoder.conv_in.weight", "a first-stage autoencoder (first_stage_model.*)")
     if keys.any_under(SGM_PREFIX):
+        if "edm_mean" in keys:  # diffusers' CHECKPOINT_KEY_NAMES["playground-v2-5"]
+            raise ValueError(f"{keys.source}: an EDM-trained SDXL-shaped file (Playground v2.5: 'edm_mean', "
+                             f"'edm_std' latent statistics and an EDM schedule), which this converter does not support")
         towers, family = _infer_sgm_towers(keys)
     else:
         cond, family = _infer_cond_stage(keys)
