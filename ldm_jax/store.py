@@ -213,7 +213,9 @@ def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
     """Loads any source (module docstring) into an `ldm.LoadedModel`: config, float32 numpy params, tokenizer.
 
     config: the architecture, for sources that do not carry one (single files); for the others it must agree
-      with the source's own. tokenizer: a local tokenizer directory (single files; overrides a directory's).
+      with the source's own. tokenizer: a local tokenizer directory (single files; overrides a directory's), or
+      for single files a folder holding tokenizer/ and tokenizer_2/ (an SDXL base's two towers: a diffusers SDXL
+      folder or a model directory).
     dtype / attention / remat: run-time options (`ldm.RunOptions`), kept in `model.options`, never saved.
     text_encoder_config: a transformers CLIP config.json (or its directory) for a CompVis yaml whose text
       encoder is not a known version. use_ema: single files: take the UNet from its EMA copy.
@@ -311,12 +313,34 @@ def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.Pa
         where = f"{preset or 'a custom size'} (inferred from the weights)"
     log.info("%s: config %s", path, where)
     if resolved.tokenizer_kind is not None and tokenizer is None:
+        example = ("stabilityai/stable-diffusion-xl-base-1.0 (its tokenizer/ and tokenizer_2/)"
+                   if resolved.structured_conditioning else "openai/clip-vit-large-patch14 for SD 1.x")
         raise StoreError(f"{path} is a single file with a {resolved.tokenizer_kind} text encoder: give a local "
                          f"tokenizer directory (tokenizer=DIR, --tokenizer DIR; e.g. a Hugging Face snapshot of "
-                         f"openai/clip-vit-large-patch14 for SD 1.x)")
-    model = compvis.loaded_model_from_state_dict(state_dict, resolved, use_ema=use_ema, source=str(path))
-    tok = None if tokenizer is None else _load_tokenizer(tokenizer, model.config.tokenizer_kind)
-    return dataclasses.replace(model, tokenizer=tok)
+                         f"{example})")
+    tok_dir, tok_2_dir = _single_file_tokenizers(pathlib.Path(tokenizer), resolved) if tokenizer else (None, None)
+    if tok_dir is not None and resolved.tokenizer_kind is None:
+        raise StoreError(f"tokenizer {tokenizer} given, but this model has no text encoder")
+    return compvis.loaded_model_from_state_dict(state_dict, resolved, tokenizer=tok_dir, tokenizer_2=tok_2_dir,
+                                                use_ema=use_ema, source=str(path))
+
+
+def _single_file_tokenizers(directory: pathlib.Path, config: ldm.LDMConfig) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """(tokenizer dir, tokenizer_2 dir) of a single file's text towers from --tokenizer DIR: a tokenizer directory,
+    or a folder holding tokenizer/ (and tokenizer_2/: a diffusers SD / SDXL folder or a model directory). An SDXL
+    base needs both; a refiner's one tower (bigG) takes tokenizer_2/ when there is no tokenizer/."""
+    sub, sub_2 = directory / TOKENIZER_DIR, directory / TOKENIZER_2_DIR
+    if config.cond_stage_2 is not None:
+        if not (sub.is_dir() and sub_2.is_dir()):
+            raise StoreError(f"{directory}: an SDXL base single file has two text towers; give a folder holding "
+                             f"{TOKENIZER_DIR}/ (CLIP ViT-L) and {TOKENIZER_2_DIR}/ (OpenCLIP bigG), e.g. a snapshot "
+                             "of stabilityai/stable-diffusion-xl-base-1.0")
+        return sub, sub_2
+    if sub.is_dir():
+        return sub, None
+    if sub_2.is_dir():  # a diffusers refiner folder holds only tokenizer_2/
+        return sub_2, None
+    return directory, None
 
 
 def _check_same_config(wanted: ldm.LDMConfig, found: ldm.LDMConfig, source: str) -> None:

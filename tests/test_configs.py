@@ -41,6 +41,7 @@ def _cond_stage(section):
 SECTION_BUILDERS = {
     "first_stage": _first_stage,
     "cond_stage": _cond_stage,
+    "cond_stage_2": _cond_stage,
     "unet": _unet,
 }
 NON_MODEL_SECTIONS = {"diffusion", "sampler", "loss", "train", "data", "mesh", "eval", "sample",
@@ -92,7 +93,7 @@ def test_preset_files_are_the_presets():
 @pytest.mark.parametrize("name", presets.MODEL_PRESET_NAMES)
 def test_model_presets_build_and_match_themselves(name):
     config = presets.get_preset(name)
-    assert config.is_locked and set(config) <= {"first_stage", "cond_stage", "unet", "diffusion"}
+    assert config.is_locked and set(config) <= {"first_stage", "cond_stage", "cond_stage_2", "unet", "diffusion"}
     model = ldm.ldm_config(config)
     assert presets.matching_preset(model) == name
     config.diffusion.image_size = 3  # a fresh copy each time: changing one changes no other

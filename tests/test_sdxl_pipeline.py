@@ -368,3 +368,27 @@ def test_sample_cli_sdxl_bad_input(sdxl, tmp_path, capsys, argv, message):
     assert sampling.main([*argv, "--prompt", "a cat", "--steps", "2", "--outdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and err[-1].startswith("sample.py: error:") and message in err[-1], err
+
+
+def test_sgm_single_file_samples_as_the_folder(sdxl, tmp_path):
+    """An SGM single file (our export) with --tokenizer pointing at a folder holding tokenizer/ and tokenizer_2/
+    loads through the store and samples the folder's images. (The tiny towers' 32-wide heads cannot be inferred
+    from the weights, so the config is given; tests/test_sgm_single_file.py covers inference.)"""
+    _, folder, _, refiner_folder = sdxl
+    model = store.load_model(folder)
+    path = store.save_model(model, tmp_path / "base.safetensors", format="compvis")
+    single = store.load_model(path, config=model.config, tokenizer=folder)
+    assert single.tokenizer_2 is not None and single.config.cond_stage_2 is not None
+    noise, mesh = _noise(8), make_mesh(devices=jax.devices()[:2])
+    images = []
+    for m in (model, single):
+        cond, uncond = pipeline.encode_prompts(m, PROMPTS)
+        images.append(np.asarray(pipeline.txt2img(m.config, m.params, _sampler(model, steps=3), cond, uncond,
+                                                  noise=noise, height=SIZE, width=SIZE, mesh=mesh)))
+    np.testing.assert_allclose(images[1], images[0], atol=1e-6)
+    refiner_model = store.load_model(refiner_folder)
+    refiner = store.save_model(refiner_model, tmp_path / "refiner.safetensors", format="compvis")
+    loaded = store.load_model(refiner, config=refiner_model.config, tokenizer=refiner_folder)
+    assert loaded.tokenizer.pad_token_id == 0  # the folder's tokenizer_2/ (bigG pads with "!")
+    with pytest.raises(store.StoreError, match="tokenizer_2"):
+        store.load_model(path, config=model.config, tokenizer=folder / "tokenizer")
