@@ -392,3 +392,17 @@ def test_sgm_single_file_samples_as_the_folder(sdxl, tmp_path):
     assert loaded.tokenizer.pad_token_id == 0  # the folder's tokenizer_2/ (bigG pads with "!")
     with pytest.raises(store.StoreError, match="tokenizer_2"):
         store.load_model(path, config=model.config, tokenizer=folder / "tokenizer")
+
+
+def test_sharded_and_fp16_variant_folders_load(sdxl, tmp_path):
+    """Hub snapshots: components saved as fp16 variants (`*.fp16.safetensors`) and sharded (`*.index.json`)."""
+    pipe, folder, _, _ = sdxl
+    pipe.save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
+    pipe.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
+    assert list((tmp_path / "fp16" / "unet").glob("*.fp16.safetensors"))
+    assert list((tmp_path / "sharded" / "unet").glob("*.index.json"))
+    reference = store.flatten_params(store.load_model(folder).params)
+    for name in ("fp16", "sharded"):
+        flat = store.flatten_params(store.load_model(tmp_path / name).params)
+        assert flat.keys() == reference.keys()
+        assert all(np.array_equal(flat[k], reference[k]) for k in flat), name

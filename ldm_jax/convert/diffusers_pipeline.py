@@ -217,12 +217,36 @@ def _read_json(path: pathlib.Path, *, what: str) -> dict[str, Any]:
 
 
 def _read_weights(folder: pathlib.Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The first existing weights file of `names` (safetensors first), read without running code."""
+    """The weights of one component, read without running code: the first of `names` present (safetensors
+    first), else its fp16 variant (`NAME.fp16.safetensors`, the hub's `variant="fp16"` files), each either one
+    file or sharded (`NAME.index.json` listing the shard files, as `save_pretrained(max_shard_size=...)` writes)."""
     for name in names:
-        if (folder / name).is_file():
-            return load_state_dict(folder / name)
+        stem, suffix = name.rsplit(".", 1)
+        for candidate in (name, f"{stem}.fp16.{suffix}"):
+            if (folder / candidate).is_file():
+                return load_state_dict(folder / candidate)
+            index = folder / f"{candidate}.index.json"
+            if index.is_file():
+                return _read_shards(index)
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise FileNotFoundError(f"{folder} has no weights file: expected one of {list(names)}; found {found}")
+    raise FileNotFoundError(f"{folder} has no weights file: expected one of {list(names)} (or their .fp16 variants "
+                            f"or .index.json shards); found {found}")
+
+
+def _read_shards(index: pathlib.Path) -> dict[str, np.ndarray]:
+    """A sharded checkpoint: every shard of index.json's weight_map, each key from the shard that lists it."""
+    weight_map = _read_json(index, what=f"the sharded weights of {index.parent}").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map (expected {{tensor name: shard file}})")
+    state: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = load_state_dict(index.parent / shard)
+        listed = {k for k, v in weight_map.items() if v == shard}
+        if set(tensors) != listed:
+            raise ValueError(f"{index.parent / shard}: holds {len(tensors)} tensors but {index.name} lists "
+                             f"{len(listed)} for it (e.g. {sorted(set(tensors) ^ listed)[:3]})")
+        state.update(tensors)
+    return state
 
 
 # ------------------------------------------------------------------------------------------------- export
