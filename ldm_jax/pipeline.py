@@ -37,7 +37,6 @@ before every step and by the known latent at the end. Init images are encoded to
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import ldm, parallel
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
+from ldm_jax.diffusion.micro_conditioning import MicroConditioning  # re-exported (in __all__)
 from ldm_jax.diffusion.samplers import Sampler, denoising_bounds, make_sampler, sample
 from ldm_jax.ldm import LDMConfig, LoadedModel, RunOptions
 from ldm_jax.images import to_uint8  # re-exported: pipeline.to_uint8 (in __all__)
@@ -120,61 +120,6 @@ def _towers(model: LoadedModel) -> list[tuple[str, str, Any]]:
                              f"({'tokenizer_2' if name == 'cond_stage_2' else 'tokenizer'} is missing)")
         towers.append((name, key, tokenizer))
     return towers
-
-
-@dataclasses.dataclass(frozen=True)
-class MicroConditioning:
-    """SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2), in pixels, with diffusers' defaults.
-
-    original_size, target_size: (height, width); None means the image size. crops_coords_top_left: (top, left).
-    The negative_* values condition the unconditional branch of classifier-free guidance; as in diffusers'
-    StableDiffusionXLPipeline they are used only when both negative sizes are given (else the positive
-    numbers), while the img2img / refiner pipeline defaults each one separately (sizes to the positive ones,
-    crops to (0, 0)). aesthetic_score / negative_aesthetic_score replace the target size for UNets that take
-    five numbers (the refiner, `requires_aesthetics_score`).
-    """
-
-    original_size: tuple[int, int] | None = None
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
-    negative_target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
-
-    def time_ids(self, num_time_ids: int, height: int, width: int, *, img2img: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(positive, negative) micro-conditioning vectors (num_time_ids,) float32 for an image of this size:
-        6 numbers (original h, w, crop top, left, target h, w) or 5 (original, crop, aesthetic score)."""
-        size = (height, width)
-        original, target = self.original_size or size, self.target_size or size
-        if img2img:
-            neg_original = self.negative_original_size or original
-            neg_target = self.negative_target_size or target
-            neg_crops = self.negative_crops_coords_top_left
-        elif self.negative_original_size is not None and self.negative_target_size is not None:
-            neg_original, neg_target = self.negative_original_size, self.negative_target_size
-            neg_crops = self.negative_crops_coords_top_left
-        else:
-            neg_original, neg_target, neg_crops = original, target, self.crops_coords_top_left
-        if num_time_ids == 5:
-            pos = (*original, *self.crops_coords_top_left, self.aesthetic_score)
-            neg = (*neg_original, *neg_crops, self.negative_aesthetic_score)
-        elif num_time_ids == 6:
-            pos = (*original, *self.crops_coords_top_left, *target)
-            neg = (*neg_original, *neg_crops, *neg_target)
-        else:
-            raise ValueError(f"the UNet takes {num_time_ids} micro-conditioning numbers; SDXL's are 6 (base) or 5 "
-                             "(refiner, with the aesthetic score)")
-        return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
-
-    def record(self, num_time_ids: int) -> dict[str, str]:
-        """The settings that reach a model with `num_time_ids` numbers, as text (for PNG metadata)."""
-        keys = ["original_size", "crops_coords_top_left", "negative_original_size",
-                "negative_crops_coords_top_left"]
-        keys += ["aesthetic_score", "negative_aesthetic_score"] if num_time_ids == 5 else ["target_size",
-                                                                                          "negative_target_size"]
-        return {k: str(getattr(self, k)) for k in keys if getattr(self, k) is not None}
 
 
 def inspect_prompts(model: LoadedModel, prompts: Sequence[str]) -> list[PromptReport]:

@@ -60,6 +60,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm_jax.cli import ArgumentParser, finite_float, one_line, writable_dir
+from ldm_jax.diffusion.micro_conditioning import MicroConditioning
 from ldm_jax.images import image_grid, to_uint8
 from ldm_jax.models.tokenizer import short_repr
 
@@ -80,7 +81,7 @@ DISTILLED = {
     "lightning": {"sampler": "euler", "timestep_spacing": "trailing", "steps": 4, "guidance": 0.0},
 }
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5
-MICRO_FLAGS = {  # SampleRequest field -> flag, for SDXL's micro-conditioning
+MICRO_FLAGS = {  # MicroConditioning field -> flag, for SDXL's micro-conditioning
     "original_size": "--original-size", "crops_coords_top_left": "--crops-coords-top-left",
     "target_size": "--target-size", "negative_original_size": "--negative-original-size",
     "negative_crops_coords_top_left": "--negative-crops-coords-top-left",
@@ -123,14 +124,7 @@ class SampleRequest:
     outdir: str = "outputs"
     batch_size: int | None = None
     clip_skip: int = 0
-    original_size: tuple[int, int] | None = None
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
-    negative_target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
+    micro: MicroConditioning = MicroConditioning()
     distilled: str | None = None
     refiner: str | None = None
     denoising_end: float = 0.8
@@ -150,8 +144,8 @@ def validate(request: SampleRequest) -> None:
     if request.n < 1:
         raise UserError(f"--n must be >= 1, got {request.n}")
     for flag, value in (("--guidance", request.guidance), ("--eta", request.eta), ("--strength", request.strength),
-                        ("--aesthetic-score", request.aesthetic_score),
-                        ("--negative-aesthetic-score", request.negative_aesthetic_score)):
+                        ("--aesthetic-score", request.micro.aesthetic_score),
+                        ("--negative-aesthetic-score", request.micro.negative_aesthetic_score)):
         if not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, got {value}")
     if not 0.0 <= request.strength <= 1.0:
@@ -181,7 +175,7 @@ def validate(request: SampleRequest) -> None:
     if request.distilled is not None and request.distilled not in DISTILLED:
         raise UserError(f"--distilled {request.distilled!r} is unknown; choose one of {', '.join(DISTILLED)}")
     for field, flag in MICRO_FLAGS.items():
-        value, low = getattr(request, field), 0 if "crops" in field else 1
+        value, low = getattr(request.micro, field), 0 if "crops" in field else 1
         if isinstance(value, tuple) and min(value) < low:
             raise UserError(f"{flag} takes two integers >= {low} (height width / top left), got {value}")
     if request.mask is not None and request.init_image is None:
@@ -330,11 +324,9 @@ def load_refiner(request: SampleRequest, base: Any) -> Any:
     return refiner
 
 
-def check_model_flags(request: SampleRequest, config, refiner_config=None) -> Any:
+def check_model_flags(request: SampleRequest, config, refiner_config=None) -> MicroConditioning:
     """The flags that depend on the loaded model (and --refiner), checked (UserError naming the flag); returns
-    the `pipeline.MicroConditioning` of the request (SDXL; unused by other models)."""
-    from ldm_jax import pipeline  # noqa: PLC0415
-
+    the request's `MicroConditioning` (SDXL; unused by other models)."""
     if config.num_time_ids == 5 and request.init_image is None:
         raise UserError(f"--checkpoint {request.checkpoint}: an SDXL refiner (its UNet takes the aesthetic score) "
                         "finishes images rather than starting from noise: give it as --refiner beside an SDXL base, "
@@ -350,7 +342,7 @@ def check_model_flags(request: SampleRequest, config, refiner_config=None) -> An
             raise UserError(f"--clip-skip {request.clip_skip} is more than this model's text towers have blocks "
                             f"to skip (at most {limit})")
     given = [flag for field, flag in MICRO_FLAGS.items()
-             if getattr(request, field) != getattr(SampleRequest, field)]
+             if getattr(request.micro, field) != getattr(MicroConditioning, field)]
     n = config.num_time_ids
     if given and not n:
         raise UserError(f"{given[0]} applies to SDXL models (a UNet with text_time micro-conditioning); this model "
@@ -362,7 +354,7 @@ def check_model_flags(request: SampleRequest, config, refiner_config=None) -> An
         which = "the refiner's aesthetic score" if n == 5 else "target sizes"
         raise UserError(f"{wrong[0]} does not apply to this model: its UNet takes {n} micro-conditioning numbers "
                         f"({which})")
-    return pipeline.MicroConditioning(**{field: getattr(request, field) for field in MICRO_FLAGS})
+    return request.micro
 
 
 def _resolve_seed(request: SampleRequest) -> SampleRequest:
@@ -549,7 +541,7 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "distilled": request.distilled or "",
         "refiner": request.refiner or "",
         "denoising_end": request.denoising_end if request.refiner else "",
-        **{field: getattr(request, field) for field in MICRO_FLAGS if getattr(request, field) is not None},
+        **{field: getattr(request.micro, field) for field in MICRO_FLAGS if getattr(request.micro, field) is not None},
     }
 
 
@@ -607,8 +599,9 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     micro = p.add_argument_group("SDXL micro-conditioning (pixels; default: the image size, crops 0 0)")
     for field, flag in MICRO_FLAGS.items():
         if "aesthetic" in field:
-            micro.add_argument(flag, dest=field, type=finite_float, default=getattr(SampleRequest, field),
-                               help=f"the refiner's {field.replace('_', ' ')} (default {getattr(SampleRequest, field)})")
+            default = getattr(MicroConditioning, field)
+            micro.add_argument(flag, dest=field, type=finite_float, default=default,
+                               help=f"the refiner's {field.replace('_', ' ')} (default {default})")
         else:
             names = ("TOP", "LEFT") if "crops" in field else ("H", "W")
             micro.add_argument(flag, dest=field, type=int, nargs=2, metavar=names, default=None)
@@ -635,12 +628,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sample.py") -> Sa
     fields["steps"] = args.steps if args.steps is not None else preset.get("steps", DEFAULT_STEPS)
     fields["guidance"] = args.guidance if args.guidance is not None else preset.get("guidance", DEFAULT_GUIDANCE)
     fields["timestep_spacing"] = args.timestep_spacing or preset.get("timestep_spacing")
-    for field in MICRO_FLAGS:
-        if isinstance(fields.get(field), list):
-            fields[field] = tuple(fields[field])
-    fields["crops_coords_top_left"] = fields["crops_coords_top_left"] or (0, 0)
-    fields["negative_crops_coords_top_left"] = fields["negative_crops_coords_top_left"] or (0, 0)
-    return SampleRequest(prompts=tuple(prompts), **fields)
+    micro = {field: fields.pop(field) for field in MICRO_FLAGS}
+    micro = {k: tuple(v) if isinstance(v, list) else v for k, v in micro.items() if v is not None}
+    return SampleRequest(prompts=tuple(prompts), micro=MicroConditioning(**micro), **fields)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "sample.py") -> int:
