@@ -14,8 +14,14 @@ randomness is a function of (seed, epoch, example index). `get_state()` returns 
 
 Batches (host-local; the global batch is batch_size * process_count):
   image float32 (B, R, R, 3) in [-1, 1]; index int64 (B,) dataset indices; caption list[str] of B captions
-  (when the source has captions); tokens (B, ...) from the optional tokenizer; label int32 (B,) (when the
-  source has labels); any other array an example holds (an `ArraySource`'s), stacked (B, ...).
+  (when the source has captions); tokens (B, ...) from the optional tokenizer (and tokens_2 when it gives two
+  towers' ids); label int32 (B,) (when the source has labels); any other array an example holds (an
+  `ArraySource`'s), stacked (B, ...).
+  With every decoded image, its geometry for SDXL's micro-conditioning (`preprocess_image_and_geometry`):
+  original_size int32 (B, 2), the (height, width) of the image as read, before resizing; crop_top_left int32
+  (B, 2), the (top, left) of the R x R crop in the resized (and, when flipped, mirrored) image. Both follow from
+  the same (seed, epoch, index) draws as the crop, so they resume exactly; training configs keep them only when
+  `data.batch_keys` names them (SDXL), as every stage asks for exactly its keys.
 
 Device prefetch. `DevicePrefetcher` reads, decodes and places (`ldm_jax.parallel.host_local_to_global`) the
 next batches on a background thread while the devices run the current step; its `get_state()` is the position
@@ -40,6 +46,7 @@ from ldm_jax.data import readers
 Batch = dict[str, Any]
 CROPS = ("center", "random")
 SOURCES = ("tfds", "folder", "tar")
+GEOMETRY_KEYS = ("original_size", "crop_top_left")  # recorded per decoded image (SDXL micro-conditioning)
 # Fields of the iterator state that define the example order; a state saved under other values is refused.
 _ORDER_FIELDS = ("seed", "shuffle", "num_examples", "process_index", "process_count")
 
@@ -55,7 +62,8 @@ class DataConfig:
     source: "tfds" (name, data_dir, split, *_key), "folder" (path: a folder of images + .txt captions) or
     "tar" (path: a folder, glob or list of webdataset .tar shards). caption_key/label_key "" to leave out.
     global_batch_size is split evenly over processes; num_epochs None means forever. batch_keys: the keys
-    each batch keeps (empty: all of image, index, caption, tokens, label that exist). prefetch: batches the
+    each batch keeps (empty: all of image, index, caption, tokens, label, original_size, crop_top_left that
+    exist; SDXL training asks for tokens_2, original_size and crop_top_left too). prefetch: batches the
     training loop reads and places on the devices ahead, on a background thread (0: on the step thread).
     """
 
@@ -100,7 +108,23 @@ def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center"
 
     Resizes (bicubic, antialiased) so the shorter side is `resolution`, then crops the centre or, with
     crop="random", a window drawn from `rng`; flip=True mirrors left-right. Note that flipping changes the
-    meaning of captions that mention left and right (captioned shapes).
+    meaning of captions that mention left and right (captioned shapes). `preprocess_image_and_geometry` also
+    says where the crop was.
+    """
+    return preprocess_image_and_geometry(image, resolution, crop=crop, flip=flip, rng=rng)[0]
+
+
+def preprocess_image_and_geometry(image: np.ndarray, resolution: int, *, crop: str = "center", flip: bool = False,
+                                  rng: np.random.Generator | None = None
+                                  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """`preprocess_image`, returning (image, original_size, crop_top_left) for SDXL's micro-conditioning.
+
+    original_size: (height, width) of the image as given, before resizing (SGM's `original_size_as_tuple`).
+    crop_top_left: (top, left) of the crop window in the resized image's pixels (SGM's `crop_coords_top_left`):
+    0 <= top <= resized height - resolution, 0 <= left <= resized width - resolution. With flip=True, left is
+    measured in the mirrored resized image (resized width - left - resolution), so the numbers describe the image
+    the model sees; this equals diffusers' train_text_to_image_sdxl.py, which mirrors before resizing and
+    cropping (diffusers PR 6547). The target size (SGM's `target_size_as_tuple`) is (resolution, resolution).
     """
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -109,6 +133,7 @@ def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center"
     if crop == "random" and rng is None:
         raise ValueError("crop='random' needs an rng")
     height, width = image.shape[:2]
+    original_size = (int(height), int(width))
     if min(height, width) != resolution:
         scale = resolution / min(height, width)
         size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -122,7 +147,8 @@ def preprocess_image(image: np.ndarray, resolution: int, *, crop: str = "center"
     image = image[top:top + resolution, left:left + resolution]
     if flip:
         image = image[:, ::-1]
-    return image.astype(np.float32) / 127.5 - 1.0
+        left = width - left - resolution
+    return image.astype(np.float32) / 127.5 - 1.0, original_size, (top, left)
 
 
 def epoch_order(num_examples: int, epoch: int, *, seed: int, shuffle: bool = True) -> np.ndarray:
@@ -154,7 +180,8 @@ class DataIterator:
       num_epochs: stop after this many epochs; None for forever.
       drop_remainder: with num_epochs, drop (True) or return (False) a last short batch.
       process_index, process_count: this host and the number of hosts (default: from jax).
-      tokenizer: optional callable list[str] -> array (B, ...) stored as batch["tokens"].
+      tokenizer: optional callable list[str] -> array (B, ...) stored as batch["tokens"], or -> a dict of such
+        arrays merged into the batch (two text towers: {"tokens": ..., "tokens_2": ...}).
       keys: the batch keys to return (e.g. ("image", "tokens") for an all-array batch); None for all.
     """
 
@@ -229,8 +256,10 @@ class DataIterator:
         if self.crop == "random" or self.random_flip:
             rng = np.random.default_rng([self.seed, 1, self._epoch, index])
         flip = bool(self.random_flip and rng.integers(2))
-        image = preprocess_image(example["image"], self.resolution, crop=self.crop, flip=flip, rng=rng)
-        return {**example, "image": image, "index": index}
+        image, original_size, crop_top_left = preprocess_image_and_geometry(
+            example["image"], self.resolution, crop=self.crop, flip=flip, rng=rng)
+        return {**example, "image": image, "index": index, "original_size": original_size,
+                "crop_top_left": crop_top_left}
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -263,12 +292,18 @@ class DataIterator:
                 batch[key] = values
             elif key in ("index", "label"):
                 batch[key] = np.array(values, np.int64 if key == "index" else np.int32)
+            elif key in GEOMETRY_KEYS:
+                batch[key] = np.array(values, np.int32).reshape(len(values), 2)
             else:
                 batch[key] = np.stack(values)
         if self.tokenizer is not None:
             if "caption" not in batch:
                 raise ValueError("a tokenizer was given but the source has no captions")
-            batch["tokens"] = np.asarray(self.tokenizer(batch["caption"]))
+            tokens = self.tokenizer(batch["caption"])
+            if isinstance(tokens, dict):  # several towers' ids (SDXL: "tokens", "tokens_2")
+                batch.update({name: np.asarray(ids) for name, ids in tokens.items()})
+            else:
+                batch["tokens"] = np.asarray(tokens)
         if self.keys is not None:
             missing = [k for k in self.keys if k not in batch]
             if missing:
