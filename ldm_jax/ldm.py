@@ -563,10 +563,12 @@ def _check_structured(config: LDMConfig, inputs: Any) -> None:
                          f"numbers of this UNet); got {jnp.shape(inputs['time_ids'])}")
 
 
-def null_inputs(config: LDMConfig, batch: int, empty_prompt_ids: Any = None) -> jax.Array:
+def null_inputs(config: LDMConfig, batch: int, empty_prompt_ids: Any = None) -> Any:
     """The unconditional inputs for classifier-free guidance, leading size `batch`.
 
     Text cond stages: `empty_prompt_ids` (L,) or (1, L) (the tokenised "" from `empty_prompt_ids`) repeated;
+    models with `structured_conditioning` (SDXL): a dict {"tokens": (B, L), "tokens_2": (B, L2)?} of each tower's
+    empty prompt repeated (from the dict `empty_prompt_ids` gives; the micro-conditioning is not part of it);
     class cond stage / "adm" labels: the null class (the last one); "adm" vectors: zeros.
     """
     cond = config.cond_stage
@@ -574,11 +576,15 @@ def null_inputs(config: LDMConfig, batch: int, empty_prompt_ids: Any = None) -> 
         if empty_prompt_ids is None:
             raise ValueError("null_inputs: a text cond stage needs empty_prompt_ids (the tokenised empty prompt; "
                              "see ldm_jax.ldm.empty_prompt_ids)")
-        ids = jnp.asarray(empty_prompt_ids, jnp.int32).reshape(1, -1)
-        if ids.shape[1] != config.max_length:
-            raise ValueError(f"null_inputs: empty_prompt_ids has length {ids.shape[1]}; expected max_length "
-                             f"{config.max_length}")
-        return jnp.broadcast_to(ids, (batch, ids.shape[1]))
+        if config.structured_conditioning:
+            wanted = _token_keys(config)
+            if not isinstance(empty_prompt_ids, Mapping) or set(empty_prompt_ids) != set(wanted):
+                got = sorted(empty_prompt_ids) if isinstance(empty_prompt_ids, Mapping) else "an array"
+                raise ValueError(f"null_inputs: this model's empty prompt is a dict with {sorted(wanted)} (one "
+                                 f"entry per text tower, see ldm_jax.ldm.empty_prompt_ids); got {got}")
+            return {key: _repeat_ids(empty_prompt_ids[key], batch, getattr(config, name).max_length, key)
+                    for key, name in wanted.items()}
+        return _repeat_ids(empty_prompt_ids, batch, config.max_length, "empty_prompt_ids")
     if isinstance(cond, ClassEmbedderConfig):
         return jnp.full((batch,), cond.null_class, jnp.int32)
     if config.diffusion.conditioning_key == "adm":
@@ -589,11 +595,38 @@ def null_inputs(config: LDMConfig, batch: int, empty_prompt_ids: Any = None) -> 
                      "inputs")
 
 
-def empty_prompt_ids(config: LDMConfig, tokenizer: Any) -> np.ndarray:
-    """The tokenised empty prompt "" (1, max_length) int32, padded as the model expects (host only)."""
+def _token_keys(config: LDMConfig) -> dict[str, str]:
+    """{conditioning input key: text tower name}: {"tokens": "cond_stage", "tokens_2": "cond_stage_2"?}."""
+    return dict(zip(("tokens", "tokens_2"), config.text_towers))
+
+
+def _repeat_ids(ids: Any, batch: int, max_length: int, what: str) -> jax.Array:
+    ids = jnp.asarray(ids, jnp.int32).reshape(1, -1)
+    if ids.shape[1] != max_length:
+        raise ValueError(f"null_inputs: {what} has length {ids.shape[1]}; expected max_length {max_length}")
+    return jnp.broadcast_to(ids, (batch, ids.shape[1]))
+
+
+def empty_prompt_ids(config: LDMConfig, tokenizer: Any, tokenizer_2: Any = None) -> Any:
+    """The tokenised empty prompt "" (1, max_length) int32, padded as the model expects (host only).
+
+    Models with `structured_conditioning` (SDXL) get a dict {"tokens": (1, L), "tokens_2": (1, L2)?}: each text
+    tower's "" with its own tokenizer, pad id and length (tokenizer_2 is the second tower's, required when the
+    model has cond_stage_2).
+    """
     if config.tokenizer_kind is None:
         raise ValueError("empty_prompt_ids: the model has no text cond stage")
-    return tokenize(tokenizer, [""], pad_token_id=config.pad_token_id, max_length=config.max_length)
+    if not config.structured_conditioning:
+        return tokenize(tokenizer, [""], pad_token_id=config.pad_token_id, max_length=config.max_length)
+    tokenizers = {"cond_stage": tokenizer, "cond_stage_2": tokenizer_2}
+    out = {}
+    for key, name in _token_keys(config).items():
+        if tokenizers[name] is None:
+            raise ValueError(f"empty_prompt_ids: the text tower {name} needs its tokenizer "
+                             f"({'tokenizer_2' if name == 'cond_stage_2' else 'tokenizer'} is None)")
+        tower = getattr(config, name)
+        out[key] = tokenize(tokenizers[name], [""], pad_token_id=tower.pad_token_id, max_length=tower.max_length)
+    return out
 
 
 def inpaint_conditioning(config: LDMConfig, params: Mapping[str, Any], images: jax.Array, mask: jax.Array, *,
@@ -657,11 +690,29 @@ def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: ja
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def conditioning_inputs(config: LDMConfig, batch: Mapping[str, Any]) -> jax.Array | None:
-    """The batch entry the conditioning is made from: "tokens" (text), "label" (class / adm labels) or
-    "y" ("adm" vectors); None for models without conditioning inputs ("concat"-only or unconditional)."""
+DEFAULT_AESTHETIC_SCORE = 6.0  # the refiner's micro-conditioning when the batch has no "aesthetic_score"
+
+
+def conditioning_inputs(config: LDMConfig, batch: Mapping[str, Any], *, target_size: tuple[int, int] | None = None,
+                        aesthetic_score: float = DEFAULT_AESTHETIC_SCORE) -> Any:
+    """The batch entries the conditioning is made from: "tokens" (text), "label" (class / adm labels) or
+    "y" ("adm" vectors); None for models without conditioning inputs ("concat"-only or unconditional).
+
+    Models with `structured_conditioning` (SDXL) get the dict `encode_conditioning` takes: "tokens" and
+    "tokens_2" (each tower's ids) and, for "text_time" UNets, "time_ids" (B, num_time_ids) float32 made by
+    `micro_conditioning` from the batch's "original_size" / "crop_top_left" and `target_size` (the training
+    image's (height, width); required then) or the aesthetic score.
+    """
     key = config.diffusion.conditioning_key
     labels = isinstance(config.cond_stage, ClassEmbedderConfig) or (key == "adm" and config.unet.num_classes != "sequential")
+    if config.structured_conditioning:
+        _require_keys(config, batch, tuple(_token_keys(config)))
+        inputs = {name: jnp.asarray(batch[name]) for name in _token_keys(config)}
+        if config.text_time:
+            if target_size is None:
+                raise ValueError("conditioning_inputs: a text_time UNet's micro-conditioning needs target_size")
+            inputs["time_ids"] = micro_conditioning(config, batch, target_size, aesthetic_score)
+        return inputs
     if config.tokenizer_kind is not None:
         name = "tokens"
     elif labels:
@@ -670,41 +721,90 @@ def conditioning_inputs(config: LDMConfig, batch: Mapping[str, Any]) -> jax.Arra
         name = "y"
     else:
         return None
-    if name not in batch:
-        raise KeyError(f"the batch has no {name!r} entry, which this model (conditioning_key={key!r}) is "
-                       f"conditioned on; it has {sorted(batch)}")
+    _require_keys(config, batch, (name,))
     return jnp.asarray(batch[name])
 
 
-def drop_conditioning(inputs: jax.Array, null: jax.Array, prob: float, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _require_keys(config: LDMConfig, batch: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    missing = [name for name in names if name not in batch]
+    if missing:
+        what = ", ".join(repr(name) for name in missing)
+        raise KeyError(f"the batch has no {what} entr{'ies' if len(missing) > 1 else 'y'}, which this model "
+                       f"(conditioning_key={config.diffusion.conditioning_key!r}, text towers {config.text_towers}, "
+                       f"text_time={config.text_time}) is conditioned on; it has {sorted(batch)}")
+
+
+def micro_conditioning(config: LDMConfig, batch: Mapping[str, Any], target_size: tuple[int, int],
+                       aesthetic_score: float = DEFAULT_AESTHETIC_SCORE) -> jax.Array:
+    """SDXL's micro-conditioning of a training batch: "time_ids" (B, num_time_ids) float32.
+
+    Base (6 numbers): [original height, width, crop top, left, target height, width] (SGM's
+    original_size_as_tuple, crop_coords_top_left, target_size_as_tuple; diffusers' add_time_ids), from the batch's
+    "original_size" (B, 2) and "crop_top_left" (B, 2) (`ldm_jax.data.pipeline` records them) and `target_size`.
+    Refiner (5): [original height, width, crop top, left, aesthetic score], the score from batch
+    "aesthetic_score" (B,) when present, else `aesthetic_score` for every example.
+    """
+    n = config.num_time_ids
+    if n not in (5, 6):
+        raise ValueError(f"micro_conditioning: the UNet takes {n} micro-conditioning numbers; SDXL's are 6 (base) "
+                         "or 5 (refiner, with the aesthetic score)")
+    _require_keys(config, batch, ("original_size", "crop_top_left"))
+    original = jnp.asarray(batch["original_size"], jnp.float32).reshape(-1, 2)
+    crop = jnp.asarray(batch["crop_top_left"], jnp.float32).reshape(-1, 2)
+    b = original.shape[0]
+    if n == 6:
+        last = jnp.broadcast_to(jnp.asarray(target_size, jnp.float32), (b, 2))
+    elif "aesthetic_score" in batch:
+        last = jnp.asarray(batch["aesthetic_score"], jnp.float32).reshape(b, 1)
+    else:
+        last = jnp.full((b, 1), aesthetic_score, jnp.float32)
+    return jnp.concatenate([original, crop, last], axis=-1)
+
+
+def drop_conditioning(inputs: Any, null: Any, prob: float, key: jax.Array) -> tuple[Any, jax.Array]:
     """Replaces each example's conditioning inputs (B, ...) by `null` (same shape) with probability `prob`.
 
-    Returns (inputs, dropped (B,) bool). Dropping the token ids of a prompt equals dropping its context,
-    since the text encoder treats every example separately.
+    `inputs` and `null` may be arrays or dicts of arrays with the same keys (two text towers' ids): one draw per
+    example replaces all of its entries. Returns (inputs, dropped (B,) bool). Dropping the token ids of a prompt
+    equals dropping its context, since the text encoder treats every example separately.
     """
-    dropped = jax.random.bernoulli(key, prob, (inputs.shape[0],))
-    keep = dropped.reshape((-1,) + (1,) * (inputs.ndim - 1))
-    return jnp.where(keep, null.astype(inputs.dtype), inputs), dropped
+    dropped = jax.random.bernoulli(key, prob, (jax.tree.leaves(inputs)[0].shape[0],))
+
+    def one(x, n):
+        keep = dropped.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(keep, n.astype(x.dtype), x)
+
+    return jax.tree.map(one, inputs, null), dropped
 
 
 def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array, *,
                   empty_prompt: Any = None, options: RunOptions = RunOptions(), train: bool = True,
-                  sample_posterior: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  sample_posterior: bool = True,
+                  aesthetic_score: float = DEFAULT_AESTHETIC_SCORE) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LDM training loss of one batch; returns (loss scalar, metrics {name: scalar}).
 
-    batch: "image" (B, H, W, 3) in [-1, 1]; the conditioning entry (`conditioning_inputs`: "tokens" (B, L),
-    "label" (B,) or "y" (B, D)); for "concat"/"hybrid" models either "concat" (B, h, w, C_extra) latent-space
-    channels or "mask" (B, H, W, 1) in [0, 1] (then the SD-inpainting channels of `inpaint_conditioning`).
+    batch: "image" (B, H, W, 3) in [-1, 1]; the conditioning entries (`conditioning_inputs`: "tokens" (B, L),
+    "label" (B,) or "y" (B, D); SDXL: "tokens", "tokens_2", "original_size" (B, 2), "crop_top_left" (B, 2), for a
+    refiner optionally "aesthetic_score" (B,)); for "concat"/"hybrid" models either "concat" (B, h, w, C_extra)
+    latent-space channels or "mask" (B, H, W, 1) in [0, 1] (then the SD-inpainting channels of
+    `inpaint_conditioning`).
     key: one PRNG key, split here into the posterior sample, timesteps, noise, conditioning dropout and
     UNet dropout.
-    empty_prompt: (1, L) ids of "" for text models trained with cond_drop_prob > 0 (`empty_prompt_ids`).
+    empty_prompt: the ids of "" for text models trained with cond_drop_prob > 0 (`empty_prompt_ids`: (1, L), or
+    SDXL's dict of both towers'; not needed when SDXL drops to zeros, see below).
     batch["moments"] (precomputed `first_stage_moments`) replaces encoding batch["image"] when present.
     sample_posterior: False takes KL latents' mean instead of a posterior sample (both paths alike).
     options: the run-time options (attention, remat, compute / param dtypes) of every module.
+    aesthetic_score: a refiner's score for batches without "aesthetic_score" (`micro_conditioning`).
     Steps: latents z = scale * sample(E(image)) (no gradient into the first stage); t ~ U{0..T-1}; x_t =
     q_sample(z, t, noise); per-example conditioning dropout with prob cond_drop_prob; prediction vs target
     (eps, x0 or v); per-example mean l2/l1 times the loss weight (uniform / min-SNR); then the reference's
     loss / exp(logvar_t) + logvar_t (logvar learned or the constant logvar_init); mean over the batch.
+    SDXL: the target size of the micro-conditioning is the training image's (H, W) (z's size times the first
+    stage's factor); dropout drops both towers' text of an example together (one draw) and keeps its
+    micro-conditioning (SGM's size and crop embedders have ucg_rate 0): with
+    `diffusion.force_zeros_for_empty_prompt` the text conditioning becomes zeros, context and pooled (SGM's
+    ucg zeroing of the embedders' outputs, diffusers' force_zeros), else each tower reads the empty prompt.
     """
     d = config.diffusion
     k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
@@ -719,7 +819,9 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     t = jax.random.randint(k_t, (b,), 0, d.schedule.num_timesteps)
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     x_t = q_sample(schedule, z, t, noise)
-    cond, metrics = _training_conditioning(config, params, batch, k_drop, empty_prompt, options)
+    target_size = (z.shape[1] * config.downsample_factor, z.shape[2] * config.downsample_factor)
+    cond, metrics = _training_conditioning(config, params, batch, k_drop, empty_prompt, options, target_size,
+                                           aesthetic_score)
     pred = apply_unet(config, params, x_t, t, cond, options=options, rngs={"dropout": k_dropout},
                       deterministic=not train)
     target = training_target(schedule, z, noise, t, d.prediction_type)
@@ -734,14 +836,14 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     return loss, metrics
 
 
-def _training_conditioning(config, params, batch, key, empty_prompt, options):
+def _training_conditioning(config, params, batch, key, empty_prompt, options, target_size=None,
+                           aesthetic_score=DEFAULT_AESTHETIC_SCORE):
     """(UNet conditioning dict, metrics) for a training batch, with conditioning dropout."""
     d, cond, metrics = config.diffusion, {}, {}
-    inputs = conditioning_inputs(config, batch)
+    inputs = conditioning_inputs(config, batch, target_size=target_size, aesthetic_score=aesthetic_score)
     if inputs is not None:
         if d.cond_drop_prob > 0:
-            null = null_inputs(config, inputs.shape[0], empty_prompt)
-            inputs, dropped = drop_conditioning(inputs, null, d.cond_drop_prob, key)
+            inputs, dropped = _drop(config, inputs, empty_prompt, key)
             metrics["cond_dropped"] = jnp.mean(dropped.astype(jnp.float32))
         cond.update(encode_conditioning(config, params, inputs, options=options))
     if d.conditioning_key in ("concat", "hybrid"):
@@ -760,15 +862,43 @@ def _training_conditioning(config, params, batch, key, empty_prompt, options):
     return cond, metrics
 
 
+def _drop(config: LDMConfig, inputs: Any, empty_prompt: Any, key: jax.Array) -> tuple[Any, jax.Array]:
+    """Conditioning dropout (see `training_loss`): (inputs with the dropped examples' conditioning replaced,
+    dropped (B,) bool)."""
+    prob = config.diffusion.cond_drop_prob
+    if not config.structured_conditioning:
+        leading = jax.tree.leaves(inputs)[0].shape[0]
+        return drop_conditioning(inputs, null_inputs(config, leading, empty_prompt), prob, key)
+    text = {name: inputs[name] for name in _token_keys(config)}
+    b = text["tokens"].shape[0]
+    if config.diffusion.force_zeros_for_empty_prompt:
+        dropped = jax.random.bernoulli(key, prob, (b,))  # the draw drop_conditioning makes
+        return {**inputs, "zero_text": dropped.astype(jnp.float32)}, dropped
+    text, dropped = drop_conditioning(text, null_inputs(config, b, empty_prompt), prob, key)
+    return {**inputs, **text}, dropped
+
+
+def needs_empty_prompt(config: LDMConfig) -> bool:
+    """Whether the training loss needs `empty_prompt` (the tokenised ""): text models with cond_drop_prob > 0,
+    except SDXL-style models that drop to zeros (`diffusion.force_zeros_for_empty_prompt`)."""
+    d = config.diffusion
+    zeros = config.structured_conditioning and d.force_zeros_for_empty_prompt
+    return config.tokenizer_kind is not None and d.cond_drop_prob > 0 and not zeros
+
+
 def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, options: RunOptions = RunOptions(),
-                 sample_posterior: bool = True):
-    """`loss_fn(params, batch, key) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`."""
-    if config.tokenizer_kind is not None and config.diffusion.cond_drop_prob > 0 and empty_prompt is None:
+                 sample_posterior: bool = True, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE):
+    """`loss_fn(params, batch, key) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`.
+
+    empty_prompt: `empty_prompt_ids(config, tokenizer[, tokenizer_2])` when `needs_empty_prompt(config)`.
+    aesthetic_score: a refiner's micro-conditioning for batches without "aesthetic_score".
+    """
+    if needs_empty_prompt(config) and empty_prompt is None:
         raise ValueError("cond_drop_prob > 0 with a text cond stage needs empty_prompt (see empty_prompt_ids)")
-    empty = None if empty_prompt is None else np.asarray(empty_prompt, np.int32)
+    empty = None if empty_prompt is None else jax.tree.map(lambda x: np.asarray(x, np.int32), empty_prompt)
 
     def loss_fn(params, batch, key):
         return training_loss(config, params, batch, key, empty_prompt=empty, options=options,
-                             sample_posterior=sample_posterior)
+                             sample_posterior=sample_posterior, aesthetic_score=aesthetic_score)
 
     return loss_fn

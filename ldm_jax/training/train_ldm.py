@@ -3,7 +3,9 @@
 What trains: the UNet, the cond stage when `train.train_cond_stage` (the captioned-shapes and txt2img-1p4B
 text transformers are trained jointly; SD's CLIP stays frozen), and the per-timestep logvar when learned.
 Everything else (the first stage, a frozen cond stage) is a frozen input of the jitted step
-(`loop.make_train_step(frozen=...)`), sharded by the same `mesh` rules, never in the optimiser. The loss is
+(`loop.make_train_step(frozen=...)`), sharded by the same `mesh` rules, never in the optimiser. Trained params
+sharded over "fsdp" are all-gathered where the step uses them and their gradients reduce-scattered (ZeRO-3; a
+no-op for replicated params): the params, AdamW moments and EMA stay sharded between steps. The loss is
 `ldm.training_loss` (conditioning dropout for classifier-free guidance with `ldm.cond_drop_prob`); the
 optimiser is AdamW with linear warm-up and gradient clipping in one optax chain (`optim`), with the reference's
 lr scaling rule (`optimizer.scale_lr`) and gradient accumulation (`optimizer.accumulate_grad_batches`
@@ -18,6 +20,16 @@ UNet (and cond stage) on the autoencoder of `train.first_stage` (`store.load_fir
 directory, the autoencoder stage's workdir, or any whole model). The frozen params are copied into
 WORKDIR/frozen_params.safetensors (`store.save_params`) on the first start, so resuming and exporting need
 nothing outside the workdir.
+
+SDXL-shaped models (`ldm.LDMConfig.structured_conditioning`: a second text tower, a "text_time" UNet; e.g.
+configs/sdxl_finetune.py): the batches hold both towers' ids ("tokens", "tokens_2": each tower's tokenizer, pad
+id and length) and each image's "original_size" / "crop_top_left" as the data pipeline recorded them when it
+resized and cropped (`batch_keys`); `ldm.training_loss` builds the micro-conditioning from them (the target size
+is the training resolution; a refiner's aesthetic score is `train.aesthetic_score`) and drops the text of an
+example to zeros (`diffusion.force_zeros_for_empty_prompt`) or to the empty prompt. The tokenizers are
+train.tokenizer / train.tokenizer_2, or those of train.init_from (a model directory or diffusers folder),
+copied into WORKDIR/tokenizer and WORKDIR/tokenizer_2 on the first start; `train.train_cond_stage` trains both
+towers or neither. The export keeps both tokenizers.
 
 scale_by_std (`ldm.scale_by_std=True`): on a fresh start, scale_factor = 1 / std of the first training batch's
 latents (posterior samples); it is written into the config that every checkpoint stores, and a resumed run
@@ -56,7 +68,7 @@ import orbax.checkpoint as ocp
 from ldm_jax import ldm, parallel, pipeline as sampling, store
 from ldm_jax.data import pipeline, readers
 from ldm_jax.diffusion.samplers import SAMPLERS
-from ldm_jax.models.tokenizer import load_tokenizer, tokenize
+from ldm_jax.models.tokenizer import load_tokenizer, save_tokenizer, tokenize
 from ldm_jax.training import main as common
 from ldm_jax.training import optim
 from ldm_jax.training import state as state_lib
@@ -77,12 +89,18 @@ class LDMTrainConfig(common.TrainConfig):
     """The `train` section of an LDM config: `main.TrainConfig`'s fields (image_every / num_images are the
     sample grids') and the LDM's (see the module doc for what each part does). first_stage / init_from: where
     params come from. tokenizer: a tokenizer directory, "shapes" (train the captioned-shapes word-level
-    tokenizer into WORKDIR/tokenizer) or "" (no text). sample_posterior: False trains on the KL posterior's mean.
+    tokenizer into WORKDIR/tokenizer), "" (no text, or the tokenizer of train.init_from), or for two-tower models
+    a folder holding tokenizer/ and tokenizer_2/ (what the store reads an SGM single file's towers with);
+    tokenizer_2: the second text tower's (SDXL's tokenizer_2) directory or "" (train.init_from's). sample_posterior: False trains
+    on the KL posterior's mean. train_cond_stage: train the text tower(s) with the UNet (SDXL: both towers, or
+    neither). aesthetic_score: the micro-conditioning score of a refiner-shaped UNet (5 time ids) for data
+    without per-example scores (`ldm.micro_conditioning`).
     """
 
     first_stage: str = ""
     init_from: str = ""
     tokenizer: str = ""
+    tokenizer_2: str = ""
     train_cond_stage: bool = True
     ema_decay: float | None = 0.9999
     precompute_latents: bool = False
@@ -91,6 +109,7 @@ class LDMTrainConfig(common.TrainConfig):
     sample_steps: int = 50
     guidance_scale: float = 5.0
     check_shapes: bool = False
+    aesthetic_score: float = ldm.DEFAULT_AESTHETIC_SCORE
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,11 +135,13 @@ class Stage:
     tokenizer: Any
     tokenizer_dir: pathlib.Path | None
     trainable: tuple[str, ...]
+    tokenizer_2: Any = None
+    tokenizers_from_init: bool = False
 
     @property
     def frozen_names(self) -> tuple[str, ...]:
         """The LDM param parts that are inputs, not trained."""
-        names = ["first_stage"] + (["cond_stage"] if self.model.cond_stage is not None else [])
+        names = ["first_stage"] + [n for n in ("cond_stage", "cond_stage_2") if getattr(self.model, n) is not None]
         return tuple(n for n in names if n not in self.trainable)
 
 
@@ -142,8 +163,7 @@ def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Sta
     model = ldm.ldm_config(config)
     if train.ema_decay is not None and not 0.0 < train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={train.ema_decay}; expected a value in (0, 1) or None (EMA off)")
-    keys = {"crossattn": ("image", "tokens") if model.tokenizer_kind else ("image", "label"),
-            "adm": ("image", "label"), None: ("image",)}.get(model.diffusion.conditioning_key)
+    keys = batch_keys(model)
     if keys is None:
         raise ValueError(f"the ldm stage trains conditioning_key crossattn, adm or None (unconditional); got "
                          f"{model.diffusion.conditioning_key!r} (concat/hybrid models need mask or concat inputs "
@@ -155,10 +175,10 @@ def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Sta
     f = model.downsample_factor
     if data.resolution % f:
         raise ValueError(f"data.resolution {data.resolution} is not a multiple of the first stage's factor {f}")
-    tokenizer, tokenizer_dir = _tokenizer(model, train, workdir)
+    tokenizers = _tokenizers(model, train, workdir)
     trainable = ["unet"]
-    if model.cond_stage is not None and train.train_cond_stage:
-        trainable.append("cond_stage")
+    if train.train_cond_stage:
+        trainable += [name for name in ("cond_stage", "cond_stage_2") if getattr(model, name) is not None]
     if model.diffusion.learn_logvar:
         trainable.append("logvar")
     mesh, rules = common.mesh_and_rules(config)
@@ -167,33 +187,113 @@ def build_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Sta
     common.checkpoint_config(config)  # checked now, used by the loop
     return Stage(config=config, model=model, train=train, data=data,
                  optimizer=common.section(optim.OptimizerConfig, config, "optimizer"), mesh=mesh, rules=rules,
-                 options=common.run_options(train), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
-                 trainable=tuple(trainable))
+                 options=common.run_options(train), trainable=tuple(trainable), **tokenizers)
 
 
-def _tokenizer(model: ldm.LDMConfig, train: LDMTrainConfig, workdir: pathlib.Path):
-    """(tokenizer, its directory) for text models, checked against the cond stage's vocabulary."""
-    if model.tokenizer_kind is None:
-        if train.tokenizer:
-            raise ValueError(f"train.tokenizer={train.tokenizer!r} but the model has no text cond stage")
-        return None, None
-    if not train.tokenizer:
-        raise ValueError("a text model needs train.tokenizer: a tokenizer directory, or 'shapes' for the "
-                         "captioned-shapes word-level tokenizer")
-    if train.tokenizer == SHAPES_TOKENIZER:
-        directory = workdir / TOKENIZER_DIR
-        if not (directory / "tokenizer.json").is_file() and jax.process_index() == 0:
-            from ldm_jax.data.train_tokenizer import train_tokenizer  # noqa: PLC0415
+def batch_keys(model: ldm.LDMConfig) -> tuple[str, ...] | None:
+    """The batch keys the ldm stage trains `model` on (`data.batch_keys` must be exactly these), or None when
+    the stage cannot train its conditioning_key. SDXL-shaped models: both towers' ids and, for "text_time" UNets,
+    each image's original size and crop offsets (`ldm_jax.data.pipeline`)."""
+    key = model.diffusion.conditioning_key
+    if key == "crossattn" and model.structured_conditioning:
+        return ("image", "tokens") + (("tokens_2",) if model.cond_stage_2 is not None else ()) + (
+            pipeline.GEOMETRY_KEYS if model.text_time else ())
+    return {"crossattn": ("image", "tokens") if model.tokenizer_kind else ("image", "label"),
+            "adm": ("image", "label"), None: ("image",)}.get(key)
 
-            train_tokenizer(directory)
-        sync_processes("tokenizer")
-    else:
-        directory = pathlib.Path(train.tokenizer)
-    tokenizer = load_tokenizer(directory, model.tokenizer_kind)
-    vocab = model.cond_stage.vocab_size
+
+def _tokenizers(model: ldm.LDMConfig, train: LDMTrainConfig, workdir: pathlib.Path) -> dict[str, Any]:
+    """Stage fields tokenizer, tokenizer_dir, tokenizer_2 and tokenizers_from_init for the model's text towers.
+
+    Each tower's tokenizer is, in order: the directory train.tokenizer / train.tokenizer_2 names ("shapes" trains
+    the captioned-shapes tokenizer into WORKDIR/tokenizer; for a two-tower model train.tokenizer may instead be a
+    folder holding tokenizer/ and tokenizer_2/, as `store.load_model` takes for an SGM single file); the copy in
+    WORKDIR/tokenizer(_2) that a run from train.init_from made on its first start; else the init model's own
+    (tokenizers_from_init: `with_init_tokenizers` adds them once train.init_from is loaded). Each is checked
+    against its tower's vocabulary.
+    """
+    out: dict[str, Any] = dict(tokenizer=None, tokenizer_dir=None, tokenizer_2=None, tokenizers_from_init=False)
+    towers = {"cond_stage": ("tokenizer", train.tokenizer, TOKENIZER_DIR),
+              "cond_stage_2": ("tokenizer_2", train.tokenizer_2, store.TOKENIZER_2_DIR)}
+    for name, (field, given, _) in towers.items():
+        if given and name not in model.text_towers:
+            raise ValueError(f"train.{field}={given!r} but the model has no text tower {name}")
+    folder = _tokenizers_folder(model, train)
+    if folder is not None:
+        towers = {"cond_stage": ("tokenizer", str(folder / TOKENIZER_DIR), TOKENIZER_DIR),
+                  "cond_stage_2": ("tokenizer_2", train.tokenizer_2 or str(folder / store.TOKENIZER_2_DIR),
+                                   store.TOKENIZER_2_DIR)}
+    for name in model.text_towers:
+        field, given, copy = towers[name]
+        kind = getattr(model, name).tokenizer_kind
+        if given == SHAPES_TOKENIZER and name == "cond_stage":
+            directory = workdir / TOKENIZER_DIR
+            if not (directory / "tokenizer.json").is_file() and jax.process_index() == 0:
+                from ldm_jax.data.train_tokenizer import train_tokenizer  # noqa: PLC0415
+
+                train_tokenizer(directory)
+            sync_processes("tokenizer")
+        elif given:
+            directory = pathlib.Path(given)
+        elif train.init_from and (workdir / copy).is_dir():
+            directory = workdir / copy
+        elif train.init_from:
+            out["tokenizers_from_init"] = True
+            continue
+        else:
+            raise ValueError(f"a text model needs train.{field} (the {name} tower's tokenizer directory"
+                             + (", or 'shapes' for the captioned-shapes word-level tokenizer" if name == "cond_stage"
+                                else "") + "), or train.init_from a model directory or diffusers folder holding it")
+        tokenizer = load_tokenizer(directory, kind)
+        _check_vocabulary(tokenizer, model, name, str(directory))
+        out[field] = tokenizer
+        if name == "cond_stage":
+            out["tokenizer_dir"] = directory
+    return out
+
+
+def _tokenizers_folder(model: ldm.LDMConfig, train: LDMTrainConfig) -> pathlib.Path | None:
+    """train.tokenizer when it is a folder holding tokenizer/ (and tokenizer_2/) for a two-tower model, else None."""
+    given = train.tokenizer
+    if model.cond_stage_2 is None or not given or given == SHAPES_TOKENIZER:
+        return None
+    return pathlib.Path(given) if (pathlib.Path(given) / TOKENIZER_DIR).is_dir() else None
+
+
+def _store_tokenizer(stage: Stage) -> pathlib.Path | None:
+    """The `tokenizer` argument `store.load_model` reads a single file's towers with: train.tokenizer's folder of
+    both (two-tower models), else the first tower's directory."""
+    return _tokenizers_folder(stage.model, stage.train) or stage.tokenizer_dir
+
+
+def _check_vocabulary(tokenizer: Any, model: ldm.LDMConfig, name: str, where: str) -> None:
+    vocab = getattr(model, name).vocab_size
     if len(tokenizer) > vocab:
-        raise ValueError(f"the tokenizer in {directory} has {len(tokenizer)} tokens; cond_stage.vocab_size is {vocab}")
-    return tokenizer, directory
+        raise ValueError(f"the tokenizer in {where} has {len(tokenizer)} tokens; {name}.vocab_size is {vocab}")
+
+
+def with_init_tokenizers(stage: Stage, init_model: ldm.LoadedModel, workdir: pathlib.Path) -> Stage:
+    """The stage with the tokenizers of the loaded train.init_from model for the towers that have none yet
+    (`stage.tokenizers_from_init`), copied into WORKDIR/tokenizer(_2) (so a resumed run and `export_model` need
+    nothing outside the workdir)."""
+    if not stage.tokenizers_from_init:
+        return stage
+    fields = {"cond_stage": "tokenizer", "cond_stage_2": "tokenizer_2"}
+    missing = {name: tok for name, tok in init_model.tokenizers().items() if getattr(stage, fields[name]) is None}
+    for name, tokenizer in missing.items():
+        if tokenizer is None:
+            raise ValueError(f"train.init_from={stage.train.init_from!r} has no tokenizer for the text tower {name}; "
+                             f"give train.{fields[name]}")
+        _check_vocabulary(tokenizer, stage.model, name, stage.train.init_from)
+    if jax.process_index() == 0:
+        for name, tokenizer in missing.items():
+            directory = workdir / (store.TOKENIZER_2_DIR if name == "cond_stage_2" else TOKENIZER_DIR)
+            save_tokenizer(tokenizer, directory, getattr(stage.model, name).max_length)
+    sync_processes("tokenizers")
+    changes: dict[str, Any] = {fields[name]: tokenizer for name, tokenizer in missing.items()}
+    if "cond_stage" in missing:
+        changes["tokenizer_dir"] = workdir / TOKENIZER_DIR
+    return dataclasses.replace(stage, tokenizers_from_init=False, **changes)
 
 
 def with_scale_factor(stage: Stage, value: float) -> Stage:
@@ -214,10 +314,17 @@ def load_pretrained(source: str | os.PathLike, config: ldm.LDMConfig, *,
     """Every LDM param of a `store.load_model` source, checked against `config`'s shapes (a ConversionError
     names the first that does not fit). A single file is read with `config` as its architecture (and
     `tokenizer`, the local tokenizer directory, for a text model); other sources carry their own config."""
+    return load_init_model(source, config, tokenizer=tokenizer).params
+
+
+def load_init_model(source: str | os.PathLike, config: ldm.LDMConfig, *,
+                    tokenizer: str | os.PathLike | None = None) -> ldm.LoadedModel:
+    """`load_pretrained` returning the whole `ldm.LoadedModel` (its tokenizers too), params checked."""
     single_file = store.detect_format(source) == "compvis"
     model = store.load_model(source, config=config if single_file else None,
                              tokenizer=tokenizer if single_file else None)
-    return store.check_params(model.params, store.param_shapes(config), source=str(source))
+    params = store.check_params(model.params, store.param_shapes(config), source=str(source))
+    return dataclasses.replace(model, params=params)
 
 
 def _first_stage_source(first_stage: str) -> pathlib.Path:
@@ -265,7 +372,7 @@ def frozen_params(stage: Stage, workdir: pathlib.Path, pretrained: Mapping[str, 
         return store.load_params(copy, shapes, source=str(copy))
     if stage.train.init_from:
         if pretrained is None:
-            pretrained = load_pretrained(stage.train.init_from, stage.model, tokenizer=stage.tokenizer_dir)
+            pretrained = load_pretrained(stage.train.init_from, stage.model, tokenizer=_store_tokenizer(stage))
         frozen = {name: pretrained[name] for name in names}
     else:
         if names != ("first_stage",):
@@ -325,11 +432,20 @@ def place(tree: Any, stage: Stage) -> Any:
 
 
 def _tokenize_fn(stage: Stage):
+    """captions -> token ids (B, L), or SDXL's {"tokens": (B, L), "tokens_2": (B, L2)} (each tower's tokenizer,
+    pad id and length); None for models without text."""
     if stage.tokenizer is None:
+        if stage.tokenizers_from_init:
+            raise ValueError("the tokenizers of train.init_from are not loaded yet (with_init_tokenizers)")
         return None
     m = stage.model
-    return lambda captions: tokenize(stage.tokenizer, list(captions), pad_token_id=m.pad_token_id,
-                                     max_length=m.max_length)
+    if not m.structured_conditioning:
+        return lambda captions: tokenize(stage.tokenizer, list(captions), pad_token_id=m.pad_token_id,
+                                         max_length=m.max_length)
+    tokenizers = {"cond_stage": stage.tokenizer, "cond_stage_2": stage.tokenizer_2}
+    towers = {key: (tokenizers[name], getattr(m, name)) for key, name in zip(("tokens", "tokens_2"), m.text_towers)}
+    return lambda captions: {key: tokenize(tok, list(captions), pad_token_id=tower.pad_token_id,
+                                           max_length=tower.max_length) for key, (tok, tower) in towers.items()}
 
 
 def image_iterator(stage: Stage, source: Any = None) -> pipeline.DataIterator:
@@ -452,6 +568,10 @@ def _eval_conditioning(stage: Stage) -> tuple[Any, Any, list[str] | None]:
     if m.tokenizer_kind is not None:
         batch = next(pipeline.make_iterator(dataclasses.replace(cfg, batch_keys=("caption",))))
         captions = list(batch["caption"])
+        if m.structured_conditioning:  # SDXL: each tower's ids; without a negative prompt, as the pipelines do
+            model = ldm.LoadedModel(config=m, params={}, tokenizer=stage.tokenizer, tokenizer_2=stage.tokenizer_2)
+            cond, uncond = sampling.encode_prompts(model, captions, warn=False)
+            return cond, uncond, captions
         cond = _tokenize_fn(stage)(captions)
         return cond, np.repeat(ldm.empty_prompt_ids(m, stage.tokenizer), n, axis=0), captions
     labels = next(pipeline.make_iterator(dataclasses.replace(cfg, batch_keys=("label",))))["label"]
@@ -493,12 +613,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     train = stage.train
     cached = train.precompute_latents and latents_cache(workdir, stage.data.split).is_file()
     source = None if cached else common.user_input("data", pipeline.make_source, stage.data)  # before any params
-    conditioning = common.user_input(f"train.eval_split={train.eval_split!r}", _eval_conditioning, stage)
     saved = saved_config(workdir)
     pretrained = None
-    if train.init_from and saved is None:  # a resumed run restores every trained param from its checkpoint
-        pretrained = common.user_input(f"train.init_from={train.init_from!r}", load_pretrained, train.init_from,
-                                       stage.model, tokenizer=stage.tokenizer_dir)
+    # A resumed run restores every trained param from its checkpoint (and has the tokenizers in the workdir).
+    if train.init_from and (saved is None or stage.tokenizers_from_init):
+        what = f"train.init_from={train.init_from!r}"
+        init_model = common.user_input(what, load_init_model, train.init_from, stage.model,
+                                       tokenizer=_store_tokenizer(stage))
+        stage = common.user_input(what, with_init_tokenizers, stage, init_model, workdir)
+        pretrained = init_model.params if saved is None else None
+        del init_model
+    conditioning = common.user_input(f"train.eval_split={train.eval_split!r}", _eval_conditioning, stage)
     where = f"train.init_from={train.init_from!r}" if train.init_from else f"train.first_stage={train.first_stage!r}"
     frozen_np = common.user_input(where, frozen_params, stage, workdir, pretrained)
     frozen = place(frozen_np, stage)
@@ -516,11 +641,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     state = init_state(stage, key, pretrained=pretrained)
     del pretrained
     tx_schedule = _optimizer(stage)[1]
-    empty = ldm.empty_prompt_ids(stage.model, stage.tokenizer) if stage.tokenizer is not None else None
+    empty = ldm.empty_prompt_ids(stage.model, stage.tokenizer, stage.tokenizer_2) if stage.tokenizer is not None else None
     base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty, options=stage.options,
-                                 sample_posterior=train.sample_posterior)
+                                 sample_posterior=train.sample_posterior, aesthetic_score=train.aesthetic_score)
+
+    gathered = parallel.replicated(stage.mesh)
 
     def loss_fn(params, batch, key, frozen_params):
+        # FSDP as ZeRO-3: each trained param is all-gathered where the step uses it and its gradient
+        # reduce-scattered back to the param's shards. Left to itself, GSPMD resharded the UNet's activations to
+        # the kernels' "fsdp" layout in the backward pass instead ("involuntary full rematerialization" on a
+        # data=2 x fsdp=4 mesh). A no-op when params are replicated (fsdp=1).
+        params = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, gathered), params)
         return base_loss({**params, **frozen_params}, batch, key)
 
     step = make_train_step(loss_fn, mesh=stage.mesh, state_shardings=state_lib.shardings_of(state),
@@ -554,7 +686,7 @@ def write_export(stage: Stage, state: TrainState, frozen: Mapping[str, Any], out
     params = {**host_copy(trained), **host_copy(dict(frozen))}
     if jax.process_index() == 0:
         model = ldm.LoadedModel(config=stage.model, params=params, tokenizer=stage.tokenizer,
-                                model_id=str(out_dir))
+                                model_id=str(out_dir), tokenizer_2=stage.tokenizer_2)
         store.save_model(model, out_dir)
         log.info("exported the model to %s (ldm-jax sample --checkpoint %s; ldm_jax.store.load_model)", out_dir,
                  out_dir)
@@ -587,5 +719,6 @@ def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> path
     return write_export(stage, state, frozen, pathlib.Path(out_dir))
 
 
-__all__ = ["LDMTrainConfig", "Result", "build_stage", "export_model", "frozen_params",
-           "init_state", "load_pretrained", "precompute_latents", "train_and_evaluate", "write_export"]
+__all__ = ["LDMTrainConfig", "Result", "batch_keys", "build_stage", "export_model", "frozen_params", "init_state",
+           "load_init_model", "load_pretrained", "precompute_latents", "train_and_evaluate", "with_init_tokenizers",
+           "write_export"]
