@@ -14,6 +14,7 @@ import pytest
 from ldm_jax import pipeline, store
 from ldm_jax.convert.diffusers_pipeline import read_scheduler_config, sampler_options
 from ldm_jax.parallel import make_mesh
+import sdxl_fixtures as parts
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -32,30 +33,6 @@ def _rel_err(ours, theirs) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def _tokenizers(tmp_path_factory):
-    from tokenizer_fixtures import write_clip_tokenizer
-
-    directory = write_clip_tokenizer(tmp_path_factory.mktemp("sdxl_tok"))
-    tok = transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True, model_max_length=77)
-    # OpenCLIP's tokenizer (SDXL's tokenizer_2) pads with "!" (id 0) instead of the end-of-text token.
-    tok_2 = transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True, model_max_length=77,
-                                                       pad_token="!")
-    return tok, tok_2
-
-
-def _text_encoders(tok):
-    common = dict(vocab_size=len(tok), intermediate_size=37, num_hidden_layers=3, max_position_embeddings=77,
-                  bos_token_id=tok.bos_token_id, layer_norm_eps=1e-5)
-    clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=32, num_attention_heads=4, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        **common))
-    # bigG: gelu, eos_token_id 2 (argmax pooling, as SDXL's text_encoder_2 config), a projection.
-    big_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        hidden_size=48, num_attention_heads=4, hidden_act="gelu", eos_token_id=2, pad_token_id=1,
-        projection_dim=24, **common))
-    return clip_l, big_g
-
-
 def _unet(cross_attention_dim, num_time_ids, pooled=24, in_channels=4):
     return diffusers.UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64),
@@ -66,45 +43,19 @@ def _unet(cross_attention_dim, num_time_ids, pooled=24, in_channels=4):
         projection_class_embeddings_input_dim=pooled + num_time_ids * TIME_DIM)
 
 
-def _vae():
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SIZE,
-        scaling_factor=0.13025)
-    with torch.no_grad():  # posterior std ~ exp(-15): diffusers' sampled encodings equal the mode we use
-        vae.quant_conv.weight[4:] = 0
-        vae.quant_conv.bias[4:] = -30.0
-    return vae
-
-
-def _randomise(*modules):
-    """Every parameter gets noise, so that zero-initialised layers (conv_out, proj_out) are exercised too."""
-    with torch.no_grad():
-        for module in modules:
-            for name, p in module.named_parameters():
-                if not name.startswith("quant_conv"):
-                    p.add_(0.05 * torch.randn_like(p))
-            module.eval()
-
-
-def _scheduler():
-    return diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            timestep_spacing="leading", steps_offset=1)
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """(base pipeline, its folder, refiner pipeline, its folder), tiny and random, saved by diffusers."""
     torch.manual_seed(0)
-    tok, tok_2 = _tokenizers(tmp_path_factory)
-    clip_l, big_g = _text_encoders(tok)
-    unet, refiner_unet, vae = _unet(32 + 48, 6), _unet(48, 5), _vae()
-    _randomise(clip_l, big_g, unet, refiner_unet, vae)
+    tok, tok_2 = parts.tokenizers(tmp_path_factory.mktemp("sdxl_tok"))
+    clip_l, big_g = parts.text_encoders(tok)
+    unet, refiner_unet, vae = _unet(32 + 48, 6), _unet(48, 5), parts.vae(SIZE)
+    parts.randomise(clip_l, big_g, unet, refiner_unet, vae)
     base = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tok,
-                                               tokenizer_2=tok_2, unet=unet, scheduler=_scheduler())
+                                               tokenizer_2=tok_2, unet=unet, scheduler=parts.scheduler())
     refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
         vae=vae, text_encoder=None, text_encoder_2=big_g, tokenizer=None, tokenizer_2=tok_2, unet=refiner_unet,
-        scheduler=_scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        scheduler=parts.scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     root = tmp_path_factory.mktemp("sdxl")
     base.save_pretrained(root / "base", safe_serialization=True)
     refiner.save_pretrained(root / "refiner", safe_serialization=True)
@@ -119,10 +70,10 @@ def sdxl_inpaint(sdxl, tmp_path_factory):
     base = sdxl[0]
     torch.manual_seed(1)
     unet = _unet(32 + 48, 6, in_channels=9)
-    _randomise(unet)
+    parts.randomise(unet)
     pipe = diffusers.StableDiffusionXLInpaintPipeline(
         vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=_scheduler())
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=parts.scheduler())
     folder = tmp_path_factory.mktemp("sdxl_inpaint") / "pipe"
     pipe.save_pretrained(folder, safe_serialization=True)
     pipe.set_progress_bar_config(disable=True)

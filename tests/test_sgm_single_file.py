@@ -31,6 +31,7 @@ from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.ldm_yaml import config_from_ldm_yaml
 from ldm_jax.diffusion.schedule import ScheduleConfig
 from ldm_jax.ldm import ldm_config, param_shapes
+import sdxl_fixtures as parts
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -43,26 +44,6 @@ PIPELINES = {"base": "StableDiffusionXLPipeline", "refiner": "StableDiffusionXLI
 
 
 # ------------------------------------------------------------------------------------------- tiny models
-
-
-def _tokenizers(directory):
-    tok = transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True, model_max_length=77)
-    # OpenCLIP's tokenizer (SDXL's tokenizer_2) pads with "!" (id 0) instead of the end-of-text token.
-    tok_2 = transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True, model_max_length=77,
-                                                       pad_token="!")
-    return tok, tok_2
-
-
-def _text_encoders(tok):
-    common = dict(vocab_size=len(tok), intermediate_size=37, num_hidden_layers=3, max_position_embeddings=77,
-                  bos_token_id=tok.bos_token_id, layer_norm_eps=1e-5)
-    clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=64, num_attention_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        **common))
-    big_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        hidden_size=128, num_attention_heads=2, hidden_act="gelu", eos_token_id=2, pad_token_id=1,
-        projection_dim=POOLED, **common))
-    return clip_l, big_g
 
 
 def _unet(refiner: bool):
@@ -85,29 +66,17 @@ def _unet(refiner: bool):
                                           addition_time_embed_dim=TIME_DIM, **kw)
 
 
-def _vae():
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-        scaling_factor=0.13025)
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """{"base" / "refiner": (diffusers pipeline, its folder, our LoadedModel of it, our SGM file of it)}."""
-    from tokenizer_fixtures import write_clip_tokenizer
-
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("sgm")
-    tok, tok_2 = _tokenizers(write_clip_tokenizer(root / "tok"))
-    clip_l, big_g = _text_encoders(tok)
-    unet, refiner_unet, vae = _unet(False), _unet(True), _vae()
-    with torch.no_grad():  # every parameter off its initial value (zero-initialised layers included)
-        for module in (clip_l, big_g, unet, refiner_unet, vae):
-            for p in module.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1)
+    tok, tok_2 = parts.tokenizers(root / "tok")
+    # 64-wide heads: what inferring the towers' head counts from the weights needs
+    clip_l, big_g = parts.text_encoders(tok, widths=(64, 128), heads=(1, 2), projection_dim=POOLED)
+    unet, refiner_unet, vae = _unet(False), _unet(True), parts.vae()
+    parts.randomise(clip_l, big_g, unet, refiner_unet, vae)
+    scheduler = parts.scheduler()
     pipes = {
         "base": diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tok,
                                                     tokenizer_2=tok_2, unet=unet, scheduler=scheduler),
@@ -287,12 +256,13 @@ def _zeros(config):
 
 
 def test_store_loads_and_saves_sgm_files(sdxl, tmp_path):
-    """The store infers the config of an SGM file and loads it (tokenizer wiring for the base's second tower is
-    the store's: here only its params are compared); format="compvis" writes the SGM layout."""
-    for name, tokenizer in (("base", "tokenizer"), ("refiner", "tokenizer_2")):
+    """The store infers the config of an SGM file and loads it with --tokenizer a folder holding tokenizer/ and
+    tokenizer_2/ (the base takes both, the refiner tokenizer_2/); format="compvis" writes the SGM layout."""
+    for name in ("base", "refiner"):
         _, folder, model, path = sdxl[name]
-        loaded = store.load_model(path, tokenizer=folder / tokenizer)
+        loaded = store.load_model(path, tokenizer=folder)
         assert loaded.config == compvis.infer_config(load_state_dict(path))
+        assert (loaded.tokenizer_2 is not None) == (name == "base") and loaded.tokenizer is not None
         _assert_equal_params(loaded.params, model.params)
         out = store.save_model(model, tmp_path / f"{name}.safetensors", format="compvis")
         assert load_state_dict(out).keys() == load_state_dict(path).keys()
