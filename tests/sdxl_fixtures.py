@@ -12,15 +12,15 @@ import pathlib
 from tokenizer_fixtures import write_clip_tokenizer
 
 
-def tokenizers(directory: str | pathlib.Path):
+def tokenizers(directory: str | pathlib.Path, max_length: int = 77):
     """(tokenizer, tokenizer_2): a tiny CLIP BPE tokenizer written to `directory`, loaded twice; the second pads
     with "!" (id 0) as OpenCLIP's (SDXL's tokenizer_2) does, the first with the end-of-text token."""
     import transformers
 
     directory = write_clip_tokenizer(directory)
-    tok = transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True, model_max_length=77)
-    tok_2 = transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True, model_max_length=77,
-                                                       pad_token="!")
+    kw = dict(local_files_only=True, model_max_length=max_length)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(directory), **kw)
+    tok_2 = transformers.CLIPTokenizer.from_pretrained(str(directory), pad_token="!", **kw)
     return tok, tok_2
 
 
