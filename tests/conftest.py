@@ -67,6 +67,22 @@ def _tiny_sd_components(tmp_path_factory, in_channels=4):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache in a fresh directory for one test module, every program cached: resumed
+    runs and repeated stages compile the same programs again and the cache serves the repeats. Opt in with
+    `pytestmark = pytest.mark.usefixtures("compilation_cache")`."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
 @pytest.fixture(scope="session")
 def sd(tmp_path_factory):
     """(pipeline, folder): a tiny random diffusers StableDiffusionPipeline and the folder it saved."""
