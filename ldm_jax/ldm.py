@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from ldm_jax.config import build_dataclass
 from ldm_jax.diffusion.guidance import inpaint_channels
+from ldm_jax.diffusion.micro_conditioning import MicroConditioning, last_entry
 from ldm_jax.diffusion.schedule import (LOSS_WEIGHTINGS, PREDICTION_TYPES, NoiseSchedule, ScheduleConfig,
                                         logvar_weighted_loss, loss_weights, make_schedule, q_sample,
                                         training_target)
@@ -690,7 +691,8 @@ def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: ja
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-DEFAULT_AESTHETIC_SCORE = 6.0  # the refiner's micro-conditioning when the batch has no "aesthetic_score"
+# the refiner's micro-conditioning when the batch has no "aesthetic_score": sampling's default (diffusers')
+DEFAULT_AESTHETIC_SCORE = MicroConditioning.aesthetic_score
 
 
 def conditioning_inputs(config: LDMConfig, batch: Mapping[str, Any], *, target_size: tuple[int, int] | None = None,
@@ -744,15 +746,12 @@ def micro_conditioning(config: LDMConfig, batch: Mapping[str, Any], target_size:
     Refiner (5): [original height, width, crop top, left, aesthetic score], the score from batch
     "aesthetic_score" (B,) when present, else `aesthetic_score` for every example.
     """
-    n = config.num_time_ids
-    if n not in (5, 6):
-        raise ValueError(f"micro_conditioning: the UNet takes {n} micro-conditioning numbers; SDXL's are 6 (base) "
-                         "or 5 (refiner, with the aesthetic score)")
+    last_name = last_entry(config.num_time_ids)
     _require_keys(config, batch, ("original_size", "crop_top_left"))
     original = jnp.asarray(batch["original_size"], jnp.float32).reshape(-1, 2)
     crop = jnp.asarray(batch["crop_top_left"], jnp.float32).reshape(-1, 2)
     b = original.shape[0]
-    if n == 6:
+    if last_name == "target_size":
         last = jnp.broadcast_to(jnp.asarray(target_size, jnp.float32), (b, 2))
     elif "aesthetic_score" in batch:
         last = jnp.asarray(batch["aesthetic_score"], jnp.float32).reshape(b, 1)

@@ -11,6 +11,18 @@ import dataclasses
 import numpy as np
 
 
+def last_entry(num_time_ids: int) -> str:
+    """What follows [original height, width, crop top, left] in a UNet's time ids: "target_size" (6 numbers, the
+    base) or "aesthetic_score" (5, the refiner). ValueError for any other count. Sampling (`MicroConditioning`)
+    and training (`ldm.micro_conditioning`) both lay the numbers out by it."""
+    if num_time_ids == 6:
+        return "target_size"
+    if num_time_ids == 5:
+        return "aesthetic_score"
+    raise ValueError(f"the UNet takes {num_time_ids} micro-conditioning numbers; SDXL's are 6 (base) or 5 "
+                     "(refiner, with the aesthetic score)")
+
+
 @dataclasses.dataclass(frozen=True)
 class MicroConditioning:
     """SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2), in pixels, with diffusers' defaults.
@@ -46,13 +58,10 @@ class MicroConditioning:
             neg_crops = self.negative_crops_coords_top_left
         else:
             neg_original, neg_target, neg_crops = original, target, self.crops_coords_top_left
-        if num_time_ids == 5:
+        if last_entry(num_time_ids) == "aesthetic_score":
             pos = (*original, *self.crops_coords_top_left, self.aesthetic_score)
             neg = (*neg_original, *neg_crops, self.negative_aesthetic_score)
-        elif num_time_ids == 6:
+        else:
             pos = (*original, *self.crops_coords_top_left, *target)
             neg = (*neg_original, *neg_crops, *neg_target)
-        else:
-            raise ValueError(f"the UNet takes {num_time_ids} micro-conditioning numbers; SDXL's are 6 (base) or 5 "
-                             "(refiner, with the aesthetic score)")
         return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
