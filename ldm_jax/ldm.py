@@ -359,7 +359,8 @@ class LoadedModel:
     tokenizer (transformers tokenizer object) or None, where it came from (`model_id`, e.g. a path) and the
     run-time options it was loaded with (`options`). `scheduler_config`: the diffusers scheduler_config.json
     the model came with (its sampling timesteps, spacing and offset), or None. `tokenizer_2`: the second text
-    tower's tokenizer (SDXL's tokenizer_2), None for one-tower models."""
+    tower's tokenizer (SDXL's tokenizer_2), None for one-tower models. `adapters`: what `store.apply_adapters`
+    applied, in order: ("lora", file, scale) and ("embedding", file, token) entries (run-time, never saved)."""
 
     config: LDMConfig
     params: dict[str, Any]
@@ -368,6 +369,7 @@ class LoadedModel:
     options: RunOptions = RunOptions()
     scheduler_config: dict[str, Any] | None = None
     tokenizer_2: Any = None
+    adapters: tuple[tuple[str, str, Any], ...] = ()
 
     def tokenizers(self) -> dict[str, Any]:
         """{text tower name: its tokenizer} for `config.text_towers` (cond_stage -> tokenizer, cond_stage_2 ->
