@@ -47,6 +47,21 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """argparse type for `FILE[:SCALE]` -> (file, scale); scale 1.0 when absent. A name that exists as a file is
+    taken whole (a colon inside a file name is kept); otherwise the text after the last colon must be a finite
+    number."""
+    if ":" not in text or pathlib.Path(text).is_file():
+        return text, 1.0
+    path, _, scale = text.rpartition(":")
+    try:
+        value = finite_float(scale)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale after ':' must be a finite number, got "
+                                         f"{scale!r}") from None
+    return path, value
+
+
 def int_in(low: int, high: int | None = None):
     """argparse type factory: an int in [low, high) (high None: no upper bound)."""
 

@@ -42,6 +42,11 @@ denoisers sharing one sampler and noise schedule. --distilled turbo|lightning pi
 settings (sampler, trailing spacing, steps, guidance 0) wherever the flags do not. --clip-skip N reads the text
 towers N blocks earlier (diffusers' clip_skip).
 
+Adapters: `--lora FILE[:SCALE]` (repeatable; diffusers/PEFT or kohya safetensors) merges each LoRA into the
+weights at its scale before sampling, and `--embedding FILE [--token NAME]` (repeatable, one --token per
+--embedding or none) adds textual-inversion tokens, through `store.apply_adapters`; both are recorded in the
+PNGs ("loras", "embeddings"). A file for another model fails before anything runs, naming the file and key.
+
 The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps, --ddim_eta, --n_samples,
 --H, --W, --from-file, --plms.
 """
@@ -59,7 +64,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
-from ldm_jax.cli import ArgumentParser, finite_float, one_line, writable_dir
+from ldm_jax.cli import ArgumentParser, finite_float, lora_spec, one_line, writable_dir
 from ldm_jax.diffusion.micro_conditioning import MicroConditioning
 from ldm_jax.images import image_grid, to_uint8
 from ldm_jax.models.tokenizer import short_repr
@@ -128,6 +133,8 @@ class SampleRequest:
     distilled: str | None = None
     refiner: str | None = None
     denoising_end: float = 0.8
+    loras: tuple[tuple[str, float], ...] = ()
+    embeddings: tuple[tuple[str, str | None], ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -189,6 +196,12 @@ def validate(request: SampleRequest) -> None:
     for flag, path in (("--init-image", request.init_image), ("--mask", request.mask), ("--latents", request.latents)):
         if path is not None and not pathlib.Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
+    for path, _ in request.loras:
+        if not pathlib.Path(path).is_file():
+            raise UserError(f"--lora {path}: no such file (a diffusers/PEFT or kohya LoRA .safetensors)")
+    for path, _ in request.embeddings:
+        if not pathlib.Path(path).is_file():
+            raise UserError(f"--embedding {path}: no such file (a textual-inversion .safetensors / .pt / .bin)")
     if request.text_encoder_config is not None and not pathlib.Path(request.text_encoder_config).exists():
         raise UserError(f"--text-encoder-config {request.text_encoder_config}: no such file or directory (a "
                         f"transformers CLIP config.json or its directory)")
@@ -218,6 +231,23 @@ def load_model(request: SampleRequest):
         raise UserError(f"--checkpoint {where}: {message}") from None
 
 
+def with_adapters(request: SampleRequest, model: Any) -> Any:
+    """`model` with the request's --embedding tokens added and --lora files merged (`store.apply_adapters`); a
+    file that does not fit the model becomes UserError naming the flag."""
+    if not request.loras and not request.embeddings:
+        return model
+    from ldm_jax import store  # noqa: PLC0415
+
+    try:
+        return store.apply_adapters(model, loras=request.loras, embeddings=request.embeddings)
+    except (OSError, ValueError) as error:
+        message = one_line(error)
+        flag = "--lora" if any(message.startswith(str(p)) for p, _ in request.loras) else "--embedding"
+        if not any(message.startswith(str(p)) for p, _ in (*request.loras, *request.embeddings)):
+            flag = "--lora/--embedding"
+        raise UserError(f"{flag} {message}") from None
+
+
 # ------------------------------------------------------------------------------------------- generation
 
 
@@ -245,7 +275,7 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     from ldm_jax import parallel, pipeline  # noqa: PLC0415
 
     request = _resolve_seed(request)
-    model = load_model(request)
+    model = with_adapters(request, load_model(request))
     config = model.config
     refiner = load_refiner(request, model) if request.refiner else None
     micro = check_model_flags(request, config, None if refiner is None else refiner.config)
@@ -542,6 +572,8 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "refiner": request.refiner or "",
         "denoising_end": request.denoising_end if request.refiner else "",
         **{field: getattr(request.micro, field) for field in MICRO_FLAGS if getattr(request.micro, field) is not None},
+        "loras": "; ".join(f"{path}:{scale:g}" for path, scale in request.loras),
+        "embeddings": "; ".join(path + (f" as {token}" if token else "") for path, token in request.embeddings),
     }
 
 
@@ -605,6 +637,16 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
         else:
             names = ("TOP", "LEFT") if "crops" in field else ("H", "W")
             micro.add_argument(flag, dest=field, type=int, nargs=2, metavar=names, default=None)
+    adapters = p.add_argument_group("adapters")
+    adapters.add_argument("--lora", dest="loras", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+                          help="a LoRA (diffusers/PEFT or kohya .safetensors) merged at SCALE (default 1; "
+                          "repeatable: they stack)")
+    adapters.add_argument("--embedding", dest="embedding_files", action="append", default=[], metavar="FILE",
+                          help="a textual-inversion embedding (diffusers learned_embeds, A1111 .pt/.safetensors; "
+                          "repeatable)")
+    adapters.add_argument("--token", dest="tokens", action="append", default=[], metavar="NAME",
+                          help="the prompt word of the --embedding given in the same position (default: the file's "
+                          "own name)")
     p.add_argument("--outdir", default="outputs")
     return p
 
@@ -628,6 +670,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sample.py") -> Sa
     fields["steps"] = args.steps if args.steps is not None else preset.get("steps", DEFAULT_STEPS)
     fields["guidance"] = args.guidance if args.guidance is not None else preset.get("guidance", DEFAULT_GUIDANCE)
     fields["timestep_spacing"] = args.timestep_spacing or preset.get("timestep_spacing")
+    files, tokens = fields.pop("embedding_files"), fields.pop("tokens")
+    if tokens and len(tokens) != len(files):
+        raise UserError(f"--token was given {len(tokens)} time(s) for {len(files)} --embedding file(s); give one "
+                        "--token per --embedding, in the same order, or none")
+    fields["embeddings"] = tuple(zip(files, tokens or [None] * len(files), strict=True))
+    fields["loras"] = tuple(fields["loras"])
     micro = {field: fields.pop(field) for field in MICRO_FLAGS}
     micro = {k: tuple(v) if isinstance(v, list) else v for k, v in micro.items() if v is not None}
     return SampleRequest(prompts=tuple(prompts), micro=MicroConditioning(**micro), **fields)

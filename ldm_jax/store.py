@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -245,6 +245,41 @@ def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
         _check_same_config(resolve_config(config, text_encoder_config=text_encoder_config), model.config,
                            str(source or DEFAULT_MODEL))
     return dataclasses.replace(model, options=options)
+
+
+def apply_adapters(model: ldm.LoadedModel, *, loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                   embeddings: Sequence[tuple[str | os.PathLike, str | None]] = ()) -> ldm.LoadedModel:
+    """`model` with textual-inversion embeddings added and LoRAs merged into its weights (a new LoadedModel; the
+    given one is not changed).
+
+    loras: (LoRA file, scale) pairs, diffusers/PEFT or kohya safetensors (`convert.lora_files`), merged in order
+      at their scales (`adapters.lora.apply_loras`); unmerging with the same list restores the weights.
+    embeddings: (embedding file, token name or None for the file's own) pairs (`convert.embedding_files`:
+      diffusers learned_embeds, A1111 .pt / .safetensors, SDXL clip_l / clip_g), added as new tokens
+      (`adapters.textual_inversion.add_tokens`).
+    Every file is read and checked against the model before anything is applied: a bad file raises (one line
+    naming it) and nothing is half-applied. `model.adapters` records what was applied, in order.
+    """
+    from ldm_jax.adapters import lora as lora_lib, textual_inversion  # noqa: PLC0415 (JAX-heavy, on demand)
+    from ldm_jax.convert.embedding_files import load_embedding_file  # noqa: PLC0415
+    from ldm_jax.convert.lora_files import load_lora_file  # noqa: PLC0415
+
+    tokens: dict[str, Any] = {}
+    for path, token in embeddings:
+        for name, vectors in load_embedding_file(path, token=token).items():
+            if name in tokens:
+                raise StoreError(f"{path}: token {name!r} is given by two embedding files; name one with --token")
+            tokens[name] = vectors
+    loaded = [(load_lora_file(path, model.config), float(scale)) for path, scale in loras]
+    lora_lib.check_fits(model.params, [lora for lora, _ in loaded])
+    if tokens:
+        model = textual_inversion.add_tokens(model, tokens)
+    if loaded:
+        merged = lora_lib.apply_loras(model.params, loaded)
+        model = dataclasses.replace(model, params=jax.tree.map(np.asarray, merged))
+    applied = tuple(("lora", str(p), float(s)) for p, s in loras) + tuple(
+        ("embedding", str(p), t or "") for p, t in embeddings)
+    return dataclasses.replace(model, adapters=model.adapters + applied)
 
 
 def _load_model_dir(path: pathlib.Path, *, tokenizer: str | os.PathLike | None) -> ldm.LoadedModel:
