@@ -4,6 +4,7 @@
     ldm-jax train    --config configs/X.py --workdir DIR [--config.a.b=v] training (ldm_jax.training.main)
     ldm-jax evaluate COMMAND ...                                          metrics (ldm_jax.evaluate)
     ldm-jax convert  SRC DEST --to ldm|diffusers|compvis [--dtype fp16]   one model store format to another
+                     [--lora FILE[:SCALE] ...] [--embedding FILE ...]      (with LoRAs merged, tokens added)
 
 `python -m ldm_jax` is the same command. User errors are one line on stderr and exit status 2.
 """
@@ -109,7 +110,16 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
     p.add_argument("--tokenizer", help="single files: the local tokenizer directory of a text model")
     p.add_argument("--text-encoder-config", help="a transformers CLIP config.json for an unknown yaml text encoder")
     p.add_argument("--use-ema", action="store_true", help="single files: take the UNet's EMA weights")
+    p.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the written weights at SCALE (default 1; repeatable)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="add a textual-inversion embedding's tokens to the written model (repeatable)")
+    p.add_argument("--token", action="append", default=[], metavar="NAME",
+                   help="the token of the --embedding in the same position (default: the file's own name)")
     args = p.parse_args(argv)
+    if args.token and len(args.token) != len(args.embedding):
+        p.error(f"--token was given {len(args.token)} time(s) for {len(args.embedding)} --embedding file(s); "
+                "give one per --embedding or none")
     from ldm_jax import store  # noqa: PLC0415 (JAX starts after the arguments are checked)
 
     try:
@@ -117,6 +127,11 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
         print(f"loading {args.source} ({store.detect_format(args.source)})", file=sys.stderr)
         model = store.load_model(args.source, config=args.config, tokenizer=args.tokenizer,
                                  text_encoder_config=args.text_encoder_config, use_ema=args.use_ema)
+        if args.lora or args.embedding:
+            tokens = args.token or [None] * len(args.embedding)
+            print(f"merging {len(args.lora)} LoRA(s), adding {len(args.embedding)} embedding(s)", file=sys.stderr)
+            model = store.apply_adapters(model, loras=args.lora, embeddings=list(zip(args.embedding, tokens,
+                                                                                      strict=True)))
         print(f"writing {args.to} ({args.dtype}) to {args.dest}", file=sys.stderr)
         out = store.save_model(model, args.dest, format=args.to, dtype=args.dtype)
     except (OSError, ValueError) as error:
