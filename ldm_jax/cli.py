@@ -117,6 +117,9 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
     p.add_argument("--token", action="append", default=[], metavar="NAME",
                    help="the token of the --embedding in the same position (default: the file's own name)")
     args = p.parse_args(argv)
+    for flag, path in [("--lora", path) for path, _ in args.lora] + [("--embedding", e) for e in args.embedding]:
+        if not pathlib.Path(path).is_file():
+            p.error(f"{flag} {path}: no such file")
     if args.token and len(args.token) != len(args.embedding):
         p.error(f"--token was given {len(args.token)} time(s) for {len(args.embedding)} --embedding file(s); "
                 "give one per --embedding or none")

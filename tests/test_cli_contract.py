@@ -29,7 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MISSING = "/nonexistent/ldm-jax-contract/missing"
 OTHER_MISSING = "/nonexistent/ldm-jax-contract/other"
 NUMBERS = {"int": ["abc", "1.5"], "float": ["abc", "nan", "inf", "-inf"]}
-SPECIAL = {"path": [MISSING], "dir": ["<FILE>/sub"], "choice": ["bogus"]}
+SPECIAL = {"path": [MISSING], "dir": ["<FILE>/sub"], "choice": ["bogus"],
+           "lora": [MISSING, f"{MISSING}:0.5", "<FILE>:abc", "<FILE>:nan"]}  # FILE[:SCALE]
 
 # kind: "text" / "switch" (no bad value), "path" (must exist), "dir" (output: must be creatable), "choice",
 # or (number kind, out-of-range values).
@@ -48,10 +49,11 @@ SAMPLE_FLAGS = {
     "negative_original_size": ("int", []), "negative_target_size": ("int", []),
     "negative_crops_coords_top_left": ("int", []), "aesthetic_score": ("float", ["7"]),
     "negative_aesthetic_score": ("float", ["2"]), "refiner": "path", "denoising_end": ("float", ["0", "1.5"]),
+    "loras": "lora", "embedding_files": "path", "tokens": "text",
 }
 CONVERT_FLAGS = {
     "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",
-    "text_encoder_config": "path", "use_ema": "switch",
+    "text_encoder_config": "path", "use_ema": "switch", "lora": "lora", "embedding": "path", "token": "text",
 }
 EVALUATE_FLAGS = {  # per sub-command
     "split": {"data_dir": "path", "split": "choice", "name": "choice", "num": ("int", ["0", "-1"]), "outdir": "dir"},
