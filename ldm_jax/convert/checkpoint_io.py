@@ -19,6 +19,9 @@ float16 stays float16 and bfloat16/float8 come back as `ml_dtypes` arrays). Ever
 value is exactly representable in float32, so the conversion loses nothing. Other dtypes (float32,
 float64, integers, bool, complex) are returned unchanged. Big-endian torch files are byte-swapped.
 
+`load_torch_pickle(path)` reads a whole `torch.save` object tree the same safe way (nested dicts, lists, strings
+and numbers kept, every tensor a numpy array), for files that are not a flat state dict (A1111 embeddings).
+
 `save_safetensors(path, state_dict, metadata=None)` writes a flat state dict of arrays (atomically).
 """
 from __future__ import annotations
@@ -100,6 +103,21 @@ def load_state_dict(
     )
 
 
+def load_torch_pickle(path: str | os.PathLike, *, keep_dtype: bool = False) -> Any:
+    """Reads a whole `torch.save` file (`.ckpt`, `.pt`, `.pth`, `.bin`) into its object tree, running no code from it.
+
+    Mappings come back as dicts, lists and tuples as themselves, strings / numbers / None unchanged, every tensor
+    as a numpy array (dtypes as `load_state_dict`), training-framework objects as `InertPlaceholder`s. For files
+    that are not a flat state dict, e.g. A1111 embeddings {"string_to_param": {"*": tensor}, "name": str, ...}.
+    Raises as `load_state_dict`; a `.safetensors` path is a CheckpointError (use `load_state_dict`).
+    """
+    path = _existing_file(path)
+    if path.suffix.lower() not in TORCH_EXTENSIONS:
+        raise CheckpointError(f"{path}: load_torch_pickle reads torch.save files ({', '.join(TORCH_EXTENSIONS)}), "
+                              f"got {path.suffix or '(no extension)'!r}")
+    return _load_torch(path, None, keep_dtype, whole_tree=True)
+
+
 def save_safetensors(
     path: str | os.PathLike, state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -158,24 +176,24 @@ def _load_safetensors(path: Path, keep_dtype: bool) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_torch(path: Path, key: str | None, keep_dtype: bool) -> dict[str, np.ndarray]:
+def _load_torch(path: Path, key: str | None, keep_dtype: bool, whole_tree: bool = False) -> Any:
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
         raise CheckpointError(f"{path}: file is empty (0 bytes); expected a torch.save checkpoint")
     if head[:4] == b"PK\x03\x04":
-        return _load_torch_zip(path, key, keep_dtype)
+        return _load_torch_zip(path, key, keep_dtype, whole_tree)
     if len(head) > 262 and head[257:262] == b"ustar":
         raise CheckpointError(f"{path}: tar-format torch checkpoint (PyTorch < 0.4) is not supported")
     if head[:1] == b"\x80":
-        return _load_torch_legacy(path, key, keep_dtype)
+        return _load_torch_legacy(path, key, keep_dtype, whole_tree)
     raise CheckpointError(
         f"{path}: not a torch.save checkpoint (expected a zip archive or a legacy torch pickle; "
         f"file starts with {head[:8]!r})"
     )
 
 
-def _load_torch_zip(path: Path, key: str | None, keep_dtype: bool) -> dict[str, np.ndarray]:
+def _load_torch_zip(path: Path, key: str | None, keep_dtype: bool, whole_tree: bool = False) -> Any:
     with _corruption_as_error(path, "torch zip checkpoint"), zipfile.ZipFile(path) as zf:
         prefix = _zip_prefix(zf, path)
         table = _StorageTable(path)
@@ -190,8 +208,8 @@ def _load_torch_zip(path: Path, key: str | None, keep_dtype: bool) -> dict[str, 
                 raise CheckpointError(f"{path}: storage record {name} is missing from the zip archive")
             return _raw_buffer(zf.read(name), nbytes, path, name)
 
-        refs = _select_state_dict(tree, key, path)
-        return _materialize(refs, _StorageReader(table, read_storage), byteorder, keep_dtype, path)
+        reader = _StorageReader(table, read_storage)
+        return _read_tree(tree, key, whole_tree, reader, byteorder, keep_dtype, path)
 
 
 def _zip_prefix(zf: zipfile.ZipFile, path: Path) -> str:
@@ -208,7 +226,7 @@ def _zip_prefix(zf: zipfile.ZipFile, path: Path) -> str:
     return prefix
 
 
-def _load_torch_legacy(path: Path, key: str | None, keep_dtype: bool) -> dict[str, np.ndarray]:
+def _load_torch_legacy(path: Path, key: str | None, keep_dtype: bool, whole_tree: bool = False) -> Any:
     """Legacy format: pickles of magic number, protocol version, sys info, the object and the storage key
     list, then for each listed storage an int64 little-endian element count and its raw bytes."""
     table = _StorageTable(path)
@@ -230,8 +248,8 @@ def _load_torch_legacy(path: Path, key: str | None, keep_dtype: bool) -> dict[st
             f.seek(offsets[storage_key])
             return _raw_buffer(f.read(nbytes), nbytes, path, f"storage {storage_key}")
 
-        refs = _select_state_dict(tree, key, path)
-        return _materialize(refs, _StorageReader(table, read_storage), "little", keep_dtype, path)
+        reader = _StorageReader(table, read_storage)
+        return _read_tree(tree, key, whole_tree, reader, "little", keep_dtype, path)
 
 
 def _legacy_storage_offsets(f, storage_keys: Any, table: _StorageTable, path: Path) -> dict[str, int]:
@@ -600,6 +618,31 @@ def _select_state_dict(tree: Any, key: str | None, path: Path) -> dict[str, _Ten
     if not tree:
         raise CheckpointError(f"{path}: the state dict is empty")
     return dict(tree)
+
+
+def _read_tree(tree: Any, key: str | None, whole_tree: bool, read: _StorageReader, byteorder: str,
+               keep_dtype: bool, path: Path) -> Any:
+    """The selected state dict's arrays, or (whole_tree) the whole tree with its tensors read."""
+    if not whole_tree:
+        return _materialize(_select_state_dict(tree, key, path), read, byteorder, keep_dtype, path)
+    refs: dict[str, _TensorRef] = {}
+    _walk_tree(tree, "", lambda name, ref: refs.setdefault(name, ref))
+    arrays = _materialize(refs, read, byteorder, keep_dtype, path)
+    return _walk_tree(tree, "", lambda name, ref: arrays[name])
+
+
+def _walk_tree(tree: Any, name: str, visit: Callable[[str, _TensorRef], Any]) -> Any:
+    """A copy of `tree` (mappings as dicts, lists, tuples) with each tensor reference replaced by
+    visit(its path, e.g. "['string_to_param']['*']", reference)."""
+    if isinstance(tree, _TensorRef):
+        return visit(name, tree)
+    if isinstance(tree, Mapping):
+        return {k: _walk_tree(v, f"{name}[{k!r}]", visit) for k, v in tree.items()}
+    if isinstance(tree, _StorageRef):
+        raise CheckpointError(f"{name or 'the file'} is a bare torch storage, not a tensor")
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_walk_tree(v, f"{name}[{i}]", visit) for i, v in enumerate(tree))
+    return tree
 
 
 class _StorageReader:

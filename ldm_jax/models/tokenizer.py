@@ -14,6 +14,10 @@ Kinds of tokenizer directory (all loaded offline, `local_files_only=True`):
 49407, OpenCLIP/SD v2 with 0, BERT with [PAD] = 0) and truncates longer prompts the way transformers does
 (the closing special token is kept), with a warning naming the prompt (`warn=False` silences it).
 
+Multi-vector textual-inversion tokens follow diffusers' convention: when the tokenizer has the added tokens
+"name" and "name_1", ..., "name_{n-1}", `tokenize` (and `inspect_prompts`) first rewrite each "name" in a prompt as
+"name name_1 ... name_{n-1}" (`expand_multi_vector_tokens`; diffusers' `maybe_convert_prompt`).
+
 `inspect_prompts` says what tokenising loses, per prompt: truncation (its token count against max_length)
 and the words the tokenizer has no token for (mapped to its unknown token; the embedded model's small
 word-level vocabulary turns "crimson" into <|unk|>). Command lines print these once per prompt themselves.
@@ -112,7 +116,7 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_l
         raise ValueError(f"max_length must be >= 2 (start and end tokens), got {max_length}")
     if not 0 <= pad_token_id < len(tokenizer):
         raise ValueError(f"pad_token_id {pad_token_id} is outside the tokenizer's vocabulary [0, {len(tokenizer)})")
-    prompts = list(prompts)
+    prompts = expand_multi_vector_tokens(tokenizer, prompts)
     for i, ids in enumerate(tokenizer(prompts)["input_ids"] if warn else []):
         if len(ids) > max_length:
             warnings.warn(f"prompt {i} has {len(ids)} tokens, more than max_length={max_length}; "
@@ -121,6 +125,29 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_l
     out = np.full((len(prompts), max_length), pad_token_id, np.int32)
     for i, ids in enumerate(encoded):
         out[i, :len(ids)] = ids
+    return out
+
+
+def expand_multi_vector_tokens(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """Prompts with each multi-vector textual-inversion token "name" rewritten as "name name_1 ... name_{n-1}".
+
+    A token is multi-vector when the tokenizer holds the added tokens "name" and "name_1" (up to the first missing
+    "name_{i}"); the rewrite is diffusers' `maybe_convert_prompt`: every added token the tokenizer finds in a prompt
+    is replaced in the text (str.replace) by its expansion, tokens taken in order of first appearance. Prompts are
+    returned unchanged (a new list) when the tokenizer has no multi-vector token.
+    """
+    added = tokenizer.get_added_vocab()
+    if not any(f"{token}_1" in added for token in added):
+        return list(prompts)
+    out = []
+    for prompt in prompts:
+        for token in dict.fromkeys(t for t in tokenizer.tokenize(prompt) if t in added):
+            n = 1
+            while f"{token}_{n}" in added:
+                n += 1
+            if n > 1:
+                prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
+        out.append(prompt)
     return out
 
 
@@ -165,8 +192,9 @@ def inspect_prompts(tokenizer: Any, prompts: Sequence[str], *, max_length: int =
     unk_token is the end-of-text token, which no text produces).
     """
     prompts = list(prompts)
-    counts = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    unknown = _unknown_words(tokenizer, prompts)
+    expanded = expand_multi_vector_tokens(tokenizer, prompts)
+    counts = [len(ids) for ids in tokenizer(expanded)["input_ids"]]
+    unknown = _unknown_words(tokenizer, expanded)
     return [PromptReport(p, n, max_length, words) for p, n, words in zip(prompts, counts, unknown, strict=True)]
 
 
