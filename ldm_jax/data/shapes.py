@@ -19,6 +19,11 @@ Geometry, all in whole pixels so that every cell renders alike (everything a che
 
 Held out: colour+shape pairs in `HELDOUT_PAIRS` never occur in train/validation scenes; every held-out scene
 contains at least one of them (`sample_scene(..., heldout=True)`).
+
+New colours: `NEW_COLOURS` are words outside this world (no dataset, split or tokenizer holds them), for
+teaching a trained model something it has never seen (bench/adapt_shapes.py). A `ShapeObject` may use one,
+`render`, `caption` and `parse_caption` handle it, and `sample_new_colour_scene` draws scenes with one; the
+checker reads it only when asked (`shapes_checker.CheckerConfig.colours`).
 """
 from __future__ import annotations
 
@@ -57,6 +62,11 @@ POSITION_PHRASES: dict[str, str] = {
     "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
 }
 MAX_OBJECTS = 3
+# Colours outside the world (module doc, "New colours"). White is the one corner of the RGB cube the world
+# leaves unused, so it too differs from every colour and the background by 255 in a channel and the checker
+# reads it with the world's margins; the embedded model's tokenizer has no word for it and its UNet never drew
+# it (its frozen autoencoder reproduces white scenes well enough for the checker to read every one).
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255)}
 # (colour, shape) pairs that appear only in the held-out split.
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("cyan", "triangle")}
@@ -65,7 +75,8 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
-    """One object of a scene; every field is a vocabulary word (checked on construction)."""
+    """One object of a scene; every field is a vocabulary word (checked on construction; colours from
+    `COLOURS` or `NEW_COLOURS`)."""
 
     colour: str
     shape: str
@@ -73,7 +84,7 @@ class ShapeObject:
     position: str
 
     def __post_init__(self):
-        for field, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES),
+        for field, vocabulary in (("colour", {**COLOURS, **NEW_COLOURS}), ("shape", SHAPES), ("size", SIZES),
                                   ("position", POSITIONS)):
             value = getattr(self, field)
             if value not in vocabulary:
@@ -139,13 +150,22 @@ def object_mask(obj: ShapeObject, resolution: int) -> np.ndarray:
 
 
 def render(scene: Scene, resolution: int) -> np.ndarray:
-    """Draws a scene: uint8 (resolution, resolution, 3), background `BACKGROUND`, objects in `COLOURS`."""
+    """Draws a scene: uint8 (resolution, resolution, 3), background `BACKGROUND`, objects in their colours."""
     grid_geometry(resolution)  # checks the resolution
     image = np.empty((resolution, resolution, 3), np.uint8)
     image[...] = BACKGROUND
     for obj in validate_scene(scene):
-        image[object_mask(obj, resolution)] = COLOURS[obj.colour]
+        image[object_mask(obj, resolution)] = colour_rgb(obj.colour)
     return image
+
+
+def colour_rgb(name: str) -> tuple[int, int, int]:
+    """The RGB triple of a colour of `COLOURS` or `NEW_COLOURS`."""
+    if name in COLOURS:
+        return COLOURS[name]
+    if name in NEW_COLOURS:
+        return NEW_COLOURS[name]
+    raise ValueError(f"unknown colour {name!r}; expected one of {list(COLOURS) + list(NEW_COLOURS)}")
 
 
 def caption(scene: Scene) -> str:
@@ -199,4 +219,18 @@ def sample_scene(rng: np.random.Generator, *, heldout: bool = False) -> Scene:
         colour, shape = pool[int(rng.integers(len(pool)))]
         size = SIZES[int(rng.integers(len(SIZES)))]
         objects.append(ShapeObject(colour=colour, shape=shape, size=size, position=list(POSITIONS)[cell]))
+    return tuple(objects)
+
+
+def sample_new_colour_scene(rng: np.random.Generator, colour: str) -> Scene:
+    """Samples 1..MAX_OBJECTS objects in distinct random cells, one of them (at random) in `colour`, a name
+    from `NEW_COLOURS`, with a random shape and size; the others as in train/validation scenes."""
+    if colour not in NEW_COLOURS:
+        raise ValueError(f"sample_new_colour_scene: {colour!r} is not a new colour; expected one of "
+                         f"{list(NEW_COLOURS)}")
+    scene = sample_scene(rng)
+    forced = int(rng.integers(len(scene)))
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    objects = list(scene)
+    objects[forced] = dataclasses.replace(objects[forced], colour=colour, shape=shape)
     return tuple(objects)

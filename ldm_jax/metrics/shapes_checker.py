@@ -23,7 +23,9 @@ the captioned-shapes world (`ldm_jax.data.shapes`) in four steps:
    Every detection not used by a stated object is an extra. The image adheres iff every stated object
    has all four attributes right and there are no extras.
 
-Clean renders at 24 px and up adhere exactly; the tests measure the robustness to noise, blur, JPEG,
+The palette is the world's six colours; `CheckerConfig(colours=...)` adds colours of `shapes.NEW_COLOURS`
+(`NEW_COLOUR_CHECKER` reads white too), and a caption naming a colour the checker does not read is an
+error. Clean renders at 24 px and up adhere exactly; the tests measure the robustness to noise, blur, JPEG,
 colour shifts and misplacement.
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ class CheckerConfig:
     split_area: a blob holding this fraction of the smallest object's area in several cells is cut in two.
     min_iou: a blob whose best template overlap (IoU) is lower has no shape or size.
     search: template shifts tried around the bounding-box alignment, in pixels either way.
+    colours: the palette pixels are read against (module doc, step 1): names from `shapes.COLOURS` (default:
+      all six) and `shapes.NEW_COLOURS`.
     """
 
     colour_margin: float = 0.4
@@ -60,6 +64,7 @@ class CheckerConfig:
     split_area: float = 0.7
     min_iou: float = 0.5
     search: int = 1
+    colours: tuple[str, ...] = tuple(shapes.COLOURS)
 
     def __post_init__(self):
         if not 0 < self.colour_margin <= 1:
@@ -73,6 +78,15 @@ class CheckerConfig:
             raise ValueError(f"CheckerConfig.min_iou must lie in [0, 1), got {self.min_iou}")
         if self.search < 0:
             raise ValueError(f"CheckerConfig.search must be >= 0, got {self.search}")
+        known = {**shapes.COLOURS, **shapes.NEW_COLOURS}
+        unknown = [c for c in self.colours if c not in known]
+        if unknown or len(set(self.colours)) != len(self.colours):
+            raise ValueError(f"CheckerConfig.colours must be distinct names from {list(known)}, got "
+                             f"{list(self.colours)}")
+
+
+# The world's colours and every `shapes.NEW_COLOURS` name (what bench/adapt_shapes.py scores with).
+NEW_COLOUR_CHECKER = CheckerConfig(colours=tuple(shapes.COLOURS) + tuple(shapes.NEW_COLOURS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +145,10 @@ def check_image(image: np.ndarray, caption: str | shapes.Scene,
     caption: a caption `shapes.caption` can write, or a scene (tuple of `shapes.ShapeObject`).
     """
     scene = shapes.parse_caption(caption) if isinstance(caption, str) else shapes.validate_scene(caption)
+    unread = sorted({obj.colour for obj in scene} - set(config.colours))
+    if unread:
+        raise ValueError(f"check_image: the caption names colour(s) {unread} that this checker does not read "
+                         f"(CheckerConfig.colours={list(config.colours)}; add them, e.g. NEW_COLOUR_CHECKER)")
     pixels = to_unit_interval(image, name="check_image image") * 255.0
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] != pixels.shape[1]:
         raise ValueError(f"check_image: expected a square RGB image (R, R, 3), got shape {pixels.shape}")
@@ -141,11 +159,11 @@ def check_image(image: np.ndarray, caption: str | shapes.Scene,
 def detect_objects(pixels: np.ndarray, config: CheckerConfig = CheckerConfig()) -> tuple[Detection, ...]:
     """All objects in a (R, R, 3) float image on the 0..255 scale, ordered by cell then area (largest first)."""
     resolution = pixels.shape[0]
-    labels = classify_pixels(pixels, config.colour_margin)
+    labels = classify_pixels(pixels, config.colour_margin, config.colours)
     cells = _cell_index(resolution)
     smallest = _templates(resolution)[("triangle", "small")][0].size
     detections = []
-    for k, colour in enumerate(PALETTE_NAMES[1:], start=1):
+    for k, colour in enumerate(config.colours, start=1):
         blobs = _blobs(labels == k, cells, config.min_area * smallest, config.split_area * smallest)
         for cell, mask in blobs.items():
             detections.append(_describe(mask, colour, cell, config))
@@ -153,22 +171,29 @@ def detect_objects(pixels: np.ndarray, config: CheckerConfig = CheckerConfig()) 
     return tuple(sorted(detections, key=lambda d: (order[d.position], -d.area)))
 
 
-def classify_pixels(pixels: np.ndarray, colour_margin: float) -> np.ndarray:
-    """(H, W) int labels on a 0..255 image: k in 1..6 for a pixel of colour PALETTE_NAMES[k], else 0.
+def classify_pixels(pixels: np.ndarray, colour_margin: float,
+                    colours: Sequence[str] = tuple(shapes.COLOURS)) -> np.ndarray:
+    """(H, W) int labels on a 0..255 image: k in 1..len(colours) for a pixel of colour colours[k - 1], else 0.
 
     A pixel is read as a * colour + (1 - a) * background (a: the colour's coverage of the pixel, as blur and
     anti-aliasing mix them): relative to the background, a = <p, c> / <c, c> and the residual is |p - a c|.
     It takes the colour with the smallest residual among those with a >= 1/2 (the rendered shape's edge),
     when that residual is below colour_margin * 255.
     """
-    p = pixels.astype(np.float64)[..., None, :] - PALETTE[0]  # (H, W, 1, 3)
-    colours = PALETTE[1:] - PALETTE[0]  # (6, 3)
-    coverage = (p * colours).sum(-1) / (colours * colours).sum(-1)  # (H, W, 6)
-    residual = np.linalg.norm(p - coverage[..., None] * colours, axis=-1)
+    palette = _palette(tuple(colours))
+    p = pixels.astype(np.float64)[..., None, :] - palette[0]  # (H, W, 1, 3)
+    vectors = palette[1:] - palette[0]  # (C, 3)
+    coverage = (p * vectors).sum(-1) / (vectors * vectors).sum(-1)  # (H, W, C)
+    residual = np.linalg.norm(p - coverage[..., None] * vectors, axis=-1)
     residual = np.where(coverage >= 0.5, residual, np.inf)
     nearest = np.argmin(residual, axis=-1)
     close = np.take_along_axis(residual, nearest[..., None], axis=-1)[..., 0] < colour_margin * 255.0
     return np.where(close, nearest + 1, 0)
+
+
+def _palette(colours: tuple[str, ...]) -> np.ndarray:
+    """(1 + C, 3) float64 RGB on the 0..255 scale: the background, then `colours` (the default is `PALETTE`)."""
+    return np.array([shapes.BACKGROUND, *(shapes.colour_rgb(c) for c in colours)], np.float64)
 
 
 @functools.lru_cache(maxsize=16)

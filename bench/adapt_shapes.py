@@ -1,0 +1,369 @@
+"""Teaching the embedded shapes model a colour it has never seen, from a handful of rendered images: textual
+inversion, LoRA and DreamBooth (with and without prior preservation), measured side by side.
+
+    .venv/bin/python bench/adapt_shapes.py [--out runs/adapt_shapes] [--recipes ti,lora,dreambooth,dreambooth_no_prior]
+        [--old-prompts runs/eval/validation/prompts.txt] [--num-prompts 64] [--picture docs/adapt_shapes.png]
+
+The concept: "white" (`shapes.NEW_COLOURS`), the one corner of the RGB cube the captioned-shapes world leaves
+unused. The embedded model's tokenizer has no word for it (it reads <|unk|>) and its UNet never drew it; its frozen
+autoencoder reproduces white scenes well enough for the checker to read every one (`--ceiling` measures it), so
+whatever a recipe misses is the recipe's, not the decoder's.
+
+1. Data (OUT/instance/): `--num-instance` rendered scenes of 1-3 objects, one of them white (`shapes.
+   sample_new_colour_scene`, seed 0), as NNNNN.png + NNNNN.txt captions ("a large white circle at the top left
+   and ..."): the image folder the recipes' data pipeline reads (`readers.ImageFolderSource`).
+2. Prompts: `--num-prompts` new-concept prompts (seed 1, none equal to an instance caption: other colours, shapes,
+   sizes and cells around the white object) and the first `--num-prompts` lines of `--old-prompts` (the
+   validation prompts of the README's adherence table).
+3. Before: the embedded model samples both sets (DDIM 50 steps, guidance 7.5, seed 0: `ldm-jax sample`'s
+   defaults, image i from noise `fold_in(seed, i)`); the checker scores them (`shapes_checker.NEW_COLOUR_CHECKER`:
+   the world's colours and white, so a white object where another colour was asked is wrong).
+4. Each recipe trains through the real entry point, `python -m ldm_jax train --config configs/<recipe>.py`, in its
+   own process; wall time and peak RSS (`os.wait4`'s ru_maxrss of that process) are its own. DreamBooth's class
+   images are generated inside its run (their cost is in its wall time).
+5. After: the result through the model store (the LoRA file merged at scale 1, the embedding file added as a
+   token, the fine-tuned model directory), the same prompts and seeds, the same checker.
+
+Output: one table (recipe, trained parameters, steps, wall time, peak RSS, new-concept adherence before / after,
+old-prompt adherence after, and the white objects' colour accuracy), OUT/results.json, and a picture
+(`--picture`): one row per model (before, then each recipe), the same 8 new-concept and 4 old prompts in each,
+shown 4x enlarged.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import ROOT, format_table, load_average
+
+NEW_COLOUR = "white"
+INSTANCE_SEED, PROMPT_SEED = 0, 1
+SAMPLER, STEPS, GUIDANCE, SEED = "ddim", 50, 7.5, 0  # ldm-jax sample's defaults
+PICTURE_NEW, PICTURE_OLD, PICTURE_SCALE = 8, 4, 4
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def instance_scenes(num: int, seed: int = INSTANCE_SEED) -> list[tuple]:
+    """`num` scenes with distinct captions, each with one white object (`shapes.sample_new_colour_scene`)."""
+    from ldm_jax.data import shapes
+
+    rng = np.random.default_rng(seed)
+    scenes: dict[str, tuple] = {}
+    while len(scenes) < num:
+        scene = shapes.sample_new_colour_scene(rng, NEW_COLOUR)
+        scenes.setdefault(shapes.caption(scene), scene)
+    return list(scenes.values())
+
+
+def write_image_folder(directory: pathlib.Path, scenes: Sequence[tuple], resolution: int = 32) -> list[str]:
+    """Writes each scene as NNNNN.png (its render) + NNNNN.txt (its caption); returns the captions."""
+    from PIL import Image
+
+    from ldm_jax.data import shapes
+
+    directory.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for index, scene in enumerate(scenes):
+        Image.fromarray(shapes.render(scene, resolution)).save(directory / f"{index:05d}.png")
+        captions.append(shapes.caption(scene))
+        (directory / f"{index:05d}.txt").write_text(captions[-1] + "\n", encoding="utf-8")
+    return captions
+
+
+def new_concept_prompts(num: int, exclude: Sequence[str], seed: int = PROMPT_SEED) -> list[str]:
+    """`num` distinct captions of scenes with one white object, none of them in `exclude`."""
+    from ldm_jax.data import shapes
+
+    rng = np.random.default_rng(seed)
+    prompts: list[str] = []
+    while len(prompts) < num:
+        text = shapes.caption(shapes.sample_new_colour_scene(rng, NEW_COLOUR))
+        if text not in exclude and text not in prompts:
+            prompts.append(text)
+    return prompts
+
+
+def old_prompts(path: pathlib.Path, num: int) -> list[str]:
+    """The first `num` lines of a prompts file (the validation prompts of the README's adherence table)."""
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist; write the validation prompts first (README, 'The embedded model'):"
+                         " python -m ldm_jax.data.captioned_shapes --data_dir runs/tfds --resolution 32 && ldm-jax "
+                         "evaluate split --data_dir runs/tfds --split validation --num 256 --outdir runs/eval/validation")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) < num:
+        raise SystemExit(f"{path} holds {len(lines)} prompts; --num-prompts {num} asks for more")
+    return lines[:num]
+
+
+# ------------------------------------------------------------------------------------------ sample and score
+
+
+def sample(model, prompts: Sequence[str], *, batch: int = 64) -> np.ndarray:
+    """uint8 (N, R, R, 3) images of `prompts` as `ldm-jax sample --prompts-file` makes them (sampler, steps,
+    guidance and seed its defaults; image i from noise fold_in(seed, i))."""
+    import jax
+
+    from ldm_jax import pipeline
+
+    sampler = pipeline.make_model_sampler(model.config, SAMPLER, STEPS)
+    params = pipeline.place_params(model.params)
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start:start + batch])
+        padded = chunk + [chunk[-1]] * (batch - len(chunk))
+        cond, uncond = pipeline.encode_prompts(model, padded, warn=False)
+        out = pipeline.txt2img(model.config, params, sampler, cond, uncond, guidance_scale=GUIDANCE, seed=SEED,
+                               first_index=start, options=model.options)
+        images.append(pipeline.to_uint8(np.asarray(jax.device_get(out))[:len(chunk)]))
+    return np.concatenate(images)
+
+
+def score(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+    """The checker's accuracies (`shapes_checker.prompt_adherence` reading the world's colours and white), plus
+    "new_colour": the fraction of stated white objects whose colour is right."""
+    from ldm_jax.metrics import shapes_checker
+
+    config = shapes_checker.NEW_COLOUR_CHECKER
+    results = [shapes_checker.check_image(image, text, config) for image, text in zip(images, prompts, strict=True)]
+    new = [o.colour for r in results for o in r.objects if o.expected.colour == NEW_COLOUR]
+    return {**shapes_checker.summarise(results), "new_colour": float(np.mean(new)) if new else float("nan")}
+
+
+def ceiling(model, prompts: Sequence[str]) -> dict[str, float]:
+    """The checker's scores of the frozen autoencoder's reconstructions of the prompts' renders: what a recipe
+    that leaves the autoencoder alone can reach at best."""
+    import jax
+
+    from ldm_jax import ldm, pipeline
+    from ldm_jax.data import shapes
+
+    resolution = model.config.first_stage.resolution
+    renders = np.stack([shapes.render(shapes.parse_caption(p), resolution) for p in prompts])
+
+    @jax.jit
+    def reconstruct(params, x):
+        return ldm.decode_first_stage(model.config, params, ldm.encode_first_stage(model.config, params, x))
+
+    out = reconstruct({"first_stage": model.params["first_stage"]}, renders.astype(np.float32) / 127.5 - 1.0)
+    return score(pipeline.to_uint8(np.asarray(out)), prompts)
+
+
+# -------------------------------------------------------------------------------------------------- recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One training run: its config file and overrides, how to load its result, and its trained parameter count.
+
+    load(base, workdir) -> the adapted LoadedModel; trained(base, workdir) -> the number of trained parameters.
+    """
+
+    name: str
+    label: str
+    config: str
+    overrides: Callable[[pathlib.Path, pathlib.Path], list[str]]  # (instance folder, workdir) -> --config.x=y
+    load: Callable[[Any, pathlib.Path], Any]
+    trained: Callable[[Any, pathlib.Path], int]
+
+
+def _file_params(path: pathlib.Path, skip: Callable[[str], bool] = lambda key: False) -> int:
+    """Elements of the tensors of a safetensors file (but those whose key `skip` names)."""
+    from safetensors.numpy import load_file
+
+    return int(sum(v.size for k, v in load_file(str(path)).items() if not skip(k)))
+
+
+def _load_lora(base, workdir: pathlib.Path):
+    from ldm_jax import store
+
+    return store.apply_adapters(base, loras=[(workdir / "lora.safetensors", 1.0)])
+
+
+def _load_embedding(base, workdir: pathlib.Path):
+    from ldm_jax import store
+
+    return store.apply_adapters(base, embeddings=[(workdir / "learned_embeds.safetensors", None)])
+
+
+def _load_model_dir(base, workdir: pathlib.Path):
+    from ldm_jax import store
+
+    return store.load_model(workdir / "model")
+
+
+def _part_params(*parts: str) -> Callable[[Any, pathlib.Path], int]:
+    """Trained-parameter count of a full fine-tune of the base's `parts`."""
+    def count(base, workdir: pathlib.Path) -> int:
+        del workdir
+        import jax
+
+        return int(sum(np.size(x) for part in parts for x in jax.tree.leaves(base.params[part])))
+    return count
+
+
+def _data(instance: pathlib.Path) -> list[str]:
+    return ["--config.data.source=folder", f"--config.data.path={instance}"]
+
+
+RECIPES = {
+    "ti": Recipe(
+        "ti", "textual inversion", "configs/textual_inversion_shapes.py",
+        lambda instance, workdir: _data(instance) + [f"--config.train.textual_inversion.token={NEW_COLOUR}"],
+        _load_embedding, lambda base, workdir: _file_params(workdir / "learned_embeds.safetensors")),
+    "lora": Recipe(
+        "lora", "LoRA", "configs/lora_shapes.py", lambda instance, workdir: _data(instance),
+        _load_lora, lambda base, workdir: _file_params(workdir / "lora.safetensors")),
+    "dreambooth": Recipe(
+        "dreambooth", "DreamBooth + prior preservation", "configs/dreambooth_shapes.py",
+        lambda instance, workdir: _data(instance), _load_model_dir, _part_params("unet")),
+    "dreambooth_no_prior": Recipe(
+        "dreambooth_no_prior", "DreamBooth, no prior preservation", "configs/dreambooth_shapes.py",
+        lambda instance, workdir: _data(instance) + ["--config.train.dreambooth.prior_loss_weight=0"],
+        _load_model_dir, _part_params("unet")),
+}
+
+
+def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float]:
+    """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB) of that
+    process alone (`os.wait4`). Raises SystemExit with the log's tail when it fails."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(argv)} failed (exit {proc.returncode}); {log_path}:\n{tail}")
+    return wall, usage.ru_maxrss / 2**20  # KiB on Linux
+
+
+def trained_steps(workdir: pathlib.Path) -> int:
+    """The last step logged in WORKDIR/metrics.jsonl."""
+    lines = (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return max(int(json.loads(line)["step"]) for line in lines if line.strip())
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def picture(rows: Sequence[tuple[str, np.ndarray]], path: pathlib.Path) -> None:
+    """One row of images per model (each 4x enlarged, framed in grey), written as a PNG."""
+    from PIL import Image
+
+    from ldm_jax.images import image_grid
+
+    framed = [np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64) for _, images in rows]
+    grid = image_grid(np.concatenate(framed), columns=len(framed[0]))
+    grid = grid.repeat(PICTURE_SCALE, axis=0).repeat(PICTURE_SCALE, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """The table's rows from the per-model results (the first is the base model, "before")."""
+    before = results[0]
+    rows = []
+    for r in results:
+        rows.append([r["label"], r.get("trained_params", "-"), r.get("steps", "-"),
+                     r.get("wall_s", "-"), r.get("peak_rss_gib", "-"),
+                     f"{100 * before['new']['accuracy']:.1f}%", f"{100 * r['new']['accuracy']:.1f}%",
+                     f"{100 * r['new']['new_colour']:.1f}%", f"{100 * r['old']['accuracy']:.1f}%"])
+    return rows
+
+
+HEADER = ["recipe", "trained params", "steps", "wall s", "peak RSS GiB", "new: before", "new: after",
+          "white objects right colour", "old: after"]
+
+
+def markdown(rows: Sequence[Sequence[Any]]) -> str:
+    """The table as markdown (for the README)."""
+    def cell(v):
+        return f"{v:.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the whole measurement (module docstring) and prints the table."""
+    args = parse_args(argv)
+    from ldm_jax import store
+
+    out = pathlib.Path(args.out)
+    instance = out / "instance"
+    captions = write_image_folder(instance, instance_scenes(args.num_instance))
+    new = new_concept_prompts(args.num_prompts, captions)
+    old = old_prompts(pathlib.Path(args.old_prompts), args.num_prompts)
+    shown = new[:PICTURE_NEW] + old[:PICTURE_OLD]
+    base = store.load_model()
+    print(f"{len(captions)} instance images in {instance}; {len(new)} new-concept and {len(old)} old prompts; "
+          f"{load_average()}", flush=True)
+    results: list[dict[str, Any]] = []
+    grid_rows: list[tuple[str, np.ndarray]] = []
+    if args.ceiling:
+        print("autoencoder ceiling (reconstructed renders of the new-concept prompts):", ceiling(base, new))
+    for recipe in [None, *(RECIPES[name] for name in args.recipes)]:
+        result: dict[str, Any] = {"name": "before", "label": "before (the embedded model)"}
+        model = base
+        if recipe is not None:
+            workdir = out / recipe.name
+            argv = ["-m", "ldm_jax", "train", "--config", recipe.config, "--workdir", str(workdir),
+                    *recipe.overrides(instance, workdir)]
+            print("training:", " ".join(argv), flush=True)
+            wall, peak = train_in_subprocess(argv, out / f"{recipe.name}.log")
+            model = recipe.load(base, workdir)
+            result = {"name": recipe.name, "label": recipe.label, "wall_s": round(wall, 1),
+                      "peak_rss_gib": round(peak, 2), "steps": trained_steps(workdir),
+                      "trained_params": recipe.trained(base, workdir), "command": " ".join(argv)}
+        new_images, old_images = sample(model, new), sample(model, old)
+        result.update(new=score(new_images, new), old=score(old_images, old))
+        results.append(result)
+        grid_rows.append((result["label"], np.concatenate([new_images[:PICTURE_NEW], old_images[:PICTURE_OLD]])))
+        print(json.dumps(result), flush=True)
+    rows = table_rows(results)
+    print(format_table(HEADER, rows))
+    print(markdown(rows))
+    (out / "results.json").write_text(json.dumps({"results": results, "new_prompts": new, "old_prompts": old,
+                                                  "instance_captions": captions, "picture_prompts": shown,
+                                                  "load": load_average()}, indent=1))
+    if args.picture:
+        picture(grid_rows, pathlib.Path(args.picture))
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/adapt_shapes", help="working folder (instance images, runs, results.json)")
+    p.add_argument("--recipes", default="ti,lora,dreambooth,dreambooth_no_prior",
+                   type=lambda s: [r for r in s.split(",") if r], help=f"some of {list(RECIPES)}")
+    p.add_argument("--old-prompts", default="runs/eval/validation/prompts.txt")
+    p.add_argument("--num-prompts", type=int, default=64, help="prompts of each set")
+    p.add_argument("--num-instance", type=int, default=12, help="rendered instance images")
+    p.add_argument("--picture", default="docs/adapt_shapes.png", help="'' for none")
+    p.add_argument("--ceiling", action="store_true", help="also score the autoencoder's reconstructions")
+    args = p.parse_args(argv)
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        p.error(f"--recipes: unknown {unknown}; expected some of {list(RECIPES)}")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
