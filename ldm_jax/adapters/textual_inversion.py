@@ -69,7 +69,8 @@ def add_tokens(model: LoadedModel, embeddings: Mapping[str, Embedding], *,
         tower_config = getattr(config, tower)
         table = _grown_table(_table(model.params, tower), tower_config.vocab_size, ids, vectors)
         params = _with_table(params, tower, table)
-        config = dataclasses.replace(config, **{tower: _grown_config(tower_config, table.shape[0])})
+        grown = _grown_config(tower_config, table.shape[0], model.tokenizers()[tower].eos_token_id)
+        config = dataclasses.replace(config, **{tower: grown})
         changes["tokenizer" if tower == "cond_stage" else "tokenizer_2"] = tokenizer
     return dataclasses.replace(model, config=config, params=params, **changes)
 
@@ -251,9 +252,18 @@ def _check_names(model: LoadedModel, new_tokens: Mapping[str, list[str]], source
         if not isinstance(name, str) or not name or name != name.strip():
             raise EmbeddingError(f"token name {name!r} must be a non-empty string without surrounding spaces")
     seen: dict[str, str] = {}
-    every = {t for tokens in new_tokens.values() for t in tokens}
     vocabs = {tower: _clip_tokenizer(model, tower).get_vocab() for tower in model.config.text_towers}
-    added = every | {t for tower in vocabs for t in _clip_tokenizer(model, tower).get_added_vocab()}
+    for name, tokens in new_tokens.items():
+        where = f"{sources[name]}: " if sources.get(name) else ""
+        for token in tokens:
+            if token in seen:
+                raise EmbeddingError(f"{where}token {token!r} of embedding {name!r} is also a token of {seen[token]!r}")
+            seen[token] = name
+            for tower, vocab in vocabs.items():
+                if token in vocab:
+                    raise EmbeddingError(f"{where}token {token!r} (embedding {name!r}) already exists in the tokenizer "
+                                         f"of {tower} (id {vocab[token]}); choose another name (--token NAME)")
+    added = set(seen) | {t for tower in vocabs for t in _clip_tokenizer(model, tower).get_added_vocab()}
     for name, tokens in new_tokens.items():
         where = f"{sources[name]}: " if sources.get(name) else ""
         after = f"{name}_{len(tokens)}"  # present, prompts would read it as one more vector of `name`
@@ -264,14 +274,6 @@ def _check_names(model: LoadedModel, new_tokens: Mapping[str, list[str]], source
         if before is not None and before in added:
             raise EmbeddingError(f"{where}token {name!r} cannot be added while the token {before!r} exists (prompts "
                                  f"would read it as one more vector after {before!r}); choose another name")
-        for token in tokens:
-            if token in seen:
-                raise EmbeddingError(f"{where}token {token!r} of embedding {name!r} is also a token of {seen[token]!r}")
-            seen[token] = name
-            for tower, vocab in vocabs.items():
-                if token in vocab:
-                    raise EmbeddingError(f"{where}token {token!r} (embedding {name!r}) already exists in the tokenizer "
-                                         f"of {tower} (id {vocab[token]}); choose another name (--token NAME)")
 
 
 def _previous_vector(name: str) -> str | None:
@@ -308,10 +310,12 @@ def _grown_table(table: Any, vocab_size: int, ids: np.ndarray, vectors: np.ndarr
     return grown.at[ids].set(jnp.asarray(vectors, table.dtype))
 
 
-def _grown_config(config: ClipTextConfig, vocab_size: int) -> ClipTextConfig:
-    """`config` with the new vocab_size; argmax pooling becomes first-end-of-text pooling when end-of-text was the
-    last id (the same position for every old prompt; the new ids would otherwise win the argmax)."""
-    pooling = config.pooling
-    if pooling == "argmax" and config.eos_token_id == config.vocab_size - 1:
-        pooling = "first_eos"
-    return dataclasses.replace(config, vocab_size=vocab_size, pooling=pooling)
+def _grown_config(config: ClipTextConfig, vocab_size: int, eos_token_id: int | None) -> ClipTextConfig:
+    """`config` with the new vocab_size. Argmax pooling becomes pooling at the first end-of-text token
+    (`eos_token_id`, the tokenizer's) when that token was the last id: the same position for every prompt without
+    new tokens, whose ids would otherwise win the argmax. (Configs read from transformers' legacy eos_token_id 2
+    hold 2 there; the tokenizer says which id ends a prompt.)"""
+    changes: dict[str, Any] = {"vocab_size": vocab_size}
+    if config.pooling == "argmax" and eos_token_id == config.vocab_size - 1:
+        changes.update(pooling="first_eos", eos_token_id=eos_token_id)
+    return dataclasses.replace(config, **changes)
