@@ -226,7 +226,7 @@ def shapes():
     return store.load_model()
 
 
-def test_shapes_model_new_word(shapes):
+def test_shapes_model_new_word(shapes, tmp_path):
     vectors = _vectors(1, 64, 4)
     ours = ti.add_tokens(shapes, {"blorp": vectors})
     (new_id,) = ti.token_ids(ours, ["blorp"])["cond_stage"]
@@ -250,6 +250,11 @@ def test_shapes_model_new_word(shapes):
     np.testing.assert_array_equal(ids, [26, 27, 28])
     np.testing.assert_array_equal(cond[0, :6], [24, 2, 27, 28, 26, 25])
     assert pipeline.inspect_prompts(two, ["a zorp blorp"])[0].n_tokens == 6
+    # Saved and loaded through the store (a model with the tokens built in), the tokens and rows come back
+    loaded = store.load_model(store.save_model(two, tmp_path / "model"))
+    np.testing.assert_array_equal(pipeline.encode_prompts(loaded, ["a zorp blorp"], warn=False)[0], cond)
+    np.testing.assert_array_equal(ti.token_vectors(loaded, "zorp"), ti.token_vectors(two, "zorp"))
+    assert loaded.config.cond_stage == two.config.cond_stage
 
 
 def test_init_vectors_and_training_helpers(shapes):

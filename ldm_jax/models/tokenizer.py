@@ -102,7 +102,8 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *, pad_token_id: int, max_l
     Prompts longer than max_length tokens are truncated as transformers does (keeping the closing special
     token) with a `warnings.warn` naming each prompt's index in `prompts` and token count (unless warn=False:
     callers that report `inspect_prompts` themselves). Positions after a prompt's last token hold
-    `pad_token_id` (SD v1: 49407, SD v2: 0, BERT: 0).
+    `pad_token_id` (SD v1: 49407, SD v2: 0, BERT: 0). Multi-vector textual-inversion tokens are expanded first
+    (`expand_multi_vector_tokens`).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a sequence of strings, got {type(prompts).__name__}"
