@@ -242,10 +242,9 @@ def with_adapters(request: SampleRequest, model: Any) -> Any:
         return store.apply_adapters(model, loras=request.loras, embeddings=request.embeddings)
     except (OSError, ValueError) as error:
         message = one_line(error)
-        flag = "--lora" if any(message.startswith(str(p)) for p, _ in request.loras) else "--embedding"
-        if not any(message.startswith(str(p)) for p, _ in (*request.loras, *request.embeddings)):
-            flag = "--lora/--embedding"
-        raise UserError(f"{flag} {message}") from None
+        named = [flag for flag, files in (("--lora", request.loras), ("--embedding", request.embeddings))
+                 if any(str(path) in message for path, _ in files)]
+        raise UserError(f"{'/'.join(named) or '--lora/--embedding'} {message}") from None
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -261,19 +261,12 @@ def apply_adapters(model: ldm.LoadedModel, *, loras: Sequence[tuple[str | os.Pat
     naming it) and nothing is half-applied. `model.adapters` records what was applied, in order.
     """
     from ldm_jax.adapters import lora as lora_lib, textual_inversion  # noqa: PLC0415 (JAX-heavy, on demand)
-    from ldm_jax.convert.embedding_files import load_embedding_file  # noqa: PLC0415
     from ldm_jax.convert.lora_files import load_lora_file  # noqa: PLC0415
 
-    tokens: dict[str, Any] = {}
-    for path, token in embeddings:
-        for name, vectors in load_embedding_file(path, token=token).items():
-            if name in tokens:
-                raise StoreError(f"{path}: token {name!r} is given by two embedding files; name one with --token")
-            tokens[name] = vectors
     loaded = [(load_lora_file(path, model.config), float(scale)) for path, scale in loras]
     lora_lib.check_fits(model.params, [lora for lora, _ in loaded])
-    if tokens:
-        model = textual_inversion.add_tokens(model, tokens)
+    if embeddings:
+        model = textual_inversion.add_embedding_files(model, list(embeddings))
     if loaded:
         merged = lora_lib.apply_loras(model.params, loaded)
         model = dataclasses.replace(model, params=jax.tree.map(np.asarray, merged))
