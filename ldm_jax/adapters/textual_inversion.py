@@ -28,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.convert.embedding_files import load_embedding_file
 from ldm_jax.ldm import LoadedModel
 from ldm_jax.models.text import ClipTextConfig
 from ldm_jax.models.tokenizer import expand_multi_vector_tokens, unknown_token_id
@@ -80,8 +81,6 @@ def add_embedding_files(model: LoadedModel, files: Sequence[str | os.PathLike | 
     """`add_tokens` with the embeddings of files (each a path, or (path, token name or None)): every format
     `convert.embedding_files.load_embedding_file` reads; the token name overrides the file's. All files are read and
     checked before anything is added; a token in two files is an EmbeddingError."""
-    from ldm_jax.convert.embedding_files import load_embedding_file  # noqa: PLC0415 (convert imports adapters' users)
-
     embeddings, sources = {}, {}
     for item in files:
         path, token = item if isinstance(item, tuple) else (item, None)
