@@ -52,6 +52,7 @@ IMAGE_ATOL = 2e-5  # images in [-1, 1] after 5 DDIM steps with CFG 7.5 (test_dif
 apply_unet = jax.jit(ldm.apply_unet, static_argnums=0)
 encode = jax.jit(ldm.encode_conditioning, static_argnums=0)
 merge = jax.jit(lora_lib.apply_loras)
+init_lora = jax.jit(lora_lib.init_lora, static_argnames=("modules", "rank", "alpha"))  # one compile, not one per shape
 
 
 def _rel(ours, theirs) -> float:
@@ -240,7 +241,7 @@ def _made_here(model, key, *, varied_alpha):
     params = model.params
     unet = lora_lib.target_modules(params, (*lora_lib.ATTENTION_TARGETS, *lora_lib.CONV_TARGETS))
     text = lora_lib.target_modules(params, lora_lib.ATTENTION_TARGETS + (r".*/mlp/fc1",), sections=("cond_stage",))
-    lora = lora_lib.init_lora(params, unet + text, rank=RANK, alpha=None, key=key)
+    lora = init_lora(params, tuple(unet + text), rank=RANK, alpha=None, key=key)
     rng = np.random.default_rng(2)
     modules = {p: {"down": np.asarray(f["down"]), "up": 0.05 * rng.standard_normal(f["up"].shape).astype(np.float32)}
                for p, f in lora.modules().items()}
@@ -424,3 +425,22 @@ def test_bad_lora_files_are_one_line_errors(sd_lora, tmp_path):
     stray = lora_lib.make_lora({("unet", "nowhere"): {"down": np.zeros((4, 2)), "up": np.zeros((2, 4))}})
     with pytest.raises(LoraError, match="unet/nowhere matches no kernel"):
         lora_files.save_lora_file(stray, tmp_path / "x.safetensors", model.config)
+
+
+def test_alpha_from_metadata_patterns_rslora_or_rank(sd_lora, tmp_path):
+    """alpha = rank without metadata; alpha_pattern (peft's regex rule) over lora_alpha; rsLoRA's alpha / sqrt(r)
+    as the alpha of the same coefficient; text keys with and without transformers' text_model level."""
+    model, lora_file, *_ = sd_lora
+    state, metadata = lora_files.read_lora_file(lora_file)
+    q = ("unet", "down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1", "to_q")
+    bare = lora_files.load_lora_file(_write(tmp_path / "bare.safetensors", state), model.config)
+    assert set(bare.alpha_of().values()) == {float(RANK)}
+    meta = json.loads(metadata["lora_adapter_metadata"])
+    patterned = {**meta, "unet.alpha_pattern": {r"down_blocks\.0\..*attn1\.to_q": 1.5}, "unet.use_rslora": True}
+    path = _write(tmp_path / "patterned.safetensors", state, {"lora_adapter_metadata": json.dumps(patterned)})
+    alphas = lora_files.load_lora_file(path, model.config).alpha_of()
+    assert alphas[q] == pytest.approx(1.5 * RANK**0.5)
+    assert alphas[q[:-2] + ("attn2", "to_q")] == pytest.approx(6.0 * RANK**0.5)
+    renamed = {k.replace("text_encoder.", "text_encoder.text_model."): v for k, v in state.items()}
+    _same_lora(lora_files.load_lora_file(_write(tmp_path / "t4.safetensors", renamed, metadata), model.config),
+               lora_files.load_lora_file(lora_file, model.config))

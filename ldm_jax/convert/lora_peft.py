@@ -216,7 +216,11 @@ def parse_metadata(file_metadata: Mapping[str, str] | None) -> dict[str, Any] | 
 def _pattern_value(patterns: Mapping[str, Any] | None, name: str) -> Any:
     """peft's `get_pattern_key`: the value of the first key K with `re.match(rf"(.*\\.)?({K})$", name)`."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        try:
+            found = re.match(rf"(.*\.)?({key})$", name)
+        except re.error as err:
+            raise LoraError(f"metadata pattern {key!r} is not a regular expression ({err})") from err
+        if found:
             return value
     return None
 
