@@ -6,22 +6,25 @@ What `StableDiffusionPipeline.save_lora_weights` / `StableDiffusionXLPipeline.sa
     <component>.<diffusers module name>.lora_A.weight   [r, in] (Linear) or [r, in, kh, kw] (Conv2d: the base kernel)
     <component>.<diffusers module name>.lora_B.weight   [out, r] (Linear) or [out, r, 1, 1] (Conv2d, 1x1)
 
-(the files diffusers' training scripts save spell some pairs `.lora.down.weight` / `.lora.up.weight` (UNet
-attention projections) or `.lora_linear_layer.down.weight` / `.up.weight` (text-encoder attention): read too)
-
 with components `unet`, `text_encoder` and (SDXL) `text_encoder_2` (an SDXL refiner's one tower is its
 `text_encoder_2`). UNet module names are diffusers' (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`),
 which are ours with numbered children split (`common.path_to_diffusers_key`); text-encoder module names are
 transformers' with or without the `text_model.` level (transformers 4's CLIPTextModel and every
 CLIPTextModelWithProjection have it, transformers 5's CLIPTextModel not): both are read, `text_model.` is written
 (diffusers strips it for encoders that lack the level), the top-level `text_projection` never has it.
+The files diffusers' training scripts save (`convert_state_dict_to_diffusers` of peft's state dict) spell some
+pairs `.lora.down.weight` / `.lora.up.weight` (UNet attention projections, `text_projection`) or
+`.lora_linear_layer.down.weight` / `.up.weight` (text-encoder layers): read too. (diffusers 0.42 itself loads such a
+file's UNet only partly when its first key is a `lora_A` one: it converts the spellings only when the first is not.)
+We write peft's spelling.
 
 Alpha: the file's `__metadata__["lora_adapter_metadata"]` is JSON of each component's peft `LoraConfig` kwargs
 flattened as `"<component>.<field>"` (`unet.r`, `unet.lora_alpha`, `unet.alpha_pattern`, `unet.rank_pattern`,
 `unet.use_rslora`, ...). A module's alpha is the first `alpha_pattern` key matching its name (peft's rule: the
 regex `(.*\\.)?(KEY)$`), else `lora_alpha` (peft default 8); its rank must be the `rank_pattern` / `r` value.
 `use_rslora` (coef alpha / sqrt(r)) is read as the alpha alpha * sqrt(r) of the same coefficient; `use_dora`,
-`lora_bias` and the other options of `UNSUPPORTED_OPTIONS` are refused. A component without metadata has alpha = rank (what diffusers' loader then assumes).
+`lora_bias` and the other options of `UNSUPPORTED_OPTIONS` are refused. A component without metadata has
+alpha = rank (what diffusers' loader then assumes).
 Writing puts r / lora_alpha (the most common values), rank_pattern / alpha_pattern (the others, by full module
 name), target_modules (every module) in that metadata, so `load_lora_weights` builds the exact config and loads
 every tensor.
