@@ -797,6 +797,9 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     sample_posterior: False takes KL latents' mean instead of a posterior sample (both paths alike).
     options: the run-time options (attention, remat, compute / param dtypes) of every module.
     aesthetic_score: a refiner's score for batches without "aesthetic_score" (`micro_conditioning`).
+    batch["loss_weight"] (B,) float32, optional: per-example weights; the loss is then mean(weight * loss_e)
+    instead of mean(loss_e) (DreamBooth: instance weight B / n_instance and class weight prior_loss_weight * B /
+    n_class give instance MSE + prior_loss_weight * class MSE). Without it the loss is computed exactly as before.
     Steps: latents z = scale * sample(E(image)) (no gradient into the first stage); t ~ U{0..T-1}; x_t =
     q_sample(z, t, noise); per-example conditioning dropout with prob cond_drop_prob; prediction vs target
     (eps, x0 or v); per-example mean l2/l1 times the loss weight (uniform / min-SNR); then the reference's
@@ -830,7 +833,10 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     per_example = jnp.mean(jnp.square(err) if d.loss_type == "l2" else jnp.abs(err), axis=(1, 2, 3))
     loss_simple = per_example * loss_weights(schedule, t, d.prediction_type, d.loss_weighting, d.min_snr_gamma)
     logvar_t = params["logvar"][t] if d.learn_logvar else jnp.full((b,), d.logvar_init, jnp.float32)
-    loss = jnp.mean(logvar_weighted_loss(loss_simple, logvar_t))
+    weighted = logvar_weighted_loss(loss_simple, logvar_t)
+    if "loss_weight" in batch:  # per-example weights (DreamBooth's prior preservation); absent: the plain mean
+        weighted = weighted * jnp.asarray(batch["loss_weight"], jnp.float32).reshape(b)
+    loss = jnp.mean(weighted)
     metrics.update(loss=loss, loss_simple=jnp.mean(loss_simple), loss_unweighted=jnp.mean(per_example))
     if d.learn_logvar:
         metrics["logvar"] = jnp.mean(params["logvar"])

@@ -65,6 +65,8 @@ class DataConfig:
     each batch keeps (empty: all of image, index, caption, tokens, label, original_size, crop_top_left that
     exist; SDXL training asks for tokens_2, original_size and crop_top_left too). prefetch: batches the
     training loop reads and places on the devices ahead, on a background thread (0: on the step thread).
+    prompt: "" (each example's own caption) or one caption for every example (`readers.FixedCaptionSource`; a
+    folder / tar source then needs no caption files): e.g. textual-inversion images, "a photo of <my-token>".
     """
 
     source: str = "tfds"
@@ -85,6 +87,7 @@ class DataConfig:
     drop_remainder: bool = True
     batch_keys: tuple[str, ...] = ()
     prefetch: int = 2
+    prompt: str = ""
 
     def __post_init__(self):
         if self.prefetch < 0:
@@ -312,6 +315,59 @@ class DataIterator:
         return batch
 
 
+class WeightedConcatIterator:
+    """Batches made of several iterators' batches, concatenated in the given order, with per-example loss weights.
+
+    parts: (name, iterator, weight) triples; the iterators give host-local batches with the same keys (e.g. two
+    `DataIterator`s). Each batch gains "loss_weight" float32 (B,): part k's examples get weight_k * B / n_k (n_k
+    its examples in the batch), so mean(loss_weight * loss_e) over the batch is the sum over parts of weight_k *
+    (mean loss of part k): DreamBooth's instance loss + prior_loss_weight * class loss (`ldm.training_loss`). Every
+    process holds the same composition, so the host-local weights are the global ones. `get_state()` is
+    {name: that iterator's state}; `skipped` is the first part's unreadable-record log. Stops when any part stops.
+    """
+
+    def __init__(self, parts: Sequence[tuple[str, Any, float]]):
+        names = [name for name, _, _ in parts]
+        if not parts or len(set(names)) != len(names):
+            raise ValueError(f"WeightedConcatIterator needs parts with distinct names, got {names}")
+        self.parts = list(parts)
+
+    @property
+    def skipped(self) -> readers.SkipLog | None:
+        """The first part's log of unreadable records."""
+        return getattr(self.parts[0][1], "skipped", None)
+
+    def get_state(self) -> dict[str, Any]:
+        """{part name: its iterator's state} (JSON-able)."""
+        return {name: it.get_state() for name, it, _ in self.parts}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state()` dict."""
+        missing = [name for name, _, _ in self.parts if name not in state]
+        if missing:
+            raise ValueError(f"iterator state lacks the parts {missing}; got {sorted(state)}")
+        for name, it, _ in self.parts:
+            it.set_state(state[name])
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batches = [(next(it), weight) for _, it, weight in self.parts]
+        sizes = [len(next(iter(batch.values()))) for batch, _ in batches]
+        keys = [set(batch) for batch, _ in batches]
+        if any(k != keys[0] for k in keys):
+            raise ValueError(f"the parts' batches hold different keys: {[sorted(k) for k in keys]}")
+        total = sum(sizes)
+        out: Batch = {}
+        for key in batches[0][0]:
+            values = [batch[key] for batch, _ in batches]
+            out[key] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+        out["loss_weight"] = np.concatenate([np.full(n, weight * total / n, np.float32)
+                                             for n, (_, weight) in zip(sizes, batches)])
+        return out
+
+
 def to_device(batch: Batch, mesh: jax.sharding.Mesh, *, host_keys: Sequence[str] = ("index",)) -> Batch:
     """Host-local batch -> global batch: numeric arrays become jax.Arrays split over the mesh's devices
     (`parallel.host_local_to_global`); `host_keys` (int64 dataset indices) and python lists (captions) stay
@@ -434,14 +490,18 @@ def make_source(cfg: DataConfig) -> Any:
         if not cfg.data_dir:
             raise ValueError(f"data.data_dir is empty: it must name the folder the TFDS dataset {cfg.name!r} was "
                              "prepared in (python -m ldm_jax.data.captioned_shapes --data_dir DIR for captioned_shapes)")
-        return readers.TfdsSource(cfg.name, data_dir=cfg.data_dir, split=cfg.split, image_key=cfg.image_key,
-                                  caption_key=cfg.caption_key or None, label_key=cfg.label_key or None)
-    caption_ext = "txt" if cfg.caption_key else None
+        source = readers.TfdsSource(cfg.name, data_dir=cfg.data_dir, split=cfg.split, image_key=cfg.image_key,
+                                    caption_key=(cfg.caption_key or None) if not cfg.prompt else None,
+                                    label_key=cfg.label_key or None)
+        return readers.FixedCaptionSource(source, cfg.prompt) if cfg.prompt else source
+    caption_ext = "txt" if cfg.caption_key and not cfg.prompt else None
     if cfg.source == "folder":
-        return readers.ImageFolderSource(cfg.path, caption_extension=caption_ext)
-    if cfg.source == "tar":
-        return readers.TarShardsSource(cfg.path, caption_extension=caption_ext)
-    raise ValueError(f"data.source must be 'tfds', 'folder' or 'tar', got {cfg.source!r}")
+        source = readers.ImageFolderSource(cfg.path, caption_extension=caption_ext)
+    elif cfg.source == "tar":
+        source = readers.TarShardsSource(cfg.path, caption_extension=caption_ext)
+    else:
+        raise ValueError(f"data.source must be 'tfds', 'folder' or 'tar', got {cfg.source!r}")
+    return readers.FixedCaptionSource(source, cfg.prompt) if cfg.prompt else source
 
 
 def make_iterator(cfg: DataConfig, *, source: Any = None, tokenizer: Callable[[Sequence[str]], Any] | None = None,

@@ -344,3 +344,43 @@ class ArraySource:
 
     def __getitem__(self, index: int) -> Example:
         return {key: value[index] for key, value in self.arrays.items()}
+
+
+class FixedCaptionSource:
+    """Another source's examples with every caption replaced by (or, for a source without captions, set to) one
+    fixed `caption`: DreamBooth's instance images with their instance prompt, textual-inversion images with one
+    prompt. Unreadable records stay unreadable (None); `skipped` is the wrapped source's."""
+
+    def __init__(self, source: Any, caption: str):
+        if not caption.strip():
+            raise ValueError(f"a fixed caption for {getattr(source, 'name', source)} must not be empty")
+        self.source, self.caption = source, caption
+        self.name = f"{getattr(source, 'name', 'source')} (every caption {caption!r})"
+        self.skipped = getattr(source, "skipped", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Example | None:
+        example = self.source[index]
+        return None if example is None else {**example, "caption": self.caption}
+
+
+class SubsetSource:
+    """The first `size` examples of another source (e.g. the class images a DreamBooth run asked for, of a
+    folder that holds more). ValueError when the source has fewer."""
+
+    def __init__(self, source: Any, size: int):
+        if not 1 <= size <= len(source):
+            raise ValueError(f"{getattr(source, 'name', source)} holds {len(source)} examples; {size} were asked for")
+        self.source, self.size = source, size
+        self.name = getattr(source, "name", "source")
+        self.skipped = getattr(source, "skipped", None)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Example | None:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} is outside the first {self.size} examples of {self.name}")
+        return self.source[index]

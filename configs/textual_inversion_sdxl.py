@@ -1,0 +1,34 @@
+"""Textual inversion on SDXL 1.0 base (1024x1024): a new token learned in both text towers, every weight frozen.
+
+configs/sdxl_finetune.py with what differs: `train.adapter="textual_inversion"`, the token "<my-concept>" with one
+vector per tower (768 for CLIP ViT-L, 1280 for OpenCLIP bigG) starting from the embeddings of "toy", as diffusers'
+textual_inversion_sdxl.py; every image of data.path is captioned "a photo of <my-concept>" (`data.prompt`). The
+frozen model is held in bfloat16 and sharded over the `fsdp` axis; bf16 compute with remat. AdamW 5e-3 (not
+scaled), no weight decay, no warm-up, batch 4, 3000 steps, EMA off, no caption dropout. Neither memory nor speed
+was measured at full size here. Export: WORKDIR/learned_embeds.safetensors (clip_l / clip_g vectors).
+
+    python train.py --config configs/textual_inversion_sdxl.py --workdir runs/ti_sdxl \\
+        --config.train.init_from=/models/stable-diffusion-xl-base-1.0 --config.data.path=/data/my_concept
+    ldm-jax sample /models/stable-diffusion-xl-base-1.0 --embedding runs/ti_sdxl/learned_embeds.safetensors \\
+        --prompt "a painting of <my-concept>"
+Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
+"""
+import pathlib
+
+import ml_collections
+
+from ldm_jax.config import load_config_file
+from ldm_jax.training import adapters
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = load_config_file(pathlib.Path(__file__).with_name("sdxl_finetune.py"))
+    with config.unlocked():
+        config.train.update(adapters.train_fields())
+        config.data.prompt = ""
+    config.train.update(dict(adapter="textual_inversion", frozen_dtype="bfloat16", num_steps=3000, ema_decay=None))
+    config.train.textual_inversion.update(dict(token="<my-concept>", init_word="toy", num_vectors=1))
+    config.diffusion.cond_drop_prob = 0.0
+    config.data.update(dict(prompt="a photo of <my-concept>", caption_key="", global_batch_size=4))
+    config.optimizer.update(dict(learning_rate=5e-3, weight_decay=0.0, warmup_steps=0, accumulate_grad_batches=1))
+    return config

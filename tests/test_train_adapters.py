@@ -1,0 +1,335 @@
+"""Adapter training in the ldm stage (issue 16): LoRA, textual inversion and DreamBooth with prior preservation.
+
+Every run starts from a tiny random model directory shaped like the embedded shapes model (the recipes' configs,
+configs/lora_shapes.py etc., with a small UNet and text tower; the shipped tokenizer) and trains on a folder of
+rendered captioned-shapes images, one device.
+
+- LoRA + DreamBooth (one run, prior preservation on 2 generated class images): only the factors train (the
+  frozen params in the workdir are the base's, bit for bit; the base at LoRA scale 0 is the base), the exported
+  lora.safetensors loads back (`load_lora_file`) equal to the EMA factors, the merged export is the base with the
+  LoRA merged in, and a run stopped after 2 steps and resumed to 3 ends bitwise equal to the uninterrupted one
+  (class images reused, not regenerated).
+- The LoRA step's gradients equal the full-parameter gradients projected on the factors.
+- Textual inversion: only the new token's rows train; the merged export equals the base everywhere else, the
+  exported learned_embeds.safetensors loads back equal.
+- DreamBooth: class images are generated once and reused; the weighted loss is instance MSE + w * class MSE on a
+  fixed batch; without weights the loss is the plain mean, bit for bit.
+- Bad recipes are one-line errors naming the config field; every new config builds (shapes only).
+"""
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+import tokenizer_fixtures
+from ldm_jax import ldm, store
+from ldm_jax.adapters import lora as lora_lib
+from ldm_jax.data import shapes
+from ldm_jax.models.tokenizer import load_tokenizer
+from ldm_jax.training import adapters, dreambooth, main, train_ldm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+# One UNet level (its backward pass compiles in about half the time of two), a one-layer text tower.
+TINY = {"unet.model_channels": 32, "unet.channel_mult": "(1,)", "unet.num_res_blocks": 1,
+        "unet.attention_resolutions": "(1,)", "unet.num_heads": 2, "unet.num_head_channels": -1,
+        "unet.context_dim": 32, "cond_stage.hidden_size": 32, "cond_stage.intermediate_size": 64,
+        "cond_stage.num_layers": 1, "cond_stage.num_heads": 2, "first_stage.num_res_blocks": 1,
+        "data.global_batch_size": 2, "train.num_steps": 3, "train.log_every": 1, "train.image_every": 100,
+        "train.num_images": 2, "train.sample_steps": 2, "train.progress_bar": False, "checkpoint.every_steps": 100,
+        "mesh.data": 1, "data.prefetch": 0}
+# Parity of two float32 computations of the same gradient (different contraction orders).
+RTOL = 1e-5
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest: repeated programs hit XLA's cache
+
+
+def _config(name, overrides):
+    return main.load_config(CONFIGS / name, [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random model directory with the tiny shapes architecture and the shipped word-level tokenizer."""
+    config = ldm.ldm_config(_config("lora_shapes.py", {}))
+    params = jax.tree.map(np.asarray, jax.jit(ldm.init_params, static_argnums=0)(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)  # noise on every UNet param: zero-initialised proj_out would stop all gradients
+    params["unet"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params["unet"])
+    tokenizer = load_tokenizer(store.SHIPPED_MODELS["shapes"] / store.TOKENIZER_DIR, "tokenizer_json")
+    out = tmp_path_factory.mktemp("tiny_model")
+    store.save_model(ldm.LoadedModel(config=config, params=params, tokenizer=tokenizer), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of 4 rendered 32x32 scenes with their captions (.txt)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        scene = shapes.sample_scene(rng)
+        Image.fromarray(shapes.render(scene, 32)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(shapes.caption(scene))
+    return folder
+
+
+def _lora_dreambooth(tiny_model, images, **overrides):
+    """LoRA (rank 2) + DreamBooth with prior preservation (2 class images) on the tiny model; checkpoints at steps
+    2 and 3, a sample grid at step 3, the merged model exported too."""
+    return _config("lora_shapes.py", {
+        "train.init_from": str(tiny_model), "data.path": str(images), "data.caption_key": "",
+        "train.dreambooth.instance_prompt": "a large red sks in the centre",
+        "train.dreambooth.class_prompt": "a large red circle in the centre", "train.dreambooth.num_class_images": 2,
+        "train.dreambooth.sample_batch_size": 2, "train.lora.rank": 2, "train.export_merged": True,
+        "train.ema_decay": 0.9, "train.image_every": 3, "checkpoint.every_steps": 2, **overrides})
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, images, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lora")
+    return workdir, main.train_and_evaluate(_lora_dreambooth(tiny_model, images), workdir)
+
+
+def _flat(tree):
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def test_lora_trains_only_the_factors_and_exports(lora_run, tiny_model):
+    workdir, result = lora_run
+    base = store.load_model(tiny_model)
+    assert set(result.state.params) == {"lora"} and result.export_dir == workdir / "model"
+    assert (workdir / "images" / f"samples_{3:08d}.png").is_file()
+    # The frozen copy in the workdir is the whole base model, bit for bit.
+    frozen = _flat(store.load_params(workdir / train_ldm.FROZEN_FILE, ldm.param_shapes(base.config)))
+    assert frozen.keys() == _flat(base.params).keys()
+    for name, value in _flat(base.params).items():
+        np.testing.assert_array_equal(frozen[name], value, err_msg=name)
+    # The factors moved (up started at zero); the exported file holds the EMA factors.
+    ema = _flat(result.state.ema_params["lora"])
+    assert min(float(np.abs(v).max()) for k, v in ema.items() if k.endswith("up")) > 0
+    from ldm_jax.convert.lora_files import load_lora_file
+
+    assert result.adapter_files == (workdir / adapters.LORA_FILE,)
+    loaded = load_lora_file(result.adapter_files[0], base.config)
+    assert _flat(loaded.factors).keys() == ema.keys() and set(dict(loaded.alphas).values()) == {2.0}
+    for name, value in ema.items():
+        np.testing.assert_array_equal(_flat(loaded.factors)[name], value, err_msg=name)
+    # Scale 0 is the base model bit for bit; the merged export is the base with the LoRA at scale 1.
+    for name, value in _flat(lora_lib.apply_loras(base.params, [(loaded, 0.0)])).items():
+        np.testing.assert_array_equal(value, _flat(base.params)[name], err_msg=name)
+    merged = _flat(lora_lib.apply_loras(base.params, [(loaded, 1.0)]))
+    exported = _flat(store.load_model(result.export_dir).params)
+    changed = [name for name, value in merged.items() if not np.array_equal(value, _flat(base.params)[name])]
+    assert changed and all("/attn" in name and name.endswith("kernel") for name in changed)
+    for name, value in merged.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+def test_lora_dreambooth_resumes_exactly_and_reuses_class_images(lora_run, tiny_model, images, tmp_path):
+    """The run stopped after its step-2 checkpoint (step 3's removed) and run again ends where the uninterrupted run
+    did, bit for bit. Class images are reused; a missing one is regenerated alone, identical (seeded by index)."""
+    workdir, result = lora_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(workdir, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "3")
+    classes = stopped / dreambooth.CLASS_DIR
+    original = np.asarray(Image.open(classes / "00001.png"))
+    os.remove(classes / "00001.png")
+    kept = (classes / "00000.png").stat().st_mtime_ns
+    resumed = main.train_and_evaluate(_lora_dreambooth(tiny_model, images), stopped)
+    assert int(resumed.state.step) == 3
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (classes / "00000.png").stat().st_mtime_ns == kept
+    np.testing.assert_array_equal(np.asarray(Image.open(classes / "00001.png")), original)
+    assert Image.open(classes / "00001.png").text["prompt"] == "a large red circle in the centre"
+
+
+def test_lora_step_gradients_are_the_projected_full_gradients(lora_run, tiny_model, images):
+    """The train step's loss (`train_ldm.make_stage_loss`: the LoRA merged into the frozen base) differentiated
+    w.r.t. the factors equals the full-parameter gradient G of the same loss w.r.t. the base kernels (which enter
+    the merged kernel with coefficient 1; one backward pass) projected: d down = coef G up^T, d up = coef down^T G.
+    At the run's trained factors (up != 0), on a DreamBooth batch (instance + class, per-example weights)."""
+    workdir, result = lora_run
+    stage = train_ldm.build_stage(_lora_dreambooth(tiny_model, images), workdir)  # its tokenizer copy
+    frozen = train_ldm.frozen_params(stage, workdir)
+    stage, frozen = train_ldm.with_adapter(stage, frozen, jax.random.key(stage.train.seed))
+    batches = dreambooth.make_batches(stage.data, stage.train.dreambooth, workdir / dreambooth.CLASS_DIR,
+                                      tokenizer=train_ldm._tokenize_fn(stage))
+    batch = {k: v for k, v in next(batches).items()}
+    assert batch["loss_weight"].tolist() == [2.0, 2.0, 2.0, 2.0]  # 2 instance, 2 class examples, weight 1
+    factors = jax.tree.map(np.asarray, result.state.params)
+    loss = train_ldm.make_stage_loss(stage)
+    grads = jax.jit(jax.grad(lambda p, f: loss(p, batch, jax.random.key(5), f)[0], argnums=(0, 1)))
+    d_factors, d_frozen = grads(factors, frozen)
+    d_base = traverse_util.flatten_dict(d_frozen)
+    got = traverse_util.flatten_dict(d_factors["lora"])
+    worst = 0.0
+    for path, pair in stage.adapter.lora(factors).modules().items():
+        g = np.asarray(d_base[(*path, "kernel")], np.float64)
+        down, up = np.asarray(pair["down"], np.float64), np.asarray(pair["up"], np.float64)
+        coef = dict(stage.adapter.alphas)[path] / up.shape[0]
+        assert np.abs(g).max() > 0 and np.abs(up).max() > 0, path
+        for name, want in (("down", coef * g @ up.T), ("up", coef * down.T @ g)):
+            have = np.asarray(got[(*path, name)], np.float64)
+            worst = max(worst, float(np.abs(have - want).max() / np.abs(want).max()))
+    print(f"LoRA step gradients vs projected full gradients: worst relative error {worst:.2e}")
+    assert worst < RTOL, worst
+
+
+# ----------------------------------------------------------------------------------------- textual inversion
+
+
+@pytest.fixture(scope="module")
+def ti_run(tiny_model, images, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ti")
+    config = _config("textual_inversion_shapes.py", {
+        "train.init_from": str(tiny_model), "data.path": str(images), "data.prompt": "a large <new-shape> at the top",
+        "train.textual_inversion.num_vectors": 2, "train.export_merged": True, "train.num_steps": 2})
+    return workdir, main.train_and_evaluate(config, workdir)
+
+
+def test_textual_inversion_trains_only_the_new_rows(ti_run, tiny_model):
+    workdir, result = ti_run
+    base = store.load_model(tiny_model)
+    rows = np.asarray(result.state.params["embeddings"]["cond_stage"])
+    circle = base.tokenizer("circle", add_special_tokens=False)["input_ids"][0]
+    table = _flat(base.params)["cond_stage/embeddings/token_embedding/embedding"]
+    assert rows.shape == (2, 32) and np.all(np.abs(rows - table[circle]).max(axis=1) > 0)  # both vectors moved
+    from ldm_jax.convert.embedding_files import load_embedding_file
+
+    assert result.adapter_files == (workdir / adapters.EMBEDDING_FILE,)
+    (name, vectors), = load_embedding_file(result.adapter_files[0]).items()
+    assert name == "<new-shape>"
+    np.testing.assert_array_equal(np.asarray(vectors), rows)
+    # The merged export: the base everywhere, the table grown by the two trained rows; the tokenizer knows them.
+    model = store.load_model(result.export_dir)
+    assert model.tokenizer.convert_tokens_to_ids(["<new-shape>", "<new-shape>_1"]) == [len(table), len(table) + 1]
+    for key, value in _flat(model.params).items():
+        if key == "cond_stage/embeddings/token_embedding/embedding":
+            np.testing.assert_array_equal(value, np.concatenate([table, rows]))
+        else:
+            np.testing.assert_array_equal(value, _flat(base.params)[key], err_msg=key)
+
+
+# ------------------------------------------------------------------------------------------ DreamBooth loss
+
+
+def test_prior_preservation_loss_is_the_weighted_sum(tiny_model):
+    """training_loss with per-example weights (instance B / n_i, class w B / n_c) is instance MSE + w * class MSE on
+    a fixed batch; without weights it is the plain mean, bit for bit (weights of 1 change nothing either)."""
+    model = store.load_model(tiny_model)
+    rng = np.random.default_rng(3)
+    empty = ldm.empty_prompt_ids(model.config, model.tokenizer)
+    batch = {"image": rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+             "tokens": np.repeat(np.asarray(empty), 4, axis=0)}
+    key = jax.random.key(4)
+
+    @jax.jit
+    def losses(params, batch, weights):
+        plain = ldm.training_loss(model.config, params, batch, key, empty_prompt=empty)[0]
+        weighted = ldm.training_loss(model.config, params, {**batch, "loss_weight": weights}, key, empty_prompt=empty)
+        return plain, weighted[0]
+
+    w = 0.7
+    ones = np.ones(4, np.float32)
+    one_hot = np.eye(4, dtype=np.float32) * 4  # loss_weight = 4 e_i picks example i's loss
+    plain, with_ones = losses(model.params, batch, ones)
+    assert np.asarray(plain).tobytes() == np.asarray(with_ones).tobytes()
+    per_example = np.array([float(losses(model.params, batch, one_hot[i])[1]) for i in range(4)])
+    weights = np.array([2, 2, 2 * w, 2 * w], np.float32)  # WeightedConcatIterator's for 2 + 2 examples
+    got = float(losses(model.params, batch, weights)[1])
+    assert got == pytest.approx(per_example[:2].mean() + w * per_example[2:].mean(), rel=1e-6)
+    assert float(plain) == pytest.approx(per_example.mean(), rel=1e-6)
+
+
+def test_class_images_for_another_prompt_are_refused(tmp_path):
+    cfg = dreambooth.DreamBoothConfig(instance_prompt="a sks dog", class_prompt="a dog", num_class_images=3)
+    assert dreambooth.cached_class_images(tmp_path, cfg) == 0
+    Image.new("RGB", (8, 8)).save(tmp_path / "00000.png")
+    (tmp_path / "00000.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match=r"00000.png was generated for the prompt 'a cat', not train.dreambooth"):
+        dreambooth.cached_class_images(tmp_path, cfg)
+    (tmp_path / "00000.txt").write_text("a dog\n")
+    assert dreambooth.cached_class_images(tmp_path, cfg) == 1
+
+
+# -------------------------------------------------------------------------------------------- bad recipes
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("lora_shapes.py", {"train.lora.targets": "nothing_here"},
+     r"train.lora.targets: 'nothing_here' matches no 2-D / 4-D kernel of sections \['unet'\]"),
+    ("lora_shapes.py", {"train.lora.targets": "(bad"}, r"train.lora.targets: '\(bad' is neither a group"),
+    ("lora_shapes.py", {"train.lora.rank": 0}, r"train.lora.rank=0; expected an integer >= 1"),
+    ("lora_shapes.py", {"train.lora.sections": "cond_stage_2"},
+     r"train.lora.sections: \['cond_stage_2'\] not in this model"),
+    ("lora_shapes.py", {"train.adapter": "dora"}, r"train.adapter='dora'; expected one of"),
+    ("lora_shapes.py", {"train.train_cond_stage": True}, r"train.train_cond_stage=True .* add 'cond_stage'"),
+    ("lora_shapes.py", {"train.init_from": ""}, r"train.adapter='lora' adapts a trained model: set train.init_from"),
+    ("lora_shapes.py", {"train.frozen_dtype": "float16"}, r"train.frozen_dtype='float16'"),
+    ("textual_inversion_shapes.py", {"train.textual_inversion.token": ""}, r"train.textual_inversion.token=''"),
+    ("textual_inversion_shapes.py", {"train.textual_inversion.num_vectors": 0}, r"num_vectors=0"),
+    ("dreambooth_shapes.py", {"train.dreambooth.class_prompt": ""}, r"train.dreambooth.class_prompt is empty"),
+    ("dreambooth_shapes.py", {"data.source": "tfds"}, r"the instance images are data.path"),
+    ("dreambooth_shapes.py", {"train.dreambooth.prior_loss_weight": -1.0}, r"prior_loss_weight=-1.0"),
+])
+def test_bad_recipe_is_one_line(config, overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message) as err:
+        train_ldm.build_stage(_config(config, overrides), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.textual_inversion.init_word": "sks"}, r"train.textual_inversion.init_word: init word 'sks' is its "
+                                                   r"unknown token"),
+    ({"train.textual_inversion.init_word": "red circle"}, r"train.textual_inversion.init_word='red circle'"),
+    ({"train.textual_inversion.token": "circle"}, r"train.textual_inversion.token: token 'circle' .* already exists"),
+])
+def test_bad_textual_inversion_words_are_one_line(overrides, message, tiny_model, tmp_path):
+    config = _config("textual_inversion_shapes.py", {"train.init_from": str(tiny_model), **overrides})
+    with pytest.raises(ValueError, match=message) as err:
+        stage = train_ldm.build_stage(config, tmp_path)
+        model = store.load_model(tiny_model)
+        stage = train_ldm.with_init_tokenizers(stage, model, tmp_path)
+        train_ldm.with_adapter(stage, model.params, jax.random.key(0))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_instance_folder_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(main.parallel, "initialize_distributed", lambda *args: False)
+    argv = [f"--config={CONFIGS / 'dreambooth_shapes.py'}", "--workdir", str(tmp_path / "w"),
+            f"--config.train.init_from={tiny_model}", f"--config.data.path={tmp_path / 'nosuch'}"]
+    assert main.main(argv, prog="train.py") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.dreambooth: the instance images: data.path" in err, err
+    assert f"{tmp_path / 'nosuch'} does not exist" in err, err
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("name", ["lora_shapes", "textual_inversion_shapes", "dreambooth_shapes", "lora_sd_v1",
+                                  "dreambooth_sd_v1", "textual_inversion_sd_v1", "lora_sdxl",
+                                  "textual_inversion_sdxl"])
+def test_configs_build(name, tmp_path):
+    """Every recipe config builds its stage (full size, shapes only); the LoRA ones their abstract train state."""
+    overrides = {"train.init_from": "unused"}
+    if "sd" in name:
+        overrides["train.tokenizer"] = str(tokenizer_fixtures.write_clip_tokenizer(tmp_path / "tok"))
+    if "sdxl" in name:
+        overrides["train.tokenizer_2"] = overrides["train.tokenizer"]
+    config = main.load_config(CONFIGS / f"{name}.py", [f"--config.{k}={v}" for k, v in overrides.items()])
+    stage = train_ldm.build_stage(config, tmp_path)
+    assert stage.trainable == ({"lora": ("lora",), "textual_inversion": ("embeddings",)}.get(
+        stage.train.adapter, ("unet",)))
+    if stage.train.adapter == "lora":
+        stage, _ = train_ldm.with_adapter(stage, {}, jax.random.key(0))
+        target = train_ldm.init_state(stage, jax.random.key(0), abstract=True)
+        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target.params))
+        assert count == {"lora_shapes": 156_160, "lora_sd_v1": 797_184, "lora_sdxl": 5_806_080}[name], count
