@@ -9,25 +9,31 @@ unused. The embedded model's tokenizer has no word for it (it reads <|unk|>) and
 autoencoder reproduces white scenes well enough for the checker to read every one (`--ceiling` measures it), so
 whatever a recipe misses is the recipe's, not the decoder's.
 
-1. Data (OUT/instance/): `--num-instance` rendered scenes of 1-3 objects, one of them white (`shapes.
+1. Data: OUT/instance/, `--num-instance` rendered scenes of 1-3 objects, one of them white (`shapes.
    sample_new_colour_scene`, seed 0), as NNNNN.png + NNNNN.txt captions ("a large white circle at the top left
-   and ..."): the image folder the recipes' data pipeline reads (`readers.ImageFolderSource`).
-2. Prompts: `--num-prompts` new-concept prompts (seed 1, none equal to an instance caption: other colours, shapes,
+   and ..."): the image folder the recipes' data pipeline reads (`readers.ImageFolderSource`). Textual inversion
+   learns the token "white" (started from "yellow"); LoRA reads the word as <|unk|>. DreamBooth takes one instance
+   prompt for all its images (as diffusers' script does), and one caption fixes its scene to the pixel here, so
+   its instance set is OUT/dreambooth_instance/: the one render of `DREAMBOOTH_PROMPT`; its class prompt and
+   class images are the config's.
+2. Prompts: `--num-prompts` new-concept prompts (seed 1, none equal to a training caption: other colours, shapes,
    sizes and cells around the white object) and the first `--num-prompts` lines of `--old-prompts` (the
-   validation prompts of the README's adherence table).
-3. Before: the embedded model samples both sets (DDIM 50 steps, guidance 7.5, seed 0: `ldm-jax sample`'s
+   validation prompts of the README's adherence table). "taught": the recipe's own training captions (the
+   instance captions; DreamBooth's one prompt as often), to tell learning from generalising.
+3. Before: the embedded model samples every set (DDIM 50 steps, guidance 7.5, seed 0: `ldm-jax sample`'s
    defaults, image i from noise `fold_in(seed, i)`); the checker scores them (`shapes_checker.NEW_COLOUR_CHECKER`:
    the world's colours and white, so a white object where another colour was asked is wrong).
-4. Each recipe trains through the real entry point, `python -m ldm_jax train --config configs/<recipe>.py`, in its
-   own process; wall time and peak RSS (`os.wait4`'s ru_maxrss of that process) are its own. DreamBooth's class
-   images are generated inside its run (their cost is in its wall time).
+4. Each recipe trains through the real entry point, `python -m ldm_jax train --config configs/<recipe>.py`
+   (the configs' own steps and learning rates), in its own process: wall time and peak RSS (`os.wait4`'s ru_maxrss
+   of that process) are its own, JAX start and compilation included. DreamBooth generates its class images inside
+   its run (their cost is in its wall time). An existing OUT/<recipe> is refused (the run would resume instead).
 5. After: the result through the model store (the LoRA file merged at scale 1, the embedding file added as a
    token, the fine-tuned model directory), the same prompts and seeds, the same checker.
 
-Output: one table (recipe, trained parameters, steps, wall time, peak RSS, new-concept adherence before / after,
-old-prompt adherence after, and the white objects' colour accuracy), OUT/results.json, and a picture
-(`--picture`): one row per model (before, then each recipe), the same 8 new-concept and 4 old prompts in each,
-shown 4x enlarged.
+Output: one table (recipe, trained parameters, steps, wall time, peak RSS, adherence on the taught, new-concept and
+old prompts, and the fraction of stated white objects drawn white), OUT/results.json, and a picture
+(`--picture`): the prompts' renders, then one row per model (before, each recipe), the same 8 new-concept and 4
+old prompts in each, shown 4x enlarged.
 """
 from __future__ import annotations
 
@@ -48,6 +54,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import ROOT, format_table, load_average
 
 NEW_COLOUR = "white"
+TI_INIT_WORD = "yellow"
+# DreamBooth takes one instance prompt for all its images (as diffusers' script); one caption fixes its scene to
+# the pixel here, so its instance set is that caption's one render. The class prompt is the config's.
+DREAMBOOTH_PROMPT = "a large white circle in the centre"
 INSTANCE_SEED, PROMPT_SEED = 0, 1
 SAMPLER, STEPS, GUIDANCE, SEED = "ddim", 50, 7.5, 0  # ldm-jax sample's defaults
 PICTURE_NEW, PICTURE_OLD, PICTURE_SCALE = 8, 4, 4
@@ -174,7 +184,7 @@ class Recipe:
     name: str
     label: str
     config: str
-    overrides: Callable[[pathlib.Path, pathlib.Path], list[str]]  # (instance folder, workdir) -> --config.x=y
+    overrides: Callable[[pathlib.Path], list[str]]  # OUT -> --config.x=y
     load: Callable[[Any, pathlib.Path], Any]
     trained: Callable[[Any, pathlib.Path], int]
 
@@ -214,24 +224,30 @@ def _part_params(*parts: str) -> Callable[[Any, pathlib.Path], int]:
     return count
 
 
-def _data(instance: pathlib.Path) -> list[str]:
-    return ["--config.data.source=folder", f"--config.data.path={instance}"]
+def _instance(out: pathlib.Path) -> list[str]:
+    return [f"--config.data.path={out / INSTANCE_DIR}"]
 
 
+def _dreambooth(out: pathlib.Path) -> list[str]:
+    return [f"--config.data.path={out / DREAMBOOTH_DIR}", f"--config.train.dreambooth.instance_prompt={DREAMBOOTH_PROMPT}"]
+
+
+INSTANCE_DIR, DREAMBOOTH_DIR = "instance", "dreambooth_instance"
 RECIPES = {
     "ti": Recipe(
         "ti", "textual inversion", "configs/textual_inversion_shapes.py",
-        lambda instance, workdir: _data(instance) + [f"--config.train.textual_inversion.token={NEW_COLOUR}"],
+        lambda out: _instance(out) + [f"--config.train.textual_inversion.token={NEW_COLOUR}",
+                                      f"--config.train.textual_inversion.init_word={TI_INIT_WORD}"],
         _load_embedding, lambda base, workdir: _file_params(workdir / "learned_embeds.safetensors")),
     "lora": Recipe(
-        "lora", "LoRA", "configs/lora_shapes.py", lambda instance, workdir: _data(instance),
+        "lora", "LoRA", "configs/lora_shapes.py", _instance,
         _load_lora, lambda base, workdir: _file_params(workdir / "lora.safetensors")),
     "dreambooth": Recipe(
-        "dreambooth", "DreamBooth + prior preservation", "configs/dreambooth_shapes.py",
-        lambda instance, workdir: _data(instance), _load_model_dir, _part_params("unet")),
+        "dreambooth", "DreamBooth + prior preservation", "configs/dreambooth_shapes.py", _dreambooth,
+        _load_model_dir, _part_params("unet")),
     "dreambooth_no_prior": Recipe(
         "dreambooth_no_prior", "DreamBooth, no prior preservation", "configs/dreambooth_shapes.py",
-        lambda instance, workdir: _data(instance) + ["--config.train.dreambooth.prior_loss_weight=0"],
+        lambda out: _dreambooth(out) + ["--config.train.dreambooth.prior_loss_weight=0"],
         _load_model_dir, _part_params("unet")),
 }
 
@@ -260,33 +276,36 @@ def trained_steps(workdir: pathlib.Path) -> int:
 # ---------------------------------------------------------------------------------------------- the report
 
 
-def picture(rows: Sequence[tuple[str, np.ndarray]], path: pathlib.Path) -> None:
-    """One row of images per model (each 4x enlarged, framed in grey), written as a PNG."""
-    from PIL import Image
+def picture(rows: Sequence[tuple[str, np.ndarray]], path: pathlib.Path, label_width: int = 420) -> None:
+    """One row of images per model (each 4x enlarged, framed in grey) after its label, written as a PNG."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from ldm_jax.images import image_grid
 
     framed = [np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64) for _, images in rows]
     grid = image_grid(np.concatenate(framed), columns=len(framed[0]))
     grid = grid.repeat(PICTURE_SCALE, axis=0).repeat(PICTURE_SCALE, axis=1)
+    sheet = Image.new("RGB", (label_width + grid.shape[1], grid.shape[0]))
+    sheet.paste(Image.fromarray(grid), (label_width, 0))
+    draw, height, font = ImageDraw.Draw(sheet), grid.shape[0] // len(rows), ImageFont.load_default(size=24)
+    for i, (label, _) in enumerate(rows):
+        draw.text((12, i * height + height // 2), label, fill=(255, 255, 255), font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    sheet.save(path)
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
     """The table's rows from the per-model results (the first is the base model, "before")."""
-    before = results[0]
-    rows = []
-    for r in results:
-        rows.append([r["label"], r.get("trained_params", "-"), r.get("steps", "-"),
-                     r.get("wall_s", "-"), r.get("peak_rss_gib", "-"),
-                     f"{100 * before['new']['accuracy']:.1f}%", f"{100 * r['new']['accuracy']:.1f}%",
-                     f"{100 * r['new']['new_colour']:.1f}%", f"{100 * r['old']['accuracy']:.1f}%"])
-    return rows
+    def pct(value: float) -> str:
+        return f"{100 * value:.1f}%"
+
+    return [[r["label"], r.get("trained_params", "-"), r.get("steps", "-"), r.get("wall_s", "-"),
+             r.get("peak_rss_gib", "-"), pct(r["taught"]["accuracy"]), pct(r["new"]["accuracy"]),
+             pct(r["new"]["new_colour"]), pct(r["old"]["accuracy"])] for r in results]
 
 
-HEADER = ["recipe", "trained params", "steps", "wall s", "peak RSS GiB", "new: before", "new: after",
-          "white objects right colour", "old: after"]
+HEADER = ["recipe", "trained params", "steps", "wall s", "peak RSS GiB", "taught prompts", "new-concept prompts",
+          "white objects white", "old prompts"]
 
 
 def markdown(rows: Sequence[Sequence[Any]]) -> str:
@@ -300,48 +319,59 @@ def markdown(rows: Sequence[Sequence[Any]]) -> str:
 # -------------------------------------------------------------------------------------------------- main
 
 
+def measure(model, prompt_sets: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Samples and scores every prompt set: ({set: scores}, {set: images})."""
+    images = {name: sample(model, prompts) for name, prompts in prompt_sets.items()}
+    return {name: score(images[name], prompts) for name, prompts in prompt_sets.items()}, images
+
+
+def train_recipe(recipe: Recipe, out: pathlib.Path, base) -> tuple[dict[str, Any], Any]:
+    """Trains one recipe in its own process: (its result fields, the adapted model)."""
+    workdir = out / recipe.name
+    if workdir.exists():  # the run would resume instead of being measured
+        raise SystemExit(f"{workdir} exists: delete it (or give another --out) to measure {recipe.name}")
+    argv = ["-m", "ldm_jax", "train", "--config", recipe.config, "--workdir", str(workdir), *recipe.overrides(out)]
+    print("training:", " ".join(argv), flush=True)
+    wall, peak = train_in_subprocess(argv, out / f"{recipe.name}.log")
+    result = {"name": recipe.name, "label": recipe.label, "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2),
+              "steps": trained_steps(workdir), "trained_params": recipe.trained(base, workdir),
+              "command": " ".join(argv)}
+    return result, recipe.load(base, workdir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the whole measurement (module docstring) and prints the table."""
     args = parse_args(argv)
     from ldm_jax import store
+    from ldm_jax.data import shapes
 
     out = pathlib.Path(args.out)
-    instance = out / "instance"
-    captions = write_image_folder(instance, instance_scenes(args.num_instance))
-    new = new_concept_prompts(args.num_prompts, captions)
-    old = old_prompts(pathlib.Path(args.old_prompts), args.num_prompts)
-    shown = new[:PICTURE_NEW] + old[:PICTURE_OLD]
+    captions = write_image_folder(out / INSTANCE_DIR, instance_scenes(args.num_instance))
+    write_image_folder(out / DREAMBOOTH_DIR, [shapes.parse_caption(DREAMBOOTH_PROMPT)])
+    sets = {"new": new_concept_prompts(args.num_prompts, [*captions, DREAMBOOTH_PROMPT]),
+            "old": old_prompts(pathlib.Path(args.old_prompts), args.num_prompts)}
     base = store.load_model()
-    print(f"{len(captions)} instance images in {instance}; {len(new)} new-concept and {len(old)} old prompts; "
+    print(f"{len(captions)} instance images in {out / INSTANCE_DIR}; {args.num_prompts} new-concept and old prompts; "
           f"{load_average()}", flush=True)
-    results: list[dict[str, Any]] = []
-    grid_rows: list[tuple[str, np.ndarray]] = []
+    shown = sets["new"][:PICTURE_NEW] + sets["old"][:PICTURE_OLD]
+    targets = np.stack([shapes.render(shapes.parse_caption(p), base.config.first_stage.resolution) for p in shown])
+    grid_rows: list[tuple[str, np.ndarray]] = [("the prompts rendered (target)", targets)]
     if args.ceiling:
-        print("autoencoder ceiling (reconstructed renders of the new-concept prompts):", ceiling(base, new))
+        print("autoencoder ceiling (reconstructed renders of the new-concept prompts):", ceiling(base, sets["new"]))
+    results: list[dict[str, Any]] = []
     for recipe in [None, *(RECIPES[name] for name in args.recipes)]:
-        result: dict[str, Any] = {"name": "before", "label": "before (the embedded model)"}
-        model = base
-        if recipe is not None:
-            workdir = out / recipe.name
-            argv = ["-m", "ldm_jax", "train", "--config", recipe.config, "--workdir", str(workdir),
-                    *recipe.overrides(instance, workdir)]
-            print("training:", " ".join(argv), flush=True)
-            wall, peak = train_in_subprocess(argv, out / f"{recipe.name}.log")
-            model = recipe.load(base, workdir)
-            result = {"name": recipe.name, "label": recipe.label, "wall_s": round(wall, 1),
-                      "peak_rss_gib": round(peak, 2), "steps": trained_steps(workdir),
-                      "trained_params": recipe.trained(base, workdir), "command": " ".join(argv)}
-        new_images, old_images = sample(model, new), sample(model, old)
-        result.update(new=score(new_images, new), old=score(old_images, old))
-        results.append(result)
-        grid_rows.append((result["label"], np.concatenate([new_images[:PICTURE_NEW], old_images[:PICTURE_OLD]])))
-        print(json.dumps(result), flush=True)
+        result, model = ({"name": "before", "label": "before (the embedded model)"}, base) if recipe is None \
+            else train_recipe(recipe, out, base)
+        taught = [DREAMBOOTH_PROMPT] * len(captions) if recipe and recipe.name.startswith("dreambooth") else captions
+        scores, images = measure(model, {**sets, "taught": taught})
+        results.append({**result, **scores})
+        grid_rows.append((result["label"], np.concatenate([images["new"][:PICTURE_NEW], images["old"][:PICTURE_OLD]])))
+        print(json.dumps(results[-1]), flush=True)
     rows = table_rows(results)
     print(format_table(HEADER, rows))
     print(markdown(rows))
-    (out / "results.json").write_text(json.dumps({"results": results, "new_prompts": new, "old_prompts": old,
-                                                  "instance_captions": captions, "picture_prompts": shown,
-                                                  "load": load_average()}, indent=1))
+    (out / "results.json").write_text(json.dumps({"results": results, **sets, "instance_captions": captions,
+                                                  "picture_prompts": shown, "load": load_average()}, indent=1))
     if args.picture:
         picture(grid_rows, pathlib.Path(args.picture))
     return 0
