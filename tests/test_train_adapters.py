@@ -6,7 +6,7 @@ rendered captioned-shapes images, one device.
 
 - LoRA + DreamBooth (one run, prior preservation on 2 generated class images): only the factors train (the
   frozen params in the workdir are the base's, bit for bit; the base at LoRA scale 0 is the base), the exported
-  lora.safetensors loads back (`load_lora_file`) equal to the EMA factors, the merged export is the base with the
+  lora.safetensors and lora_kohya.safetensors load back (`load_lora_file`) equal to the EMA factors, the merged export is the base with the
   LoRA merged in, and a run stopped after 2 steps and resumed to 3 ends bitwise equal to the uninterrupted one
   (class images reused, not regenerated).
 - The LoRA step's gradients equal the full-parameter gradients projected on the factors.
@@ -85,7 +85,8 @@ def _lora_dreambooth(tiny_model, images, **overrides):
         "train.init_from": str(tiny_model), "data.path": str(images), "data.caption_key": "",
         "train.dreambooth.instance_prompt": "a large red sks in the centre",
         "train.dreambooth.class_prompt": "a large red circle in the centre", "train.dreambooth.num_class_images": 2,
-        "train.dreambooth.sample_batch_size": 2, "train.lora.rank": 2, "train.export_merged": True,
+        "train.dreambooth.sample_batch_size": 2, "train.lora.rank": 2, "train.lora.kohya": True,
+        "train.export_merged": True,
         "train.ema_decay": 0.9, "train.image_every": 3, "checkpoint.every_steps": 2, **overrides})
 
 
@@ -114,11 +115,12 @@ def test_lora_trains_only_the_factors_and_exports(lora_run, tiny_model):
     assert min(float(np.abs(v).max()) for k, v in ema.items() if k.endswith("up")) > 0
     from ldm_jax.convert.lora_files import load_lora_file
 
-    assert result.adapter_files == (workdir / adapters.LORA_FILE,)
-    loaded = load_lora_file(result.adapter_files[0], base.config)
-    assert _flat(loaded.factors).keys() == ema.keys() and set(dict(loaded.alphas).values()) == {2.0}
-    for name, value in ema.items():
-        np.testing.assert_array_equal(_flat(loaded.factors)[name], value, err_msg=name)
+    assert result.adapter_files == (workdir / adapters.LORA_FILE, workdir / adapters.LORA_KOHYA_FILE)
+    for path in result.adapter_files:  # diffusers / PEFT and kohya layouts
+        loaded = load_lora_file(path, base.config)
+        assert _flat(loaded.factors).keys() == ema.keys() and set(dict(loaded.alphas).values()) == {2.0}
+        for name, value in ema.items():
+            np.testing.assert_array_equal(_flat(loaded.factors)[name], value, err_msg=f"{path.name}: {name}")
     # Scale 0 is the base model bit for bit; the merged export is the base with the LoRA at scale 1.
     for name, value in _flat(lora_lib.apply_loras(base.params, [(loaded, 0.0)])).items():
         np.testing.assert_array_equal(value, _flat(base.params)[name], err_msg=name)
@@ -318,7 +320,8 @@ def test_missing_instance_folder_is_one_line(tiny_model, tmp_path, capsys, monke
                                   "dreambooth_sd_v1", "textual_inversion_sd_v1", "lora_sdxl",
                                   "textual_inversion_sdxl"])
 def test_configs_build(name, tmp_path):
-    """Every recipe config builds its stage (full size, shapes only); the LoRA ones their abstract train state."""
+    """Every recipe config builds its stage (full size, shapes only); the LoRA ones their initial factors (the
+    counts their docstrings state)."""
     overrides = {"train.init_from": "unused"}
     if "sd" in name:
         overrides["train.tokenizer"] = str(tokenizer_fixtures.write_clip_tokenizer(tmp_path / "tok"))
@@ -328,8 +331,7 @@ def test_configs_build(name, tmp_path):
     stage = train_ldm.build_stage(config, tmp_path)
     assert stage.trainable == ({"lora": ("lora",), "textual_inversion": ("embeddings",)}.get(
         stage.train.adapter, ("unet",)))
-    if stage.train.adapter == "lora":
+    if stage.train.adapter == "lora" and "sdxl" not in name:  # (SDXL's 5,806,080: 700 modules drawn eagerly, 5 s)
         stage, _ = train_ldm.with_adapter(stage, {}, jax.random.key(0))
-        target = train_ldm.init_state(stage, jax.random.key(0), abstract=True)
-        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target.params))
-        assert count == {"lora_shapes": 156_160, "lora_sd_v1": 797_184, "lora_sdxl": 5_806_080}[name], count
+        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(stage.adapter.initial))
+        assert count == {"lora_shapes": 156_160, "lora_sd_v1": 797_184}[name], count
