@@ -275,6 +275,7 @@ def test_class_images_for_another_prompt_are_refused(tmp_path):
     ("lora_shapes.py", {"train.train_cond_stage": True}, r"train.train_cond_stage=True .* add 'cond_stage'"),
     ("lora_shapes.py", {"train.init_from": ""}, r"train.adapter='lora' adapts a trained model: set train.init_from"),
     ("lora_shapes.py", {"train.frozen_dtype": "float16"}, r"train.frozen_dtype='float16'"),
+    ("lora_shapes.py", {"diffusion.scale_by_std": True}, r"set diffusion.scale_by_std=false"),
     ("textual_inversion_shapes.py", {"train.textual_inversion.token": ""}, r"train.textual_inversion.token=''"),
     ("textual_inversion_shapes.py", {"train.textual_inversion.num_vectors": 0}, r"num_vectors=0"),
     ("dreambooth_shapes.py", {"train.dreambooth.class_prompt": ""}, r"train.dreambooth.class_prompt is empty"),
@@ -301,6 +302,17 @@ def test_bad_textual_inversion_words_are_one_line(overrides, message, tiny_model
         stage = train_ldm.with_init_tokenizers(stage, model, tmp_path)
         train_ldm.with_adapter(stage, model.params, jax.random.key(0))
     assert "\n" not in str(err.value)
+
+
+def test_scale_factor_other_than_the_models_is_one_line(tiny_model, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(main.parallel, "initialize_distributed", lambda *args: False)
+    argv = [f"--config={CONFIGS / 'lora_shapes.py'}", "--workdir", str(tmp_path / "w"),
+            f"--config.train.init_from={tiny_model}", f"--config.data.path={images}",
+            "--config.diffusion.scale_factor=0.18215",
+            *(f"--config.{k}={v}" for k, v in TINY.items())]
+    assert main.main(argv, prog="train.py") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diffusion.scale_factor=0.18215 differs from the model's 0.5098733" in err, err
 
 
 def test_missing_instance_folder_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):

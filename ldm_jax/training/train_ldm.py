@@ -229,6 +229,9 @@ def _trainable_parts(model: ldm.LDMConfig, train: LDMTrainConfig) -> list[str]:
             trainable += [name for name in ("cond_stage", "cond_stage_2") if getattr(model, name) is not None]
         return trainable + (["logvar"] if model.diffusion.learn_logvar else [])
     what = f"train.adapter={train.adapter!r}"
+    if model.diffusion.scale_by_std:
+        raise ValueError(f"{what} adapts a trained model, whose latent scale is its own: set diffusion.scale_by_std="
+                         f"false (and diffusion.scale_factor to the model's)")
     if not train.init_from:
         raise ValueError(f"{what} adapts a trained model: set train.init_from (a model directory, diffusers folder, "
                          f"single file or 'shapes')")
@@ -713,6 +716,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
         what = f"train.init_from={train.init_from!r}"
         init_model = common.user_input(what, load_init_model, train.init_from, stage.model,
                                        tokenizer=_store_tokenizer(stage))
+        common.user_input(what, _check_adapted_scale, stage, init_model)
         stage = common.user_input(what, with_init_tokenizers, stage, init_model, workdir)
         pretrained = init_model.params if saved is None else None
         del init_model
@@ -757,6 +761,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
         write_export(stage, state, frozen_np, out)
     return Result(state=state, export_dir=out if merged else None, adherence=scores[-1] if scores else None,
                   adapter_files=tuple(files))
+
+
+def _check_adapted_scale(stage: Stage, init_model: ldm.LoadedModel) -> None:
+    """An adapter run's latent scale must be its base model's: ValueError naming both when the config's
+    diffusion.scale_factor differs from the one train.init_from's model directory / diffusers folder carries."""
+    ours, theirs = stage.model.diffusion.scale_factor, init_model.config.diffusion.scale_factor
+    if stage.train.adapter != "none" and not np.isclose(ours, theirs, rtol=1e-6, atol=0.0):
+        raise ValueError(f"diffusion.scale_factor={ours:.7g} differs from the model's {theirs:.7g}: an adapter trains "
+                         f"on the base model's latents (set --config.diffusion.scale_factor={theirs!r})")
 
 
 def with_adapter(stage: Stage, frozen: Mapping[str, Any], key: jax.Array) -> tuple[Stage, dict[str, Any]]:
