@@ -281,6 +281,7 @@ def test_class_images_for_another_prompt_are_refused(tmp_path):
     ("dreambooth_shapes.py", {"train.dreambooth.class_prompt": ""}, r"train.dreambooth.class_prompt is empty"),
     ("dreambooth_shapes.py", {"data.source": "tfds"}, r"the instance images are data.path"),
     ("dreambooth_shapes.py", {"train.dreambooth.prior_loss_weight": -1.0}, r"prior_loss_weight=-1.0"),
+    ("dreambooth_shapes.py", {"diffusion.scale_by_std": True}, r"train.dreambooth fine-tunes a trained model"),
 ])
 def test_bad_recipe_is_one_line(config, overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message) as err:

@@ -75,6 +75,9 @@ def check(train: Any, data: pipeline.DataConfig, model: ldm.LDMConfig) -> None:
     cfg: DreamBoothConfig = train.dreambooth
     if model.tokenizer_kind is None:
         raise ValueError("train.dreambooth needs a text-to-image model (this one has no text tower)")
+    if model.diffusion.scale_by_std or not train.init_from:
+        raise ValueError("train.dreambooth fine-tunes a trained model: set train.init_from and diffusion.scale_by_std="
+                         "false (the latent scale is the model's)")
     if cfg.prior_preservation and not cfg.class_prompt.strip():
         raise ValueError("train.dreambooth.class_prompt is empty: prior preservation needs the class's prompt (e.g. "
                          "'a dog'), or set train.dreambooth.prior_loss_weight=0")

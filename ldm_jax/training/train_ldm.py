@@ -764,12 +764,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
 
 def _check_adapted_scale(stage: Stage, init_model: ldm.LoadedModel) -> None:
-    """An adapter run's latent scale must be its base model's: ValueError naming both when the config's
+    """An adapter or DreamBooth run's latent scale must be its base model's: ValueError naming both when the config's
     diffusion.scale_factor differs from the one train.init_from's model directory / diffusers folder carries."""
     ours, theirs = stage.model.diffusion.scale_factor, init_model.config.diffusion.scale_factor
-    if stage.train.adapter != "none" and not np.isclose(ours, theirs, rtol=1e-6, atol=0.0):
-        raise ValueError(f"diffusion.scale_factor={ours:.7g} differs from the model's {theirs:.7g}: an adapter trains "
-                         f"on the base model's latents (set --config.diffusion.scale_factor={theirs!r})")
+    adapting = stage.train.adapter != "none" or stage.train.dreambooth.enabled
+    if adapting and not np.isclose(ours, theirs, rtol=1e-6, atol=0.0):
+        raise ValueError(f"diffusion.scale_factor={ours:.7g} differs from the model's {theirs:.7g}: an adapter or "
+                         f"DreamBooth trains on the base model's latents (set --config.diffusion.scale_factor="
+                         f"{theirs!r})")
 
 
 def with_adapter(stage: Stage, frozen: Mapping[str, Any], key: jax.Array) -> tuple[Stage, dict[str, Any]]:
