@@ -10,8 +10,8 @@ rendered captioned-shapes images, one device.
   LoRA merged in, and a run stopped after 2 steps and resumed to 3 ends bitwise equal to the uninterrupted one
   (class images reused, not regenerated).
 - The LoRA step's gradients equal the full-parameter gradients projected on the factors.
-- Textual inversion: only the new token's rows train; the merged export equals the base everywhere else, the
-  exported learned_embeds.safetensors loads back equal.
+- Textual inversion: only the new token's rows train; the merged export equals the base everywhere else (and
+  `export_model` from the checkpoint gives it again), the exported learned_embeds.safetensors loads back equal.
 - DreamBooth: class images are generated once and reused; the weighted loss is instance MSE + w * class MSE on a
   fixed batch; without weights the loss is the plain mean, bit for bit.
 - Bad recipes are one-line errors naming the config field; every new config builds (shapes only).
@@ -196,7 +196,7 @@ def ti_run(tiny_model, images, tmp_path_factory):
     return workdir, main.train_and_evaluate(config, workdir)
 
 
-def test_textual_inversion_trains_only_the_new_rows(ti_run, tiny_model):
+def test_textual_inversion_trains_only_the_new_rows(ti_run, tiny_model, tmp_path):
     workdir, result = ti_run
     base = store.load_model(tiny_model)
     rows = np.asarray(result.state.params["embeddings"]["cond_stage"])
@@ -217,6 +217,11 @@ def test_textual_inversion_trains_only_the_new_rows(ti_run, tiny_model):
             np.testing.assert_array_equal(value, np.concatenate([table, rows]))
         else:
             np.testing.assert_array_equal(value, _flat(base.params)[key], err_msg=key)
+    # export_model: the same merged model from the workdir's checkpoint alone.
+    again = store.load_model(train_ldm.export_model(workdir, tmp_path / "exported"))
+    assert again.config == model.config and again.tokenizer.get_added_vocab() == model.tokenizer.get_added_vocab()
+    for key, value in _flat(again.params).items():
+        np.testing.assert_array_equal(value, _flat(model.params)[key], err_msg=key)
 
 
 # ------------------------------------------------------------------------------------------ DreamBooth loss
