@@ -11,7 +11,7 @@ no caption dropout. Sample grids of both prompts every 200 steps.
     python train.py --config configs/dreambooth_sd_v1.py --workdir runs/dreambooth_sd \\
         --config.train.init_from=/models/v1-5-pruned-emaonly.safetensors \\
         --config.train.tokenizer=/models/stable-diffusion-v1-5/tokenizer --config.data.path=/data/dog
-The export is runs/dreambooth_sd/model/ (`ldm-jax sample runs/dreambooth_sd/model --prompt "a photo of sks dog"`).
+The export is runs/dreambooth_sd/model/ (`ldm-jax sample --checkpoint runs/dreambooth_sd/model --prompt "a photo of sks dog"`).
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """
 import pathlib

@@ -11,7 +11,7 @@ train_text_to_image_lora.py. The whole base model is frozen and held in bfloat16
     python train.py --config configs/lora_sd_v1.py --workdir runs/lora_sd \\
         --config.train.init_from=/models/v1-5-pruned-emaonly.safetensors \\
         --config.train.tokenizer=/models/stable-diffusion-v1-5/tokenizer --config.data.path=/data/my_images
-    ldm-jax sample /models/stable-diffusion-v1-5 --lora runs/lora_sd/lora.safetensors:0.8 --prompt "..."
+    ldm-jax sample --checkpoint /models/stable-diffusion-v1-5 --lora runs/lora_sd/lora.safetensors:0.8 --prompt "..."
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """
 import pathlib

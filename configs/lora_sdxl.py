@@ -9,7 +9,7 @@ measured at full size here (no accelerator). Export: WORKDIR/lora.safetensors (d
 
     python train.py --config configs/lora_sdxl.py --workdir runs/lora_sdxl \\
         --config.train.init_from=/models/stable-diffusion-xl-base-1.0 --config.data.path=/data/my_images
-    ldm-jax sample /models/stable-diffusion-xl-base-1.0 --lora runs/lora_sdxl/lora.safetensors --prompt "..."
+    ldm-jax sample --checkpoint /models/stable-diffusion-xl-base-1.0 --lora runs/lora_sdxl/lora.safetensors --prompt "..."
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """
 import importlib.util

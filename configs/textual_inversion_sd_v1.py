@@ -9,7 +9,7 @@ name the token). The frozen model is held in bfloat16 (`train.frozen_dtype`); bf
     python train.py --config configs/textual_inversion_sd_v1.py --workdir runs/ti_sd \\
         --config.train.init_from=/models/v1-5-pruned-emaonly.safetensors \\
         --config.train.tokenizer=/models/stable-diffusion-v1-5/tokenizer --config.data.path=/data/my_concept
-    ldm-jax sample /models/stable-diffusion-v1-5 --embedding runs/ti_sd/learned_embeds.safetensors \\
+    ldm-jax sample --checkpoint /models/stable-diffusion-v1-5 --embedding runs/ti_sd/learned_embeds.safetensors \\
         --prompt "a painting of <my-concept>"
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """

@@ -9,7 +9,7 @@ was measured at full size here. Export: WORKDIR/learned_embeds.safetensors (clip
 
     python train.py --config configs/textual_inversion_sdxl.py --workdir runs/ti_sdxl \\
         --config.train.init_from=/models/stable-diffusion-xl-base-1.0 --config.data.path=/data/my_concept
-    ldm-jax sample /models/stable-diffusion-xl-base-1.0 --embedding runs/ti_sdxl/learned_embeds.safetensors \\
+    ldm-jax sample --checkpoint /models/stable-diffusion-xl-base-1.0 --embedding runs/ti_sdxl/learned_embeds.safetensors \\
         --prompt "a painting of <my-concept>"
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """
