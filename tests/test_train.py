@@ -58,8 +58,11 @@ def _ae_config(dataset, **overrides):
 
 
 def _ldm_config(dataset, first_stage, **overrides):
-    tiny = {"unet.model_channels": 32, "unet.channel_mult": "(1, 2)", "unet.num_res_blocks": 1,
-            "unet.attention_resolutions": "(1, 2)", "unet.num_heads": 2, "unet.num_head_channels": -1, "unet.context_dim": 32,
+    # One UNet level (with attention) and one text block: what these tests check (checkpoints, resume, export,
+    # accumulation, device count, precomputed latents) does not depend on the depth, and every compile here (the
+    # state's init, each train step) scales with it.
+    tiny = {"unet.model_channels": 32, "unet.channel_mult": "(1,)", "unet.num_res_blocks": 1,
+            "unet.attention_resolutions": "(1,)", "unet.num_heads": 2, "unet.num_head_channels": -1, "unet.context_dim": 32,
             "cond_stage.hidden_size": 32, "cond_stage.intermediate_size": 64, "cond_stage.num_layers": 1,
             "cond_stage.num_heads": 2, "data.global_batch_size": 8, "train.num_steps": 2, "train.log_every": 1,
             "train.image_every": 2, "train.num_images": 8, "train.sample_steps": 2, "train.progress_bar": False,
@@ -260,20 +263,26 @@ def test_gradient_accumulation_equals_one_batch(dataset, autoencoder_run, tmp_pa
     state, metrics = _step_fn(stage, frozen, state, accumulate=2)(state, batch, key)
 
     # The same update by hand: the loss of the whole batch is the mean over its two micro-batches (examples
-    # j, j+2, j+4, ... with key fold_in(fold_in(key, step 0), j)), one gradient of it, one AdamW step.
+    # j, j+2, j+4, ... with key fold_in(fold_in(key, step 0), j)); its gradient is the mean of the micro-batches'
+    # gradients (one program, compiled once, run on each); one AdamW step (jitted: run eagerly, optax compiles a
+    # few hundred one-op programs, one per leaf shape).
     base = ldm.make_loss_fn(stage.model, empty_prompt=ldm.empty_prompt_ids(stage.model, stage.tokenizer),
                             sample_posterior=False)
     step_key = jax.random.fold_in(key, 0)
-
-    def whole_batch_loss(params):
-        losses = [base({**params, **frozen}, jax.tree.map(lambda x, j=j: x[j::2], batch),
-                       jax.random.fold_in(step_key, j))[0] for j in range(2)]
-        return sum(losses) / 2
-
-    loss, grads = jax.jit(jax.value_and_grad(whole_batch_loss))(params0)
+    micro_batch_grad = jax.jit(jax.value_and_grad(lambda params, f, b, k: base({**params, **f}, b, k)[0]))
+    (loss_0, grads_0), (loss_1, grads_1) = (
+        micro_batch_grad(params0, frozen, jax.tree.map(lambda x, j=j: x[j::2], batch), jax.random.fold_in(step_key, j))
+        for j in range(2))
     tx, _ = train_ldm._optimizer(stage)
-    updates, _ = tx.update(grads, tx.init(params0), params0)
-    expected = optax.apply_updates(params0, updates)
+
+    @jax.jit
+    def adamw_step(params, grads_0, grads_1):
+        grads = jax.tree.map(lambda a, b: (a + b) / 2, grads_0, grads_1)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    expected = adamw_step(params0, grads_0, grads_1)
+    loss = (loss_0 + loss_1) / 2
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=RTOL)
     assert _max_rel(jax.tree.map(np.asarray, state.params), expected) < RTOL
 
@@ -285,10 +294,16 @@ def test_ldm_step_one_device_equals_eight(dataset, autoencoder_run, tmp_path):
     stage1 = dataclasses.replace(stage8, mesh=parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
     host_batch = next(train_ldm.image_iterator(stage8))
     frozen_np = train_ldm.frozen_params(stage8, tmp_path)
+    # One initial state, created on one device (as the other tests' stages do: a compile they share) and also
+    # placed as the 8-device state's shardings say.
+    state1 = train_ldm.init_state(stage1, jax.random.key(0))
+    target = train_ldm.init_state(stage8, jax.random.key(0), abstract=True)
+    state8 = jax.tree.unflatten(jax.tree.structure(target), [
+        jax.device_put(np.asarray(x), t.sharding)
+        for x, t in zip(jax.tree.leaves(state1), jax.tree.leaves(target), strict=True)])
     out = []
-    for stage in (stage8, stage1):
+    for stage, state in ((stage8, state8), (stage1, state1)):
         frozen = train_ldm.place(frozen_np, stage)
-        state = train_ldm.init_state(stage, jax.random.key(0))
         batch = jax.device_put(host_batch, parallel.batch_sharding(stage.mesh))
         state, metrics = _step_fn(stage, frozen, state)(state, batch, jax.random.key(1))
         out.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.params)))
