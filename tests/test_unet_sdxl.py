@@ -8,6 +8,7 @@ configs.
 Parity tolerance: relative 1e-5 of the output's largest value (float32), as tests/test_unet.py.
 """
 import dataclasses
+import functools
 import json
 
 import jax
@@ -104,10 +105,22 @@ def _inputs(cfg: UNetConfig, num_time_ids: int):
     return x, t, context, pooled, torch.tensor(TIME_IDS[num_time_ids])
 
 
+@functools.cache
+def _jitted_apply(cfg: UNetConfig):
+    """One jitted apply per config: a test's calls with new inputs of the same shapes reuse its compilation."""
+    return jax.jit(UNetModel(cfg).apply)
+
+
+@functools.cache
+def _full_size_shapes(cfg: UNetConfig, num_time_ids: int):
+    """Our full-size UNet's params, shapes only (tracing SDXL's init takes seconds: done once per config)."""
+    return jax.eval_shape(lambda key: init_unet(UNetModel(cfg), key, num_time_ids=num_time_ids), jax.random.key(0))
+
+
 def _ours(cfg, params, x, t, context, pooled, time_ids):
     as_jnp = lambda a: jnp.asarray(a.numpy())  # noqa: E731
-    out = jax.jit(UNetModel(cfg).apply)({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
-                                        as_jnp(t), as_jnp(context), as_jnp(pooled), as_jnp(time_ids))
+    out = _jitted_apply(cfg)({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
+                             as_jnp(t), as_jnp(context), as_jnp(pooled), as_jnp(time_ids))
     return np.asarray(out).transpose(0, 3, 1, 2)
 
 
@@ -168,8 +181,7 @@ def test_sdxl_configs_are_diffusers_and_sgm_alike():
             k: v for k, v in theirs.items() if k != "addition_embed_type_num_heads"}
         with torch.device("meta"):
             assert sum(p.numel() for p in UNet2DConditionModel(**theirs).parameters()) == count
-        shapes = jax.eval_shape(lambda key, c=ours, n=num_time_ids: init_unet(UNetModel(c), key, num_time_ids=n),
-                                jax.random.key(0))
+        shapes = _full_size_shapes(ours, num_time_ids)
         assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes)) == count
     assert SDXL_BASE_OURS.depth_at(0) == 0 and SDXL_BASE_OURS.depth_at(2) == SDXL_BASE_OURS.mid_depth == 10
 
@@ -181,7 +193,7 @@ def test_sdxl_base_structure_matches_diffusers_key_by_key():
         ref = UNet2DConditionModel(**SDXL_BASE)
     fake = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in ref.state_dict().items()}
     params = convert_diffusers_unet(fake, SDXL_BASE_OURS)
-    shapes = jax.eval_shape(lambda key: init_unet(UNetModel(SDXL_BASE_OURS), key), jax.random.key(0))
+    shapes = _full_size_shapes(SDXL_BASE_OURS, 6)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(shapes["params"])
 
 
