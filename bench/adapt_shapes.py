@@ -299,8 +299,11 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
     def pct(value: float) -> str:
         return f"{100 * value:.1f}%"
 
-    return [[r["label"], r.get("trained_params", "-"), r.get("steps", "-"), r.get("wall_s", "-"),
-             r.get("peak_rss_gib", "-"), pct(r["taught"]["accuracy"]), pct(r["new"]["accuracy"]),
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return [[r["label"], r.get("trained_params", "-"), r.get("steps", "-"), number(r.get("wall_s"), 0),
+             number(r.get("peak_rss_gib"), 2), pct(r["taught"]["accuracy"]), pct(r["new"]["accuracy"]),
              pct(r["new"]["new_colour"]), pct(r["old"]["accuracy"])] for r in results]
 
 
@@ -311,7 +314,7 @@ HEADER = ["recipe", "trained params", "steps", "wall s", "peak RSS GiB", "taught
 def markdown(rows: Sequence[Sequence[Any]]) -> str:
     """The table as markdown (for the README)."""
     def cell(v):
-        return f"{v:.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+        return f"{v:,}" if isinstance(v, int) else str(v)
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 

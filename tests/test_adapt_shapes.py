@@ -119,9 +119,9 @@ def test_bench_scores_and_table():
     swapped = bench.score(images[::-1], prompts)
     assert swapped["accuracy"] == 0.0 and swapped["new_colour"] == 0.0
     results = [{"label": "before", "new": swapped, "old": good, "taught": swapped},
-               {"label": "LoRA", "trained_params": 1234, "steps": 10, "wall_s": 1.5, "peak_rss_gib": 0.5,
+               {"label": "LoRA", "trained_params": 1234, "steps": 10, "wall_s": 1.6, "peak_rss_gib": 0.5,
                 "new": good, "old": swapped, "taught": good}]
     rows = bench.table_rows(results)
     assert rows[0][1:6] == ["-"] * 4 + ["0.0%"]
-    assert rows[1] == ["LoRA", 1234, 10, 1.5, 0.5, "100.0%", "100.0%", "100.0%", "0.0%"]
-    assert "| LoRA | 1,234 | 10 | 1.5 | 0.5 | 100.0% | 100.0% | 100.0% | 0.0% |" in bench.markdown(rows)
+    assert rows[1] == ["LoRA", 1234, 10, "2", "0.50", "100.0%", "100.0%", "100.0%", "0.0%"]
+    assert "| LoRA | 1,234 | 10 | 2 | 0.50 | 100.0% | 100.0% | 100.0% | 0.0% |" in bench.markdown(rows)
