@@ -125,3 +125,11 @@ def test_bench_scores_and_table():
     assert rows[0][1:6] == ["-"] * 4 + ["0.0%"]
     assert rows[1] == ["LoRA", 1234, 10, "2", "0.50", "100.0%", "100.0%", "100.0%", "0.0%"]
     assert "| LoRA | 1,234 | 10 | 2 | 0.50 | 100.0% | 100.0% | 100.0% | 0.0% |" in bench.markdown(rows)
+
+
+def test_bench_measures_its_subprocess(tmp_path):
+    bench = _bench()
+    wall, peak = bench.train_in_subprocess(["-c", "import numpy; numpy.ones(2**28 // 8).sum()"], tmp_path / "a.log")
+    assert 0 < wall < 60 and 0.25 <= peak < 1.0  # a 256 MiB array: that process's own peak, not the test's
+    with pytest.raises(SystemExit, match="(?s)failed \\(exit 3\\).*boom"):
+        bench.train_in_subprocess(["-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "b.log")
