@@ -12,8 +12,9 @@ import subprocess
 import sys
 import sysconfig
 
-import jax
+import numpy as np
 import pytest
+from flax import traverse_util
 
 from ldm_jax import ldm, presets, store
 from ldm_jax.models.tokenizer import load_tokenizer
@@ -45,8 +46,11 @@ def installed(tmp_path_factory) -> pathlib.Path:
 
 
 def _env():
+    """The commands' environment: one CPU device, and XLA's optimisations off as in this test session (conftest):
+    compiling dominates a 3-step sample of a tiny model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     return env
 
 
@@ -72,7 +76,12 @@ def test_sample_a_compvis_single_file(installed, tmp_path):
         preset.cond_stage.vocab_size = len(tokenizer)
         preset.cond_stage.eos_token_id = preset.cond_stage.pad_token_id = len(tokenizer) - 1
     config = ldm.ldm_config(preset)
-    model = ldm.LoadedModel(config=config, params=ldm.init_params(config, jax.random.key(0)), tokenizer=tokenizer)
+    # Random weights of the config's shapes drawn on the host (what the file holds does not matter here; Flax's
+    # init, run eagerly, compiles one small program per initialiser and shape)
+    rng = np.random.default_rng(0)
+    params = {path: (0.05 * rng.standard_normal(shape) + (path[-1] == "scale")).astype(np.float32)
+              for path, shape in ldm.param_shapes(config).items()}
+    model = ldm.LoadedModel(config=config, params=traverse_util.unflatten_dict(params), tokenizer=tokenizer)
     store.save_model(model, tmp_path / "tiny.safetensors", format="compvis")
     result = _run([str(installed / "ldm-jax"), "sample", "--ckpt", "tiny.safetensors", "--tokenizer", "tokenizer",
                    "--prompt", "a red circle", "--ddim_steps", "3", "--H", "32", "--W", "32", "--outdir", "out"],
