@@ -7,6 +7,7 @@ PENDING_SECTIONS is reported as skipped (with the reason) until its builder land
 """
 import ast
 import dataclasses
+import json
 import pathlib
 import re
 
@@ -50,6 +51,17 @@ PENDING_SECTIONS = {
 }
 
 CONFIG_FILES = sorted(CONFIGS.glob("*.py"))
+_BUILT: dict[tuple[str, str], object] = {}
+
+
+def _build(name, section):
+    """SECTION_BUILDERS[name](section), once per distinct section: many files share a preset's model sections
+    (sdxl_base, sdxl_finetune, lora_sdxl, textual_inversion_sdxl: one SDXL UNet), and tracing a full-size init
+    takes seconds."""
+    key = (name, json.dumps(section.to_dict(), sort_keys=True, default=repr))
+    if key not in _BUILT:
+        _BUILT[key] = SECTION_BUILDERS[name](section)
+    return _BUILT[key]
 
 
 def test_there_are_configs():
@@ -69,7 +81,7 @@ def test_config_builds(path):
     pending = []
     for name, section in config.items():
         if name in SECTION_BUILDERS:
-            variables = SECTION_BUILDERS[name](section)
+            variables = _build(name, section)
             assert jax.tree_util.tree_leaves(variables), f"{path.name}: section {name!r} built no parameters"
         elif name in PENDING_SECTIONS:
             pending.append(f"{name!r} ({PENDING_SECTIONS[name]})")
