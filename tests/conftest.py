@@ -1,6 +1,7 @@
 """Test set-up shared by every test.
 
-- Tests run on the CPU with float32 and the fewest XLA optimisations (compile time dominates tiny models).
+- Tests run on the CPU with float32 and the fewest XLA optimisations (compile time dominates tiny models); compiled
+  programs go into a persistent compilation cache for the session (`session_compilation_cache`).
 - `torchvision` is hidden: the lpips reference package pulls PyPI's torchvision, a CUDA build that cannot
   import beside the CPU torch 2.13 wheel, and transformers/diffusers would try to import it. With
   `sys.modules["torchvision"] = None` they see it as absent. The LPIPS parity test lends lpips a small
@@ -67,15 +68,25 @@ def _tiny_sd_components(tmp_path_factory, in_channels=4):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """XLA's persistent compilation cache in a fresh directory for one test module, every program cached: resumed
-    runs and repeated stages compile the same programs again and the cache serves the repeats. Opt in with
-    `pytestmark = pytest.mark.usefixtures("compilation_cache")`."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache for the whole session, in a fresh directory: a program that a new
+    `jax.jit` compiles again (a train step re-made by a resumed run or another stage of the same shapes, a
+    pipeline of the same model in another module) is read back instead of compiled. Programs that compile in
+    under a second are not written (JAX's default). JAX sets its cache up once per process, at the first
+    compile after a directory is given, so this is the session's one directory."""
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    yield
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(session_compilation_cache):
+    """Every program of one test module goes into the session's compilation cache, however quick to compile:
+    modules that repeat many programs (resumed runs, repeated stages) opt in with
+    `pytestmark = pytest.mark.usefixtures("compilation_cache")`."""
+    names = ("jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
