@@ -232,7 +232,7 @@ def test_full_dropout_equals_empty_prompt_and_gradients():
     batch = {"image": _images(2), "tokens": _tokens(2)}
     key = jax.random.key(5)
     loss_fn = ldm.make_loss_fn(config, empty_prompt=empty)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, key)
     assert float(metrics["cond_dropped"]) == 1.0
     cs = ldm.modules(config).cond_stage
     context = cs.apply({"params": params["cond_stage"]}, jnp.asarray(np.repeat(empty, 2, 0)))
