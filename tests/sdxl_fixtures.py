@@ -75,3 +75,37 @@ def scheduler():
 
     return diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             timestep_spacing="leading", steps_offset=1)
+
+
+def unet(cross_attention_dim: int = 32 + 48, num_time_ids: int = 6, *, size: int = 16, in_channels: int = 4,
+         block_out_channels=(32, 64), attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+         time_dim: int = 8, pooled: int = 24):
+    """A 2-level SDXL-style UNet2DConditionModel (text_time addition embedding) for `size` x `size` images of the
+    factor-2 `vae`: base (context 32 + 48, 6 time ids) by default, refiner with (48, 5)."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        sample_size=size // 2, in_channels=in_channels, out_channels=4, block_out_channels=block_out_channels,
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim, use_linear_projection=True,
+        transformer_layers_per_block=transformer_layers_per_block, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=pooled + num_time_ids * time_dim)
+
+
+def base_and_refiner(tokenizer_dir: str | pathlib.Path, *, size: int = 16, **unet_kw):
+    """(base StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline refiner sharing its VAE and big-G tower),
+    every parameter randomised (call torch.manual_seed first); `unet_kw` goes to both `unet`s."""
+    import diffusers
+
+    tok, tok_2 = tokenizers(tokenizer_dir)
+    clip_l, big_g = text_encoders(tok)
+    base_unet, refiner_unet = unet(size=size, **unet_kw), unet(48, 5, size=size, **unet_kw)
+    autoencoder = vae(size)
+    randomise(clip_l, big_g, base_unet, refiner_unet, autoencoder)
+    base = diffusers.StableDiffusionXLPipeline(vae=autoencoder, text_encoder=clip_l, text_encoder_2=big_g,
+                                               tokenizer=tok, tokenizer_2=tok_2, unet=base_unet, scheduler=scheduler())
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=autoencoder, text_encoder=None, text_encoder_2=big_g, tokenizer=None, tokenizer_2=tok_2,
+        unet=refiner_unet, scheduler=scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    return base, refiner

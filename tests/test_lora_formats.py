@@ -269,15 +269,6 @@ def test_lora_made_here_loads_in_diffusers(sd, sd_lora, tmp_path, fmt):
 # ---------------------------------------------------------------------------------------------------- SDXL
 
 
-def _sdxl_unet():
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + 48, attention_head_dim=(2, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=24 + 6 * 8)
-
-
 @pytest.fixture(scope="module")
 def sdxl_lora(tmp_path_factory):
     """(pipeline, model, peft file): a tiny random SDXL base pipeline (tests/sdxl_fixtures.py parts) saved by
@@ -285,7 +276,7 @@ def sdxl_lora(tmp_path_factory):
     torch.manual_seed(0)
     tok, tok_2 = parts.tokenizers(tmp_path_factory.mktemp("sdxl_lora_tok"))
     clip_l, big_g = parts.text_encoders(tok)
-    unet, vae = _sdxl_unet(), parts.vae(SIZE)
+    unet, vae = parts.unet(size=SIZE), parts.vae(SIZE)
     parts.randomise(clip_l, big_g, unet, vae)
     pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tok,
                                                tokenizer_2=tok_2, unet=unet, scheduler=parts.scheduler())

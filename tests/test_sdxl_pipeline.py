@@ -41,29 +41,11 @@ def _rel_err(ours, theirs) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def _unet(cross_attention_dim, num_time_ids, pooled=24, in_channels=4):
-    return diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=pooled + num_time_ids * TIME_DIM)
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """(base pipeline, its folder, refiner pipeline, its folder), tiny and random, saved by diffusers."""
     torch.manual_seed(0)
-    tok, tok_2 = parts.tokenizers(tmp_path_factory.mktemp("sdxl_tok"))
-    clip_l, big_g = parts.text_encoders(tok)
-    unet, refiner_unet, vae = _unet(32 + 48, 6), _unet(48, 5), parts.vae(SIZE)
-    parts.randomise(clip_l, big_g, unet, refiner_unet, vae)
-    base = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tok,
-                                               tokenizer_2=tok_2, unet=unet, scheduler=parts.scheduler())
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=big_g, tokenizer=None, tokenizer_2=tok_2, unet=refiner_unet,
-        scheduler=parts.scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    base, refiner = parts.base_and_refiner(tmp_path_factory.mktemp("sdxl_tok"), size=SIZE, time_dim=TIME_DIM)
     root = tmp_path_factory.mktemp("sdxl")
     base.save_pretrained(root / "base", safe_serialization=True)
     refiner.save_pretrained(root / "refiner", safe_serialization=True)
@@ -77,7 +59,7 @@ def sdxl_inpaint(sdxl, tmp_path_factory):
     """(pipeline, folder): the base's parts with a 9-channel inpainting UNet (StableDiffusionXLInpaintPipeline)."""
     base = sdxl[0]
     torch.manual_seed(1)
-    unet = _unet(32 + 48, 6, in_channels=9)
+    unet = parts.unet(size=SIZE, in_channels=9, time_dim=TIME_DIM)
     parts.randomise(unet)
     pipe = diffusers.StableDiffusionXLInpaintPipeline(
         vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,

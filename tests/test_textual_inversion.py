@@ -122,29 +122,13 @@ def test_files_load_as_in_diffusers(sd_model, tmp_path, kind):
 # ------------------------------------------------------------------------------------------------ SDXL
 
 
-def _sdxl_unet(cross_attention_dim, num_time_ids, time_dim=8, pooled=24):
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=2, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=pooled + num_time_ids * time_dim)
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """(base pipeline, our base, refiner pipeline, our refiner): tiny random SDXL saved by diffusers, loaded by the
     store (towers 32 and 48 wide)."""
     torch.manual_seed(0)
-    tok, tok_2 = parts.tokenizers(tmp_path_factory.mktemp("ti_sdxl_tok"))
-    clip_l, big_g = parts.text_encoders(tok)
-    unet, refiner_unet, vae = _sdxl_unet(32 + 48, 6), _sdxl_unet(48, 5), parts.vae(16)
-    parts.randomise(clip_l, big_g, unet, refiner_unet, vae)
-    base = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tok,
-                                               tokenizer_2=tok_2, unet=unet, scheduler=parts.scheduler())
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=big_g, tokenizer=None, tokenizer_2=tok_2, unet=refiner_unet,
-        scheduler=parts.scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    base, refiner = parts.base_and_refiner(tmp_path_factory.mktemp("ti_sdxl_tok"), block_out_channels=(32, 32),
+                                           attention_head_dim=2, transformer_layers_per_block=1)
     root = tmp_path_factory.mktemp("ti_sdxl")
     base.save_pretrained(root / "base", safe_serialization=True)
     refiner.save_pretrained(root / "refiner", safe_serialization=True)
