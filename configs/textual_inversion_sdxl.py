@@ -22,13 +22,5 @@ from ldm_jax.training import adapters
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(pathlib.Path(__file__).with_name("sdxl_finetune.py"))
-    with config.unlocked():
-        config.train.update(adapters.train_fields())
-        config.data.prompt = ""
-    config.train.update(dict(adapter="textual_inversion", frozen_dtype="bfloat16", num_steps=3000, ema_decay=None))
-    config.train.textual_inversion.update(dict(token="<my-concept>", init_word="toy", num_vectors=1))
-    config.diffusion.cond_drop_prob = 0.0
-    config.data.update(dict(prompt="a photo of <my-concept>", caption_key="", global_batch_size=4))
-    config.optimizer.update(dict(learning_rate=5e-3, weight_decay=0.0, warmup_steps=0, accumulate_grad_batches=1))
+    config = adapters.textual_inversion_recipe(load_config_file(pathlib.Path(__file__).with_name("sdxl_finetune.py")))
     return config

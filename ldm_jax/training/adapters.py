@@ -141,6 +141,22 @@ def train_fields() -> ml_collections.ConfigDict:
         frozen_dtype="float32", export_merged=False, dreambooth=dataclasses.asdict(DreamBoothConfig())))
 
 
+def textual_inversion_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns a Stable Diffusion fine-tune config (configs/sd_v1_finetune.py, sdxl_finetune.py) into diffusers'
+    textual_inversion*.py recipe, in place: the token "<my-concept>" (one vector per tower) started from "toy", every
+    image of data.path captioned "a photo of <my-concept>", the frozen model in bfloat16, AdamW 5e-3 without weight
+    decay or warm-up, batch 4, 3000 steps, EMA off, no caption dropout. Returns `config`."""
+    with config.unlocked():
+        config.train.update(train_fields())
+        config.data.prompt = ""
+    config.train.update(dict(adapter="textual_inversion", frozen_dtype="bfloat16", num_steps=3000, ema_decay=None))
+    config.train.textual_inversion.update(dict(token="<my-concept>", init_word="toy", num_vectors=1))
+    config.diffusion.cond_drop_prob = 0.0
+    config.data.update(dict(prompt="a photo of <my-concept>", caption_key="", global_batch_size=4))
+    config.optimizer.update(dict(learning_rate=5e-3, weight_decay=0.0, warmup_steps=0, accumulate_grad_batches=1))
+    return config
+
+
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
@@ -284,4 +300,4 @@ def _log_sampling(stage: Any, flags: list[str]) -> None:
 
 __all__ = ["ADAPTERS", "Adapter", "EMBEDDING_FILE", "LORA_FILE", "LORA_KOHYA_FILE", "LoraTrainConfig",
            "TextualInversionTrainConfig", "cast_frozen", "lora_modules", "prepare", "shape_tree",
-           "train_fields", "write_adapter_files"]
+           "textual_inversion_recipe", "train_fields", "write_adapter_files"]
