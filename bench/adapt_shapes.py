@@ -11,21 +11,23 @@ whatever a recipe misses is the recipe's, not the decoder's.
 
 1. Data: OUT/instance/, `--num-instance` rendered scenes of 1-3 objects, one of them white (`shapes.
    sample_new_colour_scene`, seed 0), as NNNNN.png + NNNNN.txt captions ("a large white circle at the top left
-   and ..."): the image folder the recipes' data pipeline reads (`readers.ImageFolderSource`). Textual inversion
-   learns the token "white" (started from "yellow"); LoRA reads the word as <|unk|>. DreamBooth takes one instance
-   prompt for all its images (as diffusers' script does), and one caption fixes its scene to the pixel here, so
-   its instance set is OUT/dreambooth_instance/: the one render of `DREAMBOOTH_PROMPT`; its class prompt and
-   class images are the config's.
+   and ..."): the image folder every recipe's data pipeline reads (`readers.ImageFolderSource`). Textual inversion
+   learns the token "white" (started from "yellow"); LoRA reads the word as <|unk|>. DreamBooth trains on the
+   same captioned images (`train.dreambooth.instance_captions`) with "white" (<|unk|> to the tokenizer, as for
+   LoRA) as its identifier and "yellow" (textual inversion's init word) as its class word: each class prompt is
+   an instance caption with "white" replaced by "yellow", so prior preservation keeps the same layouts drawn in a
+   colour the model knows (the config's 64 class images, made round-robin for the 12 class captions).
 2. Prompts: `--num-prompts` new-concept prompts (seed 1, none equal to a training caption: other colours, shapes,
    sizes and cells around the white object) and the first `--num-prompts` lines of `--old-prompts` (the
-   validation prompts of the README's adherence table). "taught": the recipe's own training captions (the
-   instance captions; DreamBooth's one prompt as often), to tell learning from generalising.
+   validation prompts of the README's adherence table). "taught": the instance captions every recipe trained
+   on, to tell learning from generalising.
 3. Before: the embedded model samples every set (DDIM 50 steps, guidance 7.5, seed 0: `ldm-jax sample`'s
    defaults, image i from noise `fold_in(seed, i)`); the checker scores them (`shapes_checker.NEW_COLOUR_CHECKER`:
    the world's colours and white, so a white object where another colour was asked is wrong).
 4. Each recipe trains through the real entry point, `python -m ldm_jax train --config configs/<recipe>.py`
    (the configs' own steps and learning rates), in its own process: wall time and peak RSS (`os.wait4`'s ru_maxrss
-   of that process) are its own, JAX start and compilation included. DreamBooth generates its class images inside
+   of that process, started by a small launcher so that this process's RSS is not counted) are its own, JAX start
+   and compilation included. DreamBooth generates its class images inside
    its run (their cost is in its wall time). An existing OUT/<recipe> is refused (the run would resume instead).
 5. After: the result through the model store (the LoRA file merged at scale 1, the embedding file added as a
    token, the fine-tuned model directory), the same prompts and seeds, the same checker.
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -54,10 +55,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import ROOT, format_table, load_average
 
 NEW_COLOUR = "white"
-TI_INIT_WORD = "yellow"
-# DreamBooth takes one instance prompt for all its images (as diffusers' script); one caption fixes its scene to
-# the pixel here, so its instance set is that caption's one render. The class prompt is the config's.
-DREAMBOOTH_PROMPT = "a large white circle in the centre"
+TI_INIT_WORD = "yellow"  # also DreamBooth's class word: its class captions draw the instance layouts in yellow
 INSTANCE_SEED, PROMPT_SEED = 0, 1
 SAMPLER, STEPS, GUIDANCE, SEED = "ddim", 50, 7.5, 0  # ldm-jax sample's defaults
 PICTURE_NEW, PICTURE_OLD, PICTURE_SCALE = 8, 4, 4
@@ -229,10 +227,14 @@ def _instance(out: pathlib.Path) -> list[str]:
 
 
 def _dreambooth(out: pathlib.Path) -> list[str]:
-    return [f"--config.data.path={out / DREAMBOOTH_DIR}", f"--config.train.dreambooth.instance_prompt={DREAMBOOTH_PROMPT}"]
+    """DreamBooth from the captioned instance images (the config's one instance / class prompt emptied)."""
+    return _instance(out) + ["--config.train.dreambooth.instance_prompt=", "--config.train.dreambooth.class_prompt=",
+                             "--config.train.dreambooth.instance_captions=true",
+                             f"--config.train.dreambooth.identifier={NEW_COLOUR}",
+                             f"--config.train.dreambooth.class_word={TI_INIT_WORD}"]
 
 
-INSTANCE_DIR, DREAMBOOTH_DIR = "instance", "dreambooth_instance"
+INSTANCE_DIR = "instance"
 RECIPES = {
     "ti": Recipe(
         "ti", "textual inversion", "configs/textual_inversion_shapes.py",
@@ -252,19 +254,30 @@ RECIPES = {
 }
 
 
+# Starts the command (argv[2:]) and writes its ru_maxrss (KiB) to argv[1]. A child's ru_maxrss counts the RSS of
+# the process it was forked from up to its exec (Linux records the old mm's high-water mark at exec): started from
+# this bench's process (the base model loaded, its prompts sampled), every recipe would read at least this one's
+# RSS. This launcher is a few MiB.
+_LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, u = os.wait4(p.pid, 0); "
+             "open(sys.argv[1], 'w').write(str(u.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(s))")
+
+
 def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float]:
     """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB) of that
-    process alone (`os.wait4`). Raises SystemExit with the log's tail when it fails."""
+    process alone (`os.wait4` in a small launcher process, `_LAUNCHER`). Raises SystemExit with the log's tail when
+    it fails."""
+    rss_path = log_path.with_suffix(".maxrss")
     with open(log_path, "w", encoding="utf-8") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rss_path), sys.executable, *argv], stdout=log,
+                               stderr=subprocess.STDOUT, cwd=ROOT)
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    if code:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise SystemExit(f"{' '.join(argv)} failed (exit {proc.returncode}); {log_path}:\n{tail}")
-    return wall, usage.ru_maxrss / 2**20  # KiB on Linux
+        raise SystemExit(f"{' '.join(argv)} failed (exit {code}); {log_path}:\n{tail}")
+    peak = int(rss_path.read_text(encoding="utf-8"))
+    rss_path.unlink()
+    return wall, peak / 2**20  # KiB on Linux
 
 
 def trained_steps(workdir: pathlib.Path) -> int:
@@ -350,8 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = pathlib.Path(args.out)
     captions = write_image_folder(out / INSTANCE_DIR, instance_scenes(args.num_instance))
-    write_image_folder(out / DREAMBOOTH_DIR, [shapes.parse_caption(DREAMBOOTH_PROMPT)])
-    sets = {"new": new_concept_prompts(args.num_prompts, [*captions, DREAMBOOTH_PROMPT]),
+    sets = {"new": new_concept_prompts(args.num_prompts, captions),
             "old": old_prompts(pathlib.Path(args.old_prompts), args.num_prompts)}
     base = store.load_model()
     print(f"{len(captions)} instance images in {out / INSTANCE_DIR}; {args.num_prompts} new-concept and old prompts; "
@@ -365,8 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for recipe in [None, *(RECIPES[name] for name in args.recipes)]:
         result, model = ({"name": "before", "label": "before (the embedded model)"}, base) if recipe is None \
             else train_recipe(recipe, out, base)
-        taught = [DREAMBOOTH_PROMPT] * len(captions) if recipe and recipe.name.startswith("dreambooth") else captions
-        scores, images = measure(model, {**sets, "taught": taught})
+        scores, images = measure(model, {**sets, "taught": captions})
         results.append({**result, **scores})
         grid_rows.append((result["label"], np.concatenate([images["new"][:PICTURE_NEW], images["old"][:PICTURE_OLD]])))
         print(json.dumps(results[-1]), flush=True)

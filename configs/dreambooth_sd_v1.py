@@ -12,6 +12,9 @@ no caption dropout. Sample grids of both prompts every 200 steps.
         --config.train.init_from=/models/v1-5-pruned-emaonly.safetensors \\
         --config.train.tokenizer=/models/stable-diffusion-v1-5/tokenizer --config.data.path=/data/dog
 The export is runs/dreambooth_sd/model/ (`ldm-jax sample --checkpoint runs/dreambooth_sd/model --prompt "a photo of sks dog"`).
+Images captioned one by one (a .txt beside each, every caption naming the subject "sks"; the class prompts are the
+captions with "sks" removed): add --config.train.dreambooth.instance_prompt= --config.train.dreambooth.class_prompt=
+--config.train.dreambooth.instance_captions=true --config.train.dreambooth.identifier=sks.
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """
 import pathlib

@@ -12,6 +12,14 @@ first (WORKDIR/class_images/, DDIM 50, guidance 5; reused by reruns), weight 1. 
         --config.data.path=runs/new_shape_instances
 The export is runs/dreambooth_shapes/model/ (`ldm-jax sample --checkpoint runs/dreambooth_shapes/model
 --prompt "a large red sks in the centre"`).
+From captioned instance images instead (each image's NNNNN.txt names the subject with the identifier; the class
+prompts are the captions with it replaced by the class word, 64 class images shared round-robin among them), as
+bench/adapt_shapes.py runs it on its 12 "white" scenes:
+
+    python train.py --config configs/dreambooth_shapes.py --workdir runs/dreambooth_captions \\
+        --config.data.path=runs/adapt_shapes/instance --config.train.dreambooth.instance_prompt= \\
+        --config.train.dreambooth.class_prompt= --config.train.dreambooth.instance_captions=true \\
+        --config.train.dreambooth.identifier=white --config.train.dreambooth.class_word=yellow
 Built (shapes only) by: .venv/bin/python -m pytest -q tests/test_train_adapters.py -k configs
 """
 import pathlib

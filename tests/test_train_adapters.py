@@ -14,8 +14,12 @@ rendered captioned-shapes images, one device.
   `export_model` from the checkpoint gives it again), the exported learned_embeds.safetensors loads back equal.
 - DreamBooth: class images are generated once and reused; the weighted loss is instance MSE + w * class MSE on a
   fixed batch; without weights the loss is the plain mean, bit for bit.
+- DreamBooth from captioned instance images (the LoRA run again, its programs from the compilation cache): each
+  class image is made for its index's class caption (the identifier replaced by the class word), mixed in one
+  generation batch; class captions, eval prompts and the per-index cache check follow the sorted instance files.
 - Bad recipes are one-line errors naming the config field; every new config builds (shapes only).
 """
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -29,7 +33,7 @@ from PIL import Image
 import tokenizer_fixtures
 from ldm_jax import ldm, store
 from ldm_jax.adapters import lora as lora_lib
-from ldm_jax.data import shapes
+from ldm_jax.data import pipeline, readers, shapes
 from ldm_jax.models.tokenizer import load_tokenizer
 from ldm_jax.training import adapters, dreambooth, main, train_ldm
 
@@ -96,6 +100,24 @@ def lora_run(tiny_model, images, tmp_path_factory):
     return workdir, main.train_and_evaluate(_lora_dreambooth(tiny_model, images), workdir)
 
 
+# Caption mode, as bench/adapt_shapes.py runs it: "white" (the tokenizer's <|unk|>) names the subject.
+CAPTIONS = {"train.dreambooth.instance_prompt": "", "train.dreambooth.class_prompt": "",
+            "train.dreambooth.instance_captions": True, "train.dreambooth.identifier": "white",
+            "train.dreambooth.class_word": "yellow"}
+
+
+@pytest.fixture(scope="module")
+def white_images(tmp_path_factory):
+    """A folder of 3 rendered 32x32 scenes each with one white object, captioned ("a ... white ...")."""
+    folder = tmp_path_factory.mktemp("white_images")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        scene = shapes.sample_new_colour_scene(rng, "white")
+        Image.fromarray(shapes.render(scene, 32)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(shapes.caption(scene))
+    return folder
+
+
 def _flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
 
@@ -150,6 +172,25 @@ def test_lora_dreambooth_resumes_exactly_and_reuses_class_images(lora_run, tiny_
     assert (classes / "00000.png").stat().st_mtime_ns == kept
     np.testing.assert_array_equal(np.asarray(Image.open(classes / "00001.png")), original)
     assert Image.open(classes / "00001.png").text["prompt"] == "a large red circle in the centre"
+
+
+def test_dreambooth_trains_on_captioned_instance_images(tiny_model, white_images, tmp_path):
+    """The LoRA + DreamBooth run in caption mode (2 steps, a grid at step 2; data.caption_key "" is read anyway):
+    3 class images for the 3 class captions, written with their own prompts, made in mixed batches."""
+    config = _lora_dreambooth(tiny_model, white_images, **CAPTIONS, **{
+        "train.dreambooth.num_class_images": 3, "train.num_steps": 2, "train.image_every": 2,
+        "train.export_merged": False, "train.lora.kohya": False})
+    result = main.train_and_evaluate(config, tmp_path)
+    assert int(result.state.step) == 2 and (tmp_path / "images" / f"samples_{2:08d}.png").is_file()
+    captions = [(white_images / f"{i}.txt").read_text() for i in range(3)]
+    expected = [c.replace(" white ", " yellow ") for c in captions]
+    classes = tmp_path / dreambooth.CLASS_DIR
+    assert [(classes / f"{i:05d}.txt").read_text().strip() for i in range(3)] == expected
+    assert [Image.open(classes / f"{i:05d}.png").text["prompt"] for i in range(3)] == expected
+    cfg = _caption_cfg(num_class_images=3)
+    prompts = dreambooth.prompts(cfg, readers.ImageFolderSource(white_images))
+    assert [c for _, c in prompts.pairs] == expected
+    assert dreambooth.cached_class_images(classes, cfg, prompts) == 3  # a rerun reuses them all
 
 
 def test_lora_step_gradients_are_the_projected_full_gradients(lora_run, tiny_model, images):
@@ -257,13 +298,74 @@ def test_prior_preservation_loss_is_the_weighted_sum(tiny_model):
 
 def test_class_images_for_another_prompt_are_refused(tmp_path):
     cfg = dreambooth.DreamBoothConfig(instance_prompt="a sks dog", class_prompt="a dog", num_class_images=3)
-    assert dreambooth.cached_class_images(tmp_path, cfg) == 0
+    prompts = dreambooth.prompts(cfg)
+    assert prompts.pairs == (("a sks dog", "a dog"),) and dreambooth.eval_prompts(prompts, 3) == [
+        "a sks dog", "a dog", "a sks dog"]
+    assert dreambooth.cached_class_images(tmp_path, cfg, prompts) == 0
     Image.new("RGB", (8, 8)).save(tmp_path / "00000.png")
     (tmp_path / "00000.txt").write_text("a cat\n")
     with pytest.raises(ValueError, match=r"00000.png was generated for the prompt 'a cat', not train.dreambooth"):
-        dreambooth.cached_class_images(tmp_path, cfg)
+        dreambooth.cached_class_images(tmp_path, cfg, prompts)
     (tmp_path / "00000.txt").write_text("a dog\n")
-    assert dreambooth.cached_class_images(tmp_path, cfg) == 1
+    assert dreambooth.cached_class_images(tmp_path, cfg, prompts) == 1
+    alone = dreambooth.DreamBoothConfig(instance_prompt="a sks dog", prior_loss_weight=0.0)
+    assert dreambooth.eval_prompts(dreambooth.prompts(alone), 2) == ["a sks dog"] * 2
+
+
+def _caption_cfg(**overrides):
+    return dreambooth.DreamBoothConfig(**{"instance_captions": True, "identifier": "white", "class_word": "yellow",
+                                          "num_class_images": 5, **overrides})
+
+
+def test_class_captions_of_captioned_instance_images(tmp_path):
+    """Class captions replace the identifier (as a word) by the class word or remove it; the prompts follow the
+    sorted instance files (duplicates once), class image i is made for class caption i mod C; the captions are
+    read whatever data.caption_key is; a caption without the identifier or a missing caption file: one line."""
+    cfg = _caption_cfg()
+    assert dreambooth.class_caption(cfg, "a large white circle, a white") == "a large yellow circle, a yellow"
+    assert dreambooth.class_caption(cfg, "whitewash white,white") == "whitewash yellow,yellow"
+    removed = dataclasses.replace(cfg, class_word="")
+    assert dreambooth.class_caption(removed, "a large white circle at the top") == "a large circle at the top"
+    assert dreambooth.class_caption(removed, "white circle, white") == "circle,"
+    for name, caption in [("b", "a white square"), ("a", "a large white circle"), ("c", "a white square")]:
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(caption + "\n")
+    data = pipeline.DataConfig(source="folder", path=str(tmp_path), caption_key="")
+    prompts = dreambooth.prompts(cfg, pipeline.make_source(dreambooth.instance_data(data, cfg)))
+    assert prompts.pairs == (("a large white circle", "a large yellow circle"), ("a white square", "a yellow square"))
+    assert [prompts.class_prompt(i) for i in range(5)] == ["a large yellow circle", "a yellow square"] * 2 + [
+        "a large yellow circle"]
+    assert dreambooth.eval_prompts(prompts, 5) == ["a large white circle", "a large yellow circle", "a white square",
+                                                   "a yellow square", "a large white circle"]
+    (tmp_path / "d.txt").write_text("a red circle")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d.png")
+    with pytest.raises(ValueError, match=r"^the caption 'a red circle' of instance image 3 \(of 4, sorted\) in "
+                                         r".* does not contain train.dreambooth.identifier='white'") as err:
+        dreambooth.prompts(cfg, readers.ImageFolderSource(tmp_path))
+    (tmp_path / "d.txt").unlink()
+    with pytest.raises(ValueError, match=r"train.dreambooth.instance_captions=true: every instance image needs a "
+                                         r"caption file .*d.png \(no caption file d.txt\)") as err2:
+        dreambooth.prompts(cfg, readers.ImageFolderSource(tmp_path))
+    assert "\n" not in str(err.value) + str(err2.value)
+
+
+def test_class_images_of_captions_are_checked_per_index(tmp_path):
+    """A rerun reuses class images made for their index's class caption; after an instance caption changes, the
+    first image made for the old one is refused in one line naming it and both prompts."""
+    cfg = _caption_cfg(num_class_images=3)
+    prompts = dreambooth.Prompts((("a white circle", "a yellow circle"), ("a white square", "a yellow square")))
+    for i in range(3):
+        dreambooth._write_class_image(tmp_path, i, np.zeros((8, 8, 3), np.uint8), prompts.class_prompt(i))
+    assert [(tmp_path / f"{i:05d}.txt").read_text() for i in range(3)] == [
+        "a yellow circle\n", "a yellow square\n", "a yellow circle\n"]
+    assert dreambooth.cached_class_images(tmp_path, cfg, prompts) == 3
+    assert dreambooth.cached_class_images(tmp_path, dataclasses.replace(cfg, num_class_images=4), prompts) == 3
+    changed = dreambooth.Prompts((("a white circle", "a yellow circle"), ("a big white square", "a big yellow square")))
+    with pytest.raises(ValueError, match=r"00001.png was generated for the prompt 'a yellow square', not 'a big "
+                                         r"yellow square' \(class caption 1 of the instance captions with "
+                                         r"train.dreambooth.identifier='white' -> class_word='yellow'\)") as err:
+        dreambooth.cached_class_images(tmp_path, cfg, changed)
+    assert "\n" not in str(err.value)
 
 
 # -------------------------------------------------------------------------------------------- bad recipes
@@ -287,6 +389,18 @@ def test_class_images_for_another_prompt_are_refused(tmp_path):
     ("dreambooth_shapes.py", {"data.source": "tfds"}, r"the instance images are data.path"),
     ("dreambooth_shapes.py", {"train.dreambooth.prior_loss_weight": -1.0}, r"prior_loss_weight=-1.0"),
     ("dreambooth_shapes.py", {"diffusion.scale_by_std": True}, r"train.dreambooth fine-tunes a trained model"),
+    ("dreambooth_shapes.py", {"train.dreambooth.instance_captions": True},
+     r"train.dreambooth.instance_prompt='a large red sks in the centre' and train.dreambooth.instance_captions=true "
+     r"are both set"),
+    ("dreambooth_shapes.py", {**CAPTIONS, "train.dreambooth.class_prompt": "a dog"},
+     r"train.dreambooth.class_prompt='a dog' is set with train.dreambooth.instance_captions=true"),
+    ("dreambooth_shapes.py", {**CAPTIONS, "train.dreambooth.identifier": " "}, r"train.dreambooth.identifier is empty"),
+    ("dreambooth_shapes.py", {**CAPTIONS, "train.dreambooth.class_word": "white dog"},
+     r"train.dreambooth.class_word='white dog' contains train.dreambooth.identifier='white'"),
+    ("dreambooth_shapes.py", {"train.dreambooth.class_word": "dog"},
+     r"train.dreambooth.identifier='' / class_word='dog' derive the class prompts of captioned instance images"),
+    ("dreambooth_shapes.py", {**CAPTIONS, "data.prompt": "a dog"},
+     r"data.prompt='a dog' would replace the instance captions \(train.dreambooth.instance_captions=true\)"),
 ])
 def test_bad_recipe_is_one_line(config, overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message) as err:
