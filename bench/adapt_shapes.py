@@ -25,8 +25,8 @@ whatever a recipe misses is the recipe's, not the decoder's.
    defaults, image i from noise `fold_in(seed, i)`); the checker scores them (`shapes_checker.NEW_COLOUR_CHECKER`:
    the world's colours and white, so a white object where another colour was asked is wrong).
 4. Each recipe trains through the real entry point, `python -m ldm_jax train --config configs/<recipe>.py`
-   (the configs' own steps and learning rates), in its own process: wall time and peak RSS (`os.wait4`'s ru_maxrss
-   of that process, started by a small launcher so that this process's RSS is not counted) are its own, JAX start
+   (the configs' own steps and learning rates), in its own process: wall time, CPU time (user + system, all
+   threads: less sensitive than wall time to other work on the machine) and peak RSS (`os.wait4`'s rusage of that process, started by a small launcher so that this process's RSS is not counted) are its own, JAX start
    and compilation included. DreamBooth generates its class images inside
    its run (their cost is in its wall time). An existing OUT/<recipe> is refused (the run would resume instead).
 5. After: the result through the model store (the LoRA file merged at scale 1, the embedding file added as a
@@ -254,17 +254,17 @@ RECIPES = {
 }
 
 
-# Starts the command (argv[2:]) and writes its ru_maxrss (KiB) to argv[1]. A child's ru_maxrss counts the RSS of
+# Starts the command (argv[2:]) and writes its ru_maxrss (KiB) and CPU seconds (user + system) to argv[1]. A child's ru_maxrss counts the RSS of
 # the process it was forked from up to its exec (Linux records the old mm's high-water mark at exec): started from
 # this bench's process (the base model loaded, its prompts sampled), every recipe would read at least this one's
 # RSS. This launcher is a few MiB.
 _LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, u = os.wait4(p.pid, 0); "
-             "open(sys.argv[1], 'w').write(str(u.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(s))")
+             "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}'); sys.exit(os.waitstatus_to_exitcode(s))")
 
 
-def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float]:
-    """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB) of that
-    process alone (`os.wait4` in a small launcher process, `_LAUNCHER`). Raises SystemExit with the log's tail when
+def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float, float]:
+    """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB, CPU
+    seconds: user + system, all threads) of that process alone (`os.wait4` in a small launcher process, `_LAUNCHER`). Raises SystemExit with the log's tail when
     it fails."""
     rss_path = log_path.with_suffix(".maxrss")
     with open(log_path, "w", encoding="utf-8") as log:
@@ -275,9 +275,9 @@ def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[fl
     if code:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"{' '.join(argv)} failed (exit {code}); {log_path}:\n{tail}")
-    peak = int(rss_path.read_text(encoding="utf-8"))
+    peak, cpu = rss_path.read_text(encoding="utf-8").split()
     rss_path.unlink()
-    return wall, peak / 2**20  # KiB on Linux
+    return wall, int(peak) / 2**20, float(cpu)  # ru_maxrss is in KiB on Linux
 
 
 def trained_steps(workdir: pathlib.Path) -> int:
@@ -316,11 +316,11 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
         return "-" if value is None else f"{value:.{digits}f}"
 
     return [[r["label"], r.get("trained_params", "-"), r.get("steps", "-"), number(r.get("wall_s"), 0),
-             number(r.get("peak_rss_gib"), 2), pct(r["taught"]["accuracy"]), pct(r["new"]["accuracy"]),
+             number(r.get("cpu_s"), 0), number(r.get("peak_rss_gib"), 2), pct(r["taught"]["accuracy"]), pct(r["new"]["accuracy"]),
              pct(r["new"]["new_colour"]), pct(r["old"]["accuracy"])] for r in results]
 
 
-HEADER = ["recipe", "trained params", "steps", "wall s", "peak RSS GiB", "taught prompts", "new-concept prompts",
+HEADER = ["recipe", "trained params", "steps", "wall s", "CPU s", "peak RSS GiB", "taught prompts", "new-concept prompts",
           "white objects white", "old prompts"]
 
 
@@ -348,8 +348,9 @@ def train_recipe(recipe: Recipe, out: pathlib.Path, base) -> tuple[dict[str, Any
         raise SystemExit(f"{workdir} exists: delete it (or give another --out) to measure {recipe.name}")
     argv = ["-m", "ldm_jax", "train", "--config", recipe.config, "--workdir", str(workdir), *recipe.overrides(out)]
     print("training:", " ".join(argv), flush=True)
-    wall, peak = train_in_subprocess(argv, out / f"{recipe.name}.log")
-    result = {"name": recipe.name, "label": recipe.label, "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2),
+    wall, peak, cpu = train_in_subprocess(argv, out / f"{recipe.name}.log")
+    result = {"name": recipe.name, "label": recipe.label, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+              "peak_rss_gib": round(peak, 2),
               "steps": trained_steps(workdir), "trained_params": recipe.trained(base, workdir),
               "command": " ".join(argv)}
     return result, recipe.load(base, workdir)

@@ -119,12 +119,12 @@ def test_bench_scores_and_table():
     swapped = bench.score(images[::-1], prompts)
     assert swapped["accuracy"] == 0.0 and swapped["new_colour"] == 0.0
     results = [{"label": "before", "new": swapped, "old": good, "taught": swapped},
-               {"label": "LoRA", "trained_params": 1234, "steps": 10, "wall_s": 1.6, "peak_rss_gib": 0.5,
+               {"label": "LoRA", "trained_params": 1234, "steps": 10, "wall_s": 1.6, "cpu_s": 2.9, "peak_rss_gib": 0.5,
                 "new": good, "old": swapped, "taught": good}]
     rows = bench.table_rows(results)
-    assert rows[0][1:6] == ["-"] * 4 + ["0.0%"]
-    assert rows[1] == ["LoRA", 1234, 10, "2", "0.50", "100.0%", "100.0%", "100.0%", "0.0%"]
-    assert "| LoRA | 1,234 | 10 | 2 | 0.50 | 100.0% | 100.0% | 100.0% | 0.0% |" in bench.markdown(rows)
+    assert rows[0][1:7] == ["-"] * 5 + ["0.0%"]
+    assert rows[1] == ["LoRA", 1234, 10, "2", "3", "0.50", "100.0%", "100.0%", "100.0%", "0.0%"]
+    assert "| LoRA | 1,234 | 10 | 2 | 3 | 0.50 | 100.0% | 100.0% | 100.0% | 0.0% |" in bench.markdown(rows)
 
 
 def test_bench_measures_its_subprocess(tmp_path):
@@ -132,8 +132,8 @@ def test_bench_measures_its_subprocess(tmp_path):
     would read at least that (Linux counts the parent's RSS up to the child's exec)."""
     bench = _bench()
     held = np.ones(2**29 // 8)
-    wall, peak = bench.train_in_subprocess(["-c", "import numpy; numpy.ones(2**28 // 8).sum()"], tmp_path / "a.log")
-    assert 0 < wall < 60 and 0.25 <= peak < 0.5, peak  # a 256 MiB array: that process's own peak, not the test's
+    wall, peak, cpu = bench.train_in_subprocess(["-c", "import numpy; numpy.ones(2**28 // 8).sum()"], tmp_path / "a.log")
+    assert 0 < wall < 60 and 0 < cpu < 60 and 0.25 <= peak < 0.5, peak  # a 256 MiB array: that process's own peak, not the test's
     del held
     with pytest.raises(SystemExit, match="(?s)failed \\(exit 3\\).*boom"):
         bench.train_in_subprocess(["-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "b.log")
