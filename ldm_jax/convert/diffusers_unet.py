@@ -66,6 +66,8 @@ _HANDLED = {
 }
 # diffusers TimestepEmbedding attributes (time_embedding, add_embedding), not numbered children `linear.1`.
 LITERAL_NAMES = ("linear_1", "linear_2")
+# Modules whose 2-D `weight` is an embedding table (class labels), not a Linear weight.
+EMBEDDINGS = ("class_embedding",)
 
 
 def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> UNetConfig:
@@ -75,6 +77,14 @@ def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> U
     options (attention, remat, dtypes) are not config fields but arguments of `build_unet`.
     Raises ConversionError naming every unsupported option.
     """
+    return encoder_config_from_diffusers(config, decoder=True, source="diffusers UNet", **overrides)
+
+
+def encoder_config_from_diffusers(config: Mapping[str, Any], *, decoder: bool, source: str,
+                                  **overrides: Any) -> UNetConfig:
+    """`unet_config_from_diffusers` for a UNet (`decoder=True`) or for a model that copies only its encoder and
+    mid block (`decoder=False`: diffusers' ControlNetModel, whose config has no up_block_types, out_channels and
+    dropout; the caller removes its own options first). `source` names the model in the ConversionError."""
     cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     problems = [f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _REQUIRED.items() if k in cfg and cfg[k] != v]
     problems += [f"unknown option {k}={cfg[k]!r}" for k in sorted(set(cfg) - set(_REQUIRED) - _HANDLED)]
@@ -89,7 +99,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> U
     if len(down) != levels or any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
         problems.append(f"down_block_types={down} (supported: {levels} of CrossAttnDownBlock2D/DownBlock2D)")
     expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)]
-    if up != expected_up:
+    if decoder and up != expected_up:
         problems.append(f"up_block_types={up} (supported: the mirror of down_block_types, {expected_up})")
     if any(c % channels[0] for c in channels):
         problems.append(f"block_out_channels={channels} (supported: multiples of the first)")
@@ -105,7 +115,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> U
         adm = cfg.get("projection_class_embeddings_input_dim")
     heads_kw = _heads(cfg, channels, attn_levels, problems)
     if problems:
-        raise ConversionError("diffusers UNet config has unsupported options: " + "; ".join(problems))
+        raise ConversionError(f"{source} config has unsupported options: " + "; ".join(problems))
     fields = dict(
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
@@ -226,7 +236,7 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
     # num_time_ids=0: the params of a text_time UNet depend on adm_in_channels only, and every width allows 0.
     expected = expected_shapes(functools.partial(init_unet, UNetModel(config), num_time_ids=0), jax.random.key(0))
     return convert_state_dict(state_dict, expected, source="diffusers UNet2DConditionModel",
-                              embeddings=("class_embedding",))
+                              embeddings=EMBEDDINGS)
 
 
 def unet_config_to_diffusers(config: UNetConfig, sample_size: int = 64) -> dict[str, Any]:

@@ -8,6 +8,10 @@ Semantics of CompVis `ldm/modules/diffusionmodules/openaimodel.py: UNetModel`; s
     mid_block/{resnets_0, attentions_0, resnets_1},
     up_blocks_i/{resnets_j, attentions_j, upsamplers_0/conv}, conv_norm_out, conv_out.
 
+The encoder half (`embed_time`, `embed_input`, `encode`: conv_in, the embeddings, down_blocks_i, mid_block) is
+shared with `ldm_jax.models.controlnet.ControlNetModel`, whose residuals `UNetModel` takes as `down_residuals` /
+`mid_residual`.
+
 Level l of `channel_mult` works at downsampling factor 2**l; it has transformer (or attention) blocks when
 2**l is in `attention_resolutions`; its transformers have `transformer_depth` blocks (one int, or one per level
 as SDXL's (0, 2, 10); the mid block takes the last level's). up_blocks_0 is the deepest level, as in diffusers.
@@ -315,10 +319,154 @@ class UpBlock(_Blocks):
         return h
 
 
+def check_inputs(cfg: UNetConfig, x, timesteps, context, y, time_ids, *, where: str = "UNet") -> jax.Array:
+    """Validates the inputs of a UNet (or of a ControlNet's copy of its encoder, `where="ControlNet"`) against
+    `cfg` (ValueError naming the shapes; see `UNetModel`); returns timesteps broadcast to (B,)."""
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels or min(x.shape[1:3]) < 1:
+        raise ValueError(f"{where}: x must be (B, H, W, in_channels={cfg.in_channels}); got {x.shape}")
+    batch = x.shape[0]
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
+        raise ValueError(f"{where}: timesteps must be a scalar or (B={batch},); got {timesteps.shape}")
+    timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
+    if cfg.use_spatial_transformer:
+        if context is None or context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
+            got = None if context is None else context.shape
+            raise ValueError(f"{where}: context must be (B={batch}, L, context_dim={cfg.context_dim}); got {got}")
+    elif context is not None:
+        raise ValueError(f"{where}: this config has no cross-attention (use_spatial_transformer=False), "
+                         f"but context {context.shape} was given")
+    if cfg.addition_embed_type == "text_time":
+        _check_text_time(cfg, batch, y, time_ids, where)
+    elif time_ids is not None:
+        raise ValueError(f"{where}: time_ids {jnp.shape(time_ids)} given but the config has no text_time "
+                         "embedding (addition_embed_type=None)")
+    elif cfg.num_classes is None:
+        if y is not None:
+            raise ValueError(f"{where}: y {jnp.shape(y)} given but the config has num_classes=None")
+    elif y is None:
+        raise ValueError(f"{where}: num_classes={cfg.num_classes!r} needs y; got y=None")
+    elif cfg.num_classes == "sequential" and jnp.shape(y) != (batch, cfg.adm_in_channels):
+        raise ValueError(f"{where}: y must be (B={batch}, adm_in_channels={cfg.adm_in_channels}); got {jnp.shape(y)}")
+    elif cfg.num_classes != "sequential" and jnp.shape(y) != (batch,):
+        raise ValueError(f"{where}: y must be (B={batch},) class labels; got {jnp.shape(y)}")
+    return timesteps
+
+
+def _check_text_time(cfg: UNetConfig, batch: int, y, time_ids, where: str) -> None:
+    """y (B, P) and time_ids (B, N) with P + N * addition_time_embed_dim == adm_in_channels."""
+    dim, width = cfg.addition_time_embed_dim, cfg.adm_in_channels
+    y_shape = None if y is None else jnp.shape(y)
+    ids_shape = None if time_ids is None else jnp.shape(time_ids)
+    if y_shape is None or len(y_shape) != 2 or y_shape[0] != batch:
+        raise ValueError(f"{where}: addition_embed_type='text_time' needs y, the pooled text embedding (B={batch}, "
+                         f"P); got {y_shape}")
+    if ids_shape is None or len(ids_shape) != 2 or ids_shape[0] != batch:
+        raise ValueError(f"{where}: addition_embed_type='text_time' needs time_ids (B={batch}, N) (SDXL base N=6, "
+                         f"refiner N=5); got {ids_shape}")
+    if y_shape[1] + ids_shape[1] * dim != width:
+        raise ValueError(f"{where}: y {y_shape} and time_ids {ids_shape} give {y_shape[1]} + {ids_shape[1]} x "
+                         f"{dim} = {y_shape[1] + ids_shape[1] * dim} features; adm_in_channels is {width}")
+
+
+# The encoder half shared by UNetModel and ControlNetModel (ldm_jax/models/controlnet.py). Each function creates
+# its submodules, under diffusers' names, in the module whose @nn.compact method calls it.
+
+
+def embed_time(cfg: UNetConfig, timesteps, y=None, time_ids=None, *, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+    """The timestep (+ class or text_time) embedding (B, 4 * model_channels): `time_embedding`, and
+    `class_embedding` or `add_embedding` per the config. timesteps (B,); y, time_ids as `UNetModel`'s."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    t = timestep_embedding(timesteps, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                           downscale_freq_shift=cfg.freq_shift)
+    temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t.astype(dtype))
+    if cfg.num_classes == "sequential":
+        temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="class_embedding", **kw)(y.astype(dtype))
+    elif cfg.num_classes is not None:
+        temb = temb + nn.Embed(cfg.num_classes, cfg.time_embed_dim, name="class_embedding", **kw)(y)
+    if cfg.addition_embed_type == "text_time":
+        time_ids = jnp.asarray(time_ids, jnp.float32)
+        batch, num_ids = time_ids.shape
+        features = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                      flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+        features = features.reshape(batch, num_ids * cfg.addition_time_embed_dim)  # (B*N, dim) -> (B, N*dim)
+        added = jnp.concatenate([jnp.asarray(y, jnp.float32), features], axis=-1)  # (B, adm_in_channels)
+        temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(added.astype(dtype))
+    return temb
+
+
+def embed_input(module: nn.Module, cfg: UNetConfig, x, *, dtype: Dtype, param_dtype: Dtype,
+                where: str = "UNet") -> jax.Array:
+    """`conv_in` (+ the learned `position_embedding` param of `module`, the calling module): x (B, H, W,
+    in_channels) -> (B, H, W, model_channels). `where` names the model in errors."""
+    h = conv(cfg.model_channels, 3, name="conv_in", dtype=dtype, param_dtype=param_dtype)(x.astype(dtype))
+    if cfg.position_embedding is None:
+        return h
+    size = tuple(cfg.position_embedding)
+    if x.shape[1:3] != size:
+        raise ValueError(f"{where}: inputs are {x.shape[1]}x{x.shape[2]} latents but the learned "
+                         f"position embedding is {size[0]}x{size[1]} (unet.position_embedding); sample at that size")
+    # Random (not zero) at init: cross-attention queries must differ by location from the first step,
+    # or "left" / "right" never get a gradient that tells them apart (a zero start is a saddle).
+    table = module.param("position_embedding", nn.initializers.normal(POSITION_EMBEDDING_INIT_STD),
+                         (*size, cfg.model_channels), param_dtype)
+    return h + table.astype(dtype)
+
+
+def encode(cfg: UNetConfig, h, temb, context, deterministic: bool, **block_kw) -> tuple[jax.Array, list[jax.Array]]:
+    """`down_blocks_i` then `mid_block`: h (B, H, W, model_channels) from `embed_input` -> (the mid block's output
+    (B, H', W', C_last), the skips [h, then every down block output]: `skip_channels(cfg)` channels, sides
+    halved (rounding up) after each downsampler). `block_kw`: attention, remat, dtype, param_dtype."""
+    levels = len(cfg.channel_mult)
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    skips = [h]
+    for level in range(levels):
+        h, level_skips = DownBlock(
+            cfg, channels[level], 2**level in cfg.attention_resolutions, cfg.depth_at(level),
+            add_downsample=level < levels - 1, name=f"down_blocks_{level}", **block_kw,
+        )(h, temb, context, deterministic)
+        skips += level_skips
+    h = MidBlock(cfg, channels[-1], True, cfg.mid_depth, name="mid_block", **block_kw)(h, temb, context,
+                                                                                      deterministic)
+    return h, skips
+
+
+def skip_channels(cfg: UNetConfig) -> list[int]:
+    """Channels of the encoder's skips in order (what `encode` returns and a ControlNet's down residuals have):
+    model_channels, then per level num_res_blocks x its channels (+ once more where it downsamples)."""
+    channels = [cfg.model_channels]
+    for level, mult in enumerate(cfg.channel_mult):
+        channels += [cfg.model_channels * mult] * (cfg.num_res_blocks + (level < len(cfg.channel_mult) - 1))
+    return channels
+
+
+def add_residuals(skips: list[jax.Array], h: jax.Array, down_residuals, mid_residual):
+    """Adds a ControlNet's residuals where diffusers' UNet2DConditionModel adds `down_block_additional_residuals`
+    (to every skip) and `mid_block_additional_residual` (to the mid block's output). Each residual has its skip's
+    (B, H, W, C), or (B, 1, 1, C) (global_pool_conditions). Returns (skips, h)."""
+    if (down_residuals is None) != (mid_residual is None):
+        raise ValueError("UNet: down_residuals and mid_residual come together (a ControlNet's two outputs); got "
+                         f"only {'down_residuals' if mid_residual is None else 'mid_residual'}")
+    if down_residuals is None:
+        return skips, h
+    if len(down_residuals) != len(skips):
+        raise ValueError(f"UNet: {len(down_residuals)} down_residuals for {len(skips)} skips (channels "
+                         f"{[s.shape[-1] for s in skips]}); is the ControlNet for another base UNet?")
+    for name, residual, target in [*((f"down_residuals[{i}]", r, s) for i, (r, s) in
+                                     enumerate(zip(down_residuals, skips))), ("mid_residual", mid_residual, h)]:
+        shape, want = jnp.shape(residual), target.shape
+        if len(shape) != 4 or shape[-1] != want[-1] or shape[0] != want[0] or shape[1:3] not in (want[1:3], (1, 1)):
+            raise ValueError(f"UNet: {name} is {shape} but its skip is {want} (or (B, 1, 1, C) pooled); is the "
+                             "ControlNet for another base UNet?")
+    skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+    return skips, h + mid_residual.astype(h.dtype)
+
+
 class UNetModel(nn.Module):
     """eps_theta(x, t, context, y, time_ids): the time- and condition-dependent UNet.
 
-    Call: `apply(params, x, timesteps, context=None, y=None, time_ids=None, deterministic=True)`.
+    Call: `apply(params, x, timesteps, context=None, y=None, time_ids=None, deterministic=True,
+    down_residuals=None, mid_residual=None)`.
       x: (B, H, W, in_channels) noisy latents (with any concat conditioning already appended on the channel
          axis by the caller); any H and W: a halving of an odd side rounds up and the decoder upsamples to
          the skip's size, as diffusers' UNet2DConditionModel does (its `upsample_size`).
@@ -330,6 +478,10 @@ class UNetModel(nn.Module):
       time_ids: (B, N) float micro-conditioning (SDXL base N=6, refiner N=5); required iff "text_time", with
          P + N * addition_time_embed_dim == adm_in_channels.
       deterministic: False enables dropout (needs a "dropout" rng).
+      down_residuals, mid_residual: a ControlNet's outputs (`ldm_jax.models.controlnet`), both or neither:
+         one residual per skip (`skip_channels(config)`, each (B, H_i, W_i, C_i) or pooled (B, 1, 1, C_i)) and
+         one for the mid block's output, added where diffusers adds down_block_additional_residuals /
+         mid_block_additional_residual. Several ControlNets: pass their sums. None leaves the UNet unchanged.
     Returns (B, H, W, out_channels) float32 (the final norm and conv run in float32).
 
     Run-time options (attributes, not config): `attention` ("xla", "jax_nn" or "chunked", see
@@ -345,56 +497,25 @@ class UNetModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, timesteps, context=None, y=None, time_ids=None, *, deterministic: bool = True):
+    def __call__(self, x, timesteps, context=None, y=None, time_ids=None, *, deterministic: bool = True,
+                 down_residuals=None, mid_residual=None):
         cfg = self.config
-        timesteps = self._check_inputs(x, timesteps, context, y, time_ids)
+        timesteps = check_inputs(cfg, x, timesteps, context, y, time_ids)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(attention=self.attention, remat=self.remat, **kw)
         levels = len(cfg.channel_mult)
         channels = [cfg.model_channels * m for m in cfg.channel_mult]
 
         # 1. Timestep (+ class or text_time) embedding, (B, 4 * model_channels).
-        t = timestep_embedding(timesteps, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
-                               downscale_freq_shift=cfg.freq_shift)
-        temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t.astype(self.dtype))
-        if cfg.num_classes == "sequential":
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="class_embedding", **kw)(y.astype(self.dtype))
-        elif cfg.num_classes is not None:
-            temb = temb + nn.Embed(cfg.num_classes, cfg.time_embed_dim, name="class_embedding", **kw)(y)
-        if cfg.addition_embed_type == "text_time":
-            time_ids = jnp.asarray(time_ids, jnp.float32)
-            batch, num_ids = time_ids.shape
-            features = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                          flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
-            features = features.reshape(batch, num_ids * cfg.addition_time_embed_dim)  # (B*N, dim) -> (B, N*dim)
-            added = jnp.concatenate([jnp.asarray(y, jnp.float32), features], axis=-1)  # (B, adm_in_channels)
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(added.astype(self.dtype))
+        temb = embed_time(cfg, timesteps, y, time_ids, **kw)
 
-        # 2. Encoder; every block output is kept as a skip connection.
-        h = conv(cfg.model_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
-        if cfg.position_embedding is not None:
-            size = tuple(cfg.position_embedding)
-            if x.shape[1:3] != size:
-                raise ValueError(f"UNet: inputs are {x.shape[1]}x{x.shape[2]} latents but the learned position "
-                                 f"embedding is {size[0]}x{size[1]} (unet.position_embedding); sample at that size")
-            # Random (not zero) at init: cross-attention queries must differ by location from the first step,
-            # or "left" / "right" never get a gradient that tells them apart (a zero start is a saddle).
-            table = self.param("position_embedding", nn.initializers.normal(POSITION_EMBEDDING_INIT_STD),
-                               (*size, cfg.model_channels), self.param_dtype)
-            h = h + table.astype(self.dtype)
-        skips = [h]
-        for level in range(levels):
-            h, level_skips = DownBlock(
-                cfg, channels[level], 2**level in cfg.attention_resolutions, cfg.depth_at(level),
-                add_downsample=level < levels - 1, name=f"down_blocks_{level}", **block_kw,
-            )(h, temb, context, deterministic)
-            skips += level_skips
+        # 2. Encoder and bottleneck; every block output is kept as a skip connection. A ControlNet's residuals
+        # are added to the skips and to the bottleneck's output.
+        h = embed_input(self, cfg, x, **kw)
+        h, skips = encode(cfg, h, temb, context, deterministic, **block_kw)
+        skips, h = add_residuals(skips, h, down_residuals, mid_residual)
 
-        # 3. Bottleneck.
-        h = MidBlock(cfg, channels[-1], True, cfg.mid_depth, name="mid_block", **block_kw)(h, temb, context,
-                                                                                          deterministic)
-
-        # 4. Decoder; up_blocks_i is level levels-1-i and takes num_res_blocks + 1 skips.
+        # 3. Decoder; up_blocks_i is level levels-1-i and takes num_res_blocks + 1 skips.
         for i, level in enumerate(reversed(range(levels))):
             n = cfg.num_res_blocks + 1
             level_skips, skips = skips[-n:], skips[:-n]
@@ -404,60 +525,11 @@ class UNetModel(nn.Module):
                 add_upsample=level > 0, name=f"up_blocks_{i}", **block_kw,
             )(h, level_skips, temb, context, deterministic, upsample_size)
 
-        # 5. Output head in float32.
+        # 4. Output head in float32.
         h = nn.silu(GroupNorm32(epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
                                 name="conv_norm_out")(h))
         return conv(cfg.out_channels, 3, dtype=jnp.float32, param_dtype=self.param_dtype,
                     kernel_init=nn.initializers.zeros_init(), name="conv_out")(h)
-
-    def _check_inputs(self, x, timesteps, context, y, time_ids) -> jax.Array:
-        """Validates shapes (ValueError naming them); returns timesteps broadcast to (B,)."""
-        cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels or min(x.shape[1:3]) < 1:
-            raise ValueError(f"UNet: x must be (B, H, W, in_channels={cfg.in_channels}); got {x.shape}")
-        batch = x.shape[0]
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
-            raise ValueError(f"UNet: timesteps must be a scalar or (B={batch},); got {timesteps.shape}")
-        timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
-        if cfg.use_spatial_transformer:
-            if context is None or context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
-                got = None if context is None else context.shape
-                raise ValueError(f"UNet: context must be (B={batch}, L, context_dim={cfg.context_dim}); got {got}")
-        elif context is not None:
-            raise ValueError(f"UNet: this config has no cross-attention (use_spatial_transformer=False), "
-                             f"but context {context.shape} was given")
-        if cfg.addition_embed_type == "text_time":
-            self._check_text_time(batch, y, time_ids)
-        elif time_ids is not None:
-            raise ValueError(f"UNet: time_ids {jnp.shape(time_ids)} given but the config has no text_time "
-                             "embedding (addition_embed_type=None)")
-        elif cfg.num_classes is None:
-            if y is not None:
-                raise ValueError(f"UNet: y {jnp.shape(y)} given but the config has num_classes=None")
-        elif y is None:
-            raise ValueError(f"UNet: num_classes={cfg.num_classes!r} needs y; got y=None")
-        elif cfg.num_classes == "sequential" and jnp.shape(y) != (batch, cfg.adm_in_channels):
-            raise ValueError(f"UNet: y must be (B={batch}, adm_in_channels={cfg.adm_in_channels}); got {jnp.shape(y)}")
-        elif cfg.num_classes != "sequential" and jnp.shape(y) != (batch,):
-            raise ValueError(f"UNet: y must be (B={batch},) class labels; got {jnp.shape(y)}")
-        return timesteps
-
-    def _check_text_time(self, batch, y, time_ids) -> None:
-        """y (B, P) and time_ids (B, N) with P + N * addition_time_embed_dim == adm_in_channels."""
-        cfg = self.config
-        dim, width = cfg.addition_time_embed_dim, cfg.adm_in_channels
-        y_shape = None if y is None else jnp.shape(y)
-        ids_shape = None if time_ids is None else jnp.shape(time_ids)
-        if y_shape is None or len(y_shape) != 2 or y_shape[0] != batch:
-            raise ValueError(f"UNet: addition_embed_type='text_time' needs y, the pooled text embedding (B={batch}, "
-                             f"P); got {y_shape}")
-        if ids_shape is None or len(ids_shape) != 2 or ids_shape[0] != batch:
-            raise ValueError(f"UNet: addition_embed_type='text_time' needs time_ids (B={batch}, N) (SDXL base N=6, "
-                             f"refiner N=5); got {ids_shape}")
-        if y_shape[1] + ids_shape[1] * dim != width:
-            raise ValueError(f"UNet: y {y_shape} and time_ids {ids_shape} give {y_shape[1]} + {ids_shape[1]} x "
-                             f"{dim} = {y_shape[1] + ids_shape[1] * dim} features; adm_in_channels is {width}")
 
 
 def unet_config(section: Any) -> UNetConfig:
@@ -481,15 +553,22 @@ def build_unet(section_or_config: UNetConfig | Any, *, attention: str = "xla", r
 
 def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | None = None, context_len: int = 1,
               num_time_ids: int = 6):
-    """Initialises `model`'s params (a {"params": ...} dict) from dummy inputs of the right shapes.
+    """Initialises `model`'s params (a {"params": ...} dict) from dummy inputs of the right shapes (`dummy_inputs`).
+    Works under `jax.eval_shape`."""
+    return model.init(key, *dummy_inputs(model.config, batch=batch, size=size, context_len=context_len,
+                                         num_time_ids=num_time_ids))
+
+
+def dummy_inputs(cfg: UNetConfig, *, batch: int = 1, size: int | None = None, context_len: int = 1,
+                 num_time_ids: int = 6, where: str = "init_unet") -> tuple[Any, ...]:
+    """Zero inputs (x, timesteps, context, y, time_ids) of the shapes `cfg` takes, for initialising a UNet (or a
+    ControlNet copying its encoder).
 
     `size` defaults to the smallest spatial size the config accepts (the position embedding's size when the
     config has one). `num_time_ids` (text_time configs only; SDXL base 6, refiner 5) splits adm_in_channels into
     the dummy y (B, adm_in_channels - num_time_ids * addition_time_embed_dim) and time_ids (B, num_time_ids); the
-    params do not depend on the split, so any split the width allows gives the same tree. Works under
-    `jax.eval_shape`.
+    params do not depend on the split, so any split the width allows gives the same tree.
     """
-    cfg = model.config
     height, width = cfg.position_embedding or (size or 2 ** (len(cfg.channel_mult) - 1),) * 2
     x = jnp.zeros((batch, height, width, cfg.in_channels), jnp.float32)
     context = jnp.zeros((batch, context_len, cfg.context_dim), jnp.float32) if cfg.use_spatial_transformer else None
@@ -502,7 +581,7 @@ def init_unet(model: UNetModel, key: jax.Array, *, batch: int = 1, size: int | N
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.adm_in_channels - num_time_ids * cfg.addition_time_embed_dim
         if num_time_ids < 0 or pooled < 0:
-            raise ValueError(f"init_unet: num_time_ids={num_time_ids} x addition_time_embed_dim "
+            raise ValueError(f"{where}: num_time_ids={num_time_ids} x addition_time_embed_dim "
                              f"{cfg.addition_time_embed_dim} does not fit adm_in_channels {cfg.adm_in_channels}")
         y, time_ids = jnp.zeros((batch, pooled), jnp.float32), jnp.zeros((batch, num_time_ids), jnp.float32)
-    return model.init(key, x, jnp.zeros((batch,), jnp.int32), context, y, time_ids)
+    return x, jnp.zeros((batch,), jnp.int32), context, y, time_ids
