@@ -5,6 +5,7 @@
     ldm-jax evaluate COMMAND ...                                          metrics (ldm_jax.evaluate)
     ldm-jax convert  SRC DEST --to ldm|diffusers|compvis [--dtype fp16]   one model store format to another
                      [--lora FILE[:SCALE] ...] [--embedding FILE ...]      (with LoRAs merged, tokens added)
+    ldm-jax convert  --controlnet SRC DEST --to diffusers|compvis         a ControlNet (folder <-> original file)
 
 `python -m ldm_jax` is the same command. User errors are one line on stderr and exit status 2.
 """
@@ -116,7 +117,16 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
                    help="add a textual-inversion embedding's tokens to the written model (repeatable)")
     p.add_argument("--token", action="append", default=[], metavar="NAME",
                    help="the token of the --embedding in the same position (default: the file's own name)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="SRC is a ControlNet (a diffusers ControlNet folder or an original control_*.pth/.safetensors); "
+                        "--to diffusers writes a folder, --to compvis the original control_model.* single file")
+    p.add_argument("--base", help="with --controlnet: the base model's config (a preset, configs/*.py, CompVis yaml or "
+                                  "model directory): the ControlNet must fit it; a single file takes its heads")
     args = p.parse_args(argv)
+    if args.controlnet:
+        return _convert_controlnet(p, args, prog)
+    if args.base is not None:
+        p.error("--base applies to --controlnet conversions")
     for flag, path in [("--lora", path) for path, _ in args.lora] + [("--embedding", e) for e in args.embedding]:
         if not pathlib.Path(path).is_file():
             p.error(f"{flag} {path}: no such file")
@@ -137,6 +147,39 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
                                                                                       strict=True)))
         print(f"writing {args.to} ({args.dtype}) to {args.dest}", file=sys.stderr)
         out = store.save_model(model, args.dest, format=args.to, dtype=args.dtype)
+    except (OSError, ValueError) as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"wrote {out.resolve()}")
+    return 0
+
+
+def _convert_controlnet(p: ArgumentParser, args: argparse.Namespace, prog: str) -> int:
+    """`convert --controlnet`: a ControlNet through `store.load_controlnet` / `save_controlnet` ("compvis" is the
+    original layout's name here, as for whole models)."""
+    if args.to == "ldm":
+        p.error("--controlnet --to ldm: a ControlNet is written as a diffusers folder (--to diffusers) or an original "
+                "single file (--to compvis)")
+    given = [flag for flag, value in (("--lora", args.lora), ("--embedding", args.embedding), ("--token", args.token),
+                                      ("--config", args.config), ("--tokenizer", args.tokenizer),
+                                      ("--text-encoder-config", args.text_encoder_config), ("--use-ema", args.use_ema))
+             if value]
+    if given:
+        p.error(f"{given[0]} applies to whole models, not to --controlnet conversions")
+    from ldm_jax import store  # noqa: PLC0415
+
+    try:
+        base = store.resolve_config(args.base) if args.base is not None else None
+    except (OSError, ValueError) as error:
+        print(f"{prog}: error: --base {args.base}: {one_line(error)}", file=sys.stderr)
+        return 2
+    try:
+        _check_destination(pathlib.Path(args.dest), args.to)
+        print(f"loading ControlNet {args.source} ({store.detect_controlnet_format(args.source)})", file=sys.stderr)
+        controlnet = store.load_controlnet(args.source, base=base)
+        print(f"writing {args.to} ({args.dtype}) to {args.dest}", file=sys.stderr)
+        out = store.save_controlnet(controlnet, args.dest, format="original" if args.to == "compvis" else "diffusers",
+                                    dtype=args.dtype)
     except (OSError, ValueError) as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2

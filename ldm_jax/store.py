@@ -96,6 +96,9 @@ def detect_format(source: str | os.PathLike | None) -> str:
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return "diffusers"
+        if (path / CONFIG_FILE).is_file() and _read_json(path / CONFIG_FILE).get("_class_name") == CONTROLNET_CLASS:
+            raise StoreError(f"{path}: a diffusers ControlNet folder, not a whole model; load it with "
+                             "load_controlnet (ldm-jax convert --controlnet)")
         if (path / CONFIG_FILE).is_file() or (path / LEGACY_FIRST_STAGE_FILE).is_file():
             return "ldm"
         raise StoreError(f"{path}: a directory, but neither a model directory ({CONFIG_FILE} + {PARAMS_FILE}) nor "
@@ -328,6 +331,10 @@ def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.Pa
     from ldm_jax.convert import compvis  # noqa: PLC0415
 
     state_dict = load_state_dict(path)
+    if not any(k.startswith("model.diffusion_model.") for k in state_dict) and any(
+            k.startswith(("control_model.", "input_hint_block.")) for k in state_dict):
+        raise StoreError(f"{path}: a ControlNet file, not a whole model; load it with load_controlnet "
+                         "(ldm-jax convert --controlnet)")
     if config is not None:
         resolved, where = resolve_config(config, text_encoder_config=text_encoder_config), str(config)
     elif (path.parent / "config.yaml").is_file():
@@ -498,6 +505,140 @@ def _read_first_stage_params(path: pathlib.Path, config: AutoencoderConfig) -> d
     return params["first_stage"]
 
 
-__all__ = ["FORMATS", "SHIPPED_MODELS", "StoreError", "check_finite", "check_params", "config_to_json", "detect_format",
-           "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config",
-           "save_first_stage", "save_model", "save_params"]
+# ---------------------------------------------------------------------------------------------- ControlNets
+
+CONTROLNET_FORMATS = ("diffusers", "original")  # what save_controlnet writes and load_controlnet reads
+CONTROLNET_CLASS = "ControlNetModel"  # `_class_name` of a diffusers ControlNet folder's config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedControlNet:
+    """A ControlNet: its config (`models.controlnet.ControlNetConfig`), params (our tree of float32 numpy arrays, no
+    "params" level; names of diffusers' ControlNetModel) and where it came from (`source`)."""
+
+    config: Any
+    params: dict[str, Any]
+    source: str = ""
+
+
+def detect_controlnet_format(source: str | os.PathLike) -> str:
+    """"diffusers" for a diffusers ControlNet folder (config.json whose `_class_name` is ControlNetModel), "original"
+    for a single file (.safetensors, .pth, .ckpt, ...: lllyasviel's ControlNet 1.0 / 1.1 layout). FileNotFoundError
+    for a missing path; StoreError for anything else (a whole model's folder names load_model)."""
+    path = pathlib.Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory (expected a ControlNet file or folder)")
+    if path.is_file():
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            return "original"
+        raise StoreError(f"{path}: unknown kind of file {path.suffix or '(no extension)'!r}; a ControlNet is a "
+                         f"single file ({', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers ControlNet folder")
+    class_name = _read_json(path / CONFIG_FILE).get("_class_name") if (path / CONFIG_FILE).is_file() else None
+    if class_name == CONTROLNET_CLASS:
+        return "diffusers"
+    what = f"its {CONFIG_FILE} is a {class_name}'s" if class_name else f"it has no {CONFIG_FILE} with _class_name"
+    raise StoreError(f"{path}: not a diffusers ControlNet folder ({what}; expected _class_name "
+                     f"{CONTROLNET_CLASS!r} and diffusion_pytorch_model.safetensors)")
+
+
+def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overrides: Any) -> LoadedControlNet:
+    """Loads a ControlNet from a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors, .bin,
+    their .fp16 variants or shards) or an original single file (`convert.compvis_controlnet`: control_model.* or bare
+    keys, a whole-model 1.0 checkpoint's base-model keys dropped; .pth / .ckpt read without running pickle code).
+
+    base: the base model the ControlNet will steer (a LoadedModel, LDMConfig, UNetConfig, or anything
+      `resolve_config` takes): a single file's heads and timestep convention come from its UNet (else the SD
+      family's), and a ControlNet that does not fit it (residual channels, context width) is a one-line StoreError
+      naming the file and both shapes.
+    hint_overrides: single files: ControlNetConfig hint fields no weight shows (global_pool_conditions=True for
+      ControlNet 1.1 shuffle, controlnet_conditioning_channel_order="bgr").
+    Weights holding NaN / inf are refused (`check_finite`)."""
+    kind = detect_controlnet_format(source)
+    base_unet = _base_unet(base)
+    path = pathlib.Path(source)
+    if kind == "diffusers":
+        if hint_overrides:
+            raise StoreError(f"{path}: {sorted(hint_overrides)} apply to single files; a diffusers folder's "
+                             f"{CONFIG_FILE} holds them")
+        config, params, where = _load_diffusers_controlnet_folder(path)
+    else:
+        from ldm_jax.convert.compvis_controlnet import load_original_controlnet  # noqa: PLC0415
+
+        config, params = load_original_controlnet(path, unet=base_unet, **hint_overrides)
+        where = path
+    check_finite(params, where)
+    if base_unet is not None:
+        check_controlnet_fits(config, base_unet, str(path))
+    return LoadedControlNet(config=config, params=params, source=str(path))
+
+
+def _load_diffusers_controlnet_folder(path: pathlib.Path) -> tuple[Any, dict[str, Any], pathlib.Path]:
+    """(config, params, weights path) of a diffusers ControlNet folder, any weights file diffusers writes."""
+    from ldm_jax.convert.diffusers_controlnet import (controlnet_config_from_diffusers,  # noqa: PLC0415
+                                                      convert_diffusers_controlnet)
+    from ldm_jax.convert.diffusers_pipeline import DIFFUSERS_WEIGHTS, _read_weights  # noqa: PLC0415
+
+    config = controlnet_config_from_diffusers(_read_json(path / CONFIG_FILE))
+    return config, convert_diffusers_controlnet(_read_weights(path, DIFFUSERS_WEIGHTS), config), path
+
+
+def _base_unet(base: Any):
+    """The UNetConfig of `base` (None, a UNetConfig, a LoadedModel, an LDMConfig or a `resolve_config` argument)."""
+    from ldm_jax.models.unet import UNetConfig  # noqa: PLC0415
+
+    if base is None or isinstance(base, UNetConfig):
+        return base
+    if isinstance(base, ldm.LoadedModel):
+        return base.config.unet
+    return resolve_config(base).unet
+
+
+def check_controlnet_fits(config: Any, unet: Any, source: str) -> None:
+    """StoreError (one line, naming `source` and both shapes) unless a ControlNet of `config` can steer a UNet of
+    `unet` (UNetConfig): the same residual channels (one per skip, then the mid block's) and context width."""
+    from ldm_jax.models.unet import skip_channels  # noqa: PLC0415
+
+    ours, theirs = config.residual_channels, skip_channels(unet)
+    if ours != theirs:
+        raise StoreError(f"{source}: a ControlNet for another base architecture: its residual channels {ours} do not "
+                         f"fit the base UNet's skips {theirs}")
+    if config.unet.context_dim != unet.context_dim:
+        raise StoreError(f"{source}: a ControlNet for another base architecture: context width "
+                         f"{config.unet.context_dim}, the base UNet's {unet.context_dim}")
+
+
+def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, format: str = "diffusers",
+                    dtype: Any = None) -> pathlib.Path:
+    """Writes a ControlNet as "diffusers" (a folder `ControlNetModel.from_pretrained` loads strictly) or "original"
+    (one `.safetensors` file in the `control_model.*` layout that diffusers' `ControlNetModel.from_single_file` and
+    the reference code read). dtype: "fp32" (default), "fp16", "bf16"; a diffusers folder is float32. Params that do
+    not fit the config are refused before anything is written. Returns `dest`."""
+    if format not in CONTROLNET_FORMATS:
+        raise StoreError(f"format {format!r}: a ControlNet is written as one of {', '.join(CONTROLNET_FORMATS)}")
+    if isinstance(dtype, str) and dtype not in STORED_DTYPES:
+        raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
+    store_dtype = np.dtype(STORED_DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
+    dest = pathlib.Path(dest)
+    if format == "original":
+        from ldm_jax.convert.compvis_controlnet import save_original_controlnet  # noqa: PLC0415
+
+        if dest.suffix.lower() != ".safetensors":
+            raise StoreError(f"{dest}: an original ControlNet export is one .safetensors file; name it *.safetensors")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        save_original_controlnet(dest, controlnet.config, controlnet.params, dtype=store_dtype)
+        return dest
+    if store_dtype != np.float32:
+        raise StoreError(f"{dest}: a diffusers ControlNet folder is written in float32; dtype {dtype!r} applies to "
+                         "format 'original'")
+    from ldm_jax.convert.diffusers_controlnet import save_diffusers_controlnet  # noqa: PLC0415
+
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / CONFIG_FILE).is_file())):
+        raise StoreError(f"{dest} exists and is not a ControlNet folder; not writing into it")
+    save_diffusers_controlnet(dest, controlnet.config, controlnet.params)
+    return dest
+
+
+__all__ = ["CONTROLNET_FORMATS", "FORMATS", "LoadedControlNet", "SHIPPED_MODELS", "StoreError", "check_controlnet_fits",
+           "check_finite", "check_params", "config_to_json", "detect_controlnet_format", "detect_format",
+           "load_controlnet", "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config",
+           "save_controlnet", "save_first_stage", "save_model", "save_params"]

@@ -54,6 +54,7 @@ SAMPLE_FLAGS = {
 CONVERT_FLAGS = {
     "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",
     "text_encoder_config": "path", "use_ema": "switch", "lora": "lora", "embedding": "path", "token": "text",
+    "controlnet": "switch", "base": "path",
 }
 EVALUATE_FLAGS = {  # per sub-command
     "split": {"data_dir": "path", "split": "choice", "name": "choice", "num": ("int", ["0", "-1"]), "outdir": "dir"},

@@ -232,7 +232,7 @@ class Layout:
         return {e.key: e.torch_shape(self.shapes) for e in self.entries}
 
 
-class _Builder:
+class LayoutBuilder:
     """Collects the entries of a layout; every param leaf of the model must be claimed exactly once."""
 
     def __init__(self, shapes: Mapping[Path, Shape]):
@@ -288,10 +288,18 @@ def _path(path: str | Path) -> Path:
     return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
 
 
-def _unet(b: _Builder, cfg, root: str) -> None:
+def _unet(b: LayoutBuilder, cfg, root: str) -> None:
     """openaimodel UNetModel, walked as its __init__ builds input_blocks / middle_block / output_blocks."""
-    p = UNET_PREFIX
-    at = lambda rel: f"{root}/{rel}"  # noqa: E731
+    unet_encoder_entries(b, cfg, root, UNET_PREFIX)
+    _unet_decoder(b, cfg, root, UNET_PREFIX)
+
+
+def unet_encoder_entries(b: LayoutBuilder, cfg: UNetConfig, root: str, prefix: str) -> None:
+    """The encoder half of openaimodel's UNetModel (time_embed, label_emb, input_blocks, middle_block) under the key
+    `prefix` ("model.diffusion_model." for a UNet, "control_model." for a ControlNet's copy) <-> our params under
+    `root` ("unet"; "" for a tree whose top level is the encoder's, as a ControlNet's), added to `b`."""
+    p = prefix
+    at = lambda rel: f"{root}/{rel}" if root else rel  # noqa: E731
     b.module(f"{p}time_embed.0", at("time_embedding/linear_1"))
     b.module(f"{p}time_embed.2", at("time_embedding/linear_2"))
     if cfg.num_classes == "sequential":
@@ -320,6 +328,12 @@ def _unet(b: _Builder, cfg, root: str) -> None:
     _unet_resblock(b, f"{p}middle_block.0", at("mid_block/resnets_0"))
     _unet_attention(b, cfg, channels[-1], f"{p}middle_block.1", at("mid_block/attentions_0"))
     _unet_resblock(b, f"{p}middle_block.2", at("mid_block/resnets_1"))
+
+
+def _unet_decoder(b: LayoutBuilder, cfg: UNetConfig, root: str, p: str) -> None:
+    """The decoder half of openaimodel's UNetModel: output_blocks and out."""
+    at = lambda rel: f"{root}/{rel}"  # noqa: E731
+    levels, channels = len(cfg.channel_mult), [cfg.model_channels * m for m in cfg.channel_mult]
     k = 0
     for i, level in enumerate(reversed(range(levels))):
         attn = 2**level in cfg.attention_resolutions
@@ -334,14 +348,14 @@ def _unet(b: _Builder, cfg, root: str) -> None:
     b.module(f"{p}out.2", at("conv_out"))
 
 
-def _unet_resblock(b: _Builder, key: str, path: str) -> None:
+def _unet_resblock(b: LayoutBuilder, key: str, path: str) -> None:
     for torch_name, ours in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
                              ("out_layers.0", "norm2"), ("out_layers.3", "conv2")):
         b.module(f"{key}.{torch_name}", f"{path}/{ours}")
     b.module(f"{key}.skip_connection", f"{path}/conv_shortcut", optional=True)  # only when channels change
 
 
-def _unet_attention(b: _Builder, cfg, channels: int, key: str, path: str) -> None:
+def _unet_attention(b: LayoutBuilder, cfg, channels: int, key: str, path: str) -> None:
     if cfg.use_spatial_transformer:
         b.subtree(key, path)  # SpatialTransformer: diffusers' Transformer2DModel names are CompVis' names
         return
@@ -351,7 +365,7 @@ def _unet_attention(b: _Builder, cfg, channels: int, key: str, path: str) -> Non
     b.module(f"{key}.proj_out", f"{path}/to_out_0", CONV1D_AS_DENSE)
 
 
-def _autoencoder(b: _Builder, cfg, root: str) -> None:
+def _autoencoder(b: LayoutBuilder, cfg, root: str) -> None:
     """ldm.modules.diffusionmodules.model Encoder/Decoder + quant convs (+ VQ codebook)."""
     p, n = FIRST_STAGE_PREFIX, len(cfg.ch_mult)
     for part in ("encoder", "decoder"):
@@ -382,19 +396,19 @@ def _autoencoder(b: _Builder, cfg, root: str) -> None:
         b.module(f"{p}quantize.embedding", f"{root}/quantize/embedding")
 
 
-def _vae_resblock(b: _Builder, key: str, path: str) -> None:
+def _vae_resblock(b: LayoutBuilder, key: str, path: str) -> None:
     for name in ("norm1", "conv1", "norm2", "conv2"):
         b.module(f"{key}.{name}", f"{path}/{name}")
     b.module(f"{key}.nin_shortcut", f"{path}/conv_shortcut", optional=True)
 
 
-def _vae_attention(b: _Builder, key: str, path: str) -> None:
+def _vae_attention(b: LayoutBuilder, key: str, path: str) -> None:
     b.module(f"{key}.norm", f"{path}/group_norm")
     for torch_name, ours in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out_0")):
         b.module(f"{key}.{torch_name}", f"{path}/{ours}", CONV1X1_AS_DENSE)
 
 
-def _openclip(b: _Builder, cfg: ClipTextConfig, root: str, p: str) -> None:
+def _openclip(b: LayoutBuilder, cfg: ClipTextConfig, root: str, p: str) -> None:
     """open_clip text tower (FrozenOpenCLIPEmbedder(2).model without `visual`) under prefix `p` <-> our
     ClipTextTransformer; `text_projection` when the tower has a projection (SDXL's bigG)."""
     b.leaf(f"{p}token_embedding.weight", _path(f"{root}/embeddings/token_embedding/embedding"))
@@ -413,7 +427,7 @@ def _openclip(b: _Builder, cfg: ClipTextConfig, root: str, p: str) -> None:
         b.leaf(f"{p}text_projection", _path(f"{root}/text_projection/kernel"), AS_STORED)
 
 
-def _cond_stage(b: _Builder, cfg, tower: TextTower | None, root: str) -> None:
+def _cond_stage(b: LayoutBuilder, cfg, tower: TextTower | None, root: str) -> None:
     if isinstance(cfg, ClipTextConfig):
         if tower.layout == "openclip":
             _openclip(b, cfg, root, tower.prefix)
@@ -487,7 +501,7 @@ def compvis_layout(config: LDMConfig | Any, *, clip_layout: str | None = None,
 @functools.lru_cache(maxsize=8)
 def _layout(config: LDMConfig, clip_layout: str | None, text_prefix: str | None) -> Layout:
     shapes = param_shapes(config)
-    b = _Builder(shapes)
+    b = LayoutBuilder(shapes)
     _unet(b, config.unet, "unet")
     _autoencoder(b, config.first_stage, "first_stage")
     sgm = is_sgm(config)
@@ -735,15 +749,15 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "CompVis checkp
 class _KeyIndex:
     """Shapes and numbered children of a state dict's keys (no array is read)."""
 
-    def __init__(self, state_dict: Mapping[str, Any], source: str):
-        self.state_dict, self.source = state_dict, source
+    def __init__(self, state_dict: Mapping[str, Any], source: str, what: str = "a CompVis latent diffusion checkpoint"):
+        self.state_dict, self.source, self.what = state_dict, source, what
 
     def __contains__(self, key: str) -> bool:
         return key in self.state_dict
 
     def require(self, key: str, what: str) -> None:
         if key not in self.state_dict:
-            raise ValueError(f"{self.source}: not a CompVis latent diffusion checkpoint: no {key!r} ({what}); "
+            raise ValueError(f"{self.source}: not {self.what}: no {key!r} ({what}); "
                              f"it has {len(self.state_dict)} keys, e.g. {sorted(self.state_dict)[:3]}")
 
     def shape(self, key: str) -> Shape:
@@ -764,11 +778,29 @@ class _KeyIndex:
         return any(k.startswith(prefix) for k in self.state_dict)
 
 
-def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int], text_time: tuple[int | None, int] | None = None
-                ) -> UNetConfig:
+def infer_unet_encoder(state_dict: Mapping[str, Any], prefix: str, *, heads: Mapping[str, int] | None = None,
+                       source: str = "checkpoint") -> UNetConfig:
+    """The UNetConfig of an openaimodel UNet encoder (time_embed, label_emb, input_blocks, middle_block; no
+    output_blocks / out, as a ControlNet's copy `control_model.*`) whose keys start with `prefix`. out_channels is
+    set to in_channels (the weights have no output conv). `heads` ({"num_heads": n, "num_head_channels": -1} or the
+    reverse) as the weights cannot tell them; default the SD family's: 64-channel heads (SD 2.x) when the
+    transformers have linear projections or a 1024-wide context, else 8 heads (SD 1.x). `label_emb.0.*` is read as
+    num_classes "sequential". ValueError naming the first missing key (see `infer_config`)."""
+    keys = _KeyIndex(state_dict, source, what="an openaimodel UNet encoder")
+    if heads is None:
+        mid = f"{prefix}middle_block.1."
+        sd2 = (f"{mid}proj_in.weight" in keys and (len(keys.shape(f"{mid}proj_in.weight")) == 2 or keys.shape(
+            f"{mid}transformer_blocks.0.attn2.to_k.weight")[1] == 1024))
+        heads = _family_unet_heads("openclip" if sd2 else "hf_clip")
+    return _infer_unet(keys, heads, prefix=prefix, decoder=False)
+
+
+def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int], text_time: tuple[int | None, int] | None = None, *,
+                prefix: str = UNET_PREFIX, decoder: bool = True) -> UNetConfig:
     """The UNet's config; text_time: (pooled width, number of time ids) for SGM families, whose `label_emb`
-    is the text_time MLP, else None."""
-    p = UNET_PREFIX
+    is the text_time MLP, else None. prefix: the UNet's key prefix; decoder=False: an encoder alone (no `out.2`:
+    out_channels = in_channels)."""
+    p = prefix
     model_channels, in_channels = keys.shape(f"{p}input_blocks.0.0.weight")[:2]
     blocks = keys.children(f"{p}input_blocks.")
     resblock = lambda i: f"{p}input_blocks.{i}.0.in_layers.0.weight" in keys  # noqa: E731
@@ -797,14 +829,15 @@ def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int], text_time: tuple[int 
     spatial = f"{mid}proj_in.weight" in keys
     if not spatial:
         keys.require(f"{mid}qkv.weight", "the UNet's middle attention block")
-    config = dict(in_channels=in_channels, out_channels=keys.shape(f"{p}out.2.weight")[0],
+    out_channels = keys.shape(f"{p}out.2.weight")[0] if decoder else in_channels
+    config = dict(in_channels=in_channels, out_channels=out_channels,
                   model_channels=model_channels, channel_mult=tuple(channel_mult), num_res_blocks=counts[0],
                   attention_resolutions=tuple(attention_levels), use_spatial_transformer=spatial,
                   conv_resample=all(downsample_convs) if downsample_convs else True,
                   use_scale_shift_norm=keys.shape(f"{p}input_blocks.1.0.emb_layers.1.weight")[0]
                   == 2 * model_channels * channel_mult[0])
     if spatial:
-        config.update(heads, transformer_depth=_infer_depth(keys, levels),
+        config.update(heads, transformer_depth=_infer_depth(keys, levels, p),
                       context_dim=keys.shape(f"{mid}transformer_blocks.0.attn2.to_k.weight")[1],
                       use_linear_in_transformer=len(keys.shape(f"{mid}proj_in.weight")) == 2)
     else:
@@ -818,10 +851,10 @@ def _infer_unet(keys: _KeyIndex, heads: Mapping[str, int], text_time: tuple[int 
     return UNetConfig(**config)
 
 
-def _infer_depth(keys: _KeyIndex, levels: list[list[int]]) -> int | tuple[int, ...]:
+def _infer_depth(keys: _KeyIndex, levels: list[list[int]], p: str = UNET_PREFIX) -> int | tuple[int, ...]:
     """transformer_depth: one int when every attending level and the mid block have the same depth, else one
     per level (0 where a level does not attend; the last level's is the mid block's, as in SGM's UNetModel)."""
-    p, last = UNET_PREFIX, len(levels) - 1
+    last = len(levels) - 1
     mid = len(keys.children(f"{p}middle_block.1.transformer_blocks."))
     at_level = {n: len(keys.children(f"{p}input_blocks.{level[0]}.1.transformer_blocks."))
                 for n, level in enumerate(levels) if keys.any_under(f"{p}input_blocks.{level[0]}.1.")}
@@ -1253,8 +1286,9 @@ def save_compvis(path: str | os.PathLike, params: Mapping[str, Any], config: LDM
 
 
 __all__ = [
-    "CLIP_LAYOUTS", "ConversionError", "Entry", "Layout", "SCHEDULE_BUFFERS", "SGM_PREFIX", "SGM_SIGMAS", "TextTower",
-    "as_ldm_config", "compvis_layout", "convert_compvis_state_dict", "default_clip_layout", "detect_clip_layout",
-    "ema_key", "export_compvis", "infer_config", "is_sgm", "load_compvis_checkpoint", "load_compvis_model",
-    "loaded_model_from_state_dict", "save_compvis", "sgm_sigmas", "sgm_towers",
+    "CLIP_LAYOUTS", "ConversionError", "Entry", "Layout", "LayoutBuilder", "SCHEDULE_BUFFERS", "SGM_PREFIX", "SGM_SIGMAS",
+    "TextTower", "as_ldm_config", "compvis_layout", "convert_compvis_state_dict", "default_clip_layout",
+    "detect_clip_layout", "ema_key", "export_compvis", "infer_config", "infer_unet_encoder", "is_sgm",
+    "load_compvis_checkpoint", "load_compvis_model", "loaded_model_from_state_dict", "save_compvis", "sgm_sigmas",
+    "sgm_towers", "unet_encoder_entries",
 ]

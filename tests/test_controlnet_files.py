@@ -1,0 +1,263 @@
+"""ControlNet checkpoints: the original single files (lllyasviel's `control_model.*` layout, `.safetensors` and `.pth`)
+and diffusers ControlNet folders, through `convert.compvis_controlnet` and `store.load_controlnet` /
+`save_controlnet`, against diffusers 0.42 (PyTorch, CPU) on a tiny random ControlNet.
+
+The original-layout reference file is written here from the diffusers state dict by a hand table (`_original_key`),
+independently of the converter; the table itself is checked against diffusers' own
+`single_file_utils.convert_controlnet_checkpoint`, which must map it back to the diffusers state dict exactly.
+Residual tolerance 1e-5 relative to each output's largest value (float32; as tests/test_controlnet.py).
+"""
+import json
+import logging
+import pickle
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from ldm_jax import cli, store
+from ldm_jax.convert.checkpoint_io import CheckpointError
+from ldm_jax.convert.common import ConversionError
+from ldm_jax.convert.compvis_controlnet import export_original_controlnet, load_original_controlnet
+from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet
+from ldm_jax.models.controlnet import ControlNetModel as OurControlNet
+from ldm_jax.models.unet import UNetConfig
+
+RTOL = 1e-5
+LATENT = 8
+LAYERS = 1  # layers_per_block
+TINY = dict(block_out_channels=(32, 64), layers_per_block=LAYERS, cross_attention_dim=16, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"))
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+         "conv_in": "input_blocks.0.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+         "controlnet_cond_embedding.conv_out": "input_hint_block.14", "controlnet_mid_block": "middle_block_out.0",
+         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+         "mid_block.resnets.1": "middle_block.2"}
+
+
+def _original_key(key: str) -> str:
+    """A diffusers ControlNetModel key -> lllyasviel's name (without `control_model.`), by the documented table."""
+    for ours, theirs in FIXED.items():
+        if key.startswith(ours + "."):
+            key = theirs + key[len(ours):]
+            break
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.*)", key):
+        return f"input_hint_block.{2 * int(m[1]) + 2}.{m[2]}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        k, rest = 1 + int(m[1]) * (LAYERS + 1) + int(m[3]), m[4]
+        return f"input_blocks.{k}.1.{rest}" if m[2] == "attentions" else f"input_blocks.{k}.0.{_resnet(rest)}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{1 + int(m[1]) * (LAYERS + 1) + LAYERS}.0.op.{m[2]}"
+    if key.startswith("middle_block.0.") or key.startswith("middle_block.2."):
+        head, rest = key[:len("middle_block.0")], key[len("middle_block.0."):]
+        return f"{head}.{_resnet(rest)}"
+    return key
+
+
+def _resnet(rest: str) -> str:
+    name, leaf = rest.rsplit(".", 1)
+    return f"{RESNET[name]}.{leaf}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(diffusers ControlNetModel, its saved folder, the original-layout file written by the table, its state dict)."""
+    torch.manual_seed(0)
+    model = ControlNetModel(**TINY).eval()
+    with torch.no_grad():  # the zero-initialised convs random, so every residual is non-trivial
+        for name, param in model.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                param.normal_(0.0, 0.2)
+    root = tmp_path_factory.mktemp("controlnet_files")
+    model.save_pretrained(root / "diffusers")
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    original = {f"control_model.{_original_key(k)}": v for k, v in sd.items()}
+    save_file(original, str(root / "control_tiny.safetensors"))
+    return model, root / "diffusers", root / "control_tiny.safetensors", original
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 4, LATENT, LATENT, generator=gen), torch.tensor([3, 999]),
+            torch.randn(2, 7, 16, generator=gen), torch.rand(2, 3, 8 * LATENT, 8 * LATENT, generator=gen))
+
+
+def _assert_same_residuals(model: ControlNetModel, config, params) -> float:
+    """Our residuals within RTOL of `model`'s (diffusers) on the same inputs; returns the worst relative error."""
+    x, t, context, cond = _inputs()
+    with torch.no_grad():
+        ref_down, ref_mid = model(x, t, context, cond, conditioning_scale=0.7, return_dict=False)
+    nhwc = lambda a: jnp.asarray(a.numpy().transpose(0, 2, 3, 1))  # noqa: E731
+    down, mid = OurControlNet(config).apply({"params": params}, nhwc(x), jnp.asarray(t.numpy()),
+                                            jnp.asarray(context.numpy()), nhwc(cond), 0.7)
+    worst = 0.0
+    for ours, ref in zip([*down, mid], [*ref_down, ref_mid], strict=True):
+        ref = ref.numpy().transpose(0, 2, 3, 1)
+        assert np.abs(ref).max() > 1e-3
+        worst = max(worst, float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()))
+    assert worst < RTOL, worst
+    return worst
+
+
+def _assert_params_equal(a, b):
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    assert fa.keys() == fb.keys()
+    for path in fa:
+        np.testing.assert_array_equal(np.asarray(fa[path]), np.asarray(fb[path]), err_msg="/".join(path))
+
+
+def test_hand_table_is_diffusers_own_mapping(tiny):
+    """diffusers' convert_controlnet_checkpoint maps the hand-written original file back to the diffusers weights."""
+    model, folder, _, original = tiny
+    back = convert_controlnet_checkpoint(original, json.loads((folder / "config.json").read_text()))
+    ref = model.state_dict()
+    assert back.keys() == ref.keys()
+    for key, value in ref.items():
+        np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+
+
+def test_original_file_loads_as_the_diffusers_weights(tiny):
+    """Original file -> ours: the config inferred from the weights is the diffusers folder's, params bitwise equal."""
+    model, folder, path, _ = tiny
+    config, params = load_original_controlnet(path)
+    ref_config, ref_params = load_diffusers_controlnet(folder)
+    assert config == ref_config
+    _assert_params_equal(params, ref_params)
+    _assert_same_residuals(model, config, params)
+
+
+def test_export_loads_in_diffusers_from_single_file(tiny, tmp_path):
+    """Ours -> original file -> diffusers' ControlNetModel.from_single_file (offline, config from the local folder):
+    the same weights exactly and residuals within RTOL of ours."""
+    model, folder, _, original = tiny
+    config, params = load_diffusers_controlnet(folder)
+    exported = export_original_controlnet(params, config)
+    assert exported.keys() == original.keys()
+    path = tmp_path / "exported.safetensors"
+    store.save_controlnet(store.LoadedControlNet(config, params), path, format="original")
+    reloaded = ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True).eval()
+    ref = model.state_dict()
+    assert reloaded.state_dict().keys() == ref.keys()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+    _assert_same_residuals(reloaded, config, params)
+
+
+def test_pth_files_read_without_pickle_code(tiny, tmp_path, monkeypatch, caplog):
+    """torch.save'd .pth files, bare keys (SD 2.1-style) and a whole-model 1.0-style checkpoint (base keys dropped,
+    logged), load with no call into torch.load or pickle's own loaders."""
+    _, folder, _, original = tiny
+    bare = {k[len("control_model."):]: torch.from_numpy(v) for k, v in original.items()}
+    whole = {**{k: torch.from_numpy(v) for k, v in original.items()},
+             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
+             "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "betas": torch.zeros(1000)}
+    torch.save(bare, tmp_path / "control_bare.pth")
+    torch.save({"state_dict": whole}, tmp_path / "control_sd15_whole.pth")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle code ran")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    _, ref = load_diffusers_controlnet(folder)
+    with caplog.at_level(logging.INFO):
+        for name in ("control_bare.pth", "control_sd15_whole.pth"):
+            _assert_params_equal(store.load_controlnet(tmp_path / name).params, ref)
+    assert "dropped 3 base-model key(s)" in caplog.text
+
+
+def test_store_round_trips(tiny, tmp_path):
+    """diffusers folder -> original file (fp32 and fp16) -> ours -> diffusers folder (strict from_pretrained)."""
+    model, folder, _, _ = tiny
+    first = store.load_controlnet(folder)
+    assert store.detect_controlnet_format(folder) == "diffusers"
+    store.save_controlnet(first, tmp_path / "cn.safetensors", format="original")
+    second = store.load_controlnet(tmp_path / "cn.safetensors")
+    assert second.config == first.config
+    _assert_params_equal(second.params, first.params)
+    store.save_controlnet(second, tmp_path / "cn_folder")
+    third = store.load_controlnet(tmp_path / "cn_folder")
+    _assert_params_equal(third.params, first.params)
+    reloaded = ControlNetModel.from_pretrained(tmp_path / "cn_folder", local_files_only=True)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    store.save_controlnet(first, tmp_path / "half.safetensors", format="original", dtype="fp16")
+    half = store.load_controlnet(tmp_path / "half.safetensors")
+    for path, value in traverse_util.flatten_dict(half.params).items():
+        want = traverse_util.flatten_dict(first.params)[path].astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(value, want)
+
+
+def test_base_heads_and_fit(tiny):
+    """`base` gives a single file its heads; a ControlNet for another base is one line naming the file and shapes."""
+    _, _, path, _ = tiny
+    base = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                      num_heads=-1, num_head_channels=4, context_dim=16)
+    loaded = store.load_controlnet(path, base=base)
+    assert (loaded.config.unet.num_heads, loaded.config.unet.num_head_channels) == (-1, 4)
+    wider = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                       context_dim=32)
+    with pytest.raises(store.StoreError, match=r"control_tiny.safetensors: .*context width 16, the base UNet's 32"):
+        store.load_controlnet(path, base=wider)
+    other = UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(1,),
+                       context_dim=16)
+    with pytest.raises(store.StoreError, match=r"residual channels \[32, 32, 32, 64\] do not fit the base UNet's "
+                                               r"skips \[32, 32, 32, 32\]"):
+        store.load_controlnet(path, base=other)
+
+
+def test_bad_input(tiny, tmp_path):
+    """A UNet file given as a ControlNet, a diffusers-layout single file, a truncated file, a whole model's loader
+    given a ControlNet: one-line errors naming the file."""
+    model, folder, path, original = tiny
+    unet_file = tmp_path / "unet.safetensors"
+    save_file({k.replace("control_model.", "model.diffusion_model."): v for k, v in original.items()
+               if "input_blocks" in k}, str(unet_file))
+    with pytest.raises(ConversionError, match=r"unet.safetensors: not a ControlNet: .*a UNet / Stable Diffusion"):
+        store.load_controlnet(unet_file)
+    diffusers_file = tmp_path / "flat.safetensors"
+    save_file({k: v.numpy() for k, v in model.state_dict().items()}, str(diffusers_file))
+    with pytest.raises(ConversionError, match="flat.safetensors: a diffusers-layout ControlNet state dict"):
+        store.load_controlnet(diffusers_file)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors"):
+        store.load_controlnet(truncated)
+    missing = tmp_path / "missing.safetensors"
+    save_file({k: v for k, v in original.items() if "zero_convs.1." not in k}, str(missing))
+    with pytest.raises(ConversionError, match=r"missing.safetensors.*zero_convs\.1\.0"):
+        store.load_controlnet(missing)
+    with pytest.raises(store.StoreError, match="a ControlNet file, not a whole model"):
+        store.load_model(path)
+    with pytest.raises(store.StoreError, match="a diffusers ControlNet folder, not a whole model"):
+        store.load_model(folder)
+
+
+def test_convert_command(tiny, tmp_path, capsys):
+    """`ldm-jax convert --controlnet SRC DEST --to compvis|diffusers`; --to ldm and a non-ControlNet are one line."""
+    _, folder, path, _ = tiny
+    assert cli.main(["convert", "--controlnet", str(folder), str(tmp_path / "out.safetensors"), "--to", "compvis"]) == 0
+    assert cli.main(["convert", "--controlnet", str(tmp_path / "out.safetensors"), str(tmp_path / "out"),
+                     "--to", "diffusers"]) == 0
+    _assert_params_equal(store.load_controlnet(tmp_path / "out").params, store.load_controlnet(path).params)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "--controlnet", str(folder), str(tmp_path / "x"), "--to", "ldm"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--controlnet" in err and "--to ldm" in err
+    assert cli.main(["convert", "--controlnet", str(path), str(tmp_path / "y"), "--to", "diffusers",
+                     "--base", "sd_v1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "control_tiny.safetensors: a ControlNet for another base architecture" in errors[0]
