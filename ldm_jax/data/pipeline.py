@@ -15,8 +15,9 @@ randomness is a function of (seed, epoch, example index). `get_state()` returns 
 Batches (host-local; the global batch is batch_size * process_count):
   image float32 (B, R, R, 3) in [-1, 1]; index int64 (B,) dataset indices; caption list[str] of B captions
   (when the source has captions); tokens (B, ...) from the optional tokenizer (and tokens_2 when it gives two
-  towers' ids); label int32 (B,) (when the source has labels); any other array an example holds (an
-  `ArraySource`'s), stacked (B, ...).
+  towers' ids); label int32 (B,) (when the source has labels); control float32 (B, R, R, 3) in [0, 1] (when the
+  source has control images, `DataConfig.control_key`: resized, cropped and flipped exactly as its image); any
+  other array an example holds (an `ArraySource`'s), stacked (B, ...).
   With every decoded image, its geometry for SDXL's micro-conditioning (`preprocess_image_and_geometry`):
   original_size int32 (B, 2), the (height, width) of the image as read, before resizing; crop_top_left int32
   (B, 2), the (top, left) of the R x R crop in the resized (and, when flipped, mirrored) image. Both follow from
@@ -51,8 +52,8 @@ GEOMETRY_KEYS = ("original_size", "crop_top_left")  # recorded per decoded image
 _ORDER_FIELDS = ("seed", "shuffle", "num_examples", "process_index", "process_count")
 
 
-class DataError(ValueError):
-    """The data cannot be trained on as configured (e.g. no record of a source is readable): the user's to fix."""
+DataError = readers.DataError  # the data cannot be trained on as configured: the user's to fix
+SHAPES_CONTROL = "shapes_mask"  # data.control_key: render each captioned-shapes scene's object masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,10 @@ class DataConfig:
     training loop reads and places on the devices ahead, on a background thread (0: on the step thread).
     prompt: "" (each example's own caption) or one caption for every example (`readers.FixedCaptionSource`; a
     folder / tar source then needs no caption files): e.g. textual-inversion images, "a photo of <my-token>".
+    control_key: "" (no control images), the name of the control image beside every image of a folder / tar
+    source (`<stem>.<control_key>.<ext>`, e.g. "conditioning_image": readers' module doc) or a TFDS feature, or
+    "shapes_mask" (`SHAPES_CONTROL`: rendered from each captioned-shapes caption, `readers.ShapesControlSource`).
+    Batches then hold "control" (ControlNet training).
     """
 
     source: str = "tfds"
@@ -88,6 +93,7 @@ class DataConfig:
     batch_keys: tuple[str, ...] = ()
     prefetch: int = 2
     prompt: str = ""
+    control_key: str = ""
 
     def __post_init__(self):
         if self.prefetch < 0:
@@ -129,29 +135,48 @@ def preprocess_image_and_geometry(image: np.ndarray, resolution: int, *, crop: s
     the model sees; this equals diffusers' train_text_to_image_sdxl.py, which mirrors before resizing and
     cropping (diffusers PR 6547). The target size (SGM's `target_size_as_tuple`) is (resolution, resolution).
     """
+    image, _, original_size, crop_top_left = preprocess_with_control(image, None, resolution, crop=crop, flip=flip,
+                                                                      rng=rng)
+    return image, original_size, crop_top_left
+
+
+def preprocess_with_control(image: np.ndarray, control: np.ndarray | None, resolution: int, *, crop: str = "center",
+                            flip: bool = False, rng: np.random.Generator | None = None
+                            ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], tuple[int, int]]:
+    """`preprocess_image_and_geometry` of an image and its control image (uint8 (H, W, 3), the image's size, or
+    None) under one transform: the same resize (bicubic), crop window and flip. Returns (image float32 (R, R, 3)
+    in [-1, 1], control float32 (R, R, 3) in [0, 1] or None, original_size, crop_top_left)."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    for name, array in (("image", image), ("control image", control)):
+        if array is not None and (array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8):
+            raise ValueError(f"expected a uint8 (H, W, 3) {name}, got {array.dtype} {array.shape}")
+    if control is not None and control.shape != image.shape:
+        raise DataError(f"the control image is {control.shape[:2]} (H, W) but its image {image.shape[:2]}")
     if crop == "random" and rng is None:
         raise ValueError("crop='random' needs an rng")
     height, width = image.shape[:2]
-    original_size = (int(height), int(width))
+    size = None
     if min(height, width) != resolution:
         scale = resolution / min(height, width)
         size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
-        height, width = image.shape[:2]
+        height, width = size[1], size[0]
     if crop == "random":
         top = int(rng.integers(height - resolution + 1))
         left = int(rng.integers(width - resolution + 1))
     else:
         top, left = (height - resolution) // 2, (width - resolution) // 2
-    image = image[top:top + resolution, left:left + resolution]
-    if flip:
-        image = image[:, ::-1]
-        left = width - left - resolution
-    return image.astype(np.float32) / 127.5 - 1.0, original_size, (top, left)
+
+    def transform(array: np.ndarray) -> np.ndarray:  # uint8 (H, W, 3) -> uint8 (R, R, 3)
+        if size is not None:
+            array = np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BICUBIC))
+        array = array[top:top + resolution, left:left + resolution]
+        return array[:, ::-1] if flip else array
+
+    out = transform(image).astype(np.float32) / 127.5 - 1.0
+    out_control = None if control is None else transform(control).astype(np.float32) / 255.0
+    original_size = (int(image.shape[0]), int(image.shape[1]))
+    return out, out_control, original_size, (top, width - left - resolution if flip else left)
 
 
 def epoch_order(num_examples: int, epoch: int, *, seed: int, shuffle: bool = True) -> np.ndarray:
@@ -259,10 +284,11 @@ class DataIterator:
         if self.crop == "random" or self.random_flip:
             rng = np.random.default_rng([self.seed, 1, self._epoch, index])
         flip = bool(self.random_flip and rng.integers(2))
-        image, original_size, crop_top_left = preprocess_image_and_geometry(
-            example["image"], self.resolution, crop=self.crop, flip=flip, rng=rng)
-        return {**example, "image": image, "index": index, "original_size": original_size,
-                "crop_top_left": crop_top_left}
+        image, control, original_size, crop_top_left = preprocess_with_control(
+            example["image"], example.get("control"), self.resolution, crop=self.crop, flip=flip, rng=rng)
+        out = {**example, "image": image, "index": index, "original_size": original_size,
+               "crop_top_left": crop_top_left}
+        return out if control is None else {**out, "control": control}
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -492,16 +518,33 @@ def make_source(cfg: DataConfig) -> Any:
                              "prepared in (python -m ldm_jax.data.captioned_shapes --data_dir DIR for captioned_shapes)")
         source = readers.TfdsSource(cfg.name, data_dir=cfg.data_dir, split=cfg.split, image_key=cfg.image_key,
                                     caption_key=(cfg.caption_key or None) if not cfg.prompt else None,
-                                    label_key=cfg.label_key or None)
-        return readers.FixedCaptionSource(source, cfg.prompt) if cfg.prompt else source
+                                    label_key=cfg.label_key or None, control_key=_control_files_key(cfg))
+        return _with_control(cfg, readers.FixedCaptionSource(source, cfg.prompt) if cfg.prompt else source)
     caption_ext = "txt" if cfg.caption_key and not cfg.prompt else None
+    control = dict(control_key=_control_files_key(cfg))
     if cfg.source == "folder":
-        source = readers.ImageFolderSource(cfg.path, caption_extension=caption_ext)
+        source = readers.ImageFolderSource(cfg.path, caption_extension=caption_ext, **control)
     elif cfg.source == "tar":
-        source = readers.TarShardsSource(cfg.path, caption_extension=caption_ext)
+        source = readers.TarShardsSource(cfg.path, caption_extension=caption_ext, **control)
     else:
         raise ValueError(f"data.source must be 'tfds', 'folder' or 'tar', got {cfg.source!r}")
-    return readers.FixedCaptionSource(source, cfg.prompt) if cfg.prompt else source
+    return _with_control(cfg, readers.FixedCaptionSource(source, cfg.prompt) if cfg.prompt else source)
+
+
+def _control_files_key(cfg: DataConfig) -> str | None:
+    """The control_key the reader reads control images by (None: none, or rendered from the captions)."""
+    return None if cfg.control_key in ("", SHAPES_CONTROL) else cfg.control_key
+
+
+def _with_control(cfg: DataConfig, source: Any) -> Any:
+    """`source`, with the captioned-shapes control images rendered (`readers.ShapesControlSource`) when
+    data.control_key is "shapes_mask"."""
+    if cfg.control_key != SHAPES_CONTROL:
+        return source
+    if cfg.prompt:
+        raise ValueError(f"data.control_key={SHAPES_CONTROL!r} renders each scene from its caption; data.prompt="
+                         f"{cfg.prompt!r} replaces the captions (leave it empty)")
+    return readers.ShapesControlSource(source)
 
 
 def make_iterator(cfg: DataConfig, *, source: Any = None, tokenizer: Callable[[Sequence[str]], Any] | None = None,

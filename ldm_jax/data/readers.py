@@ -2,12 +2,21 @@
 and arrays already in memory (precomputed latents).
 
 Every source has `len(source)`, `source.name` and `source[i]` -> an example
-{"image": uint8 (H, W, 3), "caption": str (when the source has captions), "label": int (when it has labels)}
+{"image": uint8 (H, W, 3), "caption": str (when the source has captions), "label": int (when it has labels),
+"control": uint8 (H, W, 3) (when the source has control images, ControlNet training)}
 (an `ArraySource` gives its own named arrays instead of an image), or None when record i cannot be read (a corrupt image, an undecodable caption). Unreadable records are never
 fatal: each is recorded once in `source.skipped` (a `SkipLog`; log `source.skipped.summary()`) and the
 pipeline moves on to the next index. Zero-byte images and images without a caption are found while
 indexing, so they are never indexed; they are counted in the same log. A source with nothing readable to
 index raises a ValueError naming its path.
+
+Control images (`control_key`, e.g. "conditioning_image", diffusers' column name in its fill50k ControlNet
+example): one beside every image, named `<stem>.<control_key>.<ext>` (any image extension), the same layout in a
+folder (`0001.png`, `0001.txt`, `0001.conditioning_image.png`) and in webdataset shards (members of key `0001`;
+a folder tarred is a shard). Such files are never indexed as images. Unlike a missing caption, a missing control
+image is the user's error (a ValueError naming the image and the file expected, while indexing), and so is a
+control image whose size differs from its image's (`DataError` naming the file, when read). The captioned-shapes
+world renders its control images instead (`ShapesControlSource`).
 """
 from __future__ import annotations
 
@@ -27,6 +36,11 @@ Example = dict[str, Any]
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 # What PIL raises on corrupt, truncated or unsupported files (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class DataError(ValueError):
+    """The data cannot be trained on as configured (e.g. no record of a source is readable, a control image of
+    another size than its image): the user's to fix. (`ldm_jax.data.pipeline.DataError` is this class.)"""
 
 
 class SkipLog:
@@ -78,18 +92,45 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _decode_example(name: str, image_bytes: bytes, caption_bytes: bytes | None, skipped: SkipLog) -> Example | None:
-    """Decodes one record, or records it in `skipped` and returns None."""
+def _decode_example(name: str, image_bytes: bytes, caption_bytes: bytes | None, skipped: SkipLog,
+                    control: tuple[str, bytes] | None = None) -> Example | None:
+    """Decodes one record, or records it in `skipped` and returns None. control: (its file name, its bytes), the
+    record's control image; one of another size than the image is a DataError naming both files."""
     example: Example = {}
     try:
         example["image"] = decode_image(image_bytes)
         if caption_bytes is not None:
             example["caption"] = caption_bytes.decode("utf-8").strip()
+        if control is not None:
+            example["control"] = decode_image(control[1])
     except _DECODE_ERRORS as error:  # UnicodeDecodeError is a ValueError
         reason = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else str(error)
         skipped.add(name, reason or type(error).__name__)
         return None
+    if control is not None:
+        check_control_size(example["image"], example["control"], f"{control[0]} (the control image of {name})")
     return example
+
+
+def check_control_size(image: np.ndarray, control: np.ndarray, what: str) -> None:
+    """DataError naming `what` unless the control image (H, W, 3) has the image's height and width (both are
+    resized and cropped together)."""
+    if control.shape[:2] != image.shape[:2]:
+        raise DataError(f"{what} is {control.shape[1]}x{control.shape[0]} (width x height) but its image is "
+                        f"{image.shape[1]}x{image.shape[0]}: a control image must have its image's size")
+
+
+def control_files(stem: str, control_key: str, extensions: Sequence[str]) -> list[str]:
+    """The names the control image of the image `<stem>.<ext>` may have: `<stem>.<control_key>.<ext2>` for each
+    image extension, in order of preference."""
+    return [f"{stem}.{control_key}.{ext}" for ext in extensions]
+
+
+def _check_control_key(control_key: str | None) -> str | None:
+    if control_key is not None and (not control_key or "." in control_key or "/" in control_key):
+        raise ValueError(f"control_key={control_key!r}: expected a name without dots or slashes, e.g. "
+                         "'conditioning_image'")
+    return control_key
 
 
 def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -105,10 +146,13 @@ class ImageFolderSource:
       labels_from_dirs: if True, `label` is the index of the image's parent folder (relative to root) in the
         sorted list of such folders (`class_names`).
       extensions: image file extensions (case-insensitive).
+      control_key: None, or the name of the control image beside every image, `<stem>.<control_key>.<ext>`
+        (module doc); a missing one is a ValueError naming the image and the file expected.
     """
 
     def __init__(self, root: str | os.PathLike, *, caption_extension: str | None = "txt",
-                 labels_from_dirs: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 labels_from_dirs: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 control_key: str | None = None):
         self.root = pathlib.Path(root)
         self.name = str(self.root)
         self.skipped = SkipLog()
@@ -116,10 +160,16 @@ class ImageFolderSource:
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
         extensions = _normalise_extensions(extensions)
         self._caption_ext = None if caption_extension is None else caption_extension.lstrip(".")
-        self._files: list[tuple[pathlib.Path, pathlib.Path | None]] = []
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
-            if path.suffix.lower().lstrip(".") in extensions:
-                self._index(path)
+        self._control_key = _check_control_key(control_key)
+        self._files: list[tuple[pathlib.Path, pathlib.Path | None, pathlib.Path | None]] = []
+        images = [p for p in sorted(self.root.rglob("*")) if p.is_file() and p.suffix.lower().lstrip(".") in extensions]
+        controls: dict[tuple[pathlib.Path, str], pathlib.Path] = {}
+        if control_key is not None:
+            tail = "." + control_key
+            controls = {(p.parent, p.stem[:-len(tail)]): p for p in reversed(images) if p.stem.endswith(tail)}
+            images = [p for p in images if not p.stem.endswith(tail)]
+        for path in images:
+            self._index(path, controls, extensions)
         if not self._files:
             raise ValueError(
                 f"image folder {self.root} has no readable images with extensions {list(extensions)}"
@@ -129,12 +179,20 @@ class ImageFolderSource:
         self.class_names: list[str] = []
         self._labels: list[int] | None = None
         if labels_from_dirs:
-            dirs = [str(p.parent.relative_to(self.root)) for p, _ in self._files]
+            dirs = [str(p.parent.relative_to(self.root)) for p, _, _ in self._files]
             self.class_names = sorted(set(dirs))
             self._labels = [self.class_names.index(d) for d in dirs]
 
-    def _index(self, path: pathlib.Path) -> None:
+    def _index(self, path: pathlib.Path, controls: dict[tuple[pathlib.Path, str], pathlib.Path],
+               extensions: Sequence[str]) -> None:
         rel = str(path.relative_to(self.root))
+        control = None
+        if self._control_key is not None:
+            control = controls.get((path.parent, path.stem))
+            if control is None:
+                expected = " or ".join(control_files(path.stem, self._control_key, extensions[:3])) + " ..."
+                raise ValueError(f"image {path} has no control image beside it (expected {expected}: every image "
+                                 f"needs one, named <stem>.{self._control_key}.<ext>)")
         if path.stat().st_size == 0:
             self.skipped.add(rel, "zero bytes")
             return
@@ -144,16 +202,17 @@ class ImageFolderSource:
             if not caption_path.is_file():
                 self.skipped.add(rel, f"no caption file {caption_path.name}")
                 return
-        self._files.append((path, caption_path))
+        self._files.append((path, caption_path, control))
 
     def __len__(self) -> int:
         return len(self._files)
 
     def __getitem__(self, index: int) -> Example | None:
-        path, caption_path = self._files[index]
+        path, caption_path, control_path = self._files[index]
         name = str(path.relative_to(self.root))
+        control = None if control_path is None else (str(control_path.relative_to(self.root)), control_path.read_bytes())
         example = _decode_example(name, path.read_bytes(),
-                                  None if caption_path is None else caption_path.read_bytes(), self.skipped)
+                                  None if caption_path is None else caption_path.read_bytes(), self.skipped, control)
         if example is not None and self._labels is not None:
             example["label"] = self._labels[index]
         return example
@@ -179,10 +238,13 @@ class TarShardsSource:
       shards: a folder (all its *.tar), a glob pattern, or a list of paths.
       caption_extension: caption member extension, or None for a source without captions.
       extensions: image member extensions, in order of preference when a key has several.
+      control_key: None, or the name of every example's control image member `<key>.<control_key>.<ext>` (module
+        doc); a key without one is a ValueError naming the shard and member.
     """
 
     def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 caption_extension: str | None = "txt", extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 caption_extension: str | None = "txt", extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 control_key: str | None = None):
         self._fds: dict[int, int] = {}
         self.shards = expand_shards(shards)
         self.name = os.fspath(shards) if isinstance(shards, (str, os.PathLike)) else f"{len(self.shards)} shards"
@@ -191,8 +253,10 @@ class TarShardsSource:
             raise ValueError(f"no .tar shards found for {shards!r}")
         self._caption_ext = None if caption_extension is None else caption_extension.lstrip(".")
         self._extensions = _normalise_extensions(extensions)
-        # One record per example: (shard, name, image (offset, size), caption (offset, size) or None).
-        self._records: list[tuple[int, str, tuple[int, int], tuple[int, int] | None]] = []
+        self._control_key = _check_control_key(control_key)
+        # One record per example: (shard, name, image (offset, size), caption (offset, size) or None,
+        # control (member name, (offset, size)) or None).
+        self._records: list[tuple[int, str, tuple[int, int], tuple[int, int] | None, Any]] = []
         for shard_index, path in enumerate(self.shards):
             self._index_shard(shard_index, path)
         if not self._records:
@@ -221,6 +285,7 @@ class TarShardsSource:
                 continue  # e.g. the .json/.parquet side files of img2dataset
             image = by_ext[image_ext]
             name = f"{os.path.basename(path)}:{image.name}"
+            control = self._control_member(path, image.name, by_ext)
             if image.size == 0:
                 self.skipped.add(name, "zero bytes")
                 continue
@@ -231,7 +296,20 @@ class TarShardsSource:
                     self.skipped.add(name, f"no .{self._caption_ext} caption member")
                     continue
                 caption = (info.offset_data, info.size)
-            self._records.append((shard_index, name, (image.offset_data, image.size), caption))
+            self._records.append((shard_index, name, (image.offset_data, image.size), caption, control))
+
+    def _control_member(self, path: str, image: str, by_ext: dict[str, tarfile.TarInfo]) -> Any:
+        """(member name, (offset, size)) of an example's control image, or None without control_key."""
+        if self._control_key is None:
+            return None
+        info = next((by_ext[f"{self._control_key}.{e}"] for e in self._extensions
+                     if f"{self._control_key}.{e}" in by_ext), None)
+        if info is None:
+            stem = image.rpartition("/")[2].partition(".")[0]
+            expected = " or ".join(control_files(stem, self._control_key, self._extensions[:3])) + " ..."
+            raise ValueError(f"tar shard {path}: member {image} has no control image member (expected {expected}: "
+                             f"every example needs one, named <key>.{self._control_key}.<ext>)")
+        return f"{os.path.basename(path)}:{info.name}", (info.offset_data, info.size)
 
     def _read(self, shard_index: int, span: tuple[int, int]) -> bytes:
         fd = self._fds.get(shard_index)
@@ -253,9 +331,11 @@ class TarShardsSource:
         return len(self._records)
 
     def __getitem__(self, index: int) -> Example | None:
-        shard_index, name, image_span, caption_span = self._records[index]
+        shard_index, name, image_span, caption_span, control = self._records[index]
         caption = None if caption_span is None else self._read(shard_index, caption_span)
-        return _decode_example(name, self._read(shard_index, image_span), caption, self.skipped)
+        if control is not None:
+            control = (control[0], self._read(shard_index, control[1]))
+        return _decode_example(name, self._read(shard_index, image_span), caption, self.skipped, control)
 
 
 class TfdsSource:
@@ -266,10 +346,11 @@ class TfdsSource:
       data_dir: the folder the dataset was prepared in.
       split: a split name or a TFDS split slice ("train[:90%]").
       image_key, caption_key, label_key: feature names to read; caption_key/label_key None to leave out.
+      control_key: the feature holding each example's control image (of the image's size), or None.
     """
 
     def __init__(self, name: str, *, data_dir: str | os.PathLike, split: str, image_key: str = "image",
-                 caption_key: str | None = "caption", label_key: str | None = None):
+                 caption_key: str | None = "caption", label_key: str | None = None, control_key: str | None = None):
         import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only this source needs it)
 
         self.name = f"{name} ({split}) in {os.fspath(data_dir)}"
@@ -281,7 +362,8 @@ class TfdsSource:
         if not builder.is_prepared():
             raise FileNotFoundError(_not_prepared(name, data_dir, split))
         features = builder.info.features
-        keys = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
+        keys = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key,
+                "control_key": control_key}
         for arg, key in keys.items():
             if key is not None and key not in features:
                 raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} ({arg}); features: {list(features)}")
@@ -307,6 +389,11 @@ class TfdsSource:
             example["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
         if self._keys["label_key"] is not None:
             example["label"] = int(record[self._keys["label_key"]])
+        if self._keys["control_key"] is not None:
+            control = np.asarray(record[self._keys["control_key"]])
+            example["control"] = np.repeat(control, 3, axis=-1) if control.shape[-1:] == (1,) else control
+            check_control_size(image, example["control"], f"the {self._keys['control_key']!r} control image of "
+                                                           f"record {index} of {self.name}")
         return example
 
 
@@ -364,6 +451,40 @@ class FixedCaptionSource:
     def __getitem__(self, index: int) -> Example | None:
         example = self.source[index]
         return None if example is None else {**example, "caption": self.caption}
+
+
+class ShapesControlSource:
+    """A captioned-shapes source (TFDS `captioned_shapes`, or a folder of rendered scenes with their captions) with
+    each example's control image rendered from its scene: `shapes.render_mask` of `shapes.parse_caption(caption)`
+    (the exact inverse of the generator's caption), white-on-black masks of every object at the image's size.
+    A caption that does not parse is a DataError naming the record. Unreadable records stay None."""
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.name = f"{getattr(source, 'name', 'source')} (control: the scenes' object masks)"
+        self.skipped = getattr(source, "skipped", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Example | None:
+        from ldm_jax.data import shapes  # noqa: PLC0415
+
+        example = self.source[index]
+        if example is None:
+            return None
+        if "caption" not in example:
+            raise DataError(f"{self.name}: record {index} has no caption to render its control image from (set "
+                            f"data.caption_key)")
+        image = example["image"]
+        try:
+            scene = shapes.parse_caption(example["caption"])
+        except ValueError as error:
+            raise DataError(f"{self.name}: record {index}: not a captioned-shapes scene ({error})") from None
+        if image.shape[0] != image.shape[1]:
+            raise DataError(f"{self.name}: record {index} is {image.shape[1]}x{image.shape[0]}; captioned-shapes "
+                            f"scenes are square")
+        return {**example, "control": shapes.render_mask(scene, image.shape[0])}
 
 
 class SubsetSource:

@@ -159,6 +159,17 @@ def render(scene: Scene, resolution: int) -> np.ndarray:
     return image
 
 
+def render_mask(scene: Scene, resolution: int) -> np.ndarray:
+    """The scene's layout as a ControlNet control image: uint8 (resolution, resolution, 3), 255 (white) in every
+    channel of the pixels an object covers (`object_mask`, the pixels `render` paints), 0 elsewhere. It fixes each
+    object's position, size and shape but not its colour (the caption's); per-object masks are `object_mask`."""
+    grid_geometry(resolution)  # checks the resolution
+    mask = np.zeros((resolution, resolution, 3), np.uint8)
+    for obj in validate_scene(scene):
+        mask[object_mask(obj, resolution)] = 255
+    return mask
+
+
 def colour_rgb(name: str) -> tuple[int, int, int]:
     """The RGB triple of a colour of `COLOURS` or `NEW_COLOURS`."""
     if name in COLOURS:

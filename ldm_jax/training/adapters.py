@@ -11,6 +11,9 @@
   the embedding of `init_word`. The base model with the grown vocabulary (`adapters.textual_inversion.add_tokens`;
   the tokenizers are grown copies) is frozen; the loss writes the rows into its table (`set_rows`), so only they get
   gradients. Prompts name the token (the data's captions, or `data.prompt` for one prompt, e.g. "a <my-shape>").
+- "controlnet": the trained params are {"controlnet": tree}, a ControlNet beside the frozen base model; the loss
+  calls the UNet with its residuals (`ldm_jax.training.controlnet`, options `train.controlnet`); merging leaves the
+  base as it is.
 
 Everything else is the stage's: the one step builder, mesh and sharding rules (the factors / rows are sharded by
 `mesh.param_rules` like any param), AdamW, checkpoints with exact resume, EMA of the factors / rows. The whole base
@@ -19,7 +22,8 @@ model is a frozen input of the step (WORKDIR/frozen_params.safetensors, float32)
 
 Export (`write_adapter_files`): WORKDIR/lora.safetensors (diffusers / PEFT format; with `train.lora.kohya` also
 WORKDIR/lora_kohya.safetensors) or WORKDIR/learned_embeds.safetensors (diffusers' textual-inversion file), from the
-EMA params; `train.export_merged` also writes the merged model directory WORKDIR/model/.
+EMA params; `train.export_merged` also writes the merged model directory WORKDIR/model/. A ControlNet exports the
+diffusers ControlNet folder WORKDIR/controlnet/.
 """
 from __future__ import annotations
 
@@ -39,8 +43,9 @@ from ml_collections import config_dict
 from ldm_jax import ldm
 from ldm_jax.adapters import lora as lora_lib
 
-ADAPTERS = ("none", "lora", "textual_inversion")
-TRAINED_KEY = {"lora": "lora", "textual_inversion": "embeddings"}  # the one key of the trained params
+ADAPTERS = ("none", "lora", "textual_inversion", "controlnet")
+# the one key of the trained params
+TRAINED_KEY = {"lora": "lora", "textual_inversion": "embeddings", "controlnet": "controlnet"}
 LORA_FILE = "lora.safetensors"
 LORA_KOHYA_FILE = "lora_kohya.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -100,19 +105,24 @@ class TextualInversionTrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """What a run trains beside its frozen params, once prepared (`prepare`). kind: one of ADAPTERS; initial: the
-    trained params' numpy start ({"lora": factors} / {"embeddings": {tower: [n, width]}}; None for "none");
-    alphas: the LoRA's per-module alphas (static); ids: ((tower, token ids), ...) of the textual-inversion rows."""
+    trained params' numpy start ({"lora": factors} / {"embeddings": {tower: [n, width]}} / {"controlnet": tree};
+    None for "none"); alphas: the LoRA's per-module alphas (static); ids: ((tower, token ids), ...) of the
+    textual-inversion rows; controlnet: a ControlNet's `ControlNetConfig`."""
 
     kind: str = "none"
     initial: Any = None
     alphas: tuple = ()
     ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    controlnet: Any = None
 
     def merge(self, trained: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
         """The model params the loss, the sample grids and the export use: trained parts beside the frozen ones
-        ("none"), the LoRA merged into the frozen kernels, or the rows written into the frozen tables. Pure."""
+        ("none"), the LoRA merged into the frozen kernels, or the rows written into the frozen tables; a ControlNet's
+        base model is the frozen params as they are (its residuals enter in the loss). Pure."""
         if self.kind == "none":
             return {**trained, **frozen}
+        if self.kind == "controlnet":
+            return dict(frozen)
         if self.kind == "lora":
             return lora_lib.apply_loras(frozen, [(self.lora(trained), 1.0)])
         from ldm_jax.adapters import textual_inversion  # noqa: PLC0415
@@ -132,13 +142,15 @@ def train_fields() -> ml_collections.ConfigDict:
     """The adapter and DreamBooth fields of the `train` section with their defaults, for a training config to add
     (`config.train.update(train_fields())` inside `config.unlocked()`) and then set: adapter, lora, textual_inversion,
     frozen_dtype, export_merged, dreambooth (alpha is a float placeholder: None means alpha = rank)."""
+    from ldm_jax.training.controlnet import ControlNetTrainConfig  # noqa: PLC0415
     from ldm_jax.training.dreambooth import DreamBoothConfig  # noqa: PLC0415
 
     lora = dataclasses.asdict(LoraTrainConfig())
     lora["alpha"] = config_dict.placeholder(float)
     return ml_collections.ConfigDict(dict(
         adapter="none", lora=lora, textual_inversion=dataclasses.asdict(TextualInversionTrainConfig()),
-        frozen_dtype="float32", export_merged=False, dreambooth=dataclasses.asdict(DreamBoothConfig())))
+        frozen_dtype="float32", export_merged=False, dreambooth=dataclasses.asdict(DreamBoothConfig()),
+        controlnet=dataclasses.asdict(ControlNetTrainConfig())))
 
 
 def textual_inversion_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -249,6 +261,10 @@ def prepare(stage: Any, frozen: Mapping[str, Any], key: jax.Array) -> tuple[Any,
         return stage, dict(frozen), _prepare_lora(stage, jax.random.fold_in(key, 2))
     if kind == "textual_inversion":
         return _prepare_textual_inversion(stage, frozen)
+    if kind == "controlnet":
+        from ldm_jax.training import controlnet  # noqa: PLC0415
+
+        return stage, dict(frozen), controlnet.prepare(stage, frozen, jax.random.fold_in(key, 3))
     return stage, dict(frozen), Adapter()
 
 
@@ -290,6 +306,10 @@ def write_adapter_files(stage: Any, trained: Mapping[str, Any], workdir: pathlib
             save_embedding_file(path, token, vectors if len(vectors) > 1 else next(iter(vectors.values())))
         _log_sampling(stage, [f"--embedding {path}", f'--prompt "... {token} ..."'])
         return [path]
+    if adapter.kind == "controlnet":
+        from ldm_jax.training import controlnet  # noqa: PLC0415
+
+        return [controlnet.write_controlnet(stage, trained, workdir / controlnet.CONTROLNET_DIR)]
     return []
 
 
