@@ -672,11 +672,13 @@ def check_image_and_mask(config: LDMConfig, images: Any, mask: Any = None) -> No
 
 def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: jax.Array,
                cond: Mapping[str, jax.Array] | None, *, options: RunOptions = RunOptions(), rngs: Any = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, residuals: tuple[list[jax.Array], jax.Array] | None = None) -> jax.Array:
     """The denoiser: x (B, h, w, C) latents, t (B,) timesteps, cond {"context"?, "y"?, "time_ids"?, "concat"?}.
 
     "concat" channels (B, h, w, C_extra) are appended to x; "context" is cross-attended; "y" goes to the
     class embedding ("adm") or, with "time_ids", to SDXL's text_time embedding. Returns the prediction (B, h, w, C) float32 (of `diffusion.prediction_type`).
+    residuals: optional (down residuals, mid residual) of ControlNets (`ControlNetModel`'s output, summed over
+    nets), added where diffusers adds them.
     """
     cond = dict(cond or {})
     if "concat" in cond:
@@ -686,6 +688,8 @@ def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: ja
         raise ValueError(f"apply_unet: unknown conditioning entries {unknown}; expected context, y, time_ids, concat")
     model = modules(config, options).unet
     extra = {"time_ids": cond["time_ids"]} if "time_ids" in cond else {}
+    if residuals is not None:
+        extra.update(down_residuals=residuals[0], mid_residual=residuals[1])
     return model.apply({"params": _part(params, "unet")}, x, t, cond.get("context"), cond.get("y"),
                        deterministic=deterministic, rngs=rngs, **extra).astype(jnp.float32)
 

@@ -9,7 +9,8 @@ classifier-free guidance, decode with the first stage.
 Params are replicated on every device (`place_params` once; numpy params are copied on every call).
 Traced (changing them does not recompile): params, the sampler's tables and DDIM's `eta`, prompt token ids,
 guidance scale, seed, example indices, strength, denoising fractions, micro-conditioning, init images and
-masks. Static (a new compilation each): config, mesh, the run-time options (`ldm.RunOptions`: attention
+masks, ControlNets' params, control images, scales and guidance fractions. Static (a new compilation each): config,
+the ControlNets' configs, number and guess mode, mesh, the run-time options (`ldm.RunOptions`: attention
 implementation, remat, compute and param dtypes), the sampler kind and step count, batch size and image size,
 clip_skip, whether guidance runs (some scale > 1) and whether latents or images come out. `trace_count(kind)` counts
 traces, for tests.
@@ -29,6 +30,10 @@ are all <= 1 runs no unconditional branch (guidance-free distilled models such a
 
 Conventions: images float32 NHWC in [-1, 1] (outputs clipped to it; `to_uint8` for files); masks
 (B, H, W, 1) in [0, 1] with 1 = repaint, binarised at 0.5; H and W multiples of the first stage's factor.
+ControlNets (`Control`, `ldm_jax.control`; diffusers' StableDiffusionControlNet*Pipeline): txt2img, img2img and
+inpaint take `control=`; the nets' residuals, summed, are added to the UNet's at every step where each net's
+guidance start / end fractions keep it (diffusers' controlnet_keep, via `sample(step_cond=...)`); their params
+are replicated beside the model's (params[CONTROLNETS] inside the program).
 Inpainting: models with concat channels (SD inpainting, 9-channel UNet) get [mask, masked-image latent]
 appended to x; other models blend: outside the mask the latent is replaced by the noised known latent
 before every step and by the known latent at the end. Init images are encoded to the posterior mode
@@ -48,9 +53,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import ldm, parallel
+from ldm_jax.control import Control, ControlKey, control_inputs, controlled_unet, keep_at_step
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
 from ldm_jax.diffusion.micro_conditioning import MicroConditioning  # re-exported (in __all__)
-from ldm_jax.diffusion.samplers import Sampler, denoising_bounds, make_sampler, sample
+from ldm_jax.diffusion.samplers import Sampler, denoising_bounds, img2img_steps, make_sampler, sample
 from ldm_jax.ldm import LDMConfig, LoadedModel, RunOptions
 from ldm_jax.images import to_uint8  # re-exported: pipeline.to_uint8 (in __all__)
 from ldm_jax.models.tokenizer import PromptReport, tokenize
@@ -159,7 +165,7 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
             first_index: int = 0, noise: Any = None, batch_size: int | None = None, mesh: Mesh | None = None,
             options: RunOptions = RunOptions(), chunk_size: int | None = None,
             micro: MicroConditioning = MicroConditioning(), clip_skip: int = 0, denoising_end: float | None = None,
-            output: str = "images") -> jax.Array:
+            output: str = "images", control: Control | None = None) -> jax.Array:
     """Generates B images from noise. Returns (B, H, W, 3) float32 in [-1, 1], sharded over the mesh's batch.
 
     cond / uncond: conditioning inputs (B, L) token ids (text models, from `encode_prompts`) or (B,) labels
@@ -184,6 +190,9 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
       Traced: changing it does not recompile.
     output: "images" (decoded, (B, H, W, 3) in [-1, 1]) or "latents" ((B, h, w, C) in the sampler's own
       coordinates, what `refine` takes; diffusers' output_type="latent").
+    control: optional ControlNets (`Control`: nets, control images (B, H, W, 3) in [0, 1], per-net scales and
+      guidance start / end fractions, guess mode; `ldm_jax.control`). Their configs and number are static, the
+      rest traced.
     """
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=None,
                             batch_size=batch_size)
@@ -191,7 +200,8 @@ def txt2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
     _add_time_ids(config, inputs, micro, hw, img2img=False)
     if denoising_end is not None:
         inputs["stop_step"] = _bounds(config, sampler, denoising_end=denoising_end)[1]
-    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip, output)
+    nets = _add_control(config, inputs, control, sampler, hw, first_step=0)
+    return _run("txt2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip, output, nets)
 
 
 def refine(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, latents: Any, *,
@@ -220,28 +230,30 @@ def img2img(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
             strength: float = 0.75, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
             noise: Any = None, mesh: Mesh | None = None, options: RunOptions = RunOptions(),
             chunk_size: int | None = None, micro: MicroConditioning = MicroConditioning(),
-            clip_skip: int = 0) -> jax.Array:
+            clip_skip: int = 0, control: Control | None = None) -> jax.Array:
     """SDEdit: encodes `images` (B, H, W, 3) in [-1, 1], noises them to `strength` in [0, 1] (the last
     int(strength * steps) steps run), denoises. Returns (B, H, W, 3) float32 in [-1, 1]. Other arguments as
-    in `txt2img`."""
+    in `txt2img` (a ControlNet sees the noised latents as the UNet does)."""
     ldm.check_image_and_mask(config, images)
     inputs = _common_inputs(config, cond, uncond, guidance_scale, seed, first_index, noise, batch_from=images)
     inputs.update(image=np.asarray(images, np.float32), strength=_strength(strength))
     hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
     _add_time_ids(config, inputs, micro, hw, img2img=True)
-    return _run("img2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
+    nets = _add_control(config, inputs, control, sampler, hw, first_step=_first_step(sampler, inputs["strength"]))
+    return _run("img2img", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip, "images", nets)
 
 
 def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond: Any, uncond: Any, images: Any,
             mask: Any, *, strength: float = 1.0, guidance_scale: Any = 7.5, seed: int = 0, first_index: int = 0,
             noise: Any = None, mesh: Mesh | None = None, options: RunOptions = RunOptions(),
             chunk_size: int | None = None, micro: MicroConditioning = MicroConditioning(),
-            clip_skip: int = 0) -> jax.Array:
+            clip_skip: int = 0, control: Control | None = None) -> jax.Array:
     """Repaints `images` (B, H, W, 3) in [-1, 1] where `mask` (B, H, W, 1) >= 0.5.
 
     Models with concat channels (SD inpainting) see [mask, masked-image latent]; others blend (module doc).
     strength < 1 starts from the image noised to that level. Returns (B, H, W, 3) float32 in [-1, 1].
-    Other arguments as in `txt2img`.
+    Other arguments as in `txt2img`; `control`'s nets see the latent channels only (not the 9-channel UNet's mask
+    and masked-image latent), as diffusers' StableDiffusionControlNetInpaintPipeline.
     """
     ldm.check_image_and_mask(config, images, mask)
     concat = config.concat_channels
@@ -254,7 +266,8 @@ def inpaint(config: LDMConfig, params: Mapping[str, Any], sampler: Sampler, cond
                   strength=_strength(strength))
     hw = _latent_hw(config, np.shape(images)[1], np.shape(images)[2])
     _add_time_ids(config, inputs, micro, hw, img2img=True)
-    return _run("inpaint", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip)
+    nets = _add_control(config, inputs, control, sampler, hw, first_step=_first_step(sampler, inputs["strength"]))
+    return _run("inpaint", config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip, "images", nets)
 
 
 # -------------------------------------------------------------------------------------------- input checks
@@ -264,6 +277,23 @@ def _bounds(config: LDMConfig, sampler: Sampler, **fraction: Any) -> tuple[np.nd
     """(first_step, stop_step) int32 scalars of a denoising fraction (`samplers.denoising_bounds`)."""
     first, stop = denoising_bounds(sampler, config.diffusion.schedule.num_timesteps, **fraction)
     return np.asarray(first, np.int32), np.asarray(stop, np.int32)
+
+
+def _first_step(sampler: Sampler, strength: np.ndarray) -> int:
+    """The first step an img2img / inpaint run at `strength` takes (the driver's rule, `img2img_steps`)."""
+    return sampler.num_steps - int(img2img_steps(strength, sampler.num_steps))
+
+
+def _add_control(config: LDMConfig, inputs: dict[str, Any], control: Control | None, sampler: Sampler,
+                 hw: tuple[int, int], first_step: int) -> tuple[ControlKey, tuple[Any, ...]] | None:
+    """Adds `control`'s inputs (`control.control_inputs`) to inputs; returns (its static key, the nets' params)."""
+    if control is None:
+        return None
+    f = config.downsample_factor
+    key, net_params, extra = control_inputs(config, control, inputs["index"].shape[0], (hw[0] * f, hw[1] * f),
+                                            first_step, sampler.num_steps)
+    inputs.update(extra)
+    return key, net_params
 
 
 def _strength(strength: Any) -> np.ndarray:
@@ -381,8 +411,8 @@ def _batch_size(cond, noise, images, batch_size) -> int:
 # ---------------------------------------------------------------------------------------------- the program
 
 
-def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip=0, output="images"
-         ) -> jax.Array:
+def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, clip_skip=0, output="images",
+         nets=None) -> jax.Array:
     if kind != "inpaint" and config.concat_channels:
         raise ValueError(f"{kind}: this UNet takes {config.concat_channels} concat channels beside the latents "
                          f"(in_channels {config.unet.in_channels}); use inpaint() for inpainting models")
@@ -406,9 +436,11 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, c
         raise ValueError(f"clip_skip must be an integer >= 0, got {clip_skip!r}")
     guided = "cond" in inputs and bool(np.any(inputs["scale"] > 1.0))
     fn = _compiled(kind, config, mesh, options, hw, chunk, jax.tree.structure(inputs), guided, int(clip_skip),
-                   output == "images")
+                   output == "images", None if nets is None else nets[0])
     replicated = parallel.replicated(mesh)
     params, sampler = (_replicate(tree, replicated) for tree in (params, sampler))
+    if nets is not None:  # the ControlNets' params travel with the model's, replicated too
+        params = {**params, CONTROLNETS: _replicate(nets[1], replicated)}
     return fn(params, sampler, _place_inputs(inputs, mesh))
 
 
@@ -430,18 +462,20 @@ def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return {**batched, **jax.device_put(scalars, parallel.replicated(mesh))}
 
 
-_SCALAR_INPUTS = ("seed", "strength", "first_step", "stop_step")
+_SCALAR_INPUTS = ("seed", "strength", "first_step", "stop_step", "control_keep")
+CONTROLNETS = "controlnets"  # the params entry holding the ControlNets' params inside the program
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw: tuple[int, int], chunk: int,
-              structure: Any, guided: bool, clip_skip: int, decode: bool):
+              structure: Any, guided: bool, clip_skip: int, decode: bool, control: ControlKey | None = None):
     """The jitted program for one (kind, config, mesh, run-time options, latent size, chunk size, inputs'
-    structure, whether guidance runs the unconditional branch, clip_skip, whether to decode the latents)."""
+    structure, whether guidance runs the unconditional branch, clip_skip, whether to decode the latents, the
+    ControlNets' configs and guess mode)."""
     batch_spec, rep = P(parallel.BATCH_AXES), P()
     keys = jax.tree.unflatten(structure, [None] * structure.num_leaves).keys()
     in_specs = (rep, rep, {k: (rep if k in _SCALAR_INPUTS else batch_spec) for k in keys})
-    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip, decode)
+    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip, decode, control)
 
     def program(params, sampler, inputs):
         _TRACES[kind] += 1
@@ -463,7 +497,7 @@ def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     return images.reshape(share, *images.shape[2:])
 
 
-def _generate(kind, config, options, hw, guided, clip_skip, decode, params, sampler, inputs) -> jax.Array:
+def _generate(kind, config, options, hw, guided, clip_skip, decode, control, params, sampler, inputs) -> jax.Array:
     """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1], or its latents
     (b, h, w, C) when not `decode`."""
     example_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(inputs["seed"]), i))(inputs["index"])
@@ -473,8 +507,8 @@ def _generate(kind, config, options, hw, guided, clip_skip, decode, params, samp
     else:
         noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(example_keys)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, STEP_STREAM))(example_keys)
-    model_fn, cond = _denoiser(config, options, params, inputs, guided, clip_skip)
-    extra = {}
+    model_fn, cond = _denoiser(config, options, params, inputs, guided, clip_skip, control)
+    extra = {} if control is None else {"step_cond": keep_at_step(inputs["control_keep"])}
     if kind in ("img2img", "inpaint"):
         images = inputs["image"]
         extra.update(init_latent=ldm.encode_first_stage(config, params, images, options=options),
@@ -496,21 +530,30 @@ def _generate(kind, config, options, hw, guided, clip_skip, decode, params, samp
     return jnp.clip(ldm.decode_first_stage(config, params, latents, options=options), -1.0, 1.0)
 
 
-def _denoiser(config, options, params, inputs, guided, clip_skip):
+def _denoiser(config, options, params, inputs, guided, clip_skip, control=None):
     """(model_fn(x, t, cond), cond) for `sample`: classifier-free guided when the model is conditional and some
-    scale exceeds 1 (`guided`); examples with scale <= 1 get the conditional prediction (scale 1)."""
+    scale exceeds 1 (`guided`); examples with scale <= 1 get the conditional prediction (scale 1). With ControlNets
+    (`control`, a ControlKey) the UNet gets their residuals and cond is {"unet": ..., "control": ...}
+    (`control.controlled_unet`)."""
 
     def model_fn(x, t, cond):
         return ldm.apply_unet(config, params, x, t, cond, options=options)
 
-    if "cond" not in inputs:
-        return model_fn, None
-    cond = ldm.encode_conditioning(config, params, inputs["cond"], options=options, clip_skip=clip_skip)
+    if control is not None:
+        model_fn = controlled_unet(config, options, control, params, params[CONTROLNETS],
+                                   cond_half=guided and control.guess_mode)
+    cond = uncond = None
+    if "cond" in inputs:
+        cond = ldm.encode_conditioning(config, params, inputs["cond"], options=options, clip_skip=clip_skip)
+    if guided:
+        uncond = ldm.encode_conditioning(config, params, inputs["uncond"], options=options, clip_skip=clip_skip)
+    if control is not None:
+        ctl = {"images": inputs["control_images"], "scale": inputs["control_scale"]}
+        cond, uncond = ({"unet": c, "control": ctl} for c in (cond, uncond))
     if not guided:
         return model_fn, cond
-    uncond = ldm.encode_conditioning(config, params, inputs["uncond"], options=options, clip_skip=clip_skip)
     return classifier_free_guidance(model_fn), guided_cond(cond, uncond, jnp.maximum(inputs["scale"], 1.0))
 
 
-__all__ = ["KINDS", "OUTPUTS", "STEP_STREAM", "MicroConditioning", "encode_prompts", "refine", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
+__all__ = ["CONTROLNETS", "Control", "KINDS", "OUTPUTS", "STEP_STREAM", "MicroConditioning", "encode_prompts", "refine", "img2img", "inpaint", "inspect_prompts", "make_model_sampler",
            "place_params", "to_uint8", "trace_count", "txt2img"]

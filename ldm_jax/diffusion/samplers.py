@@ -805,7 +805,8 @@ def _check_inputs(noise: jax.Array, init_latent: Any, mask: Any, extra_channels:
 def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array | None, key: jax.Array, cond: Any = None, *,
            init_latent: jax.Array | None = None, strength: Any = 1.0, mask: jax.Array | None = None,
            extra_channels: jax.Array | None = None, first_step: Any = None, stop_step: Any = None,
-           start_latent: jax.Array | None = None) -> jax.Array:
+           start_latent: jax.Array | None = None, step_cond: Callable[[Any, jax.Array], Any] | None = None
+           ) -> jax.Array:
     """Runs `sampler` with `model_fn` as one `lax.scan`; call it inside `jax.jit`.
 
     Args:
@@ -835,6 +836,9 @@ def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array | None, key: ja
         scaled), unfinished unless stop_step = N: what diffusers' denoising_end returns as "latent".
       start_latent: (B, H, W, C) x in the sampler's coordinates at the level of step `first_step` (default 0),
         taken as it is (diffusers' denoising_start, add_noise=False): e.g. a base model's stop_step output.
+      step_cond: optional step_cond(cond, step) -> the cond model_fn sees at the evaluations of step `step`
+        (int32 scalar, the index into `timesteps` of the state being denoised; PLMS's warm-up evaluates step
+        first_step twice): per-step conditioning such as ControlNets' guidance start / end.
     Returns:
       (B, H, W, C) float32, the final sample (or, with stop_step < N, the state after stop_step steps).
     """
@@ -892,7 +896,8 @@ def sample(sampler: Sampler, model_fn: ModelFn, noise: jax.Array | None, key: ja
         x_in, t = sampler.model_input(state)
         if extra_channels is not None:
             x_in = jnp.concatenate([x_in, extra_channels.astype(x_in.dtype)], axis=-1)
-        prediction = model_fn(x_in, jnp.full((batch,), t, t.dtype), cond)
+        step_input = cond if step_cond is None else step_cond(cond, state.step)
+        prediction = model_fn(x_in, jnp.full((batch,), t, t.dtype), step_input)
         if prediction.shape != ref.shape:
             raise ValueError(f"model_fn returned shape {prediction.shape}; expected {ref.shape}")
         return sampler.update(state, prediction.astype(jnp.float32), step_key)

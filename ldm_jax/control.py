@@ -1,0 +1,223 @@
+"""ControlNets in the sampling pipelines: the `Control` a pipeline call takes, its checks, and the denoiser that
+adds the nets' residuals to the UNet (diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline and
+MultiControlNetModel).
+
+Per model evaluation at sampler step `step` (of the run's n steps, i = step - first_step), net k runs on the
+latents the UNet denoises (its first `in_channels`: a 9-channel inpainting UNet's ControlNet sees the 4 latent
+channels, as diffusers) with the same timestep and text conditioning, and its residuals are scaled by
+scale_k * keep_k[i], keep_k[i] = 1 - (i / n < start_k or (i + 1) / n > end_k) (diffusers' `controlnet_keep`,
+computed on the host in float64 as diffusers does). The nets' residuals are summed in order and added to the
+UNet's skips and mid block. Guess mode (diffusers' `guess_mode`, also on when the first net has
+global_pool_conditions): each net's residuals are weighted 0.1 ... 1.0 from the first skip to the mid block,
+and with classifier-free guidance the nets run on the conditional half only (the unconditional half gets zero
+residuals).
+
+What is traced (changing it does not recompile): the nets' params, control images, scales (per net, scalar or
+per example) and start / end fractions. Static (part of the compiled program's key): the nets' configs, their
+number and guess mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import ldm
+from ldm_jax.diffusion.guidance import GuidedCond
+from ldm_jax.ldm import LDMConfig, RunOptions
+from ldm_jax.models.controlnet import ControlNetConfig, build_controlnet
+from ldm_jax.models.unet import skip_channels
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Control:
+    """One or several ControlNets for one pipeline call (txt2img, img2img, inpaint).
+
+    nets: a sequence of (ControlNetConfig, params) pairs, params the net's params tree without a "params" level
+      (what `convert.diffusers_controlnet.load_diffusers_controlnet` returns); several nets' residuals are summed.
+    images: one control image per net, (B, H, W, C_k) or (H, W, C_k) / (1, H, W, C_k) (the same for every
+      example), float in [0, 1] RGB (`images.prepare_control_image` makes one from a file's image), H x W the
+      generated image's size, C_k the net's conditioning_channels (3).
+    scales: diffusers' controlnet_conditioning_scale: one value for every net, or one per net; each a float or
+      (B,) per example. Traced.
+    starts, ends: diffusers' control_guidance_start / _end fractions, one for every net or one per net, with
+      0 <= start < end <= 1. Traced.
+    guess_mode: diffusers' guess_mode (static).
+    """
+
+    nets: Sequence[tuple[ControlNetConfig, Any]]
+    images: Sequence[Any]
+    scales: Any = 1.0
+    starts: Any = 0.0
+    ends: Any = 1.0
+    guess_mode: bool = False
+
+    @property
+    def configs(self) -> tuple[ControlNetConfig, ...]:
+        """The nets' configs, in order."""
+        return tuple(config for config, _ in self.nets)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlKey:
+    """The static part of a Control, in the compiled program's key: the nets' configs and the effective guess
+    mode (guess_mode or the first net's global_pool_conditions, as diffusers)."""
+
+    configs: tuple[ControlNetConfig, ...]
+    guess_mode: bool
+
+
+def control_key(control: Control) -> ControlKey:
+    """The static part of `control` (`ControlKey`)."""
+    guess = bool(control.guess_mode) or control.configs[0].global_pool_conditions
+    return ControlKey(control.configs, guess)
+
+
+def control_inputs(config: LDMConfig, control: Control, batch: int, image_hw: tuple[int, int], first_step: int,
+                   num_steps: int) -> tuple[ControlKey, tuple[Any, ...], dict[str, np.ndarray]]:
+    """Checks `control` against the model and the call; returns (its ControlKey, the nets' params, the pipeline
+    inputs): "control_images" a tuple of (B, H, W, C_k) float32, "control_scale" (B, nets) float32 and
+    "control_keep" (num_steps, nets) float32 (`keep_table` for a run of steps first_step..num_steps - 1).
+    Errors are one-line ValueErrors naming the argument."""
+    if not isinstance(control, Control):
+        raise TypeError(f"control must be a pipeline.Control, got {type(control).__name__}")
+    nets = list(control.nets)
+    if not nets:
+        raise ValueError("control: give at least one ControlNet (nets is empty)")
+    for k, net in enumerate(nets):
+        if not (isinstance(net, tuple) and len(net) == 2 and isinstance(net[0], ControlNetConfig)):
+            raise ValueError(f"control: nets[{k}] must be a (ControlNetConfig, params) pair, got {type(net).__name__}")
+        check_compatible(config, net[0], k)
+    images = _control_images(control, batch, image_hw)
+    scales = np.stack([np.broadcast_to(np.asarray(s, np.float32), (batch,)) for s in _per_net(
+        control.scales, len(nets), "scales", batch)], axis=1)
+    starts = _per_net(control.starts, len(nets), "starts")
+    ends = _per_net(control.ends, len(nets), "ends")
+    keep = keep_table([float(s) for s in starts], [float(e) for e in ends], first_step, num_steps)
+    inputs = {"control_images": images, "control_scale": scales, "control_keep": keep}
+    return control_key(control), tuple(params for _, params in nets), inputs
+
+
+def check_compatible(config: LDMConfig, net: ControlNetConfig, index: int = 0) -> None:
+    """ValueError unless ControlNet `index` (`net`) fits the model: latent channels, skip channels, context width
+    and class / addition embeddings of its UNet copy the base UNet's, and its hint encoder downsamples by the
+    first stage's factor."""
+    base, copy = config.unet, net.unet
+    checks = {
+        "latent channels": (copy.in_channels, config.latent_channels),
+        "skip channels": (skip_channels(copy), skip_channels(base)),
+        "context_dim": (copy.context_dim, base.context_dim),
+        "num_classes": (copy.num_classes, base.num_classes),
+        "addition_embed_type": (copy.addition_embed_type, base.addition_embed_type),
+        "control image factor": (net.hint_factor, config.downsample_factor),
+    }
+    for what, (got, want) in checks.items():
+        if got != want:
+            raise ValueError(f"control: ControlNet {index} is for another base model: its {what} is {got}, the "
+                             f"model's {want}")
+
+
+def _per_net(value: Any, n: int, name: str, batch: int | None = None) -> list[Any]:
+    """`value` for each of n nets: one value for all, or a sequence of n; each a scalar (or (batch,) if batch)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"control: {len(values)} {name} for {n} ControlNets")
+    for k, v in enumerate(values):
+        shape = np.shape(v)
+        if shape != () and (batch is None or shape != (batch,)):
+            want = "a number" if batch is None else f"a number or ({batch},) per example"
+            raise ValueError(f"control: {name}[{k}] must be {want}; got shape {shape}")
+    return values
+
+
+def _control_images(control: Control, batch: int, hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Each net's control image as (B, H, W, C) float32, checked."""
+    images = list(control.images)
+    if len(images) != len(control.nets):
+        raise ValueError(f"control: {len(images)} control images for {len(control.nets)} ControlNets")
+    out = []
+    for k, (image, config) in enumerate(zip(images, control.configs)):
+        image = np.asarray(image, np.float32)
+        image = image[None] if image.ndim == 3 else image
+        want = (batch, *hw, config.conditioning_channels)
+        if image.ndim != 4 or image.shape[0] not in (1, batch) or image.shape[1:] != want[1:]:
+            raise ValueError(f"control image {k} has shape {np.shape(control.images[k])}; expected {want} (or "
+                             f"{want[1:]}): the generated image's {hw[0]}x{hw[1]} (see images.prepare_control_image)")
+        out.append(np.ascontiguousarray(np.broadcast_to(image, want)))
+    return tuple(out)
+
+
+def keep_table(starts: Sequence[float], ends: Sequence[float], first_step: int, num_steps: int) -> np.ndarray:
+    """(num_steps, nets) float32: 1 where net k runs at sampler step s, as diffusers' controlnet_keep over a run of
+    n = num_steps - first_step steps: row s = first_step + i holds 1 - float(i / n < start_k or (i + 1) / n > end_k)
+    (Python floats, as diffusers); rows before first_step (never run) are 0. 0 <= start < end <= 1 (ValueError)."""
+    for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        if not 0.0 <= s < e <= 1.0:
+            raise ValueError(f"control: ControlNet {k}'s guidance fractions must satisfy 0 <= start < end <= 1; got "
+                             f"start={s}, end={e}")
+    table = np.zeros((num_steps, len(starts)), np.float32)
+    n = num_steps - first_step
+    for i in range(n):
+        table[first_step + i] = [1.0 - float(i / n < s or (i + 1) / n > e) for s, e in zip(starts, ends)]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- in the program
+
+
+def keep_at_step(control_keep: jax.Array) -> Callable[[Any, jax.Array], Any]:
+    """step_cond for `samplers.sample`: the cond (a dict with "control", or a GuidedCond of two) with its
+    "control"["scale"] (B, nets) multiplied by control_keep[step] (nets,)."""
+
+    def apply(cond: dict[str, Any], keep: jax.Array) -> dict[str, Any]:
+        ctl = cond["control"]
+        return {**cond, "control": {**ctl, "scale": ctl["scale"] * keep}}
+
+    def step_cond(cond: Any, step: jax.Array) -> Any:
+        keep = control_keep[step]
+        if isinstance(cond, GuidedCond):
+            return cond.replace(cond=apply(cond.cond, keep), uncond=apply(cond.uncond, keep))
+        return apply(cond, keep)
+
+    return step_cond
+
+
+def controlled_unet(config: LDMConfig, options: RunOptions, key: ControlKey, params: Any, net_params: Sequence[Any],
+                    cond_half: bool) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
+    """model_fn(x, t, cond) for `samplers.sample`: the UNet with the nets' summed residuals. cond is
+    {"unet": the UNet's conditioning dict (`ldm.apply_unet`), "control": {"images": tuple of (B, H, W, C_k),
+    "scale": (B, nets)}}. cond_half: x is a guidance batch [uncond; cond] (2b) and the nets run on its second
+    half only, the first half getting zero residuals (guess mode with classifier-free guidance)."""
+    def model_fn(x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
+        unet_cond, ctl = cond["unet"], cond["control"]
+        inputs = (x[..., :config.latent_channels], t, unet_cond, ctl["images"], ctl["scale"])
+        if cond_half:
+            half = x.shape[0] // 2
+            inputs = jax.tree.map(lambda a: a[half:], inputs)
+        down, mid = _residuals(options, key, net_params, *inputs)
+        if cond_half:
+            down, mid = jax.tree.map(lambda r: jnp.concatenate([jnp.zeros_like(r), r]), (down, mid))
+        return ldm.apply_unet(config, params, x, t, unet_cond, options=options, residuals=(down, mid))
+
+    return model_fn
+
+
+def _residuals(options, key, net_params, x, t, unet_cond, images, scale) -> tuple[list[jax.Array], jax.Array]:
+    """The nets' residuals summed in order (diffusers' MultiControlNetModel)."""
+    unet_cond = unet_cond or {}
+    total = None
+    for k, (config, params) in enumerate(zip(key.configs, net_params)):
+        model = build_controlnet(config, attention=options.attention, remat=options.remat, dtype=options.dtype,
+                                 param_dtype=options.param_dtype)
+        out = model.apply({"params": params}, x, t, unet_cond.get("context"), images[k], scale[:, k],
+                          unet_cond.get("y"), unet_cond.get("time_ids"), guess_mode=key.guess_mode)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    return total
+
+
+__all__ = ["Control", "ControlKey", "check_compatible", "control_inputs", "control_key", "controlled_unet",
+           "keep_at_step", "keep_table"]
