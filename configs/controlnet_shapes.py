@@ -4,7 +4,8 @@ configs/lora_shapes.py (the shipped model from `train.init_from="shapes"`, its t
 base weight frozen) with what differs: `train.adapter="controlnet"`. The ControlNet is diffusers' from_unet copy of
 the shapes UNet's encoder and mid block (model_channels 32, channel_mult (1, 2, 4), without the UNet's learned
 position table: the control image says where), zero convolutions, and a hint encoder of widths (16, 32, 64) that
-downsamples the 32x32 control image by 4 to the 8x8 latents (the shapes autoencoder's f = 4).
+downsamples the 32x32 control image by 4 to the 8x8 latents (the shapes autoencoder's f = 4): 2,838,704 trained
+parameters.
 
 Data: the captioned-shapes TFDS set (configs/data_captioned_shapes.py; prepare it with
 `python -m ldm_jax.data.captioned_shapes --data_dir runs/tfds --resolution 32`) with each scene's control image
@@ -12,8 +13,10 @@ rendered from its caption (`data.control_key="shapes_mask"`: white-on-black mask
 `shapes.render_mask`): it fixes each object's position, size and shape; the caption still names the colours.
 No flips (captions say left and right). Prompt dropout 10% (the base's diffusion.cond_drop_prob, diffusers'
 proportion_empty_prompts), AdamW 1e-4 (not scaled) after 50 warm-up steps, clipping 1.0, batch 32, 1000 steps,
-EMA 0.995 of the ControlNet. Sized for a 10-20 minute run on the 2-core CPU: NOT RUN YET (steps, rate and time are
-estimates; the measured numbers belong here once it has run). Sample grids are skipped while ldm_jax.pipeline has
+EMA 0.995 of the ControlNet. Sized for a 10-20 minute run on the 2-core CPU: 0.69 s per step (46 images/s, steps
+10-30 of a 30-step timing run on a folder of rendered scenes, a shared machine), so 1000 steps take about 12 minutes
+plus about a minute of start-up. The full run has NOT been run yet: whether 1000 steps at this rate make samples
+follow the control is to be measured (issue 17, item 6). Sample grids are skipped while ldm_jax.pipeline has
 no ControlNet sampling. The export is WORKDIR/controlnet/ (a diffusers ControlNet folder):
 
     python train.py --config configs/controlnet_shapes.py --workdir runs/controlnet_shapes \\

@@ -31,7 +31,6 @@ from PIL import Image
 
 import tokenizer_fixtures
 from ldm_jax import ldm, store
-from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet
 from ldm_jax.data import pipeline, readers, shapes
 from ldm_jax.models.controlnet import controlnet_param_shapes, controlnet_params_from_unet
 from ldm_jax.models.tokenizer import load_tokenizer
@@ -118,9 +117,10 @@ def test_only_the_controlnet_trains_and_exports(run, tiny_model):
     assert _flat(start).keys() == trained.keys()
     assert np.abs(trained["controlnet_mid_block/kernel"]).max() > 0
     # The export is the EMA params, and diffusers loads it strictly.
-    config, exported = load_diffusers_controlnet(workdir / controlnet.CONTROLNET_DIR)
+    loaded = store.load_controlnet(workdir / controlnet.CONTROLNET_DIR, base=base.config.unet)
     for k, v in _flat(result.state.ema_params["controlnet"]).items():
-        np.testing.assert_array_equal(_flat(exported)[k], v, err_msg=k)
+        np.testing.assert_array_equal(_flat(loaded.params)[k], v, err_msg=k)
+    config = loaded.config
     assert config.unet.position_embedding is None and config.hint_factor == 4
     diffusers = pytest.importorskip("diffusers")
     model, info = diffusers.ControlNetModel.from_pretrained(workdir / controlnet.CONTROLNET_DIR, output_loading_info=True)
@@ -283,8 +283,22 @@ def test_a_controlnet_for_another_base_is_refused(tiny_model, images, tmp_path):
     stage = train_ldm.build_stage(_run_config(tiny_model, images), tmp_path)
     fresh = controlnet.architecture(stage.model, stage.train.controlnet)
     other = dataclasses.replace(fresh, unet=dataclasses.replace(fresh.unet, context_dim=16))
-    with pytest.raises(ValueError, match=r"^X: the ControlNet's context_dim 16 do not fit the base model's 32"):
+    with pytest.raises(ValueError, match=r"^X: a ControlNet for another base architecture: context width 16"):
         controlnet.check_compatible(other, stage.model, "X")
+    coarse = dataclasses.replace(fresh, conditioning_embedding_out_channels=(8, 16))
+    with pytest.raises(ValueError, match=r"^X: the ControlNet's control image factor 2 do not fit the base model's 4"):
+        controlnet.check_compatible(coarse, stage.model, "X")
+
+
+def test_init_from_a_controlnet_folder_continues_from_it(run, tiny_model, images, tmp_path):
+    """train.controlnet.init_from reads the exported folder (`store.load_controlnet`): the run starts there."""
+    workdir, result = run
+    stage = train_ldm.build_stage(_config({"train.init_from": str(tiny_model), "data.path": str(images),
+                                           "train.controlnet.init_from": str(workdir / controlnet.CONTROLNET_DIR)}),
+                                  tmp_path)
+    adapter = controlnet.prepare(stage, {}, jax.random.key(0))
+    for k, v in _flat(result.state.ema_params["controlnet"]).items():
+        np.testing.assert_array_equal(_flat(adapter.initial["controlnet"])[k], v, err_msg=k)
 
 
 @pytest.mark.parametrize("name", ["controlnet_shapes", "controlnet_sd_v1"])
@@ -299,4 +313,4 @@ def test_configs_build(name, tmp_path):
     cfg = controlnet.architecture(stage.model, stage.train.controlnet)
     assert cfg.hint_factor == stage.model.downsample_factor
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(controlnet_param_shapes(cfg)))
-    assert count == {"controlnet_shapes": count, "controlnet_sd_v1": 361_279_120}[name], count
+    assert count == {"controlnet_shapes": 2_838_704, "controlnet_sd_v1": 361_279_120}[name], count

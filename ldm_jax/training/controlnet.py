@@ -3,7 +3,8 @@
 What trains is a ControlNet (`ldm_jax.models.controlnet`): the trained params are {"controlnet": tree}, started as
 diffusers' `ControlNetModel.from_unet` does (`controlnet_params_from_unet`: the base UNet's conv_in, embeddings,
 down blocks and mid block copied, zero convolutions zero, the hint encoder drawn from the run's key) or from a
-diffusers ControlNet folder (`train.controlnet.init_from`, whose architecture must fit the base UNet). The whole
+ControlNet `store.load_controlnet` reads (`train.controlnet.init_from`: a diffusers ControlNet folder or an original
+control_*.safetensors / .pth file), which must fit the base UNet. The whole
 base model (train.init_from) is a frozen input of the step, as for the other adapters (optionally held in
 bfloat16, `train.frozen_dtype`).
 
@@ -22,8 +23,8 @@ residuals are zero, so the loss equals the base model's `ldm.training_loss` on t
 
 Data: batches of ("image", "tokens", "control"): `data.control_key` names the control images (a file beside each
 image, a TFDS feature, or "shapes_mask" for the captioned-shapes scenes' object masks; `ldm_jax.data.readers`).
-Export: WORKDIR/controlnet/ (`write_controlnet`), a diffusers ControlNet folder of the EMA (or live) params that
-`ControlNetModel.from_pretrained` and `load_diffusers_controlnet` read.
+Export: WORKDIR/controlnet/ (`write_controlnet`, `store.save_controlnet`), a diffusers ControlNet folder of the EMA
+(or live) params that `ControlNetModel.from_pretrained` and `store.load_controlnet` read.
 """
 from __future__ import annotations
 
@@ -37,10 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import ldm
+from ldm_jax import ldm, store
 from ldm_jax.diffusion.schedule import logvar_weighted_loss, loss_weights, q_sample, training_target
 from ldm_jax.models.controlnet import ControlNetConfig, ControlNetModel, build_controlnet, controlnet_params_from_unet
-from ldm_jax.models.unet import skip_channels
 
 CONTROLNET_DIR = "controlnet"
 TRAINED_KEY = "controlnet"
@@ -50,8 +50,9 @@ log = logging.getLogger("ldm_jax.train")
 
 @dataclasses.dataclass(frozen=True)
 class ControlNetTrainConfig:
-    """`train.controlnet`: init_from: "" (start from the base UNet, diffusers' from_unet) or a diffusers ControlNet
-    folder to continue from; conditioning_embedding_out_channels: a fresh ControlNet's hint encoder widths (n widths
+    """`train.controlnet`: init_from: "" (start from the base UNet, diffusers' from_unet) or a ControlNet to continue
+    from (a diffusers ControlNet folder or an original single file, `store.load_controlnet`);
+    conditioning_embedding_out_channels: a fresh ControlNet's hint encoder widths (n widths
     downsample the control image by 2**(n - 1), which must be the first stage's factor; ignored with init_from)."""
 
     init_from: str = ""
@@ -85,11 +86,11 @@ def architecture(model: ldm.LDMConfig, cfg: ControlNetTrainConfig) -> ControlNet
 
 
 def check_compatible(config: ControlNetConfig, model: ldm.LDMConfig, what: str) -> None:
-    """ValueError naming `what` unless the ControlNet `config` fits `model`: its residuals the UNet's skips, its
-    latents and context the UNet's, its control image the first stage's factor larger than the latents."""
-    ours, theirs = config.residual_channels, skip_channels(model.unet)
-    pairs = {"residual channels": (ours, theirs), "context_dim": (config.unet.context_dim, model.unet.context_dim),
-             "latent channels": (config.unet.in_channels, model.latent_channels),
+    """ValueError naming `what` unless the ControlNet `config` fits `model`'s training: its residuals and context
+    the UNet's (`store.check_controlnet_fits`), its latents the first stage's, its control image the first stage's
+    factor larger than the latents (training images are the control images' size)."""
+    store.check_controlnet_fits(config, model.unet, what)
+    pairs = {"latent channels": (config.unet.in_channels, model.latent_channels),
              "control image factor": (config.hint_factor, model.downsample_factor)}
     for name, (a, b) in pairs.items():
         if a != b:
@@ -104,13 +105,12 @@ def prepare(stage: Any, frozen: Mapping[str, Any], key: jax.Array) -> Any:
 
     cfg = stage.train.controlnet
     if cfg.init_from:
-        from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet  # noqa: PLC0415
-
         what = f"train.controlnet.init_from={cfg.init_from!r}"
         try:
-            config, params = load_diffusers_controlnet(cfg.init_from)
+            loaded = store.load_controlnet(cfg.init_from, base=stage.model.unet)
         except (ValueError, OSError) as err:
             raise ValueError(f"{what}: {err}") from None
+        config, params = loaded.config, loaded.params
         check_compatible(config, stage.model, what)
         source = cfg.init_from
     else:
@@ -187,15 +187,13 @@ def make_loss_fn(stage: Any, empty_prompt: Any):
 
 def write_controlnet(stage: Any, trained: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
     """Writes `trained["controlnet"]` (numpy; the EMA or live params) as a diffusers ControlNet folder `out_dir`
-    (config.json + diffusion_pytorch_model.safetensors, float32) on the primary process; returns `out_dir`."""
-    from ldm_jax.convert.diffusers_controlnet import save_diffusers_controlnet  # noqa: PLC0415
-
+    (`store.save_controlnet`: config.json + diffusion_pytorch_model.safetensors, float32) on the primary process;
+    returns `out_dir`."""
     if jax.process_index() == 0:
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(trained[TRAINED_KEY]))
-        save_diffusers_controlnet(out_dir, stage.adapter.controlnet, params)
+        store.save_controlnet(store.LoadedControlNet(config=stage.adapter.controlnet, params=params), out_dir)
         log.info("exported the ControlNet to %s (a diffusers ControlNet folder: ControlNetModel.from_pretrained, "
-                 "ldm_jax.convert.diffusers_controlnet.load_diffusers_controlnet), for the base model %s", out_dir,
-                 stage.train.init_from)
+                 "store.load_controlnet), for the base model %s", out_dir, stage.train.init_from)
     return out_dir
 
 
