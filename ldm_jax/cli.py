@@ -1,6 +1,7 @@
 """`ldm-jax`: the installed command line. Subcommands:
 
     ldm-jax sample   [--prompt TEXT ...] [--checkpoint MODEL] ...        images (ldm_jax.sampling)
+                     [--controlnet SRC[:SCALE] --control-image IMG ...]  (steered by ControlNets)
     ldm-jax train    --config configs/X.py --workdir DIR [--config.a.b=v] training (ldm_jax.training.main)
     ldm-jax evaluate COMMAND ...                                          metrics (ldm_jax.evaluate)
     ldm-jax convert  SRC DEST --to ldm|diffusers|compvis [--dtype fp16]   one model store format to another
@@ -50,10 +51,10 @@ def finite_float(text: str) -> float:
 
 
 def lora_spec(text: str) -> tuple[str, float]:
-    """argparse type for `FILE[:SCALE]` -> (file, scale); scale 1.0 when absent. A name that exists as a file is
-    taken whole (a colon inside a file name is kept); otherwise the text after the last colon must be a finite
-    number."""
-    if ":" not in text or pathlib.Path(text).is_file():
+    """argparse type for `SRC[:SCALE]` (a --lora file, a --controlnet file or folder) -> (source, scale); scale 1.0
+    when absent. A name that exists is taken whole (a colon inside a file or folder name is kept); otherwise the
+    text after the last colon must be a finite number."""
+    if ":" not in text or pathlib.Path(text).exists():
         return text, 1.0
     path, _, scale = text.rpartition(":")
     try:

@@ -47,6 +47,16 @@ weights at its scale before sampling, and `--embedding FILE [--token NAME]` (rep
 --embedding or none) adds textual-inversion tokens, through `store.apply_adapters`; both are recorded in the
 PNGs ("loras", "embeddings"). A file for another model fails before anything runs, naming the file and key.
 
+ControlNets (`ldm_jax.control`; diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline): `--controlnet
+SRC[:SCALE]` (a diffusers ControlNet folder or an original control_*.pth / .safetensors file, loaded by
+`store.load_controlnet` against the model, so one for another base fails naming the file) and `--control-image IMG`
+are repeatable and paired by position; each image is prepared at the output size as diffusers' VaeImageProcessor
+(`--control-resize default|crop|fill`) and shared by the batch. `--control-start F` / `--control-end F` (one value
+for every net, or one per net) are diffusers' control_guidance_start / _end, `--guess-mode` its guess_mode. Text to
+image, --init-image and --mask runs all take them (not --refiner). Scales and fractions are traced: changing them
+reuses the compiled program. The PNGs record each net ("controlnets": SRC:SCALE, "control_images",
+"control_start", "control_end", "control_resize", "guess_mode").
+
 The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps, --ddim_eta, --n_samples,
 --H, --W, --from-file, --plms.
 """
@@ -66,7 +76,7 @@ from tqdm import tqdm
 
 from ldm_jax.cli import ArgumentParser, finite_float, lora_spec, one_line, writable_dir
 from ldm_jax.diffusion.micro_conditioning import MicroConditioning
-from ldm_jax.images import image_grid, to_uint8
+from ldm_jax.images import RESIZE_MODES, image_grid, to_uint8
 from ldm_jax.models.tokenizer import short_repr
 
 # The library's choices, copied so that flags are checked before JAX starts (tests/test_sample_cli.py keeps them
@@ -135,6 +145,12 @@ class SampleRequest:
     denoising_end: float = 0.8
     loras: tuple[tuple[str, float], ...] = ()
     embeddings: tuple[tuple[str, str | None], ...] = ()
+    controlnets: tuple[tuple[str, float], ...] = ()
+    control_images: tuple[str, ...] = ()
+    control_starts: tuple[float, ...] = ()
+    control_ends: tuple[float, ...] = ()
+    guess_mode: bool = False
+    control_resize: str = "default"
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -202,6 +218,7 @@ def validate(request: SampleRequest) -> None:
     for path, _ in request.embeddings:
         if not pathlib.Path(path).is_file():
             raise UserError(f"--embedding {path}: no such file (a textual-inversion .safetensors / .pt / .bin)")
+    validate_control(request)
     if request.text_encoder_config is not None and not pathlib.Path(request.text_encoder_config).exists():
         raise UserError(f"--text-encoder-config {request.text_encoder_config}: no such file or directory (a "
                         f"transformers CLIP config.json or its directory)")
@@ -209,6 +226,59 @@ def validate(request: SampleRequest) -> None:
         writable_dir(request.outdir, "--outdir")
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+def validate_control(request: SampleRequest) -> None:
+    """The ControlNet flags (UserError naming the flag): fractions in range, a known resize mode, one --control-image
+    per --controlnet, one --control-start / --control-end for every net or one per net with start < end, files
+    that exist; none of the other flags without --controlnet, and no --refiner with it."""
+    for flag, values, ok, span in (("--control-start", request.control_starts, lambda v: 0.0 <= v < 1.0, "[0, 1)"),
+                                   ("--control-end", request.control_ends, lambda v: 0.0 < v <= 1.0, "(0, 1]")):
+        for value in values:
+            if not (math.isfinite(value) and ok(value)):
+                raise UserError(f"{flag} must be in {span} (a fraction of the sampling steps), got {value}")
+    if request.control_resize not in RESIZE_MODES:
+        raise UserError(f"--control-resize {request.control_resize!r} is unknown; choose one of "
+                        f"{', '.join(RESIZE_MODES)}")
+    nets = len(request.controlnets)
+    if len(request.control_images) != nets:
+        raise UserError(f"--controlnet was given {nets} time(s) and --control-image {len(request.control_images)} "
+                        "time(s); give one --control-image per --controlnet, paired by position")
+    if not nets:
+        given = [flag for flag, on in (("--control-start", request.control_starts), ("--control-end",
+                 request.control_ends), ("--guess-mode", request.guess_mode),
+                 ("--control-resize", request.control_resize != "default")) if on]
+        if given:
+            raise UserError(f"{given[0]} applies to ControlNets; give --controlnet SRC with --control-image IMG")
+        return
+    for flag, values in (("--control-start", request.control_starts), ("--control-end", request.control_ends)):
+        if len(values) not in (0, 1, nets):
+            raise UserError(f"{flag} was given {len(values)} time(s) for {nets} --controlnet(s); give one value for "
+                            "every net or one per --controlnet, in the same order")
+    for k, (start, end) in enumerate(zip(*control_fractions(request), strict=True)):
+        if start >= end:
+            raise UserError(f"--control-start {start:g} is not below --control-end {end:g} (--controlnet "
+                            f"{request.controlnets[k][0]}): a net runs from its start to its end fraction of the steps")
+    if request.refiner is not None:
+        raise UserError("--controlnet steers a base model alone; leave out --refiner")
+    for path, _ in request.controlnets:
+        if not pathlib.Path(path).exists():
+            raise UserError(f"--controlnet {path}: no such file or directory (a diffusers ControlNet folder or an "
+                            "original control_*.pth / .safetensors file)")
+    for path in request.control_images:
+        if not pathlib.Path(path).is_file():
+            raise UserError(f"--control-image {path}: no such file")
+
+
+def control_fractions(request: SampleRequest) -> tuple[list[float], list[float]]:
+    """(starts, ends): each --controlnet's guidance fractions (one flag value for every net, or one per net;
+    default 0 and 1)."""
+    nets = len(request.controlnets)
+
+    def per_net(values: tuple[float, ...], default: float) -> list[float]:
+        return list(values) if len(values) == nets else [values[0] if values else default] * nets
+
+    return per_net(request.control_starts, 0.0), per_net(request.control_ends, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -226,6 +296,9 @@ def load_model(request: SampleRequest):
                                 text_encoder_config=request.text_encoder_config)
     except (OSError, ValueError) as error:  # StoreError, ConversionError and CheckpointError are ValueErrors
         message = one_line(error)
+        if "ControlNet" in message and "not a whole model" in message:  # the store recognised a ControlNet
+            raise UserError(f"--checkpoint {request.checkpoint}: a ControlNet, not a whole model; give it as "
+                            "--controlnet (with --control-image) beside the base model's --checkpoint") from None
         if request.checkpoint and message.startswith(request.checkpoint):  # the store named the path already
             raise UserError(f"--checkpoint {message}") from None
         raise UserError(f"--checkpoint {where}: {message}") from None
@@ -245,6 +318,44 @@ def with_adapters(request: SampleRequest, model: Any) -> Any:
         named = [flag for flag, files in (("--lora", request.loras), ("--embedding", request.embeddings))
                  if any(str(path) in message for path, _ in files)]
         raise UserError(f"{'/'.join(named) or '--lora/--embedding'} {message}") from None
+
+
+def load_control(request: SampleRequest, model: Any, height: int, width: int) -> Any:
+    """The request's `control.Control` (None without --controlnet): each net loaded by `store.load_controlnet`
+    against the model and checked by `control.check_compatible` (a net for another base: UserError naming
+    --controlnet and the file), each control image read and prepared at height x width."""
+    if not request.controlnets:
+        return None
+    from ldm_jax import store  # noqa: PLC0415
+    from ldm_jax.control import Control, check_compatible  # noqa: PLC0415
+
+    nets = []
+    for k, (path, _) in enumerate(request.controlnets):
+        try:
+            net = store.load_controlnet(path, base=model)
+            check_compatible(model.config, net.config, k)
+        except (OSError, ValueError) as error:
+            message = one_line(error).removeprefix("control: ")
+            raise UserError(f"--controlnet {message if message.startswith(path) else path + ': ' + message}") from None
+        nets.append((net.config, net.params))
+    images = [read_control_image(path, height, width, request.control_resize) for path in request.control_images]
+    starts, ends = control_fractions(request)
+    return Control(nets=nets, images=images, scales=[scale for _, scale in request.controlnets], starts=starts,
+                   ends=ends, guess_mode=request.guess_mode)
+
+
+def read_control_image(path: str, height: int, width: int, resize_mode: str) -> np.ndarray:
+    """A --control-image file -> (height, width, 3) float32 in [0, 1] (`images.prepare_control_image`)."""
+    from ldm_jax.images import prepare_control_image  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as image:
+            return prepare_control_image(image, height, width, resize_mode=resize_mode, name=path)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        message = one_line(error)
+        if not message.startswith(path):  # prepare_control_image names the file; PIL may not
+            message = f"{path}: cannot read the image ({message})"
+        raise UserError(f"--control-image {message}") from None
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -280,6 +391,7 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     micro = check_model_flags(request, config, None if refiner is None else refiner.config)
     init, mask = _init_and_mask(request)
     height, width = _size(request, config, init)
+    control = load_control(request, model, height, width)
     sampler_opts = sampler_options(request, model.scheduler_config)
     try:
         sampler = pipeline.make_model_sampler(config, request.sampler, request.steps, **sampler_opts)
@@ -295,7 +407,8 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
         report_prompts(request, pipeline.inspect_prompts(model, [*request.prompts, request.negative_prompt or ""]))
     images = []
     print(f"model {model.model_id}: {len(prompts)} image(s), {request.sampler} {request.steps} steps, "
-          f"guidance {request.guidance}, {height}x{width}, {devices} device(s)", file=sys.stderr)
+          f"guidance {request.guidance}, {height}x{width}, {devices} device(s)"
+          + (f", {len(request.controlnets)} ControlNet(s)" if control else ""), file=sys.stderr)
     for start in tqdm(range(0, len(prompts), batch), desc="sampling", unit="batch", file=sys.stderr):
         chunk = prompts[start:start + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # every device gets an equal share
@@ -315,14 +428,15 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
             out = pipeline.refine(refiner.config, refiner.params, sampler, cond, uncond, latents_out,
                                   denoising_start=request.denoising_end, **common)
         elif init is None:
-            out = pipeline.txt2img(config, model.params, sampler, cond, uncond, height=height, width=width, **common)
+            out = pipeline.txt2img(config, model.params, sampler, cond, uncond, height=height, width=width,
+                                   control=control, **common)
         elif mask is None:
             out = pipeline.img2img(config, model.params, sampler, cond, uncond, _tile(init, batch),
-                                   strength=request.strength, **common)
+                                   strength=request.strength, control=control, **common)
         else:
             out = pipeline.inpaint(config, model.params, sampler, cond, uncond, _tile(init, batch),
                                    _tile(mask, batch), strength=request.strength if request.strength < 1 else 1.0,
-                                   **common)
+                                   control=control, **common)
         images.extend(_finite_uint8(np.asarray(jax.device_get(out))[: len(chunk)]))
     paths = write_outputs(request, model.model_id, prompts, images, height, width)
     _check_all_written(request, images)
@@ -573,6 +687,23 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         **{field: getattr(request.micro, field) for field in MICRO_FLAGS if getattr(request.micro, field) is not None},
         "loras": "; ".join(f"{path}:{scale:g}" for path, scale in request.loras),
         "embeddings": "; ".join(path + (f" as {token}" if token else "") for path, token in request.embeddings),
+        **_control_metadata(request),
+    }
+
+
+def _control_metadata(request: SampleRequest) -> dict[str, Any]:
+    """The ControlNet chunks, one entry per net joined by "; " (empty strings without --controlnet)."""
+    if not request.controlnets:
+        return dict.fromkeys(("controlnets", "control_images", "control_start", "control_end", "control_resize",
+                              "guess_mode"), "")
+    starts, ends = control_fractions(request)
+    return {
+        "controlnets": "; ".join(f"{path}:{scale:g}" for path, scale in request.controlnets),
+        "control_images": "; ".join(request.control_images),
+        "control_start": "; ".join(f"{s:g}" for s in starts),
+        "control_end": "; ".join(f"{e:g}" for e in ends),
+        "control_resize": request.control_resize,
+        "guess_mode": request.guess_mode,
     }
 
 
@@ -646,6 +777,24 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     adapters.add_argument("--token", dest="tokens", action="append", default=[], metavar="NAME",
                           help="the prompt word of the --embedding given in the same position (default: the file's "
                           "own name)")
+    control = p.add_argument_group("ControlNet")
+    control.add_argument("--controlnet", dest="controlnets", action="append", type=lora_spec, default=[],
+                         metavar="SRC[:SCALE]", help="a ControlNet (diffusers ControlNet folder or original "
+                         "control_*.pth / .safetensors) at conditioning scale SCALE (default 1); repeatable: the "
+                         "nets' residuals add up")
+    control.add_argument("--control-image", dest="control_images", action="append", default=[], metavar="IMG",
+                         help="the control image of the --controlnet in the same position (resized to the output)")
+    control.add_argument("--control-start", dest="control_starts", action="append", type=finite_float, default=[],
+                         metavar="F", help="the fraction of the steps where the nets start (diffusers' "
+                         "control_guidance_start; once for every net or once per --controlnet; default 0)")
+    control.add_argument("--control-end", dest="control_ends", action="append", type=finite_float, default=[],
+                         metavar="F", help="the fraction of the steps where the nets stop (control_guidance_end; "
+                         "default 1)")
+    control.add_argument("--guess-mode", action="store_true", help="diffusers' guess_mode: the nets see the "
+                         "conditional branch only, their residuals weighted 0.1 ... 1 from the first skip to the mid "
+                         "block")
+    control.add_argument("--control-resize", default="default", help=f"how control images are fitted to the output: "
+                         f"{', '.join(RESIZE_MODES)} (stretch, crop or fill the margins; diffusers' resize_mode)")
     p.add_argument("--outdir", default="outputs")
     return p
 
@@ -674,7 +823,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sample.py") -> Sa
         raise UserError(f"--token was given {len(tokens)} time(s) for {len(files)} --embedding file(s); give one "
                         "--token per --embedding, in the same order, or none")
     fields["embeddings"] = tuple(zip(files, tokens or [None] * len(files), strict=True))
-    fields["loras"] = tuple(fields["loras"])
+    for name in ("loras", "controlnets", "control_images", "control_starts", "control_ends"):
+        fields[name] = tuple(fields[name])
     micro = {field: fields.pop(field) for field in MICRO_FLAGS}
     micro = {k: tuple(v) if isinstance(v, list) else v for k, v in micro.items() if v is not None}
     return SampleRequest(prompts=tuple(prompts), micro=MicroConditioning(**micro), **fields)

@@ -50,6 +50,10 @@ SAMPLE_FLAGS = {
     "negative_crops_coords_top_left": ("int", []), "aesthetic_score": ("float", ["7"]),
     "negative_aesthetic_score": ("float", ["2"]), "refiner": "path", "denoising_end": ("float", ["0", "1.5"]),
     "loras": "lora", "embedding_files": "path", "tokens": "text",
+    # ControlNet: --controlnet / --control-image are given with a valid partner (see _argv), so the case is refused
+    # for its own value and not for the pairing.
+    "controlnets": "lora", "control_images": "path", "control_starts": ("float", ["-0.1", "1"]),
+    "control_ends": ("float", ["0", "1.5"]), "guess_mode": "switch", "control_resize": "choice",
 }
 CONVERT_FLAGS = {
     "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",
@@ -239,6 +243,10 @@ def _argv(command: str, dest: str, option: str, value: str, world, tmp_path) -> 
         args = {"--prompt": "a red circle", "--steps": "1", "--outdir": out}
         if dest == "mask":
             args["--init-image"] = str(world["image"])
+        if dest == "controlnets":
+            args["--control-image"] = str(world["image"])
+        if dest == "control_images":
+            args["--controlnet"] = str(world["file"])
         args[option] = value
         return [x for kv in args.items() for x in kv]
     if command == "convert":
