@@ -322,20 +322,23 @@ def with_adapters(request: SampleRequest, model: Any) -> Any:
 
 def load_control(request: SampleRequest, model: Any, height: int, width: int) -> Any:
     """The request's `control.Control` (None without --controlnet): each net loaded by `store.load_controlnet`
-    against the model and checked by `control.check_compatible` (a net for another base: UserError naming
-    --controlnet and the file), each control image read and prepared at height x width."""
+    against the model and checked against its first stage too (`models.controlnet.check_controlnet_fits`: latent
+    channels, control image factor); a net for another base is a UserError naming --controlnet and the file. Each
+    control image is read and prepared at height x width."""
     if not request.controlnets:
         return None
     from ldm_jax import store  # noqa: PLC0415
-    from ldm_jax.control import Control, check_compatible  # noqa: PLC0415
+    from ldm_jax.control import Control  # noqa: PLC0415
+    from ldm_jax.models.controlnet import check_controlnet_fits  # noqa: PLC0415
 
-    nets = []
-    for k, (path, _) in enumerate(request.controlnets):
+    config, nets = model.config, []
+    for path, _ in request.controlnets:
         try:
             net = store.load_controlnet(path, base=model)
-            check_compatible(model.config, net.config, k)
+            check_controlnet_fits(net.config, config.unet, path, latent_channels=config.latent_channels,
+                                  downsample_factor=config.downsample_factor)
         except (OSError, ValueError) as error:
-            message = one_line(error).removeprefix("control: ")
+            message = one_line(error)
             raise UserError(f"--controlnet {message if message.startswith(path) else path + ': ' + message}") from None
         nets.append((net.config, net.params))
     images = [read_control_image(path, height, width, request.control_resize) for path in request.control_images]

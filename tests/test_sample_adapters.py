@@ -13,8 +13,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from adapter_fixtures import random_attention_lora
 from ldm_jax import cli, ldm, sampling, store
-from ldm_jax.adapters import lora as lora_lib
 from ldm_jax.config import load_config_file
 from ldm_jax.convert.embedding_files import save_embedding_file
 from ldm_jax.convert.lora_files import save_lora_file
@@ -35,15 +35,6 @@ def _tiny_config(width: int) -> ldm.LDMConfig:
     return ldm.ldm_config(config)
 
 
-def _random_lora(params, config, key) -> lora_lib.Lora:
-    """A LoRA on the attention of UNet and text encoder whose deltas are a few percent of the kernels."""
-    modules = lora_lib.target_modules(params, lora_lib.ATTENTION_TARGETS, sections=("unet", "cond_stage"))
-    fresh = lora_lib.init_lora(params, modules, rank=2, alpha=1.0, key=key)
-    up = {path: {"down": pair["down"], "up": 0.3 * jax.random.normal(jax.random.fold_in(key, i), pair["up"].shape)}
-          for i, (path, pair) in enumerate(fresh.modules().items())}
-    return lora_lib.make_lora(up, fresh.alpha_of())
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny model directory, a LoRA and a one-vector embedding for it, and a LoRA / embedding for a wider model."""
@@ -58,14 +49,14 @@ def world(tmp_path_factory):
     tokenizer = load_tokenizer(train_tokenizer(root / "tokenizer"), config.tokenizer_kind)
     model_dir = store.save_model(ldm.LoadedModel(config=config, params=params, tokenizer=tokenizer), root / "model")
     lora = root / "lora.safetensors"
-    save_lora_file(_random_lora(params, config, jax.random.key(1)), lora, config)
+    save_lora_file(random_attention_lora(params, jax.random.key(1)), lora, config)
     embedding = root / "blorp.safetensors"
     save_embedding_file(embedding, "blorp", np.random.default_rng(0).normal(size=(1, 32)).astype(np.float32))
     wide = _tiny_config(48)
     wide_params = traverse_util.unflatten_dict({path: np.zeros(shape, np.float32)
                                                 for path, shape in ldm.param_shapes(wide).items()})
     other_lora = root / "other_lora.safetensors"
-    save_lora_file(_random_lora(wide_params, wide, jax.random.key(2)), other_lora, wide)
+    save_lora_file(random_attention_lora(wide_params, jax.random.key(2)), other_lora, wide)
     other_embedding = root / "wide.safetensors"
     save_embedding_file(other_embedding, "wide", np.ones((1, 48), np.float32))
     return dict(root=root, model=model_dir, lora=lora, embedding=embedding, other_lora=other_lora,
