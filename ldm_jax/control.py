@@ -29,8 +29,7 @@ import numpy as np
 from ldm_jax import ldm
 from ldm_jax.diffusion.guidance import GuidedCond
 from ldm_jax.ldm import LDMConfig, RunOptions
-from ldm_jax.models.controlnet import ControlNetConfig, build_controlnet
-from ldm_jax.models.unet import skip_channels
+from ldm_jax.models.controlnet import ControlNetConfig, build_controlnet, check_controlnet_fits
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,7 +90,8 @@ def control_inputs(config: LDMConfig, control: Control, batch: int, image_hw: tu
     for k, net in enumerate(nets):
         if not (isinstance(net, tuple) and len(net) == 2 and isinstance(net[0], ControlNetConfig)):
             raise ValueError(f"control: nets[{k}] must be a (ControlNetConfig, params) pair, got {type(net).__name__}")
-        check_compatible(config, net[0], k)
+        check_controlnet_fits(net[0], config.unet, f"control: nets[{k}]", latent_channels=config.latent_channels,
+                              downsample_factor=config.downsample_factor)
     images = _control_images(control, batch, image_hw)
     scales = np.stack([np.broadcast_to(np.asarray(s, np.float32), (batch,)) for s in _per_net(
         control.scales, len(nets), "scales", batch)], axis=1)
@@ -100,25 +100,6 @@ def control_inputs(config: LDMConfig, control: Control, batch: int, image_hw: tu
     keep = keep_table([float(s) for s in starts], [float(e) for e in ends], first_step, num_steps)
     inputs = {"control_images": images, "control_scale": scales, "control_keep": keep}
     return control_key(control), tuple(params for _, params in nets), inputs
-
-
-def check_compatible(config: LDMConfig, net: ControlNetConfig, index: int = 0) -> None:
-    """ValueError unless ControlNet `index` (`net`) fits the model: latent channels, skip channels, context width
-    and class / addition embeddings of its UNet copy the base UNet's, and its hint encoder downsamples by the
-    first stage's factor."""
-    base, copy = config.unet, net.unet
-    checks = {
-        "latent channels": (copy.in_channels, config.latent_channels),
-        "skip channels": (skip_channels(copy), skip_channels(base)),
-        "context_dim": (copy.context_dim, base.context_dim),
-        "num_classes": (copy.num_classes, base.num_classes),
-        "addition_embed_type": (copy.addition_embed_type, base.addition_embed_type),
-        "control image factor": (net.hint_factor, config.downsample_factor),
-    }
-    for what, (got, want) in checks.items():
-        if got != want:
-            raise ValueError(f"control: ControlNet {index} is for another base model: its {what} is {got}, the "
-                             f"model's {want}")
 
 
 def _per_net(value: Any, n: int, name: str, batch: int | None = None) -> list[Any]:
@@ -219,5 +200,5 @@ def _residuals(options, key, net_params, x, t, unet_cond, images, scale) -> tupl
     return total
 
 
-__all__ = ["Control", "ControlKey", "check_compatible", "control_inputs", "control_key", "controlled_unet",
+__all__ = ["Control", "ControlKey", "control_inputs", "control_key", "controlled_unet",
            "keep_at_step", "keep_table"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -697,6 +697,9 @@ def apply_unet(config: LDMConfig, params: Mapping[str, Any], x: jax.Array, t: ja
 # ---------------------------------------------------------------------------------------------------- loss
 
 
+# (x_t, t, cond, batch, key, deterministic) -> (down residuals, mid residual): `training_loss(residuals_fn=)`
+ResidualsFn = Callable[[jax.Array, jax.Array, dict[str, jax.Array], Mapping[str, Any], jax.Array, bool],
+                       tuple[list[jax.Array], jax.Array]]
 # the refiner's micro-conditioning when the batch has no "aesthetic_score": sampling's default (diffusers')
 DEFAULT_AESTHETIC_SCORE = MicroConditioning.aesthetic_score
 
@@ -784,8 +787,8 @@ def drop_conditioning(inputs: Any, null: Any, prob: float, key: jax.Array) -> tu
 
 def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array, *,
                   empty_prompt: Any = None, options: RunOptions = RunOptions(), train: bool = True,
-                  sample_posterior: bool = True,
-                  aesthetic_score: float = DEFAULT_AESTHETIC_SCORE) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  sample_posterior: bool = True, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+                  residuals_fn: ResidualsFn | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LDM training loss of one batch; returns (loss scalar, metrics {name: scalar}).
 
     batch: "image" (B, H, W, 3) in [-1, 1]; the conditioning entries (`conditioning_inputs`: "tokens" (B, L),
@@ -801,6 +804,10 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     sample_posterior: False takes KL latents' mean instead of a posterior sample (both paths alike).
     options: the run-time options (attention, remat, compute / param dtypes) of every module.
     aesthetic_score: a refiner's score for batches without "aesthetic_score" (`micro_conditioning`).
+    residuals_fn: optional `(x_t, t, cond, batch, key, deterministic) -> (down residuals, mid residual)`, residuals
+    the UNet adds (`apply_unet(residuals=)`; a ControlNet's, `ldm_jax.training.controlnet`), from the noisy latents,
+    timesteps, the UNet conditioning after dropout (`apply_unet`'s cond), the batch and a dropout key of its own
+    (fold_in(UNet dropout key, 1)). None: the plain loss, unchanged.
     batch["loss_weight"] (B,) float32, optional: per-example weights; the loss is then mean(weight * loss_e)
     instead of mean(loss_e) (DreamBooth: instance weight B / n_instance and class weight prior_loss_weight * B /
     n_class give instance MSE + prior_loss_weight * class MSE). Without it the loss is computed exactly as before.
@@ -830,8 +837,11 @@ def training_loss(config: LDMConfig, params: Mapping[str, Any], batch: Mapping[s
     target_size = (z.shape[1] * config.downsample_factor, z.shape[2] * config.downsample_factor)
     cond, metrics = _training_conditioning(config, params, batch, k_drop, empty_prompt, options, target_size,
                                            aesthetic_score)
+    residuals = None
+    if residuals_fn is not None:
+        residuals = residuals_fn(x_t, t, cond, batch, jax.random.fold_in(k_dropout, 1), not train)
     pred = apply_unet(config, params, x_t, t, cond, options=options, rngs={"dropout": k_dropout},
-                      deterministic=not train)
+                      deterministic=not train, residuals=residuals)
     target = training_target(schedule, z, noise, t, d.prediction_type)
     err = pred - target
     per_example = jnp.mean(jnp.square(err) if d.loss_type == "l2" else jnp.abs(err), axis=(1, 2, 3))
@@ -899,7 +909,8 @@ def needs_empty_prompt(config: LDMConfig) -> bool:
 
 def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, options: RunOptions = RunOptions(),
                  sample_posterior: bool = True, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE):
-    """`loss_fn(params, batch, key) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`.
+    """`loss_fn(params, batch, key, residuals_fn=None) -> (loss, metrics)` for `ldm_jax.training.loop.make_train_step`
+    (`training_loss`; residuals_fn: a ControlNet's residuals, as there).
 
     empty_prompt: `empty_prompt_ids(config, tokenizer[, tokenizer_2])` when `needs_empty_prompt(config)`.
     aesthetic_score: a refiner's micro-conditioning for batches without "aesthetic_score".
@@ -908,8 +919,9 @@ def make_loss_fn(config: LDMConfig, *, empty_prompt: Any = None, options: RunOpt
         raise ValueError("cond_drop_prob > 0 with a text cond stage needs empty_prompt (see empty_prompt_ids)")
     empty = None if empty_prompt is None else jax.tree.map(lambda x: np.asarray(x, np.int32), empty_prompt)
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, residuals_fn=None):
         return training_loss(config, params, batch, key, empty_prompt=empty, options=options,
-                             sample_posterior=sample_posterior, aesthetic_score=aesthetic_score)
+                             sample_posterior=sample_posterior, aesthetic_score=aesthetic_score,
+                             residuals_fn=residuals_fn)
 
     return loss_fn

@@ -53,6 +53,7 @@ from ldm_jax.convert.checkpoint_io import TORCH_EXTENSIONS, load_state_dict, sav
 from ldm_jax.convert.common import assemble_params, expected_shapes
 from ldm_jax.models import tokenizer as tokenizer_lib
 from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config
+from ldm_jax.models.controlnet import check_controlnet_fits
 
 log = logging.getLogger(__name__)
 
@@ -548,8 +549,8 @@ def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overr
 
     base: the base model the ControlNet will steer (a LoadedModel, LDMConfig, UNetConfig, or anything
       `resolve_config` takes): a single file's heads and timestep convention come from its UNet (else the SD
-      family's), and a ControlNet that does not fit it (residual channels, context width) is a one-line StoreError
-      naming the file and both shapes.
+      family's), and a ControlNet that does not fit its UNet (`models.controlnet.check_controlnet_fits`: residual
+      channels, context width, class and addition embeddings) is a one-line StoreError naming the file and both.
     hint_overrides: single files: ControlNetConfig hint fields no weight shows (global_pool_conditions=True for
       ControlNet 1.1 shuffle, controlnet_conditioning_channel_order="bgr").
     Weights holding NaN / inf are refused (`check_finite`)."""
@@ -568,7 +569,10 @@ def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overr
         where = path
     check_finite(params, where)
     if base_unet is not None:
-        check_controlnet_fits(config, base_unet, str(path))
+        try:
+            check_controlnet_fits(config, base_unet, str(path))
+        except ValueError as err:
+            raise StoreError(str(err)) from None
     return LoadedControlNet(config=config, params=params, source=str(path))
 
 
@@ -591,20 +595,6 @@ def _base_unet(base: Any):
     if isinstance(base, ldm.LoadedModel):
         return base.config.unet
     return resolve_config(base).unet
-
-
-def check_controlnet_fits(config: Any, unet: Any, source: str) -> None:
-    """StoreError (one line, naming `source` and both shapes) unless a ControlNet of `config` can steer a UNet of
-    `unet` (UNetConfig): the same residual channels (one per skip, then the mid block's) and context width."""
-    from ldm_jax.models.unet import skip_channels  # noqa: PLC0415
-
-    ours, theirs = config.residual_channels, skip_channels(unet)
-    if ours != theirs:
-        raise StoreError(f"{source}: a ControlNet for another base architecture: its residual channels {ours} do not "
-                         f"fit the base UNet's skips {theirs}")
-    if config.unet.context_dim != unet.context_dim:
-        raise StoreError(f"{source}: a ControlNet for another base architecture: context width "
-                         f"{config.unet.context_dim}, the base UNet's {unet.context_dim}")
 
 
 def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, format: str = "diffusers",
@@ -638,7 +628,7 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
     return dest
 
 
-__all__ = ["CONTROLNET_FORMATS", "FORMATS", "LoadedControlNet", "SHIPPED_MODELS", "StoreError", "check_controlnet_fits",
+__all__ = ["CONTROLNET_FORMATS", "FORMATS", "LoadedControlNet", "SHIPPED_MODELS", "StoreError",
            "check_finite", "check_params", "config_to_json", "detect_controlnet_format", "detect_format",
            "load_controlnet", "load_first_stage", "load_model", "load_params", "param_shapes", "resolve_config",
            "save_controlnet", "save_first_stage", "save_model", "save_params"]

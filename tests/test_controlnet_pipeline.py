@@ -208,7 +208,7 @@ def test_bad_control_inputs_are_refused(model, nets):
     assert "control image 0 has shape (2, 8, 8, 3); expected (2, 16, 16, 3)" in _error(
         model, dataclasses.replace(good, images=small))
     other = dataclasses.replace(ours_nets[0][0], conditioning_embedding_out_channels=(8, 16, 32))
-    assert "ControlNet 1 is for another base model: its control image factor is 4, the model's 2" in _error(
+    assert "control: nets[1]: a ControlNet for another base architecture: control image factor 4, the base model's 2" in _error(
         model, dataclasses.replace(good, nets=[ours_nets[0], (other, ours_nets[1][1])]))
 
 

@@ -7,7 +7,8 @@ the captions (data.control_key="shapes_mask"), one device, 3 steps, checkpoints 
 
 - Only the ControlNet trains (the state holds {"controlnet"}), the base in the workdir is the base bit for bit, the
   ControlNet moved away from its from_unet start; WORKDIR/controlnet/ equals the EMA params and loads in diffusers'
-  ControlNetModel.from_pretrained with no missing or unexpected keys.
+  ControlNetModel.from_pretrained with no missing or unexpected keys. The sample grid (step 3) is steered by the
+  eval examples' control images, logged beside it.
 - A run stopped after its step-2 checkpoint and resumed ends bitwise equal to the uninterrupted one.
 - At initialisation (zero convolutions) the ControlNet loss is the base model's `ldm.training_loss`, bit for bit,
   and only the zero convolutions get gradients (ControlNet's defining property).
@@ -32,7 +33,8 @@ from PIL import Image
 import tokenizer_fixtures
 from ldm_jax import ldm, store
 from ldm_jax.data import pipeline, readers, shapes
-from ldm_jax.models.controlnet import controlnet_param_shapes, controlnet_params_from_unet
+from ldm_jax.images import image_grid
+from ldm_jax.models.controlnet import check_controlnet_fits, controlnet_param_shapes, controlnet_params_from_unet
 from ldm_jax.models.tokenizer import load_tokenizer
 from ldm_jax.training import controlnet, main, train_ldm
 
@@ -84,7 +86,8 @@ def images(tmp_path_factory):
 
 
 def _run_config(tiny_model, images):
-    return _config({"train.init_from": str(tiny_model), "data.path": str(images)})
+    """The 3-step run, with a sample grid at its last step."""
+    return _config({"train.init_from": str(tiny_model), "data.path": str(images), "train.image_every": 3})
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,17 @@ def test_only_the_controlnet_trains_and_exports(run, tiny_model):
     model, info = diffusers.ControlNetModel.from_pretrained(workdir / controlnet.CONTROLNET_DIR, output_loading_info=True)
     assert not any(info.values()), info
     assert sum(p.numel() for p in model.parameters()) == sum(v.size for v in trained.values())
+
+
+def test_sample_grids_are_steered_by_the_eval_examples_control_images(run):
+    """The step-3 grid: samples from the trained ControlNet, and beside them the control images that steered them,
+    those of the eval split's first examples (here the training folder's first two scenes)."""
+    workdir, _ = run
+    samples = np.asarray(Image.open(workdir / "images" / "samples_00000003.png"))
+    assert samples.shape == (32, 64, 3) and samples.std() > 0
+    control = np.asarray(Image.open(workdir / "images" / "control_00000003.png"))
+    expected = image_grid(np.stack([shapes.render_mask(scene, 32) for scene in _scenes(4)[:2]]))
+    np.testing.assert_array_equal(control, expected)
 
 
 def test_resume_is_exact(run, tiny_model, images, tmp_path):
@@ -283,11 +297,14 @@ def test_a_controlnet_for_another_base_is_refused(tiny_model, images, tmp_path):
     stage = train_ldm.build_stage(_run_config(tiny_model, images), tmp_path)
     fresh = controlnet.architecture(stage.model, stage.train.controlnet)
     other = dataclasses.replace(fresh, unet=dataclasses.replace(fresh.unet, context_dim=16))
-    with pytest.raises(ValueError, match=r"^X: a ControlNet for another base architecture: context width 16"):
-        controlnet.check_compatible(other, stage.model, "X")
+    fits = dict(latent_channels=stage.model.latent_channels, downsample_factor=stage.model.downsample_factor)
+    with pytest.raises(ValueError, match=r"^X: a ControlNet for another base architecture: context width 16, the "
+                                         r"base UNet's 32$"):
+        check_controlnet_fits(other, stage.model.unet, "X", **fits)
     coarse = dataclasses.replace(fresh, conditioning_embedding_out_channels=(8, 16))
-    with pytest.raises(ValueError, match=r"^X: the ControlNet's control image factor 2 do not fit the base model's 4"):
-        controlnet.check_compatible(coarse, stage.model, "X")
+    with pytest.raises(ValueError, match=r"^X: a ControlNet for another base architecture: control image factor 2, "
+                                         r"the base model's 4$"):
+        check_controlnet_fits(coarse, stage.model.unet, "X", **fits)
 
 
 def test_init_from_a_controlnet_folder_continues_from_it(run, tiny_model, images, tmp_path):

@@ -98,6 +98,33 @@ class ControlNetConfig:
         return skip_channels(self.unet)
 
 
+def check_controlnet_fits(net: ControlNetConfig, unet: UNetConfig, source: str, *, latent_channels: int | None = None,
+                          downsample_factor: int | None = None) -> None:
+    """The one rule of whether ControlNet `net` can steer a base model whose UNet is `unet`: a one-line ValueError
+    "{source}: a ControlNet for another base architecture: {what} {net's}, the base UNet's {base's}" unless its
+    residual channels are the UNet's skip channels (one per skip, the mid block's the last) and its context width,
+    class embedding (num_classes, adm_in_channels) and addition embedding are the UNet's. With the base model's
+    first stage known (the store knows only the UNet), also its latent channels (`latent_channels`: the latents the
+    ControlNet reads, 4 beside a 9-channel inpainting UNet) and its control image factor (`downsample_factor`: the
+    control image has the generated / training image's size; "the base model's" then). `source` names the ControlNet: its file, the
+    pipeline's nets[k], a config field. Used by `store.load_controlnet`, `control.control_inputs` and ControlNet
+    training."""
+    copy = net.unet
+    checks = {"residual channels": (net.residual_channels, skip_channels(unet), "UNet"),
+              "context width": (copy.context_dim, unet.context_dim, "UNet"),
+              "num_classes": (copy.num_classes, unet.num_classes, "UNet"),
+              "adm_in_channels": (copy.adm_in_channels, unet.adm_in_channels, "UNet"),
+              "addition_embed_type": (copy.addition_embed_type, unet.addition_embed_type, "UNet")}
+    if latent_channels is not None:
+        checks["latent channels"] = (copy.in_channels, latent_channels, "model")
+    if downsample_factor is not None:
+        checks["control image factor"] = (net.hint_factor, downsample_factor, "model")
+    for what, (got, want, base) in checks.items():
+        if got != want:
+            raise ValueError(f"{source}: a ControlNet for another base architecture: {what} {got}, the base {base}'s "
+                             f"{want}")
+
+
 def controlnet_config(section: Any) -> ControlNetConfig:
     """ControlNetConfig from a mapping / ConfigDict ({"unet": {...}, "conditioning_channels": ..., ...}); unknown
     fields are a ValueError naming them."""

@@ -4,9 +4,9 @@ What trains is a ControlNet (`ldm_jax.models.controlnet`): the trained params ar
 diffusers' `ControlNetModel.from_unet` does (`controlnet_params_from_unet`: the base UNet's conv_in, embeddings,
 down blocks and mid block copied, zero convolutions zero, the hint encoder drawn from the run's key) or from a
 ControlNet `store.load_controlnet` reads (`train.controlnet.init_from`: a diffusers ControlNet folder or an original
-control_*.safetensors / .pth file), which must fit the base UNet. The whole
-base model (train.init_from) is a frozen input of the step, as for the other adapters (optionally held in
-bfloat16, `train.frozen_dtype`).
+control_*.safetensors / .pth file), which must fit the base model (`models.controlnet.check_controlnet_fits`).
+The whole base model (train.init_from) is a frozen input of the step, as for the other adapters (optionally held
+in bfloat16, `train.frozen_dtype`).
 
 Architecture of a fresh ControlNet: the base UNet's encoder and mid block, without a learned position table
 (`unet.position_embedding`, the captioned-shapes UNet's: diffusers' ControlNetModel has none, and the control image
@@ -14,12 +14,12 @@ already says where things are), and a hint encoder of `train.controlnet.conditio
 widths, whose 2**(n - 1) downsampling must equal the first stage's factor (the control image has the training
 image's size: (16, 32, 96, 256) for SD's f = 8, three widths for the shapes world's f = 4).
 
-Loss (`controlnet_training_loss`): the stage's usual eps / x0 / v loss (`ldm.training_loss`'s steps, weighting and
-logvar term, the same PRNG streams) with the frozen UNet called with the ControlNet's residuals (conditioning scale
-1) on the batch's "control" images (B, H, W, 3) in [0, 1]. Prompt dropout is `diffusion.cond_drop_prob`: each
-caption replaced by "" with that probability while its control image stays, which is diffusers'
-train_controlnet.py `--proportion_empty_prompts` (one knob under the stage's existing name). At initialisation the
-residuals are zero, so the loss equals the base model's `ldm.training_loss` on the same batch and key.
+Loss (`make_loss_fn`): the stage's own `ldm.training_loss` (eps / x0 / v, weighting, logvar term, PRNG streams)
+with `residuals_fn`: the frozen UNet adds the ControlNet's residuals (conditioning scale 1) on the batch's "control"
+images (B, H, W, 3) in [0, 1]. Prompt dropout is `diffusion.cond_drop_prob`: each caption replaced by "" with that
+probability while its control image stays, which is diffusers' train_controlnet.py `--proportion_empty_prompts`
+(one knob under the stage's existing name). At initialisation the residuals are zero, so the loss equals the base
+model's `ldm.training_loss` on the same batch and key, bit for bit.
 
 Data: batches of ("image", "tokens", "control"): `data.control_key` names the control images (a file beside each
 image, a TFDS feature, or "shapes_mask" for the captioned-shapes scenes' object masks; `ldm_jax.data.readers`).
@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import ldm, store
-from ldm_jax.diffusion.schedule import logvar_weighted_loss, loss_weights, q_sample, training_target
-from ldm_jax.models.controlnet import ControlNetConfig, ControlNetModel, build_controlnet, controlnet_params_from_unet
+from ldm_jax.models.controlnet import (ControlNetConfig, ControlNetModel, build_controlnet, check_controlnet_fits,
+                                       controlnet_params_from_unet)
 
 CONTROLNET_DIR = "controlnet"
 TRAINED_KEY = "controlnet"
@@ -85,19 +85,6 @@ def architecture(model: ldm.LDMConfig, cfg: ControlNetTrainConfig) -> ControlNet
     return ControlNetConfig(unet=unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels))
 
 
-def check_compatible(config: ControlNetConfig, model: ldm.LDMConfig, what: str) -> None:
-    """ValueError naming `what` unless the ControlNet `config` fits `model`'s training: its residuals and context
-    the UNet's (`store.check_controlnet_fits`), its latents the first stage's, its control image the first stage's
-    factor larger than the latents (training images are the control images' size)."""
-    store.check_controlnet_fits(config, model.unet, what)
-    pairs = {"latent channels": (config.unet.in_channels, model.latent_channels),
-             "control image factor": (config.hint_factor, model.downsample_factor)}
-    for name, (a, b) in pairs.items():
-        if a != b:
-            raise ValueError(f"{what}: the ControlNet's {name} {a} do not fit the base model's {b} (a ControlNet "
-                             f"for another base architecture)")
-
-
 def prepare(stage: Any, frozen: Mapping[str, Any], key: jax.Array) -> Any:
     """The run's `adapters.Adapter` (kind "controlnet"): its ControlNetConfig and initial numpy params
     {"controlnet": tree} (module doc). Deterministic given `key`, so a resumed run prepares the same start."""
@@ -111,7 +98,8 @@ def prepare(stage: Any, frozen: Mapping[str, Any], key: jax.Array) -> Any:
         except (ValueError, OSError) as err:
             raise ValueError(f"{what}: {err}") from None
         config, params = loaded.config, loaded.params
-        check_compatible(config, stage.model, what)
+        check_controlnet_fits(config, stage.model.unet, what, latent_channels=stage.model.latent_channels,
+                              downsample_factor=stage.model.downsample_factor)
         source = cfg.init_from
     else:
         config = architecture(stage.model, cfg)
@@ -124,63 +112,31 @@ def prepare(stage: Any, frozen: Mapping[str, Any], key: jax.Array) -> Any:
     return Adapter(kind="controlnet", initial=initial, controlnet=config)
 
 
-def controlnet_training_loss(model: ldm.LDMConfig, controlnet: ControlNetModel, trained: Mapping[str, Any],
-                             frozen: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array, *,
-                             empty_prompt: Any = None, options: ldm.RunOptions = ldm.RunOptions(),
-                             sample_posterior: bool = True,
-                             aesthetic_score: float = ldm.DEFAULT_AESTHETIC_SCORE) -> tuple[jax.Array, dict]:
-    """The ControlNet loss of one batch: (loss scalar, metrics {name: scalar}), as `ldm.training_loss` (same key
-    split, weighting, logvar term, per-example "loss_weight") with the frozen UNet (`frozen`: every LDM part)
-    called with the residuals of `controlnet` (params `trained["controlnet"]`).
+def residuals_fn(controlnet: ControlNetModel, trained: Mapping[str, Any]) -> ldm.ResidualsFn:
+    """`ldm.training_loss`'s residuals_fn: the residuals of `controlnet` (params `trained["controlnet"]`) at
+    conditioning scale 1 on the batch's "control" images (B, H, W, 3) in [0, 1] (the image's size: the ControlNet's
+    hint factor times the latents'), with the UNet's noisy latents, timesteps and (dropped-out) conditioning."""
 
-    batch: "image" (B, H, W, 3) in [-1, 1], "control" (B, H, W, 3) in [0, 1] (the image's size: the ControlNet's
-    hint factor times the latents'), the conditioning entries (`ldm.conditioning_inputs`). Gradients reach only
-    `trained`.
-    """
-    d = model.diffusion
-    k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
-    z = jax.lax.stop_gradient(ldm.encode_first_stage(model, frozen, jnp.asarray(batch["image"]),
-                                                     k_post if sample_posterior else None, options=options))
-    b = z.shape[0]
-    schedule = ldm.noise_schedule(model)
-    t = jax.random.randint(k_t, (b,), 0, d.schedule.num_timesteps)
-    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
-    x_t = q_sample(schedule, z, t, noise)
-    target_size = (z.shape[1] * model.downsample_factor, z.shape[2] * model.downsample_factor)
-    # The stage's conditioning with prompt dropout (ldm's own; private there, shared here rather than copied).
-    cond, metrics = ldm._training_conditioning(model, frozen, batch, k_drop, empty_prompt,
-                                               options, target_size, aesthetic_score)
-    context, y, time_ids = cond.get("context"), cond.get("y"), cond.get("time_ids")
-    down, mid = controlnet.apply({"params": trained[TRAINED_KEY]}, x_t, t, context, jnp.asarray(batch["control"]),
-                                 1.0, y, time_ids, deterministic=False,
-                                 rngs={"dropout": jax.random.fold_in(k_dropout, 1)})
-    pred = ldm.modules(model, options).unet.apply(
-        {"params": frozen["unet"]}, x_t, t, context, y, time_ids, deterministic=False, rngs={"dropout": k_dropout},
-        down_residuals=down, mid_residual=mid).astype(jnp.float32)
-    err = pred - training_target(schedule, z, noise, t, d.prediction_type)
-    per_example = jnp.mean(jnp.square(err) if d.loss_type == "l2" else jnp.abs(err), axis=(1, 2, 3))
-    loss_simple = per_example * loss_weights(schedule, t, d.prediction_type, d.loss_weighting, d.min_snr_gamma)
-    logvar_t = frozen["logvar"][t] if d.learn_logvar else jnp.full((b,), d.logvar_init, jnp.float32)
-    weighted = logvar_weighted_loss(loss_simple, logvar_t)
-    if "loss_weight" in batch:
-        weighted = weighted * jnp.asarray(batch["loss_weight"], jnp.float32).reshape(b)
-    loss = jnp.mean(weighted)
-    metrics.update(loss=loss, loss_simple=jnp.mean(loss_simple), loss_unweighted=jnp.mean(per_example))
-    return loss, metrics
+    def residuals(x_t, t, cond, batch, key, deterministic):
+        return controlnet.apply({"params": trained[TRAINED_KEY]}, x_t, t, cond.get("context"),
+                                jnp.asarray(batch["control"]), 1.0, cond.get("y"), cond.get("time_ids"),
+                                deterministic=deterministic, rngs={"dropout": key})
+
+    return residuals
 
 
 def make_loss_fn(stage: Any, empty_prompt: Any):
-    """`loss(trained, frozen, batch, key) -> (loss, metrics)` of the stage's ControlNet (`controlnet_training_loss`
-    with the stage's run-time options, posterior sampling and aesthetic score)."""
+    """`loss(trained, frozen, batch, key) -> (loss, metrics)` of the stage's ControlNet: the stage's
+    `ldm.make_loss_fn` loss of the frozen model (`frozen`: every LDM part) with the ControlNet's `residuals_fn`.
+    Gradients reach only `trained`."""
     train, options = stage.train, stage.options
     module = build_controlnet(stage.adapter.controlnet, attention=options.attention, remat=options.remat,
                               dtype=options.dtype, param_dtype=options.param_dtype)
-    empty = None if empty_prompt is None else jax.tree.map(lambda x: np.asarray(x, np.int32), empty_prompt)
+    base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty_prompt, options=options,
+                                 sample_posterior=train.sample_posterior, aesthetic_score=train.aesthetic_score)
 
     def loss_fn(trained, frozen, batch, key):
-        return controlnet_training_loss(stage.model, module, trained, frozen, batch, key, empty_prompt=empty,
-                                        options=options, sample_posterior=train.sample_posterior,
-                                        aesthetic_score=train.aesthetic_score)
+        return base_loss(frozen, batch, key, residuals_fn(module, trained))
 
     return loss_fn
 
@@ -197,5 +153,5 @@ def write_controlnet(stage: Any, trained: Mapping[str, Any], out_dir: pathlib.Pa
     return out_dir
 
 
-__all__ = ["CONTROLNET_DIR", "ControlNetTrainConfig", "architecture", "check", "check_compatible",
-           "controlnet_training_loss", "make_loss_fn", "prepare", "write_controlnet"]
+__all__ = ["CONTROLNET_DIR", "ControlNetTrainConfig", "architecture", "check", "make_loss_fn", "prepare",
+           "residuals_fn", "write_controlnet"]
