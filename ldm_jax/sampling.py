@@ -259,6 +259,9 @@ def validate_control(request: SampleRequest) -> None:
         if start >= end:
             raise UserError(f"--control-start {start:g} is not below --control-end {end:g} (--controlnet "
                             f"{request.controlnets[k][0]}): a net runs from its start to its end fraction of the steps")
+    for path, scale in request.controlnets:
+        if not math.isfinite(scale):
+            raise UserError(f"--controlnet {path}:{scale}: the scale must be a finite number")
     if request.refiner is not None:
         raise UserError("--controlnet steers a base model alone; leave out --refiner")
     for path, _ in request.controlnets:
@@ -796,8 +799,9 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     control.add_argument("--guess-mode", action="store_true", help="diffusers' guess_mode: the nets see the "
                          "conditional branch only, their residuals weighted 0.1 ... 1 from the first skip to the mid "
                          "block")
-    control.add_argument("--control-resize", default="default", help=f"how control images are fitted to the output: "
-                         f"{', '.join(RESIZE_MODES)} (stretch, crop or fill the margins; diffusers' resize_mode)")
+    control.add_argument("--control-resize", default="default", metavar="MODE", help="how control images are fitted "
+                         "to the output (diffusers' resize_mode): default (stretch), crop (keep the aspect ratio, crop "
+                         "around the centre), fill (keep it, fill the margins)")
     p.add_argument("--outdir", default="outputs")
     return p
 
