@@ -4,8 +4,9 @@ initialisation from a UNet as ControlNetModel.from_unet, export that diffusers l
 (text_time) ControlNet with global pooling and BGR order, and refused inputs.
 
 Tolerance: 1e-5 relative to each output's largest value (float32; the encoder chains ~10 convs, norms and
-attentions as the UNet's tests do; measured ~1e-6). One compile per model config: conditioning scale and guess
-mode are traced arguments.
+attentions as the UNet's tests do; measured 2.5e-6 with the shared fixture's randomisation, 0.1 x N(0, 1) on
+every parameter). One compile per model config: conditioning scale and guess mode are traced arguments. The tiny
+models, inputs and the residual comparison are tests/controlnet_fixtures.py's, shared with the other ControlNet tests.
 """
 import dataclasses
 import inspect
@@ -18,7 +19,9 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from flax import traverse_util
 
+import controlnet_fixtures
 import sdxl_fixtures
+from controlnet_fixtures import assert_residuals, diff, nchw, nhwc
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.diffusers_controlnet import (controlnet_config_from_diffusers, controlnet_config_to_diffusers,
                                                   convert_diffusers_controlnet, load_diffusers_controlnet,
@@ -28,7 +31,7 @@ from ldm_jax.models.controlnet import (ControlNetConfig, ControlNetModel as OurC
                                        controlnet_params_from_unet)
 from ldm_jax.models.unet import UNetConfig, UNetModel, init_unet
 
-RTOL = 1e-5
+RTOL = controlnet_fixtures.RTOL
 LATENT = 8  # latent side; control images are 8x larger (the hint encoder's default 4 stages)
 SD_UNET = dict(sample_size=LATENT, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16,
                attention_head_dim=2, transformer_layers_per_block=2,
@@ -37,19 +40,9 @@ SD_UNET = dict(sample_size=LATENT, block_out_channels=(32, 64), layers_per_block
 SCALES = ((1.0, False), (0.5, False), (1.0, True), (0.7, True))  # (conditioning_scale, guess_mode)
 
 
-def _nhwc(t: torch.Tensor) -> jax.Array:
-    return jnp.asarray(t.numpy().transpose(0, 2, 3, 1))
-
-
-def _nchw(a) -> np.ndarray:
-    return np.asarray(a).transpose(0, 3, 1, 2)
-
-
 def _inputs(context_dim: int, seed: int = 1):
-    """(x, t, context, control image in [0, 1]) as torch NCHW tensors, batch 2."""
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, LATENT, LATENT, generator=gen), torch.tensor([3, 999]),
-            torch.randn(2, 7, context_dim, generator=gen), torch.rand(2, 3, 8 * LATENT, 8 * LATENT, generator=gen))
+    """(x, t, context, control image in [0, 1]) as torch NCHW tensors, batch 2 (`controlnet_fixtures.inputs`)."""
+    return controlnet_fixtures.inputs(context_dim, latent=LATENT, seed=seed)
 
 
 def _traced_controlnet(config: ControlNetConfig):
@@ -64,26 +57,6 @@ def _traced_controlnet(config: ControlNetConfig):
     return jax.jit(run), traces
 
 
-def _diff(ours, ref) -> tuple[float, float]:
-    """(max abs difference, that / the reference's largest value)."""
-    err = float(np.abs(np.asarray(ours) - ref).max())
-    return err, err / float(np.abs(ref).max())
-
-
-def _assert_residuals(ours, ref, what: str) -> tuple[float, float]:
-    """Every residual within RTOL of its largest value; returns the worst (max abs, relative) errors."""
-    (down, mid), (ref_down, ref_mid) = ours, ref
-    assert len(down) == len(ref_down), what
-    worst = (0.0, 0.0)
-    for name, a, b in [*((f"down[{j}]", a, b) for j, (a, b) in enumerate(zip(down, ref_down))), ("mid", mid, ref_mid)]:
-        b = b.numpy()
-        assert np.abs(b).max() > 1e-3, f"{what} {name}: reference residual trivially small"
-        assert _nchw(a).shape == b.shape, f"{what} {name}"
-        worst = tuple(map(max, worst, _diff(_nchw(a), b)))
-        np.testing.assert_allclose(_nchw(a), b, rtol=RTOL, atol=RTOL * np.abs(b).max(), err_msg=f"{what} {name}")
-    return worst
-
-
 # ------------------------------------------------------------------------------------- SD-style models, shared
 
 
@@ -94,12 +67,12 @@ def sd():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD_UNET)
     sdxl_fixtures.randomise(unet)
-    fresh = ControlNetModel.from_unet(unet).eval()
-    fresh_state = {k: v.clone() for k, v in fresh.state_dict().items()}
-    sdxl_fixtures.randomise(fresh)  # the zero convs and the hint encoder's conv_out too
-    config, unet_config = controlnet_config_from_diffusers(fresh.config), unet_config_from_diffusers(unet.config)
-    return dict(unet=unet, controlnet=fresh, fresh_state=fresh_state, config=config, unet_config=unet_config,
-                params=convert_diffusers_controlnet(fresh.state_dict(), config),
+    fresh_state = controlnet_fixtures.controlnet_from_unet(unet, controlnet_fixtures.DIFFUSERS_HINT).state_dict()
+    # the zero convs and the hint encoder's conv_out random too
+    net = controlnet_fixtures.random_controlnet(unet, 1, controlnet_fixtures.DIFFUSERS_HINT)
+    config, unet_config = controlnet_config_from_diffusers(net.config), unet_config_from_diffusers(unet.config)
+    return dict(unet=unet, controlnet=net, fresh_state=fresh_state, config=config, unet_config=unet_config,
+                params=convert_diffusers_controlnet(net.state_dict(), config),
                 unet_params=convert_diffusers_unet(unet.state_dict(), unet_config))
 
 
@@ -112,7 +85,7 @@ def sd_residuals(sd):
     for scale, guess in SCALES:
         with torch.no_grad():
             ref = sd["controlnet"](x, t, context, cond, conditioning_scale=scale, guess_mode=guess, return_dict=False)
-        ours = run(sd["params"], _nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()), _nhwc(cond),
+        ours = run(sd["params"], nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()), nhwc(cond),
                    jnp.float32(scale), jnp.bool_(guess))
         out[scale, guess] = ours, ref
     assert len(traces) == 1  # scale and guess mode traced: no retrace
@@ -121,7 +94,7 @@ def sd_residuals(sd):
 
 @pytest.mark.parametrize("scale,guess", SCALES)
 def test_residuals_match_diffusers_controlnet(sd_residuals, scale, guess):
-    err, rel = _assert_residuals(*sd_residuals[scale, guess], f"scale {scale} guess {guess}")
+    err, rel = assert_residuals(*sd_residuals[scale, guess], f"scale {scale} guess {guess}")
     print(f"ControlNet scale {scale} guess_mode {guess}: max abs {err:.2e}, relative {rel:.2e}")
 
 
@@ -146,9 +119,9 @@ def test_unet_with_residuals_matches_diffusers(sd, sd_residuals):
     assert np.abs(expected - plain).max() > 0.1 * np.abs(expected).max()
     apply = jax.jit(lambda p, x, t, c, down, mid: UNetModel(sd["unet_config"]).apply(
         {"params": p}, x, t, c, down_residuals=down, mid_residual=mid))
-    ours = _nchw(apply(sd["unet_params"], _nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()),
-                       [_nhwc(r) for r in ref_down], _nhwc(ref_mid)))
-    err, rel = _diff(ours, expected)
+    ours = nchw(apply(sd["unet_params"], nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()),
+                       [nhwc(r) for r in ref_down], nhwc(ref_mid)))
+    err, rel = diff(ours, expected)
     print(f"UNet with residuals: max abs {err:.2e}, relative {rel:.2e}")
     np.testing.assert_allclose(ours, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 
@@ -204,7 +177,7 @@ def test_export_loads_in_diffusers_strictly(sd, sd_residuals, tmp_path):
     with torch.no_grad():
         down, mid = loaded.eval()(x, t, context, cond, conditioning_scale=0.5, return_dict=False)
     ours = sd_residuals[0.5, False][0]
-    _assert_residuals(ours, (down, mid), "exported")
+    assert_residuals(ours, (down, mid), "exported")
     config_back, params_back = load_diffusers_controlnet(tmp_path)
     assert config_back == sd["config"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, params_back, sd["params"])
@@ -232,7 +205,8 @@ def test_sdxl_style_controlnet_with_global_pooling_and_bgr_matches_diffusers():
     without effect (diffusers ignores it when pooling)."""
     torch.manual_seed(0)
     unet = sdxl_fixtures.unet(size=2 * LATENT)
-    base = ControlNetModel.from_unet(unet, controlnet_conditioning_channel_order="bgr")
+    base = controlnet_fixtures.controlnet_from_unet(unet, controlnet_fixtures.DIFFUSERS_HINT,
+                                                    controlnet_conditioning_channel_order="bgr")
     config = {k: v for k, v in base.config.items() if k != "_use_default_values"}  # else defaults win
     reference = ControlNetModel.from_config({**config, "global_pool_conditions": True})
     sdxl_fixtures.randomise(reference)
@@ -250,11 +224,11 @@ def test_sdxl_style_controlnet_with_global_pooling_and_bgr_matches_diffusers():
         with torch.no_grad():
             ref = reference(x, t, context, cond, conditioning_scale=scale, guess_mode=guess, return_dict=False,
                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
-        ours = run(params, _nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()), _nhwc(cond),
+        ours = run(params, nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()), nhwc(cond),
                    jnp.float32(scale), jnp.bool_(guess), jnp.asarray(text_embeds.numpy()),
                    jnp.asarray(time_ids.numpy()))
         assert all(r.shape[1:3] == (1, 1) for r in [*ours[0], ours[1]])
-        worst = tuple(map(max, worst, _assert_residuals(ours, ref, f"SDXL guess {guess}")))
+        worst = tuple(map(max, worst, assert_residuals(ours, ref, f"SDXL guess {guess}")))
     assert len(traces) == 1
     print(f"SDXL-style pooled BGR ControlNet: max abs {worst[0]:.2e}, relative {worst[1]:.2e}")
 

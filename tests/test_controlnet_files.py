@@ -21,6 +21,7 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+import controlnet_fixtures
 from ldm_jax import cli, store
 from ldm_jax.convert.checkpoint_io import CheckpointError
 from ldm_jax.convert.common import ConversionError
@@ -29,7 +30,7 @@ from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet
 from ldm_jax.models.controlnet import ControlNetModel as OurControlNet
 from ldm_jax.models.unet import UNetConfig
 
-RTOL = 1e-5
+RTOL = controlnet_fixtures.RTOL
 LATENT = 8
 LAYERS = 1  # layers_per_block
 TINY = dict(block_out_channels=(32, 64), layers_per_block=LAYERS, cross_attention_dim=16, attention_head_dim=8,
@@ -86,27 +87,15 @@ def tiny(tmp_path_factory):
     return model, root / "diffusers", root / "control_tiny.safetensors", original
 
 
-def _inputs():
-    gen = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 4, LATENT, LATENT, generator=gen), torch.tensor([3, 999]),
-            torch.randn(2, 7, 16, generator=gen), torch.rand(2, 3, 8 * LATENT, 8 * LATENT, generator=gen))
-
-
 def _assert_same_residuals(model: ControlNetModel, config, params) -> float:
     """Our residuals within RTOL of `model`'s (diffusers) on the same inputs; returns the worst relative error."""
-    x, t, context, cond = _inputs()
+    x, t, context, cond = controlnet_fixtures.inputs(16, latent=LATENT)
     with torch.no_grad():
-        ref_down, ref_mid = model(x, t, context, cond, conditioning_scale=0.7, return_dict=False)
-    nhwc = lambda a: jnp.asarray(a.numpy().transpose(0, 2, 3, 1))  # noqa: E731
-    down, mid = OurControlNet(config).apply({"params": params}, nhwc(x), jnp.asarray(t.numpy()),
-                                            jnp.asarray(context.numpy()), nhwc(cond), 0.7)
-    worst = 0.0
-    for ours, ref in zip([*down, mid], [*ref_down, ref_mid], strict=True):
-        ref = ref.numpy().transpose(0, 2, 3, 1)
-        assert np.abs(ref).max() > 1e-3
-        worst = max(worst, float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()))
-    assert worst < RTOL, worst
-    return worst
+        ref = model(x, t, context, cond, conditioning_scale=0.7, return_dict=False)
+    nhwc = controlnet_fixtures.nhwc
+    ours = OurControlNet(config).apply({"params": params}, nhwc(x), jnp.asarray(t.numpy()),
+                                       jnp.asarray(context.numpy()), nhwc(cond), 0.7)
+    return controlnet_fixtures.assert_residuals(ours, ref, "residuals", RTOL)[1]
 
 
 def _assert_params_equal(a, b):
