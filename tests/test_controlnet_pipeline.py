@@ -1,7 +1,9 @@
 """ControlNets in the pipelines against diffusers 0.42 (PyTorch float32): StableDiffusionControlNetPipeline with one
 net and with two (MultiControlNetModel: different scales and guidance start / end), guess mode, and the 9-channel
 StableDiffusionControlNetInpaintPipeline, on the tiny random SD of conftest (16x16 images, f=2 VAE, DDIM 5 steps,
-CFG 7.5) with random ControlNets whose hint encoders downsample by 2; the same initial latents both sides.
+CFG 7.5) with random ControlNets whose hint encoders downsample by 2; StableDiffusionXLControlNetPipeline on the
+tiny random SDXL base of tests/sdxl_fixtures.py (Euler 5 steps, CFG 5, micro-conditioning; measured 6.0e-6); the
+same initial latents both sides.
 Scales and fractions are traced (no retrace); bad input is refused with one-line errors; control-image
 preprocessing matches diffusers' VaeImageProcessor.
 
@@ -18,8 +20,9 @@ import torch
 from PIL import Image
 
 import controlnet_fixtures
+import sdxl_fixtures
 from conftest import TINY_SD_SIZE
-from ldm_jax import pipeline
+from ldm_jax import pipeline, store
 from ldm_jax.control import Control, keep_table
 from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline, read_scheduler_config, sampler_options
 from ldm_jax.images import prepare_control_image
@@ -179,6 +182,48 @@ def test_inpaint_9_channel_matches_diffusers(sd_inpaint, nets):
                      image=(image + 1) / 2, mask_image=mask, strength=1.0, controlnet_conditioning_scale=0.7,
                      control_guidance_end=0.8)
     _compare(ours, theirs, "inpaint (9-channel UNet)")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(diffusers' tiny random SDXL base pipeline, ours loaded from its folder, a random ControlNet of its UNet, ours
+    (config, params) read from the net's folder)."""
+    torch.manual_seed(0)
+    base, _ = sdxl_fixtures.base_and_refiner(tmp_path_factory.mktemp("sdxl_tok"), size=SIZE)
+    root = tmp_path_factory.mktemp("sdxl")
+    base.save_pretrained(root / "base", safe_serialization=True)
+    base.set_progress_bar_config(disable=True)
+    net = controlnet_fixtures.random_controlnet(base.unet, 4)
+    return base, store.load_model(root / "base"), net, controlnet_fixtures.saved_and_loaded(net, root / "net")
+
+
+def test_sdxl_controlnet_matches_diffusers(sdxl):
+    """StableDiffusionXLControlNetPipeline (text_time UNet and ControlNet: pooled text + micro-conditioning reach
+    both), Euler 5 steps, CFG 5, scale 0.8, guidance end 0.8, from the same initial latents."""
+    pipe, model, torch_net, net = sdxl
+    images, noise, guidance = _control_images(1, seed=9), _noise(4), 5.0
+    micro = pipeline.MicroConditioning(original_size=(24, 20), crops_coords_top_left=(2, 3))
+    cond, uncond = pipeline.encode_prompts(model, PROMPTS)
+    sampler = pipeline.make_model_sampler(model.config, "euler", STEPS,
+                                          **sampler_options(read_scheduler_config(model.model_id), "euler"))
+    control = Control(nets=[net], images=images, scales=0.8, ends=0.8)
+    ours = np.asarray(pipeline.txt2img(model.config, model.params, sampler, cond, uncond, guidance_scale=guidance,
+                                       noise=noise, height=SIZE, width=SIZE, micro=micro, control=control,
+                                       mesh=make_mesh(devices=jax.devices()[:MESH_DEVICES])))
+    assert model.config.unet.addition_embed_type == net[0].unet.addition_embed_type == "text_time"
+    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    theirs_pipe = diffusers.StableDiffusionXLControlNetPipeline(**components, controlnet=torch_net,
+                                                                add_watermarker=False)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=guidance,
+              latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()), original_size=(24, 20),
+              crops_coords_top_left=(2, 3), output_type="np")
+    with torch.no_grad():
+        theirs = theirs_pipe(image=torch.from_numpy(images[0].transpose(0, 3, 1, 2).copy()),
+                             controlnet_conditioning_scale=0.8, control_guidance_end=0.8, **kw).images * 2.0 - 1.0
+        plain = pipe(**kw).images * 2.0 - 1.0
+    _compare(ours, theirs, "SDXL, one net")
+    assert np.abs(theirs - plain).max() > 100 * ATOL  # the ControlNet changes the image
 
 
 def test_keep_table_is_diffusers_rule():
