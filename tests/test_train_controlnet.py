@@ -163,8 +163,8 @@ def test_loss_at_init_is_the_base_loss_and_only_zero_convs_get_gradients(tiny_mo
     batch = {k: batch[k] for k in ("image", "tokens", "control")}
     key = jax.random.key(7)
     empty = ldm.empty_prompt_ids(stage.model, stage.tokenizer)
-    loss = controlnet.make_loss_fn(stage, empty)
-    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(p, frozen, batch, key)[0]))(stage.adapter.initial)
+    loss = train_ldm.make_stage_loss(stage)
+    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(p, batch, key, frozen)[0]))(stage.adapter.initial)
     reference = jax.jit(lambda p: ldm.training_loss(stage.model, p, batch, key, empty_prompt=empty)[0])(frozen)
     np.testing.assert_array_equal(np.asarray(value), np.asarray(reference))
     norms = {k: float(np.abs(g).max()) for k, g in _flat(grads["controlnet"]).items()}

@@ -14,12 +14,12 @@ already says where things are), and a hint encoder of `train.controlnet.conditio
 widths, whose 2**(n - 1) downsampling must equal the first stage's factor (the control image has the training
 image's size: (16, 32, 96, 256) for SD's f = 8, three widths for the shapes world's f = 4).
 
-Loss (`make_loss_fn`): the stage's own `ldm.training_loss` (eps / x0 / v, weighting, logvar term, PRNG streams)
-with `residuals_fn`: the frozen UNet adds the ControlNet's residuals (conditioning scale 1) on the batch's "control"
-images (B, H, W, 3) in [0, 1]. Prompt dropout is `diffusion.cond_drop_prob`: each caption replaced by "" with that
-probability while its control image stays, which is diffusers' train_controlnet.py `--proportion_empty_prompts`
-(one knob under the stage's existing name). At initialisation the residuals are zero, so the loss equals the base
-model's `ldm.training_loss` on the same batch and key, bit for bit.
+Loss (`train_ldm.make_stage_loss`): the stage's own `ldm.training_loss` (eps / x0 / v, weighting, logvar term,
+PRNG streams) with `residuals_fn`: the frozen UNet adds the ControlNet's residuals (conditioning scale 1) on the
+batch's "control" images (B, H, W, 3) in [0, 1]. Prompt dropout is `diffusion.cond_drop_prob`: each caption
+replaced by "" with that probability while its control image stays, which is diffusers' train_controlnet.py
+`--proportion_empty_prompts` (one knob under the stage's existing name). At initialisation the residuals are zero,
+so the loss equals the base model's `ldm.training_loss` on the same batch and key, bit for bit.
 
 Data: batches of ("image", "tokens", "control"): `data.control_key` names the control images (a file beside each
 image, a TFDS feature, or "shapes_mask" for the captioned-shapes scenes' object masks; `ldm_jax.data.readers`).
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import ldm, store
-from ldm_jax.models.controlnet import (ControlNetConfig, ControlNetModel, build_controlnet, check_controlnet_fits,
+from ldm_jax.models.controlnet import (ControlNetConfig, build_controlnet, check_controlnet_fits,
                                        controlnet_params_from_unet)
 
 CONTROLNET_DIR = "controlnet"
@@ -112,33 +112,22 @@ def prepare(stage: Any, frozen: Mapping[str, Any], key: jax.Array) -> Any:
     return Adapter(kind="controlnet", initial=initial, controlnet=config)
 
 
-def residuals_fn(controlnet: ControlNetModel, trained: Mapping[str, Any]) -> ldm.ResidualsFn:
-    """`ldm.training_loss`'s residuals_fn: the residuals of `controlnet` (params `trained["controlnet"]`) at
-    conditioning scale 1 on the batch's "control" images (B, H, W, 3) in [0, 1] (the image's size: the ControlNet's
-    hint factor times the latents'), with the UNet's noisy latents, timesteps and (dropped-out) conditioning."""
-
-    def residuals(x_t, t, cond, batch, key, deterministic):
-        return controlnet.apply({"params": trained[TRAINED_KEY]}, x_t, t, cond.get("context"),
-                                jnp.asarray(batch["control"]), 1.0, cond.get("y"), cond.get("time_ids"),
-                                deterministic=deterministic, rngs={"dropout": key})
-
-    return residuals
-
-
-def make_loss_fn(stage: Any, empty_prompt: Any):
-    """`loss(trained, frozen, batch, key) -> (loss, metrics)` of the stage's ControlNet: the stage's
-    `ldm.make_loss_fn` loss of the frozen model (`frozen`: every LDM part) with the ControlNet's `residuals_fn`.
-    Gradients reach only `trained`."""
-    train, options = stage.train, stage.options
+def residuals_fn(stage: Any, trained: Mapping[str, Any]) -> ldm.ResidualsFn:
+    """`ldm.training_loss`'s residuals_fn of the stage's ControlNet (params `trained["controlnet"]`, the stage's
+    run-time options): its residuals at conditioning scale 1 on the batch's "control" images (B, H, W, 3) in [0, 1]
+    (the image's size: the ControlNet's hint factor times the latents'), from the UNet's noisy latents, timesteps and
+    (dropped-out) conditioning. The stage's loss is `ldm.training_loss` of the frozen model with this hook
+    (`train_ldm.make_stage_loss`); gradients reach only `trained`."""
+    options = stage.options
     module = build_controlnet(stage.adapter.controlnet, attention=options.attention, remat=options.remat,
                               dtype=options.dtype, param_dtype=options.param_dtype)
-    base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty_prompt, options=options,
-                                 sample_posterior=train.sample_posterior, aesthetic_score=train.aesthetic_score)
 
-    def loss_fn(trained, frozen, batch, key):
-        return base_loss(frozen, batch, key, residuals_fn(module, trained))
+    def residuals(x_t, t, cond, batch, key, deterministic):
+        return module.apply({"params": trained[TRAINED_KEY]}, x_t, t, cond.get("context"),
+                            jnp.asarray(batch["control"]), 1.0, cond.get("y"), cond.get("time_ids"),
+                            deterministic=deterministic, rngs={"dropout": key})
 
-    return loss_fn
+    return residuals
 
 
 def write_controlnet(stage: Any, trained: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
@@ -153,5 +142,5 @@ def write_controlnet(stage: Any, trained: Mapping[str, Any], out_dir: pathlib.Pa
     return out_dir
 
 
-__all__ = ["CONTROLNET_DIR", "ControlNetTrainConfig", "architecture", "check", "make_loss_fn", "prepare",
-           "residuals_fn", "write_controlnet"]
+__all__ = ["CONTROLNET_DIR", "ControlNetTrainConfig", "architecture", "check", "prepare", "residuals_fn",
+           "write_controlnet"]

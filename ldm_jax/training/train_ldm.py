@@ -706,14 +706,15 @@ def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path,
 def make_stage_loss(stage: Stage):
     """The train step's `loss_fn(params, batch, key, frozen) -> (loss, metrics)`: `ldm.training_loss` of the
     model params `stage.adapter.merge(params, frozen)` (the trained parts beside the frozen ones, or the LoRA
-    merged into / the textual-inversion rows written into the frozen base)."""
+    merged into / the textual-inversion rows written into the frozen base; a ControlNet run's frozen base, the UNet
+    adding the trained ControlNet's residuals: `controlnet.residuals_fn`)."""
     train = stage.train
     empty = ldm.empty_prompt_ids(stage.model, stage.tokenizer, stage.tokenizer_2) if stage.tokenizer is not None else None
     base_loss = ldm.make_loss_fn(stage.model, empty_prompt=empty, options=stage.options,
                                  sample_posterior=train.sample_posterior, aesthetic_score=train.aesthetic_score)
     gathered = parallel.replicated(stage.mesh)
     merge = stage.adapter.merge
-    controlnet_loss = controlnet_lib.make_loss_fn(stage, empty) if stage.adapter.kind == "controlnet" else None
+    controlnet = stage.adapter.kind == "controlnet"
 
     def loss_fn(params, batch, key, frozen_params):
         # FSDP as ZeRO-3: each trained param is all-gathered where the step uses it and its gradient
@@ -721,9 +722,8 @@ def make_stage_loss(stage: Stage):
         # the kernels' "fsdp" layout in the backward pass instead ("involuntary full rematerialization" on a
         # data=2 x fsdp=4 mesh). A no-op when params are replicated (fsdp=1).
         params = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, gathered), params)
-        if controlnet_loss is not None:  # the UNet called with the ControlNet's residuals
-            return controlnet_loss(params, frozen_params, batch, key)
-        return base_loss(merge(params, frozen_params), batch, key)
+        residuals = controlnet_lib.residuals_fn(stage, params) if controlnet else None
+        return base_loss(merge(params, frozen_params), batch, key, residuals)
 
     return loss_fn
 
