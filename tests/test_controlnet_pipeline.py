@@ -253,8 +253,8 @@ def test_bad_control_inputs_are_refused(model, nets):
     assert "control image 0 has shape (2, 8, 8, 3); expected (2, 16, 16, 3)" in _error(
         model, dataclasses.replace(good, images=small))
     other = dataclasses.replace(ours_nets[0][0], conditioning_embedding_out_channels=(8, 16, 32))
-    assert "control: nets[1]: a ControlNet for another base architecture: control image factor 4, the base model's 2" in _error(
-        model, dataclasses.replace(good, nets=[ours_nets[0], (other, ours_nets[1][1])]))
+    assert ("control: nets[1]: a ControlNet for another base architecture: control image factor 4, the base "
+            "model's 2") in _error(model, dataclasses.replace(good, nets=[ours_nets[0], (other, ours_nets[1][1])]))
 
 
 @pytest.mark.parametrize("mode", ["default", "crop", "fill"])

@@ -106,9 +106,9 @@ def check_controlnet_fits(net: ControlNetConfig, unet: UNetConfig, source: str, 
     class embedding (num_classes, adm_in_channels) and addition embedding are the UNet's. With the base model's
     first stage known (the store knows only the UNet), also its latent channels (`latent_channels`: the latents the
     ControlNet reads, 4 beside a 9-channel inpainting UNet) and its control image factor (`downsample_factor`: the
-    control image has the generated / training image's size; "the base model's" then). `source` names the ControlNet: its file, the
-    pipeline's nets[k], a config field. Used by `store.load_controlnet`, `control.control_inputs` and ControlNet
-    training."""
+    control image has the generated / training image's size; "the base model's" then). `source` names the
+    ControlNet: its file, the pipeline's nets[k], a config field. Used by `store.load_controlnet`,
+    `control.control_inputs`, the sampling CLI and ControlNet training."""
     copy = net.unet
     checks = {"residual channels": (net.residual_channels, skip_channels(unet), "UNet"),
               "context width": (copy.context_dim, unet.context_dim, "UNet"),
