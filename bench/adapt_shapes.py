@@ -26,9 +26,10 @@ whatever a recipe misses is the recipe's, not the decoder's.
    the world's colours and white, so a white object where another colour was asked is wrong).
 4. Each recipe trains through the real entry point, `python -m ldm_jax train --config configs/<recipe>.py`
    (the configs' own steps and learning rates), in its own process: wall time, CPU time (user + system, all
-   threads: less sensitive than wall time to other work on the machine) and peak RSS (`os.wait4`'s rusage of that process, started by a small launcher so that this process's RSS is not counted) are its own, JAX start
-   and compilation included. DreamBooth generates its class images inside
-   its run (their cost is in its wall time). An existing OUT/<recipe> is refused (the run would resume instead).
+   threads: less sensitive than wall time to other work on the machine) and peak RSS (`os.wait4`'s rusage of
+   that process, started by `common.train_in_subprocess`'s small launcher so that this process's RSS is not
+   counted) are its own, JAX start and compilation included. DreamBooth generates its class images inside its run
+   (their cost is in its wall time). An existing OUT/<recipe> is refused (the run would resume instead).
 5. After: the result through the model store (the LoRA file merged at scale 1, the embedding file added as a
    token, the fine-tuned model directory), the same prompts and seeds, the same checker.
 
@@ -43,22 +44,20 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import ROOT, format_table, load_average
+from common import (format_table, load_average, markdown_table, picture, sample_prompts, train_in_subprocess,
+                    trained_steps)
 
 NEW_COLOUR = "white"
 TI_INIT_WORD = "yellow"  # also DreamBooth's class word: its class captions draw the instance layouts in yellow
 INSTANCE_SEED, PROMPT_SEED = 0, 1
-SAMPLER, STEPS, GUIDANCE, SEED = "ddim", 50, 7.5, 0  # ldm-jax sample's defaults
-PICTURE_NEW, PICTURE_OLD, PICTURE_SCALE = 8, 4, 4
+PICTURE_NEW, PICTURE_OLD = 8, 4
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -117,26 +116,6 @@ def old_prompts(path: pathlib.Path, num: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ sample and score
-
-
-def sample(model, prompts: Sequence[str], *, batch: int = 64) -> np.ndarray:
-    """uint8 (N, R, R, 3) images of `prompts` as `ldm-jax sample --prompts-file` makes them (sampler, steps,
-    guidance and seed its defaults; image i from noise fold_in(seed, i))."""
-    import jax
-
-    from ldm_jax import pipeline
-
-    sampler = pipeline.make_model_sampler(model.config, SAMPLER, STEPS)
-    params = pipeline.place_params(model.params)
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = list(prompts[start:start + batch])
-        padded = chunk + [chunk[-1]] * (batch - len(chunk))
-        cond, uncond = pipeline.encode_prompts(model, padded, warn=False)
-        out = pipeline.txt2img(model.config, params, sampler, cond, uncond, guidance_scale=GUIDANCE, seed=SEED,
-                               first_index=start, options=model.options)
-        images.append(pipeline.to_uint8(np.asarray(jax.device_get(out))[:len(chunk)]))
-    return np.concatenate(images)
 
 
 def score(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
@@ -254,57 +233,7 @@ RECIPES = {
 }
 
 
-# Starts the command (argv[2:]) and writes its ru_maxrss (KiB) and CPU seconds (user + system) to argv[1]. A child's ru_maxrss counts the RSS of
-# the process it was forked from up to its exec (Linux records the old mm's high-water mark at exec): started from
-# this bench's process (the base model loaded, its prompts sampled), every recipe would read at least this one's
-# RSS. This launcher is a few MiB.
-_LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, u = os.wait4(p.pid, 0); "
-             "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}'); sys.exit(os.waitstatus_to_exitcode(s))")
-
-
-def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float, float]:
-    """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB, CPU
-    seconds: user + system, all threads) of that process alone (`os.wait4` in a small launcher process, `_LAUNCHER`). Raises SystemExit with the log's tail when
-    it fails."""
-    rss_path = log_path.with_suffix(".maxrss")
-    with open(log_path, "w", encoding="utf-8") as log:
-        start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rss_path), sys.executable, *argv], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT)
-        wall = time.perf_counter() - start
-    if code:
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise SystemExit(f"{' '.join(argv)} failed (exit {code}); {log_path}:\n{tail}")
-    peak, cpu = rss_path.read_text(encoding="utf-8").split()
-    rss_path.unlink()
-    return wall, int(peak) / 2**20, float(cpu)  # ru_maxrss is in KiB on Linux
-
-
-def trained_steps(workdir: pathlib.Path) -> int:
-    """The last step logged in WORKDIR/metrics.jsonl."""
-    lines = (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return max(int(json.loads(line)["step"]) for line in lines if line.strip())
-
-
 # ---------------------------------------------------------------------------------------------- the report
-
-
-def picture(rows: Sequence[tuple[str, np.ndarray]], path: pathlib.Path, label_width: int = 420) -> None:
-    """One row of images per model (each 4x enlarged, framed in grey) after its label, written as a PNG."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from ldm_jax.images import image_grid
-
-    framed = [np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64) for _, images in rows]
-    grid = image_grid(np.concatenate(framed), columns=len(framed[0]))
-    grid = grid.repeat(PICTURE_SCALE, axis=0).repeat(PICTURE_SCALE, axis=1)
-    sheet = Image.new("RGB", (label_width + grid.shape[1], grid.shape[0]))
-    sheet.paste(Image.fromarray(grid), (label_width, 0))
-    draw, height, font = ImageDraw.Draw(sheet), grid.shape[0] // len(rows), ImageFont.load_default(size=24)
-    for i, (label, _) in enumerate(rows):
-        draw.text((12, i * height + height // 2), label, fill=(255, 255, 255), font=font, anchor="lm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
@@ -326,10 +255,7 @@ HEADER = ["recipe", "trained params", "steps", "wall s", "CPU s", "peak RSS GiB"
 
 def markdown(rows: Sequence[Sequence[Any]]) -> str:
     """The table as markdown (for the README)."""
-    def cell(v):
-        return f"{v:,}" if isinstance(v, int) else str(v)
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+    return markdown_table(HEADER, rows)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -337,7 +263,7 @@ def markdown(rows: Sequence[Sequence[Any]]) -> str:
 
 def measure(model, prompt_sets: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Samples and scores every prompt set: ({set: scores}, {set: images})."""
-    images = {name: sample(model, prompts) for name, prompts in prompt_sets.items()}
+    images = {name: sample_prompts(model, prompts) for name, prompts in prompt_sets.items()}
     return {name: score(images[name], prompts) for name, prompts in prompt_sets.items()}, images
 
 

@@ -15,6 +15,10 @@ A model folder (`write_model_folder`) is a diffusers StableDiffusionPipeline fol
 ours, diffusers PyTorch and diffusers Flax (bench/reference_flax.py in .venv-ref) do the same work.
 
 Workers print one line `BENCH_RESULT <json>`; `run_worker` runs one and parses it.
+
+The shapes-world demos (bench/adapt_shapes.py, bench/controlnet_shapes.py) share: `train_in_subprocess` (a training
+run in its own process: wall time, CPU time and its own peak RSS), `trained_steps`, `sample_prompts` (the embedded
+model's images as `ldm-jax sample` makes them, optionally steered by a ControlNet), `picture` and `markdown_table`.
 """
 from __future__ import annotations
 
@@ -236,3 +240,104 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
              for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ training runs and the shapes-world demos
+# (bench/adapt_shapes.py, bench/controlnet_shapes.py: the embedded model, trained through `ldm-jax train`)
+
+# Starts the command (argv[2:]) and writes its ru_maxrss (KiB) and CPU seconds (user + system) to argv[1]. A child's
+# ru_maxrss counts the RSS of the process it was forked from up to its exec (Linux records the old mm's high-water
+# mark at exec): started from a bench's process (the base model loaded, its prompts sampled), every run would read
+# at least that one's RSS. This launcher is a few MiB.
+_LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, u = os.wait4(p.pid, 0); "
+             "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}'); "
+             "sys.exit(os.waitstatus_to_exitcode(s))")
+
+
+def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float, float]:
+    """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB, CPU
+    seconds: user + system, all threads) of that process alone (`os.wait4` in a small launcher process,
+    `_LAUNCHER`). Raises SystemExit with the log's tail when it fails."""
+    rss_path = log_path.with_suffix(".maxrss")
+    with open(log_path, "w", encoding="utf-8") as log:
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rss_path), sys.executable, *argv], stdout=log,
+                               stderr=subprocess.STDOUT, cwd=ROOT)
+        wall = time.perf_counter() - start
+    if code:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(argv)} failed (exit {code}); {log_path}:\n{tail}")
+    peak, cpu = rss_path.read_text(encoding="utf-8").split()
+    rss_path.unlink()
+    return wall, int(peak) / 2**20, float(cpu)  # ru_maxrss is in KiB on Linux
+
+
+def trained_steps(workdir: pathlib.Path) -> int:
+    """The last step logged in WORKDIR/metrics.jsonl."""
+    lines = (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return max(int(json.loads(line)["step"]) for line in lines if line.strip())
+
+
+SHAPES_SAMPLER, SHAPES_STEPS, SHAPES_GUIDANCE, SHAPES_SEED = "ddim", 50, 7.5, 0  # ldm-jax sample's defaults
+
+
+def sample_prompts(model, prompts: Sequence[str], *, batch: int = 64, controlnet: Any = None,
+                   control_images: np.ndarray | None = None, control_scale: float = 1.0) -> np.ndarray:
+    """uint8 (N, R, R, 3) images of `prompts` as `ldm-jax sample --prompts-file` makes them (sampler, steps,
+    guidance and seed its defaults, `SHAPES_*`; image i from noise fold_in(seed, i)), in chunks of `batch` (the
+    last one padded with its last prompt).
+
+    controlnet: optional (ControlNetConfig, params) (a `store.LoadedControlNet`'s), steering every image with
+    control_images[i], uint8 (N, R, R, 3), at `control_scale` (`pipeline.Control`)."""
+    import jax
+
+    from ldm_jax import pipeline
+
+    if (controlnet is None) != (control_images is None):
+        raise ValueError("sample_prompts: give controlnet and control_images together")
+    if control_images is not None and len(control_images) != len(prompts):
+        raise ValueError(f"sample_prompts: {len(prompts)} prompts but {len(control_images)} control images")
+    sampler = pipeline.make_model_sampler(model.config, SHAPES_SAMPLER, SHAPES_STEPS)
+    params = pipeline.place_params(model.params)
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start:start + batch])
+        pad = batch - len(chunk)
+        cond, uncond = pipeline.encode_prompts(model, chunk + [chunk[-1]] * pad, warn=False)
+        control = None
+        if controlnet is not None:
+            hints = control_images[start:start + batch].astype(np.float32) / 255.0  # (B, R, R, 3) in [0, 1]
+            hints = np.concatenate([hints, np.repeat(hints[-1:], pad, axis=0)])
+            control = pipeline.Control(nets=[tuple(controlnet)], images=[hints], scales=control_scale)
+        out = pipeline.txt2img(model.config, params, sampler, cond, uncond, guidance_scale=SHAPES_GUIDANCE,
+                               seed=SHAPES_SEED, first_index=start, options=model.options, control=control)
+        images.append(pipeline.to_uint8(np.asarray(jax.device_get(out))[:len(chunk)]))
+    return np.concatenate(images)
+
+
+def picture(rows: Sequence[tuple[str, np.ndarray]], path: pathlib.Path, label_width: int = 420,
+            scale: int = 4) -> None:
+    """One row of images (N, R, R, 3) uint8 after its label, each image framed in grey and `scale` x enlarged,
+    written as a PNG (every row the same number of images)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ldm_jax.images import image_grid
+
+    framed = [np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64) for _, images in rows]
+    grid = image_grid(np.concatenate(framed), columns=len(framed[0]))
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    sheet = Image.new("RGB", (label_width + grid.shape[1], grid.shape[0]))
+    sheet.paste(Image.fromarray(grid), (label_width, 0))
+    draw, height, font = ImageDraw.Draw(sheet), grid.shape[0] // len(rows), ImageFont.load_default(size=24)
+    for i, (label, _) in enumerate(rows):
+        draw.text((12, i * height + height // 2), label, fill=(255, 255, 255), font=font, anchor="lm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A table as markdown (for the README): ints with thousands separators, everything else as str()."""
+    def cell(v):
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])

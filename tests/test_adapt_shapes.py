@@ -27,6 +27,13 @@ def _bench():
     return module
 
 
+def _common():
+    """bench/common.py, as the bench scripts import it (the `common` module of the bench/ folder)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    return importlib.import_module("common")
+
+
 def _new_scenes(n: int, seed: int) -> list[shapes.Scene]:
     rng = np.random.default_rng(seed)
     return [shapes.sample_new_colour_scene(rng, "white") for _ in range(n)]
@@ -128,15 +135,16 @@ def test_bench_scores_and_table():
 
 
 def test_bench_measures_its_subprocess(tmp_path):
-    """The peak RSS is the command's own, not this process's: with 512 MiB held here, a direct child's ru_maxrss
+    """common.train_in_subprocess (the launcher every bench/ training run goes through): the peak RSS is the
+    command's own, not this process's: with 512 MiB held here, a direct child's ru_maxrss
     would read at least that (Linux counts the parent's RSS up to the child's exec)."""
-    bench = _bench()
+    common = _common()
     held = np.ones(2**29 // 8)
-    wall, peak, cpu = bench.train_in_subprocess(["-c", "import numpy; numpy.ones(2**28 // 8).sum()"], tmp_path / "a.log")
+    wall, peak, cpu = common.train_in_subprocess(["-c", "import numpy; numpy.ones(2**28 // 8).sum()"], tmp_path / "a.log")
     assert 0 < wall < 60 and 0 < cpu < 60 and 0.25 <= peak < 0.5, peak  # a 256 MiB array: that process's own peak, not the test's
     del held
     with pytest.raises(SystemExit, match="(?s)failed \\(exit 3\\).*boom"):
-        bench.train_in_subprocess(["-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "b.log")
+        common.train_in_subprocess(["-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "b.log")
 
 
 def test_bench_dreambooth_recipes_train_on_the_captions(tmp_path):
