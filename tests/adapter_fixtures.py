@@ -1,4 +1,5 @@
-"""Adapter fixtures shared by the sampling tests (tests/test_sample_adapters.py, tests/test_sample_controlnet.py)."""
+"""Adapter fixtures shared by the sampling tests (tests/test_sample_adapters.py, tests/test_sample_controlnet.py) and
+the training tests (tests/test_train_adapters.py, tests/test_train_controlnet.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,15 @@ import jax
 
 from ldm_jax.adapters import lora as lora_lib
 
+
+# Config overrides that shrink the shapes model for training tests: one UNet level (its backward pass compiles in
+# about half the time of two), a one-layer text tower, batch 2, 3 steps, logs every step, no prefetch, one device.
+TINY_TRAIN = {"unet.model_channels": 32, "unet.channel_mult": "(1,)", "unet.num_res_blocks": 1,
+              "unet.attention_resolutions": "(1,)", "unet.num_heads": 2, "unet.num_head_channels": -1,
+              "unet.context_dim": 32, "cond_stage.hidden_size": 32, "cond_stage.intermediate_size": 64,
+              "cond_stage.num_layers": 1, "cond_stage.num_heads": 2, "first_stage.num_res_blocks": 1,
+              "data.global_batch_size": 2, "train.num_steps": 3, "train.log_every": 1, "train.image_every": 100,
+              "train.num_images": 2, "train.progress_bar": False, "mesh.data": 1, "data.prefetch": 0}
 
 def random_attention_lora(params: Any, key: jax.Array) -> lora_lib.Lora:
     """A rank-2 LoRA on the attention of UNet and text encoder of the model `params` whose deltas are a few percent

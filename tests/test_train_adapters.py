@@ -31,6 +31,7 @@ from flax import traverse_util
 from PIL import Image
 
 import tokenizer_fixtures
+from adapter_fixtures import TINY_TRAIN
 from ldm_jax import ldm, store
 from ldm_jax.adapters import lora as lora_lib
 from ldm_jax.data import pipeline, readers, shapes
@@ -39,14 +40,7 @@ from ldm_jax.training import adapters, dreambooth, main, train_ldm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-# One UNet level (its backward pass compiles in about half the time of two), a one-layer text tower.
-TINY = {"unet.model_channels": 32, "unet.channel_mult": "(1,)", "unet.num_res_blocks": 1,
-        "unet.attention_resolutions": "(1,)", "unet.num_heads": 2, "unet.num_head_channels": -1,
-        "unet.context_dim": 32, "cond_stage.hidden_size": 32, "cond_stage.intermediate_size": 64,
-        "cond_stage.num_layers": 1, "cond_stage.num_heads": 2, "first_stage.num_res_blocks": 1,
-        "data.global_batch_size": 2, "train.num_steps": 3, "train.log_every": 1, "train.image_every": 100,
-        "train.num_images": 2, "train.sample_steps": 2, "train.progress_bar": False, "checkpoint.every_steps": 100,
-        "mesh.data": 1, "data.prefetch": 0}
+TINY = {**TINY_TRAIN, "train.sample_steps": 2, "checkpoint.every_steps": 100}
 # Parity of two float32 computations of the same gradient (different contraction orders).
 RTOL = 1e-5
 

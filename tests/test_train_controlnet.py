@@ -31,6 +31,7 @@ from flax import traverse_util
 from PIL import Image
 
 import tokenizer_fixtures
+from adapter_fixtures import TINY_TRAIN
 from ldm_jax import ldm, store
 from ldm_jax.data import pipeline, readers, shapes
 from ldm_jax.images import image_grid
@@ -41,14 +42,8 @@ from ldm_jax.training import controlnet, main, train_ldm
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 # One UNet level, a one-layer text tower, a small hint encoder (f = 4: three widths); folder data.
-TINY = {"unet.model_channels": 32, "unet.channel_mult": "(1,)", "unet.num_res_blocks": 1,
-        "unet.attention_resolutions": "(1,)", "unet.num_heads": 2, "unet.num_head_channels": -1,
-        "unet.context_dim": 32, "cond_stage.hidden_size": 32, "cond_stage.intermediate_size": 64,
-        "cond_stage.num_layers": 1, "cond_stage.num_heads": 2, "first_stage.num_res_blocks": 1,
-        "train.controlnet.conditioning_embedding_out_channels": "(8,8,16)", "data.source": "folder",
-        "data.name": "", "data.global_batch_size": 2, "train.num_steps": 3, "train.log_every": 1,
-        "train.image_every": 100, "train.num_images": 2, "train.eval_split": "", "train.progress_bar": False,
-        "train.ema_decay": 0.9, "checkpoint.every_steps": 2, "mesh.data": 1, "data.prefetch": 0}
+TINY = {**TINY_TRAIN, "train.controlnet.conditioning_embedding_out_channels": "(8,8,16)", "data.source": "folder",
+        "data.name": "", "train.eval_split": "", "train.ema_decay": 0.9, "checkpoint.every_steps": 2}
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest: repeated programs hit XLA's cache
 
