@@ -313,16 +313,20 @@ def test_init_from_a_controlnet_folder_continues_from_it(run, tiny_model, images
         np.testing.assert_array_equal(_flat(adapter.initial["controlnet"])[k], v, err_msg=k)
 
 
-@pytest.mark.parametrize("name", ["controlnet_shapes", "controlnet_sd_v1"])
+@pytest.mark.parametrize("name", ["controlnet_shapes", "controlnet_sd_v1", "controlnet_sd_v2", "controlnet_sdxl"])
 def test_configs_build(name, tmp_path):
-    """Both configs build their stage (full size, shapes only); SD's ControlNet is diffusers' size."""
+    """Every config builds its stage (full size, shapes only); the SD ControlNets have the sizes of diffusers'
+    ControlNetModel for those UNets (counted on the meta device: SD 2.x 364,228,240, SDXL 1,251,014,160)."""
     overrides = {"train.init_from": "unused"}
     if "sd" in name:
         overrides["train.tokenizer"] = str(tokenizer_fixtures.write_clip_tokenizer(tmp_path / "tok"))
+    if name == "controlnet_sdxl":
+        overrides["train.tokenizer_2"] = overrides["train.tokenizer"]
     config = main.load_config(CONFIGS / f"{name}.py", [f"--config.{k}={v}" for k, v in overrides.items()])
     stage = train_ldm.build_stage(config, tmp_path)
-    assert stage.trainable == ("controlnet",) and stage.data.batch_keys == ("image", "tokens", "control")
+    assert stage.trainable == ("controlnet",) and stage.data.batch_keys[-1] == "control"
     cfg = controlnet.architecture(stage.model, stage.train.controlnet)
     assert cfg.hint_factor == stage.model.downsample_factor
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(controlnet_param_shapes(cfg)))
-    assert count == {"controlnet_shapes": 2_838_704, "controlnet_sd_v1": 361_279_120}[name], count
+    assert count == {"controlnet_shapes": 2_838_704, "controlnet_sd_v1": 361_279_120, "controlnet_sd_v2": 364_228_240,
+                     "controlnet_sdxl": 1_251_014_160}[name], count
