@@ -28,17 +28,8 @@ from ldm_jax.training import adapters
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(pathlib.Path(__file__).with_name("sd_v1_finetune.py"))
-    with config.unlocked():
-        config.train.update(adapters.train_fields())
-        config.data.control_key = "conditioning_image"
-    config.train.update(dict(adapter="controlnet", train_cond_stage=False, frozen_dtype="bfloat16", num_steps=12_500,
-                             image_every=100, ema_decay=None))
-    config.train.controlnet.update(dict(init_from="", conditioning_embedding_out_channels=(16, 32, 96, 256)))
-    config.diffusion.cond_drop_prob = 0.0
-    config.data.update(dict(crop="center", random_flip=False, global_batch_size=4,
-                            batch_keys=("image", "tokens", "control")))
-    config.optimizer.update(dict(learning_rate=1e-5, scale_lr=False, warmup_steps=0, weight_decay=1e-2,
-                                 grad_clip_norm=1.0, accumulate_grad_batches=1))
-    config.checkpoint.every_steps = 500
+    config = adapters.controlnet_recipe(load_config_file(pathlib.Path(__file__).with_name("sd_v1_finetune.py")))
+    config.train.update(dict(num_steps=12_500, image_every=100))
+    config.data.crop = "center"
+    config.optimizer.accumulate_grad_batches = 1
     return config

@@ -24,17 +24,8 @@ from ldm_jax.training import adapters
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config_file(pathlib.Path(__file__).with_name("sdxl_finetune.py"))
-    with config.unlocked():
-        config.train.update(adapters.train_fields())
-        config.data.control_key = "conditioning_image"
-    config.train.update(dict(adapter="controlnet", train_cond_stage=False, frozen_dtype="bfloat16", num_steps=15_000,
-                             image_every=500, ema_decay=None))
-    config.train.controlnet.update(dict(init_from="", conditioning_embedding_out_channels=(16, 32, 96, 256)))
-    config.diffusion.cond_drop_prob = 0.0
-    config.data.update(dict(crop="random", random_flip=False, global_batch_size=4,
-                            batch_keys=tuple(config.data.batch_keys) + ("control",)))
-    config.optimizer.update(dict(learning_rate=1e-5, scale_lr=False, warmup_steps=0, weight_decay=1e-2,
-                                 grad_clip_norm=1.0, accumulate_grad_batches=4))
-    config.checkpoint.every_steps = 500
+    config = adapters.controlnet_recipe(load_config_file(pathlib.Path(__file__).with_name("sdxl_finetune.py")))
+    config.train.update(dict(num_steps=15_000, image_every=500))
+    config.data.crop = "random"
+    config.optimizer.accumulate_grad_batches = 4
     return config

@@ -2,11 +2,15 @@
 the training tests (tests/test_train_adapters.py, tests/test_train_controlnet.py)."""
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 
+from ldm_jax import ldm, store
 from ldm_jax.adapters import lora as lora_lib
+from ldm_jax.models.tokenizer import load_tokenizer
 
 
 # Config overrides that shrink the shapes model for training tests: one UNet level (its backward pass compiles in
@@ -26,3 +30,15 @@ def random_attention_lora(params: Any, key: jax.Array) -> lora_lib.Lora:
     up = {path: {"down": pair["down"], "up": 0.3 * jax.random.normal(jax.random.fold_in(key, i), pair["up"].shape)}
           for i, (path, pair) in enumerate(fresh.modules().items())}
     return lora_lib.make_lora(up, fresh.alpha_of())
+
+
+def write_tiny_model(config: ldm.LDMConfig, out: pathlib.Path) -> pathlib.Path:
+    """Saves a random model directory of `config` (a tiny shapes architecture) with the shipped word-level tokenizer
+    into `out`; every UNet param gets noise (0.05 normal), since a zero-initialised proj_out would stop all
+    gradients. Returns `out`."""
+    params = jax.tree.map(np.asarray, jax.jit(ldm.init_params, static_argnums=0)(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params["unet"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params["unet"])
+    tokenizer = load_tokenizer(store.SHIPPED_MODELS["shapes"] / store.TOKENIZER_DIR, "tokenizer_json")
+    store.save_model(ldm.LoadedModel(config=config, params=params, tokenizer=tokenizer), out)
+    return out

@@ -31,11 +31,10 @@ from flax import traverse_util
 from PIL import Image
 
 import tokenizer_fixtures
-from adapter_fixtures import TINY_TRAIN
+from adapter_fixtures import TINY_TRAIN, write_tiny_model
 from ldm_jax import ldm, store
 from ldm_jax.adapters import lora as lora_lib
 from ldm_jax.data import pipeline, readers, shapes
-from ldm_jax.models.tokenizer import load_tokenizer
 from ldm_jax.training import adapters, dreambooth, main, train_ldm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,14 +53,7 @@ def _config(name, overrides):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random model directory with the tiny shapes architecture and the shipped word-level tokenizer."""
-    config = ldm.ldm_config(_config("lora_shapes.py", {}))
-    params = jax.tree.map(np.asarray, jax.jit(ldm.init_params, static_argnums=0)(config, jax.random.key(0)))
-    rng = np.random.default_rng(0)  # noise on every UNet param: zero-initialised proj_out would stop all gradients
-    params["unet"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params["unet"])
-    tokenizer = load_tokenizer(store.SHIPPED_MODELS["shapes"] / store.TOKENIZER_DIR, "tokenizer_json")
-    out = tmp_path_factory.mktemp("tiny_model")
-    store.save_model(ldm.LoadedModel(config=config, params=params, tokenizer=tokenizer), out)
-    return out
+    return write_tiny_model(ldm.ldm_config(_config("lora_shapes.py", {})), tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,11 @@ from flax import traverse_util
 from PIL import Image
 
 import tokenizer_fixtures
-from adapter_fixtures import TINY_TRAIN
+from adapter_fixtures import TINY_TRAIN, write_tiny_model
 from ldm_jax import ldm, store
 from ldm_jax.data import pipeline, readers, shapes
 from ldm_jax.images import image_grid
 from ldm_jax.models.controlnet import check_controlnet_fits, controlnet_param_shapes, controlnet_params_from_unet
-from ldm_jax.models.tokenizer import load_tokenizer
 from ldm_jax.training import controlnet, main, train_ldm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -55,14 +54,7 @@ def _config(overrides=None, name="controlnet_shapes.py"):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random model directory with the tiny shapes architecture and the shipped word-level tokenizer."""
-    config = ldm.ldm_config(_config())
-    params = jax.tree.map(np.asarray, jax.jit(ldm.init_params, static_argnums=0)(config, jax.random.key(0)))
-    rng = np.random.default_rng(0)  # noise on every UNet param: zero-initialised proj_out would stop all gradients
-    params["unet"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params["unet"])
-    tokenizer = load_tokenizer(store.SHIPPED_MODELS["shapes"] / store.TOKENIZER_DIR, "tokenizer_json")
-    out = tmp_path_factory.mktemp("tiny_model")
-    store.save_model(ldm.LoadedModel(config=config, params=params, tokenizer=tokenizer), out)
-    return out
+    return write_tiny_model(ldm.ldm_config(_config()), tmp_path_factory.mktemp("tiny_model"))
 
 
 def _scenes(n, seed=0):

@@ -169,6 +169,27 @@ def textual_inversion_recipe(config: ml_collections.ConfigDict) -> ml_collection
     return config
 
 
+def controlnet_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns a Stable Diffusion fine-tune config (configs/sd_v1_finetune.py, sdxl_finetune.py) into diffusers'
+    train_controlnet*.py recipe, in place: `train.adapter="controlnet"` started from the base UNet (from_unet) with
+    the (16, 32, 96, 256) hint encoder, control images `<stem>.conditioning_image.<ext>` (added to the batch keys),
+    the text towers frozen, the frozen model in bfloat16, AdamW 1e-5 (not scaled, weight decay 1e-2) constant
+    without warm-up, clipping 1.0, batch 4, no prompt dropout, no flips, no EMA, checkpoints every 500 steps.
+    Returns `config`."""
+    with config.unlocked():
+        config.train.update(train_fields())
+        config.data.control_key = "conditioning_image"
+    config.train.update(dict(adapter="controlnet", train_cond_stage=False, frozen_dtype="bfloat16", ema_decay=None))
+    config.train.controlnet.update(dict(init_from="", conditioning_embedding_out_channels=(16, 32, 96, 256)))
+    config.diffusion.cond_drop_prob = 0.0
+    config.data.update(dict(random_flip=False, global_batch_size=4,
+                            batch_keys=tuple(config.data.batch_keys) + ("control",)))
+    config.optimizer.update(dict(learning_rate=1e-5, scale_lr=False, warmup_steps=0, weight_decay=1e-2,
+                                 grad_clip_norm=1.0))
+    config.checkpoint.every_steps = 500
+    return config
+
+
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
@@ -319,5 +340,5 @@ def _log_sampling(stage: Any, flags: list[str]) -> None:
 
 
 __all__ = ["ADAPTERS", "Adapter", "EMBEDDING_FILE", "LORA_FILE", "LORA_KOHYA_FILE", "LoraTrainConfig",
-           "TextualInversionTrainConfig", "cast_frozen", "lora_modules", "prepare", "shape_tree",
+           "TextualInversionTrainConfig", "cast_frozen", "controlnet_recipe", "lora_modules", "prepare", "shape_tree",
            "textual_inversion_recipe", "train_fields", "write_adapter_files"]
