@@ -172,90 +172,20 @@ def initial_latents(size: int, seed: int = SEED) -> np.ndarray:
 
 def write_model(folder: str | os.PathLike, *, tiny: bool, seed: int = SEED) -> dict:
     """Builds the random-weight SDXL base with diffusers' / transformers' classes (their default init, then cast
-    to float16 one module at a time) and saves it with StableDiffusionXLPipeline.save_pretrained (safetensors).
-    Writes INFO_FILE beside it; returns that dict (param counts, seconds per phase)."""
-    import torch
-    import transformers
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    sys.path.insert(0, str(common.ROOT / "tests"))
-    from tokenizer_fixtures import write_clip_tokenizer
-
-    folder = pathlib.Path(folder)
-    c = component_configs(tiny)
-    torch.manual_seed(seed)
-    seconds, counts, parts = {}, {}, {}
-    builders = {
-        "unet": lambda: UNet2DConditionModel(**c["unet"]),
-        "text_encoder": lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**c["text_encoder"])),
-        "text_encoder_2": lambda: transformers.CLIPTextModelWithProjection(
-            transformers.CLIPTextConfig(**c["text_encoder_2"])),
-        "vae": lambda: AutoencoderKL(**c["vae"]),
-    }
-    for name, build in builders.items():
-        start = time.perf_counter()
-        module = build().eval()
-        counts[name] = sum(p.numel() for p in module.parameters())
-        parts[name] = module.to(torch.float16)
-        seconds[f"init_{name}"] = took = time.perf_counter() - start
-        print(f"  {name}: {counts[name]:,} params, built and cast to float16 in {took:.1f} s", flush=True)
-    tokenizer_dir = write_clip_tokenizer(pathlib.Path(tempfile.mkdtemp(prefix="sdxl_tokenizer_")))
-    tok = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, model_max_length=77)
-    # OpenCLIP's tokenizer (SDXL's tokenizer_2) pads with "!" (id 0) instead of the end-of-text token.
-    tok_2 = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True,
-                                                       model_max_length=77, pad_token="!")
-    pipe = StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok_2,
-                                     scheduler=EulerDiscreteScheduler(**c["scheduler"]), **parts)
-    start = time.perf_counter()
-    # One weights file per component (the store reads unsharded folders; the fp16 UNet is 5.1 GB).
-    pipe.save_pretrained(folder, safe_serialization=True, max_shard_size="100GB")
-    seconds["save"] = time.perf_counter() - start
-    info = dict(tiny=tiny, size=image_size(tiny), params=counts, total_params=sum(counts.values()),
-                tokenizer_vocab=len(tok), seconds=seconds,
-                bytes_on_disk=sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
-    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
-    return info
+    to float16 one module at a time) and saves it with StableDiffusionXLPipeline.save_pretrained (safetensors;
+    `common.write_random_diffusers_folder`). Writes INFO_FILE beside it; returns that dict (param counts, seconds
+    per phase)."""
+    return common.write_random_diffusers_folder(
+        folder, component_configs(tiny), scheduler_class="EulerDiscreteScheduler", info_file=INFO_FILE,
+        info=dict(tiny=tiny, size=image_size(tiny)), seed=seed)
 
 
 def read_info(folder: pathlib.Path) -> dict:
-    path = folder / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {INFO_FILE}: write the model with --write-model {folder}")
-    return json.loads(path.read_text())
+    """The INFO_FILE that `write_model` wrote in `folder`."""
+    return common.read_info(folder, INFO_FILE)
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-
-
-class PeakMemory:
-    """Peak resident memory (VmHWM) of this process per phase; `mark(name)` records the peak since the last mark
-    and resets it (Linux >= 4.0: writing 5 to /proc/self/clear_refs). Without the reset, each phase's value is the
-    peak since the process started (`resettable` False)."""
-
-    def __init__(self):
-        self.phases: dict[str, float] = {}
-        self.resettable = self._reset()
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            pathlib.Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def current(field: str = "VmHWM") -> float:
-        """`field` of /proc/self/status in GiB."""
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-        return float("nan")
-
-    def mark(self, name: str) -> float:
-        self.phases[name] = self.current()
-        self._reset()
-        return self.phases[name]
 
 
 def stop_fractions(kept, num_train_timesteps: int, steps: int) -> tuple[float, float]:
@@ -294,7 +224,7 @@ def worker_ours(args) -> dict:
     from ldm_jax.convert.diffusers_pipeline import read_scheduler_config, sampler_options
     from ldm_jax.diffusion.samplers import denoising_bounds
 
-    memory, clock = PeakMemory(), common.CompileClock()
+    memory, clock = common.PeakMemory(), common.CompileClock()
     start = time.perf_counter()
     model = store.load_model(args.folder, dtype=args.dtype, attention=args.attention)
     convert_s = time.perf_counter() - start
@@ -348,7 +278,7 @@ def worker_torch(args) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    memory = PeakMemory()
+    memory = common.PeakMemory()
     start = time.perf_counter()
     pipe = StableDiffusionXLPipeline.from_pretrained(args.folder, torch_dtype=dtype, local_files_only=True)
     load_s = time.perf_counter() - start
@@ -449,13 +379,6 @@ def memory_estimate_gib(side: str, dtype: str, info: dict, size: int, param_dtyp
     return max(load, held + work) / GIB + 0.5  # + interpreter and libraries
 
 
-def available_gib() -> float:
-    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return float("inf")
-
-
 def _worker_argv(side: str, dtype: str, args) -> list[str]:
     return [str(pathlib.Path(__file__).resolve()), "--worker", side, "--folder", str(args.folder), "--dtype", dtype,
             "--size", str(args.size), "--steps", str(args.steps), "--runs", str(args.runs), "--guidance",
@@ -554,7 +477,7 @@ def main(argv=None) -> None:
     results: dict[tuple[str, str], dict] = {}
     for dtype in dtypes:
         for side in sides:
-            need, have = memory_estimate_gib(side, dtype, info, args.size, args.param_dtype), available_gib()
+            need, have = memory_estimate_gib(side, dtype, info, args.size, args.param_dtype), common.available_gib()
             if need > have - 0.5 and not args.force:
                 reason = f"estimated peak {need:.1f} GiB > {have:.1f} GiB available - 0.5"
                 print(f"  {side} {dtype}: skipped ({reason}; --force runs it)", flush=True)

@@ -16,6 +16,12 @@ ours, diffusers PyTorch and diffusers Flax (bench/reference_flax.py in .venv-ref
 
 Workers print one line `BENCH_RESULT <json>`; `run_worker` runs one and parses it.
 
+Full-size reference-library folders and whole processes (bench/bench_sdxl.py, bench/bench_sd_scale.py):
+`write_random_diffusers_folder` (a random-weight SD or SDXL pipeline built by diffusers' and transformers' own
+classes, saved as fp16 safetensors by its `save_pretrained`, with a small real CLIP BPE tokenizer), `read_info`,
+`PeakMemory` (a process's own peak RSS per phase), `available_gib` and `measure_process` (a whole command's wall
+time, peak RSS and CPU time, measured from outside by a small launcher).
+
 The shapes-world demos (bench/adapt_shapes.py, bench/controlnet_shapes.py) share: `train_in_subprocess` (a training
 run in its own process: wall time, CPU time and its own peak RSS), `trained_steps`, `sample_prompts` (the embedded
 model's images as `ldm-jax sample` makes them, optionally steered by a ControlNet), `picture` and `markdown_table`.
@@ -27,6 +33,7 @@ import json
 import os
 import pathlib
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -242,8 +249,119 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------ training runs and the shapes-world demos
-# (bench/adapt_shapes.py, bench/controlnet_shapes.py: the embedded model, trained through `ldm-jax train`)
+# ---------------------------------------------------------- random-weight reference folders and whole processes
+
+
+def write_random_diffusers_folder(folder: str | os.PathLike, configs: dict[str, dict], *, scheduler_class: str,
+                                  info_file: str, info: dict[str, Any] | None = None, seed: int = 0) -> dict:
+    """Builds a random-weight Stable Diffusion (or, with a "text_encoder_2", SDXL) pipeline with diffusers' and
+    transformers' own classes and saves it with the pipeline's `save_pretrained` as float16 safetensors.
+
+    configs: constructor arguments of "unet" (UNet2DConditionModel), "text_encoder" (transformers CLIPTextConfig of a
+    CLIPTextModel), optional "text_encoder_2" (of a CLIPTextModelWithProjection: an SDXL pipeline), "vae"
+    (AutoencoderKL) and "scheduler" (diffusers' `scheduler_class`). Each module gets its class's default (random)
+    init after torch.manual_seed(seed) and is cast to float16 at once. The tokenizers are the small real CLIP BPE of
+    tests/tokenizer_fixtures.py (no download; the embedding tables keep their configured rows); SDXL's second one
+    pads with "!" (id 0) as OpenCLIP's. An SD pipeline is saved without safety checker and feature extractor.
+    Writes `info_file` beside the model: `info`'s entries, then param counts, seconds per phase, the tokenizer's
+    vocabulary size and the bytes on disk; returns that dict."""
+    import tempfile
+
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tokenizer_fixtures import write_clip_tokenizer
+
+    folder = pathlib.Path(folder)
+    sdxl = "text_encoder_2" in configs
+    torch.manual_seed(seed)
+    seconds, counts, parts = {}, {}, {}
+    builders = {
+        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
+        "text_encoder": lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
+        "text_encoder_2": lambda: transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**configs["text_encoder_2"])),
+        "vae": lambda: AutoencoderKL(**configs["vae"]),
+    }
+    for name, build in builders.items():
+        if name not in configs:
+            continue
+        start = time.perf_counter()
+        module = build().eval()
+        counts[name] = sum(p.numel() for p in module.parameters())
+        parts[name] = module.to(torch.float16)
+        seconds[f"init_{name}"] = took = time.perf_counter() - start
+        print(f"  {name}: {counts[name]:,} params, built and cast to float16 in {took:.1f} s", flush=True)
+    tokenizer_dir = write_clip_tokenizer(pathlib.Path(tempfile.mkdtemp(prefix="bench_tokenizer_")))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, model_max_length=77)
+    scheduler = getattr(diffusers, scheduler_class)(**configs["scheduler"])
+    if sdxl:
+        # OpenCLIP's tokenizer (SDXL's tokenizer_2) pads with "!" (id 0) instead of the end-of-text token.
+        tok_2 = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True,
+                                                           model_max_length=77, pad_token="!")
+        pipe = StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok_2, scheduler=scheduler, **parts)
+    else:
+        pipe = StableDiffusionPipeline(tokenizer=tok, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    start = time.perf_counter()
+    # One weights file per component (the store reads unsharded folders; SDXL's fp16 UNet is 5.1 GB).
+    pipe.save_pretrained(folder, safe_serialization=True, max_shard_size="100GB")
+    seconds["save"] = time.perf_counter() - start
+    info = dict(info or {}, params=counts, total_params=sum(counts.values()), tokenizer_vocab=len(tok),
+                seconds=seconds, bytes_on_disk=sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+    (folder / info_file).write_text(json.dumps(info, indent=1))
+    return info
+
+
+def read_info(folder: pathlib.Path, info_file: str, write_flag: str = "--write-model") -> dict:
+    """The `info_file` that `write_random_diffusers_folder` wrote in `folder`."""
+    path = folder / info_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {info_file}: write the model with {write_flag} {folder}")
+    return json.loads(path.read_text())
+
+
+class PeakMemory:
+    """Peak resident memory (VmHWM) of this process per phase; `mark(name)` records the peak since the last mark
+    and resets it (Linux >= 4.0: writing 5 to /proc/self/clear_refs). Without the reset, each phase's value is the
+    peak since the process started (`resettable` False)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self.resettable = self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            pathlib.Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def current(field: str = "VmHWM") -> float:
+        """`field` of /proc/self/status in GiB."""
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+        return float("nan")
+
+    def mark(self, name: str) -> float:
+        self.phases[name] = self.current()
+        self._reset()
+        return self.phases[name]
+
+
+def available_gib() -> float:
+    """MemAvailable of /proc/meminfo in GiB (inf where there is none)."""
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
 
 # Starts the command (argv[2:]) and writes its ru_maxrss (KiB) and CPU seconds (user + system) to argv[1]. A child's
 # ru_maxrss counts the RSS of the process it was forked from up to its exec (Linux records the old mm's high-water
@@ -254,22 +372,56 @@ _LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _,
              "sys.exit(os.waitstatus_to_exitcode(s))")
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessRun:
+    """One command run by `measure_process`: exit code, wall seconds (launcher start to exit), the command's own
+    peak RSS in GiB (ru_maxrss; nan when it did not run) and CPU seconds (user + system, all threads)."""
+    returncode: int
+    wall_s: float
+    peak_rss_gib: float
+    cpu_s: float
+
+
+def measure_process(cmd: Sequence[str], log_path: pathlib.Path, *, env: dict[str, str] | None = None,
+                    cwd: pathlib.Path = ROOT, timeout: float | None = None) -> ProcessRun:
+    """Runs the command `cmd` (stdout and stderr to log_path) and measures it alone from outside (`os.wait4` in a
+    small launcher process, `_LAUNCHER`). env: the whole environment of the command (default this process's).
+    timeout: seconds, after which the command is killed (returncode -9). Never raises for the command's own
+    failure: look at `returncode` (and the log)."""
+    rss_path = log_path.with_suffix(".maxrss")
+    rss_path.unlink(missing_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        start = time.perf_counter()
+        # With a timeout, the launcher and the command get their own process group, killed together on expiry.
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(rss_path), *map(str, cmd)], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=timeout is not None)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.write(f"\n[measure_process: killed after {timeout} s]\n")
+            code = -signal.SIGKILL
+        wall = time.perf_counter() - start
+    if not rss_path.is_file():  # the launcher itself failed (e.g. the command does not exist)
+        return ProcessRun(code or 1, wall, float("nan"), float("nan"))
+    peak, cpu = rss_path.read_text(encoding="utf-8").split()
+    rss_path.unlink()
+    return ProcessRun(code, wall, int(peak) / 2**20, float(cpu))  # ru_maxrss is in KiB on Linux
+
+
+# ------------------------------------------------------------------ training runs and the shapes-world demos
+# (bench/adapt_shapes.py, bench/controlnet_shapes.py: the embedded model, trained through `ldm-jax train`)
+
 def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[float, float, float]:
     """Runs `python argv...` (cwd: the repo root, output to log_path); returns (wall seconds, peak RSS GiB, CPU
     seconds: user + system, all threads) of that process alone (`os.wait4` in a small launcher process,
     `_LAUNCHER`). Raises SystemExit with the log's tail when it fails."""
-    rss_path = log_path.with_suffix(".maxrss")
-    with open(log_path, "w", encoding="utf-8") as log:
-        start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rss_path), sys.executable, *argv], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT)
-        wall = time.perf_counter() - start
-    if code:
+    run = measure_process([sys.executable, *argv], log_path)
+    if run.returncode:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise SystemExit(f"{' '.join(argv)} failed (exit {code}); {log_path}:\n{tail}")
-    peak, cpu = rss_path.read_text(encoding="utf-8").split()
-    rss_path.unlink()
-    return wall, int(peak) / 2**20, float(cpu)  # ru_maxrss is in KiB on Linux
+        raise SystemExit(f"{' '.join(argv)} failed (exit {run.returncode}); {log_path}:\n{tail}")
+    return run.wall_s, run.peak_rss_gib, run.cpu_s
 
 
 def trained_steps(workdir: pathlib.Path) -> int:
