@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip_norm=0.0, accumulate_grad_batches=1))
     config.train = ml_collections.ConfigDict(dict(
         num_steps=100_000, seed=0, log_every=100, image_every=5000, num_images=16, eval_split="",
-        dtype="float32", attention="xla", remat=False, progress_bar=True, first_stage="", init_from="",
-        tokenizer="", train_cond_stage=False, ema_decay=config_dict.placeholder(float), precompute_latents=False,
+        dtype="float32", attention="xla", remat=False, progress_bar=True, compile_cache=True, first_stage="",
+        init_from="", tokenizer="", train_cond_stage=False, ema_decay=config_dict.placeholder(float), precompute_latents=False,
         sample_posterior=True, sampler="ddim", sample_steps=50, guidance_scale=5.0, check_shapes=False))
     config.train.ema_decay = 0.9999  # None turns EMA off
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True))

@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         config.optimizer.disc_learning_rate = ml_collections.config_dict.placeholder(float)
         config.train = ml_collections.ConfigDict(dict(
             num_steps=5000, seed=0, log_every=100, image_every=250, num_images=16, eval_split="validation",
-            dtype="float32", attention="xla", remat=False, progress_bar=True))
+            dtype="float32", attention="xla", remat=False, progress_bar=True, compile_cache=True))
         config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
         config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, param_rules=((".*", "fsdp_auto"),)))
     config.lock()

@@ -28,6 +28,9 @@ sensitivity: the denoising loss of a model on the captioned PNGs of DIR (e.g. a 
 timesteps and noise, with the true captions, with each attribute made wrong, and with the empty prompt
 (`metrics.prompt_sensitivity`): which words the model reads.
 Each command prints a table and returns its numbers from the library function of the same name.
+The commands that run JAX programs (autoencode, reconstruction, fid, clip-score, sensitivity) use the persistent
+compilation cache as `ldm-jax sample` does (`ldm_jax.compile_cache`; quietly: stderr gets a line only when its
+directory cannot be written); `--no-compile-cache` turns it off.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ldm_jax import ldm, pipeline, store
+from ldm_jax import compile_cache, ldm, pipeline, store
 from ldm_jax.cli import ArgumentParser, int_in, one_line, writable_dir
 from ldm_jax.data import readers
 from ldm_jax.sampling import GRID_FILE
@@ -254,6 +257,9 @@ def sensitivity(model: ldm.LoadedModel, images_dir: str | pathlib.Path, timestep
                                                  seed=seed)
 
 
+COMPILING = ("autoencode", "reconstruction", "fid", "clip-score", "sensitivity")  # the commands that run JAX programs
+
+
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     """Left-aligned plain-text table; floats with 4 decimals."""
     cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in [header, *rows]]
@@ -311,6 +317,10 @@ def build_parser(prog: str = "ldm-jax evaluate") -> ArgumentParser:
     p.add_argument("--images", required=True, help="captioned PNGs (e.g. from `split`)")
     p.add_argument("--timesteps", default="50,300,600,850,950", help="comma-separated training timesteps")
     p.add_argument("--seed", type=int_in(0, 2**32), default=0, help="draws the noise and the corruptions")
+    for name in COMPILING:
+        commands.choices[name].add_argument(
+            "--no-compile-cache", dest="compile_cache", action="store_false",
+            help="do not read or write the persistent compilation cache (see ldm-jax sample --help)")
     return parser
 
 
@@ -330,6 +340,8 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
             timesteps = [int(t) for t in args.timesteps.split(",")]
         except ValueError:
             parser.error(f"--timesteps must be comma-separated integers, got {args.timesteps!r}")
+    if args.command in COMPILING:
+        compile_cache.setup(args.compile_cache, switch="--no-compile-cache")
 
     if args.command == "split":
         count = write_split(args.data_dir, args.split, args.outdir, num=args.num, name=args.name)

@@ -13,7 +13,8 @@ masks, ControlNets' params, control images, scales and guidance fractions. Stati
 the ControlNets' configs, number and guess mode, mesh, the run-time options (`ldm.RunOptions`: attention
 implementation, remat, compute and param dtypes), the sampler kind and step count, batch size and image size,
 clip_skip, whether guidance runs (some scale > 1) and whether latents or images come out. `trace_count(kind)` counts
-traces, for tests.
+traces, for tests. Each compile is logged (logger "ldm_jax.pipeline", INFO): the program's kind, the time it took,
+and whether it was compiled or read from the persistent compilation cache (`compile_cache.watch`).
 
 Randomness, per example: example i (its global index, `first_index + position in the batch`) uses
   e_i = fold_in(key(seed), i);  initial noise = normal(e_i, latent shape);
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ldm_jax import ldm, parallel
+from ldm_jax import compile_cache, ldm, parallel
 from ldm_jax.control import Control, ControlKey, control_inputs, controlled_unet, keep_at_step
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guided_cond
 from ldm_jax.diffusion.micro_conditioning import MicroConditioning  # re-exported (in __all__)
@@ -66,6 +68,7 @@ KINDS = ("txt2img", "img2img", "inpaint", "refine")
 OUTPUTS = ("images", "latents")
 STEP_STREAM = 2**32 - 1
 _TRACES: collections.Counter = collections.Counter()
+log = logging.getLogger(__name__)
 
 
 def trace_count(kind: str) -> int:
@@ -441,7 +444,12 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, c
     params, sampler = (_replicate(tree, replicated) for tree in (params, sampler))
     if nets is not None:  # the ControlNets' params travel with the model's, replicated too
         params = {**params, CONTROLNETS: _replicate(nets[1], replicated)}
-    return fn(params, sampler, _place_inputs(inputs, mesh))
+    inputs = _place_inputs(inputs, mesh)
+    with compile_cache.watch() as compiles:  # a first call traces and compiles (or reads the persistent cache)
+        out = fn(params, sampler, inputs)
+    if compiles:
+        log.info("%s program: %s", kind, compiles.describe())
+    return out
 
 
 def _replicate(tree: Any, replicated: NamedSharding) -> Any:

@@ -57,12 +57,20 @@ image, --init-image and --mask runs all take them (not --refiner). Scales and fr
 reuses the compiled program. The PNGs record each net ("controlnets": SRC:SCALE, "control_images",
 "control_start", "control_end", "control_resize", "guess_mode").
 
+Compiling: the run's programs go into the persistent compilation cache (`ldm_jax.compile_cache`: $LDM_JAX_CACHE_DIR,
+else $XDG_CACHE_HOME/ldm-jax/xla or ~/.cache/ldm-jax/xla), so a second run of the same model, size, batch, sampler
+and steps reads them back instead of compiling; `--no-compile-cache` (or LDM_JAX_CACHE_DIR set to "") turns it
+off. The progress lines say where the cache is and, per compiled pipeline program, how long it took and whether
+it came from the cache.
+
 The CompVis txt2img flags are accepted as aliases: --ckpt, --scale, --ddim_steps, --ddim_eta, --n_samples,
 --H, --W, --from-file, --plms.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import pathlib
 import secrets
@@ -151,6 +159,7 @@ class SampleRequest:
     control_ends: tuple[float, ...] = ()
     guess_mode: bool = False
     control_resize: str = "default"
+    compile_cache: bool = True
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -388,8 +397,9 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     validate(request)  # before JAX starts: a bad flag is reported at once
     import jax  # noqa: PLC0415 (JAX starts only after the flags are checked)
 
-    from ldm_jax import parallel, pipeline  # noqa: PLC0415
+    from ldm_jax import compile_cache, parallel, pipeline  # noqa: PLC0415
 
+    cache_line = compile_cache.setup(request.compile_cache, switch="--no-compile-cache")  # before anything compiles
     request = _resolve_seed(request)
     model = with_adapters(request, load_model(request))
     config = model.config
@@ -412,6 +422,7 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     if model.tokenizer is not None:
         report_prompts(request, pipeline.inspect_prompts(model, [*request.prompts, request.negative_prompt or ""]))
     images = []
+    print(cache_line, file=sys.stderr)
     print(f"model {model.model_id}: {len(prompts)} image(s), {request.sampler} {request.steps} steps, "
           f"guidance {request.guidance}, {height}x{width}, {devices} device(s)"
           + (f", {len(request.controlnets)} ControlNet(s)" if control else ""), file=sys.stderr)
@@ -803,6 +814,9 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
                          "to the output (diffusers' resize_mode): default (stretch), crop (keep the aspect ratio, crop "
                          "around the centre), fill (keep it, fill the margins)")
     p.add_argument("--outdir", default="outputs")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="do not read or write the persistent compilation cache (default: on, in $LDM_JAX_CACHE_DIR, "
+                   "else $XDG_CACHE_HOME/ldm-jax/xla or ~/.cache/ldm-jax/xla; LDM_JAX_CACHE_DIR= turns it off too)")
     return p
 
 
@@ -838,10 +852,36 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sample.py") -> Sa
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "sample.py") -> int:
-    """The sampling command line: 0 on success, 2 (with one line on stderr) on a user error."""
+    """The sampling command line: 0 on success, 2 (with one line on stderr) on a user error. The pipelines'
+    compile reports (logger "ldm_jax.pipeline") are progress lines on stderr."""
     try:
-        run(parse_args(argv, prog))
+        with _progress_logging("ldm_jax.pipeline"):
+            run(parse_args(argv, prog))
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records as plain lines on stderr through `tqdm.write`, which keeps a progress bar whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's contract: a handler reports its own failure
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _progress_logging(name: str):
+    """Within the block, logger `name`'s INFO records are progress lines on stderr (`_TqdmHandler`)."""
+    logger, handler = logging.getLogger(name), _TqdmHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

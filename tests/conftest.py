@@ -1,7 +1,9 @@
 """Test set-up shared by every test.
 
 - Tests run on the CPU with float32 and the fewest XLA optimisations (compile time dominates tiny models); compiled
-  programs go into a persistent compilation cache for the session (`session_compilation_cache`).
+  programs go into a persistent compilation cache for the session (`session_compilation_cache`). The commands that
+  tests start as subprocesses use their own cache by default (`ldm_jax.compile_cache`): LDM_JAX_CACHE_DIR points
+  them at a directory of the session (`subprocess_compilation_cache`), never the user's ~/.cache.
 - `torchvision` is hidden: the lpips reference package pulls PyPI's torchvision, a CUDA build that cannot
   import beside the CPU torch 2.13 wheel, and transformers/diffusers would try to import it. With
   `sys.modules["torchvision"] = None` they see it as absent. The LPIPS parity test lends lpips a small
@@ -78,6 +80,22 @@ def session_compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+    """LDM_JAX_CACHE_DIR for the whole session: the `ldm-jax` / sample.py / train.py processes that tests start
+    inherit it and keep their compiled programs in a fresh directory of this session (`ldm_jax.compile_cache`
+    would otherwise use ~/.cache/ldm-jax/xla). Commands run in this process keep the session's cache above: a
+    process that has a cache directory already keeps it."""
+    name = "LDM_JAX_CACHE_DIR"
+    before = os.environ.get(name)
+    os.environ[name] = str(tmp_path_factory.mktemp("xla_cache_subprocesses"))
+    yield
+    if before is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = before
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ SAMPLE_FLAGS = {
     # for its own value and not for the pairing.
     "controlnets": "lora", "control_images": "path", "control_starts": ("float", ["-0.1", "1"]),
     "control_ends": ("float", ["0", "1.5"]), "guess_mode": "switch", "control_resize": "choice",
+    "compile_cache": "switch",
 }
 CONVERT_FLAGS = {
     "source": "path", "dest": "dir", "to": "choice", "dtype": "choice", "config": "path", "tokenizer": "path",
@@ -62,13 +63,18 @@ CONVERT_FLAGS = {
 }
 EVALUATE_FLAGS = {  # per sub-command
     "split": {"data_dir": "path", "split": "choice", "name": "choice", "num": ("int", ["0", "-1"]), "outdir": "dir"},
-    "autoencode": {"checkpoint": "path", "attention": "choice", "images": "path", "outdir": "dir"},
+    "autoencode": {"checkpoint": "path", "attention": "choice", "images": "path", "outdir": "dir",
+                   "compile_cache": "switch"},
     "adherence": {"images": "path", "per_image": "switch"},
-    "reconstruction": {"images": "path", "reconstructions": "path", "lpips_vgg": "path", "lpips_heads": "path"},
-    "fid": {"stats": "path", "images": "path", "inception": "path", "batch_size": ("int", ["0"])},
-    "clip-score": {"images": "path", "clip": "path", "per_image": "switch", "batch_size": ("int", ["0"])},
+    "reconstruction": {"images": "path", "reconstructions": "path", "lpips_vgg": "path", "lpips_heads": "path",
+                       "compile_cache": "switch"},
+    "fid": {"stats": "path", "images": "path", "inception": "path", "batch_size": ("int", ["0"]),
+            "compile_cache": "switch"},
+    "clip-score": {"images": "path", "clip": "path", "per_image": "switch", "batch_size": ("int", ["0"]),
+                   "compile_cache": "switch"},
     "sensitivity": {"checkpoint": "path", "attention": "choice", "images": "path",
-                    "timesteps": ("text", ["a,b", "5000", "-1"]), "seed": ("int", ["-1", str(2**32)])},
+                    "timesteps": ("text", ["a,b", "5000", "-1"]), "seed": ("int", ["-1", str(2**32)]),
+                    "compile_cache": "switch"},
 }
 TRAIN_FLAGS = {"config": "path", "workdir": "dir", "coordinator": ("text", ["localhost", "host:0"]),
                "num_processes": ("int", ["0"]), "process_id": ("int", ["-1"])}
@@ -92,7 +98,7 @@ TRAIN_FIELDS = {
     "train.guidance_scale": [], "train.attention": "choice", "train.dtype": "choice", "train.sampler": "choice",
     "train.first_stage": "path", "train.init_from": "path", "train.tokenizer": "path", "train.eval_split": "text",
     "train.remat": [], "train.check_shapes": [], "train.precompute_latents": [], "train.progress_bar": [],
-    "train.sample_posterior": [], "train.train_cond_stage": [],
+    "train.sample_posterior": [], "train.train_cond_stage": [], "train.compile_cache": [],
 }
 TRAIN_FIELDS.update({
     "loss.disc_factor": ["-1.0"], "loss.disc_ndf": ["0"], "loss.disc_num_layers": ["0"], "loss.disc_start": ["-1"],

@@ -15,6 +15,8 @@ that restores: one that does not is logged and moved to checkpoints/corrupt/, an
 stops with a one-line error instead of starting over), tensorboard/, metrics.jsonl (one line per logged step;
 `data/skipped_images` counts the unreadable images the data source skipped) and images/ (reconstruction or sample
 grids as PNG).
+The command keeps its compiled programs in the persistent compilation cache (`ldm_jax.compile_cache`: a rerun
+or a resumed run of the same config reads them back); `--config.train.compile_cache=false` turns it off.
 
 Config sections shared by the stages (each becomes a frozen dataclass, so a misspelt field fails):
 `data` (pipeline.DataConfig), `checkpoint` (checkpoint.CheckpointConfig), `mesh` (parallel.MeshConfig),
@@ -85,6 +87,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ldm_jax").setLevel(logging.INFO)  # our progress lines; libraries stay at warnings
     parallel.initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
+    from ldm_jax import compile_cache  # noqa: PLC0415
+
+    train = fv.config.get("train") or {}
+    log.info("%s", compile_cache.setup(bool(train.get("compile_cache", True)),
+                                       switch="train.compile_cache=false"))  # before anything compiles
     try:
         train_and_evaluate(fv.config, fv.workdir)
     except ConfigError as err:
@@ -274,7 +281,8 @@ class TrainConfig:
     log_every / image_every: scalar and image-grid intervals; num_images: images per grid (a multiple of the
     device count), from `eval_split` of the data ("" = the training split); dtype: "float32" or "bfloat16"
     compute (params stay float32); attention / remat: the run-time options of the modules (`ldm.RunOptions`,
-    never saved with a model).
+    never saved with a model); compile_cache: the command (`main`) keeps compiled programs in the persistent
+    compilation cache (`ldm_jax.compile_cache`; false: it does not).
     """
 
     num_steps: int = 1000
@@ -287,6 +295,7 @@ class TrainConfig:
     attention: str = "xla"
     remat: bool | str = False
     progress_bar: bool = True
+    compile_cache: bool = True
 
     def __post_init__(self):
         for name in ("num_steps", "log_every", "image_every", "num_images"):
