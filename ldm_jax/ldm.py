@@ -321,7 +321,9 @@ class RunOptions:
       "jax_nn" or "chunked" (`ldm_jax.models.attention`).
     remat: False, True (recompute each block in the backward pass) or a `jax.checkpoint_policies` name.
     dtype: the compute dtype (float32 or bfloat16); norms, softmax and sampler arithmetic stay float32.
-    param_dtype: the dtype params are stored in while training or sampling.
+    param_dtype: the dtype params are stored in while training or sampling (float32 or bfloat16; for sampling,
+      `store.load_model(param_dtype=)` reads them in it, and the modules compute in `dtype`, norms, softmax and the
+      last convs in float32, whatever the params' dtype).
     """
 
     attention: str = "xla"
@@ -334,9 +336,10 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.b
 
 
 def run_options(*, attention: str | None = None, remat: bool | str | None = None, dtype: Any = None,
-                where: str = "", base: RunOptions = RunOptions()) -> RunOptions:
+                param_dtype: Any = None, where: str = "", base: RunOptions = RunOptions()) -> RunOptions:
     """`base` with the given run-time options replaced, each checked (the one way to build RunOptions from
-    user input: `store.load_model` and the training configs). dtype: a name in COMPUTE_DTYPES or a jnp dtype.
+    user input: `store.load_model` and the training configs). dtype, param_dtype: a name in COMPUTE_DTYPES or a
+    jnp dtype (float32 or bfloat16).
     `where` prefixes the option names in errors (e.g. "train." names train.attention); a bad value is a
     ValueError naming the option, the value and the choices."""
     changes: dict[str, Any] = {}
@@ -344,12 +347,16 @@ def run_options(*, attention: str | None = None, remat: bool | str | None = None
         changes["attention"] = check_attention(attention, f"{where}attention")
     if remat is not None:
         changes["remat"] = check_remat(remat, f"{where}remat")
-    if isinstance(dtype, str):
-        if dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"{where}dtype is {dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}")
-        dtype = COMPUTE_DTYPES[dtype]
-    if dtype is not None:
-        changes["dtype"] = dtype
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if value not in COMPUTE_DTYPES:
+                raise ValueError(f"{where}{name} is {value!r}; expected one of {sorted(COMPUTE_DTYPES)}")
+            value = COMPUTE_DTYPES[value]
+        elif name == "param_dtype" and jnp.dtype(value) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"{where}{name} is {value!r}; expected float32 or bfloat16")
+        changes[name] = value
     return dataclasses.replace(base, **changes)
 
 

@@ -152,12 +152,15 @@ def _distinct_reports(model: LoadedModel, prompts: Sequence[str]) -> list[tuple[
     return list(zip(first.values(), inspect_prompts(model, list(first)), strict=True))
 
 
-def place_params(params: Any, mesh: Mesh | None = None) -> Any:
-    """Puts params (numpy or jax arrays) on every device of `mesh`, replicated; do it once, before sampling.
+def place_params(params: Any, mesh: Mesh | None = None, *, consume: bool = False) -> Any:
+    """Puts params on every device of `mesh`, replicated, leaf by leaf (`store.place_params`: consume=True drops
+    each host array from `params` as it goes); do it once, before sampling.
 
     The pipelines replicate their params argument on each call; already-placed params make that a no-op.
     """
-    return jax.device_put(params, parallel.replicated(mesh or parallel.make_mesh()))
+    from ldm_jax import store  # noqa: PLC0415
+
+    return store.place_params(params, mesh or parallel.make_mesh(), consume=consume)
 
 
 # ----------------------------------------------------------------------------------------------- public API

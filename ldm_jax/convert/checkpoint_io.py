@@ -18,6 +18,8 @@ dtypes: float16, bfloat16 and float8 tensors are returned as float32 unless `kee
 float16 stays float16 and bfloat16/float8 come back as `ml_dtypes` arrays). Every bfloat16/float16/float8
 value is exactly representable in float32, so the conversion loses nothing. Other dtypes (float32,
 float64, integers, bool, complex) are returned unchanged. Big-endian torch files are byte-swapped.
+`dtype=bfloat16` returns those float tensors and float32 ones as bfloat16 instead, each converted through float32
+as it is read: bit for bit the bfloat16 cast of the float32 read, without ever holding that float32 read.
 
 `load_torch_pickle(path)` reads a whole `torch.save` object tree the same safe way (nested dicts, lists, strings
 and numbers kept, every tensor a numpy array), for files that are not a flat state dict (A1111 embeddings).
@@ -30,6 +32,7 @@ import _codecs
 import _compat_pickle
 import collections
 import io
+import json
 import math
 import os
 import pickle
@@ -74,7 +77,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def load_state_dict(
-    path: str | os.PathLike, *, key: str | None = None, keep_dtype: bool = False
+    path: str | os.PathLike, *, key: str | None = None, keep_dtype: bool = False, dtype: Any = None
 ) -> dict[str, np.ndarray]:
     """Reads a checkpoint file into a flat {name: numpy array} state dict, running no code from the file.
 
@@ -83,6 +86,8 @@ def load_state_dict(
       mapping of tensors is used as is, else the first of WRAPPER_KEYS that holds a mapping
       ({"state_dict": ..., "global_step": ..., "epoch": ...} for CompVis checkpoints), repeatedly.
     keep_dtype: keep float16 / bfloat16 / float8 arrays in their stored dtype instead of float32.
+    dtype: float32 (None, the default) or bfloat16: the dtype float16 / bfloat16 / float8 / float32 tensors come
+      back in, each converted as it is read (tensor by tensor: no float32 copy of the whole file is built).
 
     Returns arrays with the stored shapes (torch layouts, no transposes). Tensors that shared one storage in
     the file may share memory when they covered all of it, as with `torch.load`.
@@ -94,9 +99,9 @@ def load_state_dict(
     if suffix == SAFETENSORS_EXTENSION:
         if key is not None:
             raise CheckpointError(f"{path}: key={key!r} applies to pickled checkpoints; safetensors files are flat")
-        return _load_safetensors(path, keep_dtype)
+        return _load_safetensors(path, _output_dtype(keep_dtype, dtype))
     if suffix in TORCH_EXTENSIONS:
-        return _load_torch(path, key, keep_dtype)
+        return _load_torch(path, key, _output_dtype(keep_dtype, dtype))
     raise CheckpointError(
         f"{path}: unknown checkpoint extension {suffix or '(none)'!r}; expected "
         f"{SAFETENSORS_EXTENSION} or one of {', '.join(TORCH_EXTENSIONS)}"
@@ -115,7 +120,7 @@ def load_torch_pickle(path: str | os.PathLike, *, keep_dtype: bool = False) -> A
     if path.suffix.lower() not in TORCH_EXTENSIONS:
         raise CheckpointError(f"{path}: load_torch_pickle reads torch.save files ({', '.join(TORCH_EXTENSIONS)}), "
                               f"got {path.suffix or '(no extension)'!r}")
-    return _load_torch(path, None, keep_dtype, whole_tree=True)
+    return _load_torch(path, None, _output_dtype(keep_dtype, None), whole_tree=True)
 
 
 def save_safetensors(
@@ -156,18 +161,41 @@ def save_safetensors(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_safetensors(path: Path, keep_dtype: bool) -> dict[str, np.ndarray]:
-    out = {}
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2, "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8",
+    "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
+
+
+def _load_safetensors(path: Path, out_dtype: Any) -> dict[str, np.ndarray]:
+    """Tensor by tensor: safetensors checks the header and every offset; the data is then read with plain file
+    reads into one new array per tensor (not through the library's memory map, whose pages would stay resident,
+    and count, until the whole file is read: 1.7 GB beside the converted params for SD's fp16 UNet)."""
     try:
-        with safetensors.safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                out[name] = _output_array(f.get_tensor(name), keep_dtype)
-    except (safetensors.SafetensorError, TypeError) as e:  # TypeError: a dtype numpy does not know
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated, corrupt or an unsupported dtype): {e}"
-        ) from e
-    if not out:
+        with safetensors.safe_open(str(path), framework="np") as f:  # validates the header and the offsets
+            names = list(f.keys())
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt): {e}") from e
+    if not names:
         raise CheckpointError(f"{path}: safetensors file holds no tensors")
+    out = {}
+    with open(path, "rb") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        header, start = json.loads(file.read(size)), 8 + size
+        for name in names:
+            info = header[name]
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: not a readable safetensors file (an unsupported dtype): {name} has "
+                                      f"dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            buffer = bytearray(end - begin)
+            file.seek(start + begin)
+            if file.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{path}: truncated: {name} ends past the end of the file")
+            array = np.frombuffer(buffer, np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])).reshape(info["shape"])
+            out[name] = _output_array(array, out_dtype)
+            del buffer, array
     return out
 
 
@@ -176,24 +204,24 @@ def _load_safetensors(path: Path, keep_dtype: bool) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_torch(path: Path, key: str | None, keep_dtype: bool, whole_tree: bool = False) -> Any:
+def _load_torch(path: Path, key: str | None, out_dtype: Any, whole_tree: bool = False) -> Any:
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
         raise CheckpointError(f"{path}: file is empty (0 bytes); expected a torch.save checkpoint")
     if head[:4] == b"PK\x03\x04":
-        return _load_torch_zip(path, key, keep_dtype, whole_tree)
+        return _load_torch_zip(path, key, out_dtype, whole_tree)
     if len(head) > 262 and head[257:262] == b"ustar":
         raise CheckpointError(f"{path}: tar-format torch checkpoint (PyTorch < 0.4) is not supported")
     if head[:1] == b"\x80":
-        return _load_torch_legacy(path, key, keep_dtype, whole_tree)
+        return _load_torch_legacy(path, key, out_dtype, whole_tree)
     raise CheckpointError(
         f"{path}: not a torch.save checkpoint (expected a zip archive or a legacy torch pickle; "
         f"file starts with {head[:8]!r})"
     )
 
 
-def _load_torch_zip(path: Path, key: str | None, keep_dtype: bool, whole_tree: bool = False) -> Any:
+def _load_torch_zip(path: Path, key: str | None, out_dtype: Any, whole_tree: bool = False) -> Any:
     with _corruption_as_error(path, "torch zip checkpoint"), zipfile.ZipFile(path) as zf:
         prefix = _zip_prefix(zf, path)
         table = _StorageTable(path)
@@ -209,7 +237,7 @@ def _load_torch_zip(path: Path, key: str | None, keep_dtype: bool, whole_tree: b
             return _raw_buffer(zf.read(name), nbytes, path, name)
 
         reader = _StorageReader(table, read_storage)
-        return _read_tree(tree, key, whole_tree, reader, byteorder, keep_dtype, path)
+        return _read_tree(tree, key, whole_tree, reader, byteorder, out_dtype, path)
 
 
 def _zip_prefix(zf: zipfile.ZipFile, path: Path) -> str:
@@ -226,7 +254,7 @@ def _zip_prefix(zf: zipfile.ZipFile, path: Path) -> str:
     return prefix
 
 
-def _load_torch_legacy(path: Path, key: str | None, keep_dtype: bool, whole_tree: bool = False) -> Any:
+def _load_torch_legacy(path: Path, key: str | None, out_dtype: Any, whole_tree: bool = False) -> Any:
     """Legacy format: pickles of magic number, protocol version, sys info, the object and the storage key
     list, then for each listed storage an int64 little-endian element count and its raw bytes."""
     table = _StorageTable(path)
@@ -249,7 +277,7 @@ def _load_torch_legacy(path: Path, key: str | None, keep_dtype: bool, whole_tree
             return _raw_buffer(f.read(nbytes), nbytes, path, f"storage {storage_key}")
 
         reader = _StorageReader(table, read_storage)
-        return _read_tree(tree, key, whole_tree, reader, "little", keep_dtype, path)
+        return _read_tree(tree, key, whole_tree, reader, "little", out_dtype, path)
 
 
 def _legacy_storage_offsets(f, storage_keys: Any, table: _StorageTable, path: Path) -> dict[str, int]:
@@ -621,13 +649,13 @@ def _select_state_dict(tree: Any, key: str | None, path: Path) -> dict[str, _Ten
 
 
 def _read_tree(tree: Any, key: str | None, whole_tree: bool, read: _StorageReader, byteorder: str,
-               keep_dtype: bool, path: Path) -> Any:
+               out_dtype: Any, path: Path) -> Any:
     """The selected state dict's arrays, or (whole_tree) the whole tree with its tensors read."""
     if not whole_tree:
-        return _materialize(_select_state_dict(tree, key, path), read, byteorder, keep_dtype, path)
+        return _materialize(_select_state_dict(tree, key, path), read, byteorder, out_dtype, path)
     refs: dict[str, _TensorRef] = {}
     _walk_tree(tree, "", lambda name, ref: refs.setdefault(name, ref))
-    arrays = _materialize(refs, read, byteorder, keep_dtype, path)
+    arrays = _materialize(refs, read, byteorder, out_dtype, path)
     return _walk_tree(tree, "", lambda name, ref: arrays[name])
 
 
@@ -659,12 +687,12 @@ class _StorageReader:
 
 
 def _materialize(
-    refs: Mapping[str, _TensorRef], read: _StorageReader, byteorder: str, keep_dtype: bool, path: Path
+    refs: Mapping[str, _TensorRef], read: _StorageReader, byteorder: str, out_dtype: Any, path: Path
 ) -> dict[str, np.ndarray]:
     out, done = {}, {}  # done: id(ref) -> array, so tensors pickled once (tied weights) stay one array
     for name, ref in refs.items():
         if id(ref) not in done:
-            done[id(ref)] = _output_array(_tensor_array(name, ref, read, byteorder, path), keep_dtype)
+            done[id(ref)] = _output_array(_tensor_array(name, ref, read, byteorder, path), out_dtype)
         out[name] = done[id(ref)]
     return out
 
@@ -715,9 +743,24 @@ def _big_endian_to_native(flat: np.ndarray) -> np.ndarray:
     return flat.view(unit.newbyteorder(">")).astype(unit.newbyteorder("=")).view(dtype)
 
 
-def _output_array(array: np.ndarray, keep_dtype: bool) -> np.ndarray:
-    if not keep_dtype and array.dtype in _LOW_PRECISION_FLOATS:
-        return array.astype(np.float32)  # exact: every such value is a float32 value
+def _output_dtype(keep_dtype: bool, dtype: Any) -> np.dtype | None:
+    """What `_output_array` turns float tensors into: None keeps them, else a float dtype."""
+    if keep_dtype and dtype is not None:
+        raise ValueError("keep_dtype=True and dtype= exclude each other")
+    out = None if keep_dtype else np.dtype(np.float32 if dtype is None else dtype)
+    if out is not None and out not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
+        raise ValueError(f"dtype {out}: checkpoints are read as float32 or bfloat16")
+    return out
+
+
+def _output_array(array: np.ndarray, out_dtype: np.dtype | None) -> np.ndarray:
+    """`array` as read: low-precision floats (and float32, when out_dtype is bfloat16) become `out_dtype`, through
+    float32, so a bfloat16 read is bit for bit the bfloat16 cast of the float32 read. Other dtypes as stored."""
+    if out_dtype is None or array.dtype == out_dtype:
+        return array
+    if array.dtype in _LOW_PRECISION_FLOATS or array.dtype == np.float32:
+        # exact for float32: every low-precision value is a float32 value
+        return array.astype(np.float32, copy=False).astype(out_dtype, copy=False)
     return array
 
 

@@ -101,10 +101,13 @@ def assemble_params(
     expected: Mapping[Path, tuple[int, ...]],
     *,
     source: str,
+    dtype: Any = np.float32,
 ) -> dict[str, Any]:
     """Checks converted arrays against the expected param shapes and nests them into a Flax params dict.
 
     converted: {flax_path: (source_key, array)}; expected: {flax_path: shape}.
+    dtype: the params' dtype, float32 (default) or bfloat16 (a run-time `param_dtype`); arrays already in it
+      are kept as they are (views, no copies), so a reader that reads them in `dtype` never holds float32 copies.
     Raises ConversionError listing every missing, unexpected and mis-shaped key (by source key name).
     """
     missing = sorted("/".join(p) for p in expected if p not in converted)
@@ -116,7 +119,7 @@ def assemble_params(
     )
     if missing or unexpected or mismatched:
         raise ConversionError(_report(source, missing, unexpected, mismatched))
-    flat = {p: np.asarray(arr, dtype=np.float32) for p, (_, arr) in converted.items()}
+    flat = {p: np.asarray(arr, dtype=dtype) for p, (_, arr) in converted.items()}
     return traverse_util.unflatten_dict(flat)
 
 
@@ -127,8 +130,10 @@ def convert_state_dict(
     source: str,
     rename: Callable[[str], str | None] = lambda key: key,
     embeddings: Iterable[str] = (),
+    dtype: Any = np.float32,
 ) -> dict[str, Any]:
-    """Converts a diffusers/transformers-layout state dict strictly into Flax params.
+    """Converts a diffusers/transformers-layout state dict strictly into Flax params (of `dtype`, float32 or
+    bfloat16: the mapping only renames and transposes, so it is the same in either).
 
     rename: applied to each source key first (return None to drop a key that holds no parameter,
       e.g. a registered buffer such as `position_ids`; such drops are explicit in the converter).
@@ -144,7 +149,7 @@ def convert_state_dict(
         if path in converted:
             raise ConversionError(f"{source}: keys {converted[path][0]} and {key} both map to {'/'.join(path)}")
         converted[path] = (key, array)
-    return assemble_params(converted, expected, source=source)
+    return assemble_params(converted, expected, source=source, dtype=dtype)
 
 
 def _report(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:

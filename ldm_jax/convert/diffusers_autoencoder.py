@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import ConversionError, convert_state_dict, expected_shapes
@@ -112,9 +113,11 @@ def to_diffusers_config(config: AutoencoderConfig) -> dict[str, Any]:
 
 
 def convert_diffusers_autoencoder(
-    state_dict: Mapping[str, Any], config: AutoencoderConfig, *, source: str = "diffusers autoencoder"
+    state_dict: Mapping[str, Any], config: AutoencoderConfig, *, source: str = "diffusers autoencoder",
+    dtype: Any = np.float32,
 ) -> dict[str, Any]:
-    """diffusers AutoencoderKL/VQModel state dict (name -> torch tensor or array) -> our params.
+    """diffusers AutoencoderKL/VQModel state dict (name -> torch tensor or array) -> our params (float32, or
+    `dtype` bfloat16).
 
     Returns the params tree (without the "params" level) of `build_autoencoder(config)`. Raises
     ConversionError listing every missing, unexpected or mis-shaped key when the checkpoint does not
@@ -122,7 +125,8 @@ def convert_diffusers_autoencoder(
     """
     model = build_autoencoder(config)
     expected = expected_shapes(lambda key: init_autoencoder(model, key), jax.random.key(0))
-    return convert_state_dict(state_dict, expected, source=source, rename=_rename, embeddings=("embedding",))
+    return convert_state_dict(state_dict, expected, source=source, rename=_rename, embeddings=("embedding",),
+                              dtype=dtype)
 
 
 def load_diffusers_autoencoder(directory: str | pathlib.Path) -> tuple[AutoencoderConfig, dict[str, Any]]:

@@ -65,9 +65,12 @@ _DIFFUSERS_VERSION = "0.42.1"
 # ------------------------------------------------------------------------------------------------- import
 
 
-def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
+def load_diffusers_pipeline(folder: str | os.PathLike, *, param_dtype: Any = np.float32) -> LoadedModel:
     """Loads a diffusers Stable Diffusion or SDXL folder into a `LoadedModel` (config, params, tokenizers,
     model_id), with the default run-time options (`ldm.RunOptions`; `store.load_model` sets others).
+
+    param_dtype: float32 (default) or bfloat16 numpy params; each tensor is converted from the file's dtype as it
+    is read (no float32 copy of a component is built for bfloat16).
 
     SDXL folders (`SDXL_PIPELINE_CLASSES`): text_encoder + tokenizer (CLIP ViT-L) become cond_stage,
     text_encoder_2 + tokenizer_2 (OpenCLIP bigG with its projection) cond_stage_2; a refiner has only the second
@@ -96,14 +99,15 @@ def load_diffusers_pipeline(folder: str | os.PathLike) -> LoadedModel:
     for encoder, tokenizer_dir in towers:
         tokenizer = load_tokenizer(folder / tokenizer_dir, "clip")
         config, params = _load_text_encoder(folder / encoder, tokenizer,
-                                            output_layer=SDXL_OUTPUT_LAYER if sdxl else "last")
+                                            output_layer=SDXL_OUTPUT_LAYER if sdxl else "last", dtype=param_dtype)
         tokenizers.append(tokenizer)
         text_configs.append(config)
         text_params.append(params)
-    vae_config, vae_params, scale = _load_vae(folder / "vae")
+    vae_config, vae_params, scale = _load_vae(folder / "vae", dtype=param_dtype)
     unet_json = _read_json(folder / "unet" / "config.json", what="the unet/ subfolder")
     unet_config = unet_config_from_diffusers(unet_json)
-    unet_params = convert_diffusers_unet(_read_weights(folder / "unet", DIFFUSERS_WEIGHTS), unet_config)
+    unet_params = convert_diffusers_unet(_read_weights(folder / "unet", DIFFUSERS_WEIGHTS, dtype=param_dtype),
+                                         unet_config, dtype=param_dtype)
     scheduler = read_scheduler_config(folder)
     latent = vae_config.embed_dim
     diffusion = DiffusionConfig(
@@ -178,7 +182,7 @@ def sampler_options(scheduler: Mapping[str, Any], name: str) -> dict[str, Any]:
     return opts
 
 
-def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, *, output_layer: str
+def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, *, output_layer: str, dtype: Any = np.float32
                        ) -> tuple[ClipTextConfig, dict[str, Any]]:
     hf_config = _read_json(folder / "config.json", what="the text_encoder/ subfolder")
     if hf_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
@@ -193,17 +197,18 @@ def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, *, output_layer: st
     if model_max is not None and model_max < 10**6 and model_max != config.max_length:
         raise ValueError(f"tokenizer model_max_length {model_max} != the text encoder's max_position_embeddings "
                          f"{config.max_length}; prompts would be padded to a different length than diffusers uses")
-    state_dict = _read_weights(folder, TRANSFORMERS_WEIGHTS)
-    return config, convert_clip_text_state_dict(state_dict, config)
+    state_dict = _read_weights(folder, TRANSFORMERS_WEIGHTS, dtype=dtype)
+    return config, convert_clip_text_state_dict(state_dict, config, dtype=dtype)
 
 
-def _load_vae(folder: pathlib.Path):
+def _load_vae(folder: pathlib.Path, *, dtype: Any = np.float32):
     vae_json = _read_json(folder / "config.json", what="the vae/ subfolder")
     if vae_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ValueError(f"{folder}/config.json: _class_name {vae_json.get('_class_name')!r}; Stable Diffusion "
                          "pipelines use AutoencoderKL")
     config = config_from_diffusers(vae_json, kind="kl")
-    params = convert_diffusers_autoencoder(_read_weights(folder, DIFFUSERS_WEIGHTS), config, source=str(folder))
+    params = convert_diffusers_autoencoder(_read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype), config,
+                                           source=str(folder), dtype=dtype)
     return config, params, float(vae_json.get("scaling_factor", 0.18215))
 
 
@@ -216,31 +221,32 @@ def _read_json(path: pathlib.Path, *, what: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
-def _read_weights(folder: pathlib.Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _read_weights(folder: pathlib.Path, names: tuple[str, ...], *, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """The weights of one component, read without running code: the first of `names` present (safetensors
     first), else its fp16 variant (`NAME.fp16.safetensors`, the hub's `variant="fp16"` files), each either one
-    file or sharded (`NAME.index.json` listing the shard files, as `save_pretrained(max_shard_size=...)` writes)."""
+    file or sharded (`NAME.index.json` listing the shard files, as `save_pretrained(max_shard_size=...)` writes).
+    Float tensors come back as `dtype` (float32 or bfloat16), converted tensor by tensor as they are read."""
     for name in names:
         stem, suffix = name.rsplit(".", 1)
         for candidate in (name, f"{stem}.fp16.{suffix}"):
             if (folder / candidate).is_file():
-                return load_state_dict(folder / candidate)
+                return load_state_dict(folder / candidate, dtype=dtype)
             index = folder / f"{candidate}.index.json"
             if index.is_file():
-                return _read_shards(index)
+                return _read_shards(index, dtype=dtype)
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise FileNotFoundError(f"{folder} has no weights file: expected one of {list(names)} (or their .fp16 variants "
                             f"or .index.json shards); found {found}")
 
 
-def _read_shards(index: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_shards(index: pathlib.Path, *, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """A sharded checkpoint: every shard of index.json's weight_map, each key from the shard that lists it."""
     weight_map = _read_json(index, what=f"the sharded weights of {index.parent}").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index}: no weight_map (expected {{tensor name: shard file}})")
     state: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = load_state_dict(index.parent / shard)
+        tensors = load_state_dict(index.parent / shard, dtype=dtype)
         listed = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != listed:
             raise ValueError(f"{index.parent / shard}: holds {len(tensors)} tensors but {index.name} lists "

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from ldm_jax.convert.checkpoint_io import load_state_dict
 from ldm_jax.convert.common import ConversionError, convert_state_dict, expected_shapes
@@ -227,8 +228,10 @@ def _heads(cfg: Mapping[str, Any], channels: list[int], attn_levels: list[bool],
     return {}
 
 
-def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) -> dict[str, Any]:
-    """Converts a diffusers UNet2DConditionModel state dict (torch tensors or arrays) into our params tree.
+def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig, *, dtype: Any = np.float32
+                           ) -> dict[str, Any]:
+    """Converts a diffusers UNet2DConditionModel state dict (torch tensors or arrays) into our params tree
+    (float32, or `dtype` bfloat16).
 
     Returns the tree to use as `{"params": tree}`; raises ConversionError listing missing, unexpected and
     mis-shaped keys. Shapes are checked against `jax.eval_shape` of our model's init (nothing allocated).
@@ -236,7 +239,7 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
     # num_time_ids=0: the params of a text_time UNet depend on adm_in_channels only, and every width allows 0.
     expected = expected_shapes(functools.partial(init_unet, UNetModel(config), num_time_ids=0), jax.random.key(0))
     return convert_state_dict(state_dict, expected, source="diffusers UNet2DConditionModel",
-                              embeddings=EMBEDDINGS)
+                              embeddings=EMBEDDINGS, dtype=dtype)
 
 
 def unet_config_to_diffusers(config: UNetConfig, sample_size: int = 64) -> dict[str, Any]:

@@ -151,9 +151,10 @@ def convert_clip_text_state_dict(
     config: ClipTextConfig,
     *,
     prefix: str | None = None,
+    dtype: Any = np.float32,
 ) -> dict[str, Any]:
     """Strictly converts a CLIPTextModel or CLIPTextModelWithProjection state dict (torch tensors or arrays)
-    into ClipTextTransformer params.
+    into ClipTextTransformer params (float32, or `dtype` bfloat16).
 
     prefix: stripped from every key of the text model; keys without it are reported as unexpected, except
       the top-level `text_projection.weight` (expected exactly when config.projection_dim is set). None:
@@ -182,6 +183,7 @@ def convert_clip_text_state_dict(
         source=f"transformers {kind} (keys {prefix}*{projection})",
         rename=rename,
         embeddings=_EMBEDDINGS,
+        dtype=dtype,
     )
 
 
