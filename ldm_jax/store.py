@@ -263,7 +263,10 @@ def load_model(source: str | os.PathLike | None = None, *, config: Any = None,
       the bfloat16 cast of the float32 load. Place them on the devices with `place_params(..., consume=True)`.
       Measured on a full-size SD 1.5-shaped diffusers folder (fp16 safetensors, 2.1 GB): peak RSS of the load
       4.24 GiB in float32 (5.83 GiB before safetensors files were read without their memory map), 2.39 GiB in
-      bfloat16; load + place 4.42 / 2.44 GiB.
+      bfloat16; load + place 4.42 / 2.44 GiB. Sampling at 512x512 (2 DDIM steps, CFG) then peaked at 5.81 GiB in
+      float32 but 6.82 GiB with bfloat16 params and compute: on XLA:CPU any bfloat16 in the UNet makes its program
+      hold every weight in float32 as temporaries (compiled memory_analysis, SD UNet at 32x32 latents: temp 0.07
+      GiB float32, 3.22 GiB with bfloat16 params or compute), so bfloat16 saves memory on CPU only up to sampling.
     text_encoder_config: a transformers CLIP config.json (or its directory) for a CompVis yaml whose text
       encoder is not a known version. use_ema: single files: take the UNet from its EMA copy.
     """
