@@ -64,7 +64,7 @@ TITLES = {"ours_first": "ours, first run", "ours_second": "ours, second run", "t
 GB = 1e9
 
 # `ldm-jax sample`'s flags that hold the params in each dtype: the one place to change when the flag is wired.
-OURS_DTYPE_FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "bf16": ("--dtype", "bf16")}
+OURS_DTYPE_FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "bf16": ("--param-dtype", "bf16", "--precision", "bf16")}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 CACHE_ENV = "LDM_JAX_CACHE_DIR"  # ldm-jax's persistent compilation cache directory
 

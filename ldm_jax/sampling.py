@@ -139,6 +139,7 @@ class SampleRequest:
     tokenizer: str | None = None
     config: str | None = None
     precision: str = "fp32"
+    param_dtype: str = "fp32"
     attention: str | None = None
     latents: str | None = None
     timestep_spacing: str | None = None
@@ -188,6 +189,8 @@ def validate(request: SampleRequest) -> None:
         raise UserError(f"--eta must be >= 0, got {request.eta}")
     if request.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {request.precision!r}")
+    if request.param_dtype not in ("fp32", "bf16"):
+        raise UserError(f"--param-dtype must be fp32 or bf16, got {request.param_dtype!r}")
     if request.attention is not None and request.attention not in ATTENTIONS:
         raise UserError(f"--attention {request.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
     if request.timestep_spacing is not None and request.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -304,7 +307,8 @@ def load_model(request: SampleRequest):
     where = request.checkpoint or f"the embedded model ({store.SHIPPED_MODELS[store.DEFAULT_MODEL]})"
     try:
         return store.load_model(request.checkpoint, config=request.config, tokenizer=request.tokenizer,
-                                dtype=request.precision, attention=request.attention,
+                                dtype=request.precision, param_dtype=request.param_dtype,
+                                attention=request.attention,
                                 text_encoder_config=request.text_encoder_config)
     except (OSError, ValueError) as error:  # StoreError, ConversionError and CheckpointError are ValueErrors
         message = one_line(error)
@@ -415,6 +419,10 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
         raise UserError(str(error)) from None
     prompts = [p for p in request.prompts for _ in range(request.n)]
     mesh = parallel.make_mesh()
+    # On the devices once, leaf by leaf, each host array dropped as it goes: never two full copies of the params.
+    model = dataclasses.replace(model, params=pipeline.place_params(model.params, mesh, consume=True))
+    if refiner is not None:
+        refiner = dataclasses.replace(refiner, params=pipeline.place_params(refiner.params, mesh, consume=True))
     devices = mesh.devices.size
     batch = request.batch_size or devices * max(1, min(8, math.ceil(len(prompts) / devices)))
     batch = math.ceil(batch / devices) * devices
@@ -691,6 +699,7 @@ def _metadata(request: SampleRequest, model_id: str, prompt: str, index: int, he
         "eta": request.eta,
         "size": f"{width}x{height}",
         "precision": request.precision,
+        "param_dtype": request.param_dtype,
         "attention": request.attention or "xla",
         "latents": request.latents or "",
         "model": model_id,
@@ -762,6 +771,8 @@ def build_parser(prog: str = "sample.py") -> ArgumentParser:
     p.add_argument("--text-encoder-config", help="a transformers CLIP config.json (or its directory) for a yaml "
                    "whose text encoder is not a known version")
     p.add_argument("--precision", default="fp32", help="fp32 or bf16 compute")
+    p.add_argument("--param-dtype", default="fp32", help="fp32 or bf16: the dtype the params are loaded and held in "
+                   "(bf16 halves their memory; with --precision bf16 for bf16 compute)")
     p.add_argument("--attention", help=f"attention implementation: {', '.join(ATTENTIONS)} (default xla; "
                    "jax_nn is the fastest at Stable Diffusion sizes)")
     p.add_argument("--timestep-spacing", help=f"override the sampler's timestep spacing: {', '.join(TIMESTEP_SPACINGS)}")

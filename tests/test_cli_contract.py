@@ -38,7 +38,7 @@ SAMPLE_FLAGS = {
     "prompt": "text", "negative_prompt": "text", "plms": "switch",
     "prompts_file": "path", "init_image": "path", "mask": "path", "latents": "path", "checkpoint": "path",
     "tokenizer": "path", "config": "path", "text_encoder_config": "path", "outdir": "dir",
-    "sampler": "choice", "precision": "choice", "attention": "choice", "timestep_spacing": "choice",
+    "sampler": "choice", "precision": "choice", "param_dtype": "choice", "attention": "choice", "timestep_spacing": "choice",
     "steps": ("int", ["0", "-1"]), "n": ("int", ["0"]), "height": ("int", ["0", "64", "100000"]),
     "width": ("int", ["0", "63", "100000"]), "seed": ("int", ["-2", str(2**32)]), "steps_offset": ("int", ["-1"]),
     "batch_size": ("int", ["0"]), "guidance": ("float", []), "eta": ("float", ["-0.5"]),
