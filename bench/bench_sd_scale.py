@@ -37,7 +37,6 @@ Prints the table as issue 18 shows it (plain and markdown) and the issue's targe
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import pathlib
@@ -104,11 +103,7 @@ TINY_CHANGES = {
 
 def component_configs(tiny: bool) -> dict[str, dict]:
     """The diffusers / transformers constructor arguments of every component (deep copies)."""
-    configs = copy.deepcopy(SD15)
-    if tiny:
-        for name, changes in TINY_CHANGES.items():
-            configs[name].update(copy.deepcopy(changes))
-    return configs
+    return common.component_configs(SD15, TINY_CHANGES, tiny)
 
 
 def image_size(tiny: bool) -> int:

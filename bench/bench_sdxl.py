@@ -41,7 +41,6 @@ Worker mode (used by the driver): --worker ours|torch|flops --folder F --dtype f
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -111,11 +110,7 @@ TINY_CHANGES = {
 
 def component_configs(tiny: bool) -> dict[str, dict]:
     """The diffusers / transformers constructor arguments of every component (deep copies)."""
-    configs = copy.deepcopy(SDXL_BASE)
-    if tiny:
-        for name, changes in TINY_CHANGES.items():
-            configs[name].update(copy.deepcopy(changes))
-    return configs
+    return common.component_configs(SDXL_BASE, TINY_CHANGES, tiny)
 
 
 def image_size(tiny: bool) -> int:

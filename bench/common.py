@@ -28,6 +28,7 @@ model's images as `ldm-jax sample` makes them, optionally steered by a ControlNe
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -250,6 +251,16 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # ---------------------------------------------------------- random-weight reference folders and whole processes
+
+
+def component_configs(full: dict[str, dict], tiny_changes: dict[str, dict], tiny: bool) -> dict[str, dict]:
+    """Deep copies of a pipeline's component constructor arguments (`full`: name -> kwargs), with `tiny_changes`
+    applied per component when `tiny` (the --tiny smoke models)."""
+    configs = copy.deepcopy(full)
+    if tiny:
+        for name, changes in tiny_changes.items():
+            configs[name].update(copy.deepcopy(changes))
+    return configs
 
 
 def write_random_diffusers_folder(folder: str | os.PathLike, configs: dict[str, dict], *, scheduler_class: str,
