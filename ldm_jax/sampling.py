@@ -423,6 +423,9 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     model = dataclasses.replace(model, params=pipeline.place_params(model.params, mesh, consume=True))
     if refiner is not None:
         refiner = dataclasses.replace(refiner, params=pipeline.place_params(refiner.params, mesh, consume=True))
+    if control is not None:
+        control = dataclasses.replace(control, nets=[(net, pipeline.place_params(params, mesh, consume=True))
+                                                     for net, params in control.nets])
     devices = mesh.devices.size
     batch = request.batch_size or devices * max(1, min(8, math.ceil(len(prompts) / devices)))
     batch = math.ceil(batch / devices) * devices
