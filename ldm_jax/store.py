@@ -51,6 +51,8 @@ from flax import traverse_util
 from ldm_jax import ldm
 from ldm_jax.convert.checkpoint_io import TORCH_EXTENSIONS, load_state_dict, save_safetensors
 from ldm_jax.convert.common import assemble_params, expected_shapes
+from ldm_jax.convert.diffusers_controlnet import CONTROLNET_CLASS
+from ldm_jax.convert.diffusers_pipeline import CONFIG_FILE
 from ldm_jax.models import tokenizer as tokenizer_lib
 from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config
 from ldm_jax.models.controlnet import check_controlnet_fits
@@ -63,7 +65,6 @@ DEFAULT_MODEL = "shapes"
 FORMATS = ("ldm", "diffusers", "compvis")  # what save_model writes; load_model also reads "shipped"
 SINGLE_FILE_SUFFIXES = (".safetensors", *TORCH_EXTENSIONS)
 
-CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_2_DIR = "tokenizer_2"
@@ -573,7 +574,6 @@ def _read_first_stage_params(path: pathlib.Path, config: AutoencoderConfig) -> d
 # ---------------------------------------------------------------------------------------------- ControlNets
 
 CONTROLNET_FORMATS = ("diffusers", "original")  # what save_controlnet writes and load_controlnet reads
-CONTROLNET_CLASS = "ControlNetModel"  # `_class_name` of a diffusers ControlNet folder's config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -625,29 +625,20 @@ def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overr
         if hint_overrides:
             raise StoreError(f"{path}: {sorted(hint_overrides)} apply to single files; a diffusers folder's "
                              f"{CONFIG_FILE} holds them")
-        config, params, where = _load_diffusers_controlnet_folder(path)
+        from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet  # noqa: PLC0415
+
+        config, params = load_diffusers_controlnet(path)
     else:
         from ldm_jax.convert.compvis_controlnet import load_original_controlnet  # noqa: PLC0415
 
         config, params = load_original_controlnet(path, unet=base_unet, **hint_overrides)
-        where = path
-    check_finite(params, where)
+    check_finite(params, path)
     if base_unet is not None:
         try:
             check_controlnet_fits(config, base_unet, str(path))
         except ValueError as err:
             raise StoreError(str(err)) from None
     return LoadedControlNet(config=config, params=params, source=str(path))
-
-
-def _load_diffusers_controlnet_folder(path: pathlib.Path) -> tuple[Any, dict[str, Any], pathlib.Path]:
-    """(config, params, weights path) of a diffusers ControlNet folder, any weights file diffusers writes."""
-    from ldm_jax.convert.diffusers_controlnet import (controlnet_config_from_diffusers,  # noqa: PLC0415
-                                                      convert_diffusers_controlnet)
-    from ldm_jax.convert.diffusers_pipeline import DIFFUSERS_WEIGHTS, _read_weights  # noqa: PLC0415
-
-    config = controlnet_config_from_diffusers(_read_json(path / CONFIG_FILE))
-    return config, convert_diffusers_controlnet(_read_weights(path, DIFFUSERS_WEIGHTS), config), path
 
 
 def _base_unet(base: Any):

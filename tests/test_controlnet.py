@@ -242,24 +242,30 @@ def _one_line(excinfo) -> str:
     return message
 
 
-def test_a_state_dict_of_another_layout_names_its_first_unmatched_key(sd):
-    with pytest.raises(ConversionError, match=r"matches no parameter.*up_blocks: a UNet's state dict") as e:
+def test_a_state_dict_of_another_layout_is_refused_by_the_strict_check(sd, tmp_path):
+    """A UNet's state dict is one line saying so; other misfits go through the converters' strict check, whose first
+    line names the first mis-shaped, else missing, else unexpected key."""
+    with pytest.raises(ConversionError, match=r"decoder keys \('up_blocks\..*a UNet's state dict") as e:
         convert_diffusers_controlnet(sd["unet"].state_dict(), sd["config"])
-    assert "'up_blocks." in _one_line(e)
-    other = ControlNetConfig(unet=sd["unet_config"], conditioning_embedding_out_channels=(16, 32))
-    with pytest.raises(ConversionError, match=r"'controlnet_cond_embedding.blocks.2.weight' matches no param") as e:
-        convert_diffusers_controlnet(sd["controlnet"].state_dict(), other)
     _one_line(e)
+    other = ControlNetConfig(unet=sd["unet_config"], conditioning_embedding_out_channels=(16, 32))
+    with pytest.raises(ConversionError) as e:
+        convert_diffusers_controlnet(sd["controlnet"].state_dict(), other)
+    first = str(e.value).splitlines()[0]
+    assert "first mismatch controlnet_cond_embedding.conv_out.weight" in first, first
+    assert "unexpected" in first and "controlnet_cond_embedding.blocks.2.weight" in str(e.value)
     state = dict(sd["controlnet"].state_dict())
     del state["controlnet_mid_block.bias"]
-    with pytest.raises(ConversionError, match=r"parameter 'controlnet_mid_block.bias' is missing") as e:
+    with pytest.raises(ConversionError, match=r"first missing key controlnet_mid_block/bias \(1 missing\)"):
         convert_diffusers_controlnet(state, sd["config"])
-    _one_line(e)
     wider = ControlNetConfig(unet=sd["unet_config"], conditioning_channels=1)
-    with pytest.raises(ConversionError, match=r"controlnet_cond_embedding.conv_in.weight is \(16, 3, 3, 3\) in the "
-                                              r"state dict but \(16, 1, 3, 3\)") as e:
+    with pytest.raises(ConversionError, match=r"first mismatch controlnet_cond_embedding.conv_in.weight: checkpoint "
+                                              r"\(3, 3, 3, 16\) vs model \(3, 3, 1, 16\) \(1 mis-shaped\)"):
         convert_diffusers_controlnet(sd["controlnet"].state_dict(), wider)
-    _one_line(e)
+    extra = {**sd["params"], "controlnet_down_blocks_9": sd["params"]["controlnet_down_blocks_0"]}
+    with pytest.raises(ConversionError, match=r"ControlNet params\): first unexpected key controlnet_down_blocks_9/"):
+        save_diffusers_controlnet(tmp_path / "out", sd["config"], extra)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_configs_diffusers_controlnets_cannot_have_are_refused(sd):

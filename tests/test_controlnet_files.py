@@ -166,6 +166,20 @@ def test_pth_files_read_without_pickle_code(tiny, tmp_path, monkeypatch, caplog)
     assert "dropped 3 base-model key(s)" in caplog.text
 
 
+def test_bin_saved_folder_loads_through_the_one_reader(tiny, tmp_path):
+    """A diffusers ControlNet folder saved as .bin (safe_serialization=False) loads through `load_diffusers_controlnet`
+    (`diffusers_pipeline.read_weights`), the reader `store.load_controlnet` uses: the safetensors folder's params."""
+    model, folder, _, _ = tiny
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
+    assert not list((tmp_path / "bin").glob("*.safetensors"))
+    ref_config, ref = load_diffusers_controlnet(folder)
+    config, params = load_diffusers_controlnet(tmp_path / "bin")
+    assert config == ref_config
+    _assert_params_equal(params, ref)
+    _assert_params_equal(store.load_controlnet(tmp_path / "bin").params, ref)
+
+
 def test_store_round_trips(tiny, tmp_path):
     """diffusers folder -> original file (fp32 and fp16) -> ours -> diffusers folder (strict from_pretrained)."""
     model, folder, _, _ = tiny

@@ -11,10 +11,13 @@
   `controlnet_cond_embedding.blocks.2` <-> `controlnet_cond_embedding/blocks_2`) with the UNet's LITERAL_NAMES
   and EMBEDDINGS.
 - `load_diffusers_controlnet(folder)` / `save_diffusers_controlnet(folder, config, params)`: a diffusers folder
-  (config.json + diffusion_pytorch_model.safetensors, as `save_pretrained` writes and `from_pretrained` reads).
+  (config.json + diffusion_pytorch_model.safetensors as `save_pretrained` writes it; on reading also .bin, their
+  .fp16 variants and shards: `diffusers_pipeline.read_weights`, the one reader of diffusers weights). It is the
+  reader `store.load_controlnet` uses.
 
-Bad input is one line: a state dict of another layout (a UNet's, another architecture's) names its first key
-that matches no parameter of the ControlNet, else the first parameter it lacks, else the first mis-shaped one.
+Bad input: weights are checked strictly by `common.convert_state_dict` (its error's first line names the first
+mis-shaped, else missing, else unexpected key, with the counts); a UNet's state dict (up_blocks.* keys) given as a
+ControlNet's is one line saying so.
 """
 from __future__ import annotations
 
@@ -26,16 +29,16 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
-from ldm_jax.convert.common import (ConversionError, convert_state_dict, flax_to_torch_leaf, params_to_state_dict,
-                                    path_to_diffusers_key, to_numpy_state_dict)
+from ldm_jax.convert.checkpoint_io import save_safetensors
+from ldm_jax.convert.common import ConversionError, assemble_params, convert_state_dict, params_to_state_dict
+from ldm_jax.convert.diffusers_pipeline import CONFIG_FILE, DIFFUSERS_VERSION, DIFFUSERS_WEIGHTS, read_weights
 from ldm_jax.convert.diffusers_unet import (EMBEDDINGS, LITERAL_NAMES, encoder_config_from_diffusers,
                                             unet_config_to_diffusers)
 from ldm_jax.models.controlnet import ControlNetConfig, controlnet_param_shapes
 
 SOURCE = "diffusers ControlNetModel"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"
-DIFFUSERS_VERSION = "0.42.1"  # written into exported configs, as convert/diffusers_pipeline.py does
+CONTROLNET_CLASS = "ControlNetModel"  # `_class_name` of a diffusers ControlNet folder's config.json
+WEIGHTS_FILE = DIFFUSERS_WEIGHTS[0]  # what save_diffusers_controlnet writes
 # ControlNetModel options that are ControlNetConfig fields, not UNet ones.
 HINT_FIELDS = ("conditioning_channels", "conditioning_embedding_out_channels", "global_pool_conditions",
                "controlnet_conditioning_channel_order")
@@ -76,69 +79,56 @@ def controlnet_config_to_diffusers(config: ControlNetConfig) -> dict[str, Any]:
     return out
 
 
-def diffusers_shapes(config: ControlNetConfig) -> dict[str, tuple[int, ...]]:
-    """{diffusers state-dict key: torch-layout shape} of a ControlNet, in our params' order; nothing allocated."""
-    out = {}
-    for path, leaf in traverse_util.flatten_dict(controlnet_param_shapes(config)).items():
-        torch_path, array = flax_to_torch_leaf(path, np.broadcast_to(np.float32(0), leaf.shape))
-        out[path_to_diffusers_key(torch_path, literal=LITERAL_NAMES)] = tuple(array.shape)
-    return out
+def _shapes(config: ControlNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{our param path: shape} of a ControlNet of `config`; nothing allocated."""
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(controlnet_param_shapes(config)).items()}
 
 
-def check_layout(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], *, source: str) -> None:
-    """One-line ConversionError unless `state_dict` has exactly the keys and shapes of `expected` ({key: shape}):
-    names the first key (in the state dict's order) that matches no parameter, else the first parameter missing,
-    else the first mis-shaped key, with the counts."""
-    unknown = [k for k in state_dict if k not in expected]
-    missing = [k for k in expected if k not in state_dict]
-    counts = f"{len(unknown)} unknown, {len(missing)} missing of {len(expected)} parameters"
-    if unknown:
-        guess = "; up_blocks: a UNet's state dict?" if any(k.startswith("up_blocks.") for k in unknown) else ""
-        raise ConversionError(f"{source}: state dict key {unknown[0]!r} matches no parameter of this model "
-                              f"({counts}{guess})")
-    if missing:
-        raise ConversionError(f"{source}: parameter {missing[0]!r} is missing from the state dict ({counts})")
-    for key, shape in expected.items():
-        if tuple(np.shape(state_dict[key])) != tuple(shape):
-            raise ConversionError(f"{source}: {key} is {tuple(np.shape(state_dict[key]))} in the state dict but "
-                                  f"{tuple(shape)} in the model (a config of another architecture?)")
+def convert_diffusers_controlnet(state_dict: Mapping[str, Any], config: ControlNetConfig, *,
+                                 dtype: Any = np.float32) -> dict[str, Any]:
+    """A diffusers ControlNetModel state dict (torch tensors or arrays, torch layouts) -> our params tree (of `dtype`,
+    float32 or bfloat16; no "params" level). Strict (`common.convert_state_dict`): a ConversionError lists every
+    missing, unexpected and mis-shaped key; a UNet's state dict is one line saying so."""
+    unet_key = next((k for k in state_dict if k.startswith("up_blocks.")), None)
+    if unet_key is not None:
+        raise ConversionError(f"{SOURCE}: the state dict has decoder keys ({unet_key!r}): a UNet's state dict, not a "
+                              "ControlNet's")
+    return convert_state_dict(state_dict, _shapes(config), source=SOURCE, embeddings=EMBEDDINGS, dtype=dtype)
 
 
-def convert_diffusers_controlnet(state_dict: Mapping[str, Any], config: ControlNetConfig) -> dict[str, Any]:
-    """A diffusers ControlNetModel state dict (torch tensors or arrays, torch layouts) -> our params tree (float32,
-    no "params" level). Raises a one-line ConversionError for a state dict of another layout (`check_layout`)."""
-    arrays = to_numpy_state_dict(state_dict)
-    check_layout(arrays, diffusers_shapes(config), source=SOURCE)
-    expected = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(controlnet_param_shapes(config)).items()}
-    return convert_state_dict(arrays, expected, source=SOURCE, embeddings=EMBEDDINGS)
-
-
-def controlnet_state_dict(params: Mapping[str, Any], config: ControlNetConfig) -> dict[str, np.ndarray]:
-    """Our params tree -> a diffusers ControlNetModel state dict of float32 numpy arrays (torch layouts); the tree
-    must have exactly `config`'s parameters (a one-line ConversionError names the first that does not fit)."""
+def controlnet_state_dict(params: Mapping[str, Any], config: ControlNetConfig, *,
+                          dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Our params tree -> a diffusers ControlNetModel state dict of numpy arrays of `dtype` (torch layouts); the tree
+    must have exactly `config`'s parameters (checked as on import: a ConversionError lists what does not fit)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    assemble_params({path: ("/".join(path), np.asarray(v)) for path, v in flat.items()}, _shapes(config),
+                    source="ControlNet params")
     state_dict = params_to_state_dict(params, literal=LITERAL_NAMES)
-    check_layout(state_dict, diffusers_shapes(config), source="ControlNet params")
-    return state_dict
+    return state_dict if np.dtype(dtype) == np.float32 else {k: v.astype(dtype) for k, v in state_dict.items()}
 
 
-def load_diffusers_controlnet(folder: str | pathlib.Path, **unet_overrides: Any) -> tuple[ControlNetConfig, dict]:
-    """Reads a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors) -> (ControlNetConfig,
-    params tree). FileNotFoundError names a missing file. No network access."""
+def load_diffusers_controlnet(folder: str | pathlib.Path, *, dtype: Any = np.float32,
+                              **unet_overrides: Any) -> tuple[ControlNetConfig, dict]:
+    """Reads a diffusers ControlNet folder (config.json + its weights: diffusion_pytorch_model.safetensors or .bin,
+    their .fp16 variants or shards, `diffusers_pipeline.read_weights`) -> (ControlNetConfig, params tree of `dtype`,
+    float32 or bfloat16, each tensor converted as it is read). FileNotFoundError names a missing file. No network."""
     folder = pathlib.Path(folder)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} does not exist (expected a diffusers ControlNet folder from "
-                                    "save_pretrained)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG_FILE} does not exist (expected a diffusers ControlNet folder from "
+                                "save_pretrained)")
     config = controlnet_config_from_diffusers(json.loads((folder / CONFIG_FILE).read_text()), **unet_overrides)
-    return config, convert_diffusers_controlnet(load_state_dict(folder / WEIGHTS_FILE), config)
+    return config, convert_diffusers_controlnet(read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype), config,
+                                                dtype=dtype)
 
 
-def save_diffusers_controlnet(folder: str | pathlib.Path, config: ControlNetConfig, params: Mapping[str, Any]) -> None:
+def save_diffusers_controlnet(folder: str | pathlib.Path, config: ControlNetConfig, params: Mapping[str, Any], *,
+                              dtype: Any = np.float32) -> None:
     """Writes `params` (our tree, no "params" level) as a diffusers ControlNet folder that
-    `ControlNetModel.from_pretrained(folder)` loads with no missing or unexpected keys (float32 safetensors)."""
+    `ControlNetModel.from_pretrained(folder)` loads with no missing or unexpected keys (safetensors of `dtype`:
+    float32 by default, float16 as the hub's fp16 ControlNets, or bfloat16)."""
     folder = pathlib.Path(folder)
-    state_dict = controlnet_state_dict(params, config)
-    diffusers_config = {"_class_name": "ControlNetModel", "_diffusers_version": DIFFUSERS_VERSION,
+    state_dict = controlnet_state_dict(params, config, dtype=dtype)
+    diffusers_config = {"_class_name": CONTROLNET_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
                         **controlnet_config_to_diffusers(config)}
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(folder / WEIGHTS_FILE, state_dict, {"format": "pt"})

@@ -59,7 +59,8 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 DIFFUSERS_COSINE_S = 0.008  # betas_for_alpha_bar's cosine offset
 # Scheduler options that change the model's noise schedule and that we do not implement: name -> allowed.
 _SCHEDULE_REQUIRED = {"trained_betas": None, "rescale_betas_zero_snr": False}
-_DIFFUSERS_VERSION = "0.42.1"
+DIFFUSERS_VERSION = "0.42.1"  # the `_diffusers_version` written into every exported diffusers config
+CONFIG_FILE = "config.json"  # a diffusers / transformers component's config (and our model directory's: store)
 
 
 # ------------------------------------------------------------------------------------------------- import
@@ -104,9 +105,9 @@ def load_diffusers_pipeline(folder: str | os.PathLike, *, param_dtype: Any = np.
         text_configs.append(config)
         text_params.append(params)
     vae_config, vae_params, scale = _load_vae(folder / "vae", dtype=param_dtype)
-    unet_json = _read_json(folder / "unet" / "config.json", what="the unet/ subfolder")
+    unet_json = _read_json(folder / "unet" / CONFIG_FILE, what="the unet/ subfolder")
     unet_config = unet_config_from_diffusers(unet_json)
-    unet_params = convert_diffusers_unet(_read_weights(folder / "unet", DIFFUSERS_WEIGHTS, dtype=param_dtype),
+    unet_params = convert_diffusers_unet(read_weights(folder / "unet", DIFFUSERS_WEIGHTS, dtype=param_dtype),
                                          unet_config, dtype=param_dtype)
     scheduler = read_scheduler_config(folder)
     latent = vae_config.embed_dim
@@ -184,7 +185,7 @@ def sampler_options(scheduler: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, *, output_layer: str, dtype: Any = np.float32
                        ) -> tuple[ClipTextConfig, dict[str, Any]]:
-    hf_config = _read_json(folder / "config.json", what="the text_encoder/ subfolder")
+    hf_config = _read_json(folder / CONFIG_FILE, what="the text_encoder/ subfolder")
     if hf_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise ValueError(f"{folder}/config.json: model_type {hf_config.get('model_type')!r}; expected a CLIP text "
                          "model (clip_text_model)")
@@ -197,17 +198,17 @@ def _load_text_encoder(folder: pathlib.Path, tokenizer: Any, *, output_layer: st
     if model_max is not None and model_max < 10**6 and model_max != config.max_length:
         raise ValueError(f"tokenizer model_max_length {model_max} != the text encoder's max_position_embeddings "
                          f"{config.max_length}; prompts would be padded to a different length than diffusers uses")
-    state_dict = _read_weights(folder, TRANSFORMERS_WEIGHTS, dtype=dtype)
+    state_dict = read_weights(folder, TRANSFORMERS_WEIGHTS, dtype=dtype)
     return config, convert_clip_text_state_dict(state_dict, config, dtype=dtype)
 
 
 def _load_vae(folder: pathlib.Path, *, dtype: Any = np.float32):
-    vae_json = _read_json(folder / "config.json", what="the vae/ subfolder")
+    vae_json = _read_json(folder / CONFIG_FILE, what="the vae/ subfolder")
     if vae_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ValueError(f"{folder}/config.json: _class_name {vae_json.get('_class_name')!r}; Stable Diffusion "
                          "pipelines use AutoencoderKL")
     config = config_from_diffusers(vae_json, kind="kl")
-    params = convert_diffusers_autoencoder(_read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype), config,
+    params = convert_diffusers_autoencoder(read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype), config,
                                            source=str(folder), dtype=dtype)
     return config, params, float(vae_json.get("scaling_factor", 0.18215))
 
@@ -221,7 +222,7 @@ def _read_json(path: pathlib.Path, *, what: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
-def _read_weights(folder: pathlib.Path, names: tuple[str, ...], *, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+def read_weights(folder: pathlib.Path, names: tuple[str, ...], *, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """The weights of one component, read without running code: the first of `names` present (safetensors
     first), else its fp16 variant (`NAME.fp16.safetensors`, the hub's `variant="fp16"` files), each either one
     file or sharded (`NAME.index.json` listing the shard files, as `save_pretrained(max_shard_size=...)` writes).
@@ -296,7 +297,7 @@ def save_diffusers_pipeline(model: LoadedModel, folder: str | os.PathLike, *,
         (folder / encoder).mkdir(parents=True, exist_ok=True)
         save_safetensors(folder / encoder / "model.safetensors",
                          clip_text_to_transformers_state_dict(params[name], tower), {"format": "pt"})
-        _write_json(folder / encoder / "config.json", hf_config)
+        _write_json(folder / encoder / CONFIG_FILE, hf_config)
         save_tokenizer(tokenizer, folder / tokenizer_dir, tower.max_length)
         index_entries[encoder] = ["transformers", hf_config["architectures"][0]]
         index_entries[tokenizer_dir] = ["transformers", "CLIPTokenizer"]
@@ -306,7 +307,7 @@ def save_diffusers_pipeline(model: LoadedModel, folder: str | os.PathLike, *,
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     _write_json(folder / "scheduler" / "scheduler_config.json",
                 scheduler if scheduler is not None else scheduler_config(cfg.diffusion, scheduler_class))
-    common = {"_diffusers_version": _DIFFUSERS_VERSION, "scheduler": ["diffusers", scheduler_class],
+    common = {"_diffusers_version": DIFFUSERS_VERSION, "scheduler": ["diffusers", scheduler_class],
               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
               "feature_extractor": [None, None], "image_encoder": [None, None]}
     if sdxl:
@@ -348,7 +349,7 @@ def scheduler_config(diffusion: DiffusionConfig, scheduler_class: str = "PNDMSch
         raise ValueError(f"diffusers schedulers have no v_posterior (got {s.v_posterior})")
     predictions = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
     return {
-        "_class_name": scheduler_class, "_diffusers_version": _DIFFUSERS_VERSION,
+        "_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION,
         "beta_schedule": names[s.beta_schedule], "beta_start": s.linear_start, "beta_end": s.linear_end,
         "num_train_timesteps": s.num_timesteps, "prediction_type": predictions[diffusion.prediction_type],
         "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
@@ -364,16 +365,16 @@ def _vae_config(cfg: LDMConfig) -> dict[str, Any]:
 
 
 def _write_part(folder: pathlib.Path, weights: str, params: Mapping[str, Any], config: dict[str, Any]) -> None:
-    config = {**config, "_diffusers_version": _DIFFUSERS_VERSION}
+    config = {**config, "_diffusers_version": DIFFUSERS_VERSION}
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(folder / weights, params_to_state_dict(params, literal=LITERAL_NAMES), {"format": "pt"})
-    _write_json(folder / "config.json", config)
+    _write_json(folder / CONFIG_FILE, config)
 
 
 def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["clip_to_transformers_config", "load_diffusers_pipeline", "prediction_type_from_scheduler",
-           "read_scheduler_config", "sampler_options", "save_diffusers_pipeline", "schedule_from_scheduler",
-           "scheduler_config"]
+__all__ = ["CONFIG_FILE", "DIFFUSERS_VERSION", "DIFFUSERS_WEIGHTS", "clip_to_transformers_config",
+           "load_diffusers_pipeline", "prediction_type_from_scheduler", "read_scheduler_config", "read_weights",
+           "sampler_options", "save_diffusers_pipeline", "schedule_from_scheduler", "scheduler_config"]
