@@ -98,7 +98,7 @@ def detect_format(source: str | os.PathLike | None) -> str:
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return "diffusers"
-        if (path / CONFIG_FILE).is_file() and _read_json(path / CONFIG_FILE).get("_class_name") == CONTROLNET_CLASS:
+        if _config_class(path) == CONTROLNET_CLASS:
             raise StoreError(f"{path}: a diffusers ControlNet folder, not a whole model; load it with "
                              "load_controlnet (ldm-jax convert --controlnet)")
         if (path / CONFIG_FILE).is_file() or (path / LEGACY_FIRST_STAGE_FILE).is_file():
@@ -376,6 +376,12 @@ def _read_config_json(path: pathlib.Path) -> dict[str, Any]:
     return _read_json(config_path)
 
 
+def _config_class(path: pathlib.Path) -> str | None:
+    """The `_class_name` of a folder's config.json (diffusers' component class: ControlNetModel for a ControlNet
+    folder), None without one (our model directories have none)."""
+    return _read_json(path / CONFIG_FILE).get("_class_name") if (path / CONFIG_FILE).is_file() else None
+
+
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -598,7 +604,7 @@ def detect_controlnet_format(source: str | os.PathLike) -> str:
             return "original"
         raise StoreError(f"{path}: unknown kind of file {path.suffix or '(no extension)'!r}; a ControlNet is a "
                          f"single file ({', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers ControlNet folder")
-    class_name = _read_json(path / CONFIG_FILE).get("_class_name") if (path / CONFIG_FILE).is_file() else None
+    class_name = _config_class(path)
     if class_name == CONTROLNET_CLASS:
         return "diffusers"
     what = f"its {CONFIG_FILE} is a {class_name}'s" if class_name else f"it has no {CONFIG_FILE} with _class_name"
@@ -657,7 +663,9 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
     """Writes a ControlNet as "diffusers" (a folder `ControlNetModel.from_pretrained` loads strictly) or "original"
     (one `.safetensors` file in the `control_model.*` layout that diffusers' `ControlNetModel.from_single_file` and
     the reference code read). dtype: "fp32" (default), "fp16", "bf16"; a diffusers folder is float32. Params that do
-    not fit the config are refused before anything is written. Returns `dest`."""
+    not fit the config are refused before anything is written. A folder is written only where there is none, an
+    empty one or a diffusers ControlNet folder (`detect_controlnet_format`); anything else (a model directory, a
+    diffusers unet/ folder) is a one-line StoreError and nothing in it is touched. Returns `dest`."""
     if format not in CONTROLNET_FORMATS:
         raise StoreError(f"format {format!r}: a ControlNet is written as one of {', '.join(CONTROLNET_FORMATS)}")
     if isinstance(dtype, str) and dtype not in STORED_DTYPES:
@@ -677,8 +685,13 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
                          "format 'original'")
     from ldm_jax.convert.diffusers_controlnet import save_diffusers_controlnet  # noqa: PLC0415
 
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / CONFIG_FILE).is_file())):
-        raise StoreError(f"{dest} exists and is not a ControlNet folder; not writing into it")
+    if dest.exists() and not dest.is_dir():
+        raise StoreError(f"{dest} exists and is a file; a diffusers ControlNet folder is written there")
+    if dest.is_dir() and any(dest.iterdir()):  # only a ControlNet folder is overwritten, never a model's config.json
+        try:
+            detect_controlnet_format(dest)
+        except StoreError as error:
+            raise StoreError(f"{error}; not writing into it") from None
     save_diffusers_controlnet(dest, controlnet.config, controlnet.params)
     return dest
 

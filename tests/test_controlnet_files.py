@@ -248,6 +248,32 @@ def test_bad_input(tiny, tmp_path):
         store.load_model(folder)
 
 
+def test_save_writes_only_into_a_controlnet_folder(tiny, tmp_path, capsys):
+    """save_controlnet (and `convert --controlnet ... --to diffusers`) writes into a missing or empty folder or a
+    diffusers ControlNet folder, never over a model directory's or a diffusers UNet folder's config.json / weights."""
+    _, folder, path, _ = tiny
+    net = store.load_controlnet(folder)
+    model_dir = store.save_model(store.load_model("shapes"), tmp_path / "model")
+    unet_dir = tmp_path / "unet"
+    unet_dir.mkdir()
+    (unet_dir / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (unet_dir / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    before = {p: p.read_bytes() for d in (model_dir, unet_dir) for p in d.rglob("*") if p.is_file()}
+    for dest, what in ((model_dir, "it has no config.json with _class_name"),
+                       (unet_dir, "its config.json is a UNet2DConditionModel's")):
+        with pytest.raises(store.StoreError, match=rf"^\S*{dest.name}: not a diffusers ControlNet folder \({what};.*"
+                                                   r"; not writing into it$"):
+            store.save_controlnet(net, dest)
+        assert cli.main(["convert", "--controlnet", str(path), str(dest), "--to", "diffusers"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].endswith("not writing into it"), errors
+    assert {p: p.read_bytes() for d in (model_dir, unet_dir) for p in d.rglob("*") if p.is_file()} == before
+    (tmp_path / "empty").mkdir()
+    for dest in (tmp_path / "empty", tmp_path / "new", tmp_path / "empty"):  # the last: over a ControlNet folder
+        store.save_controlnet(net, dest)
+        _assert_params_equal(store.load_controlnet(dest).params, net.params)
+
+
 def test_convert_command(tiny, tmp_path, capsys):
     """`ldm-jax convert --controlnet SRC DEST --to compvis|diffusers`; --to ldm and a non-ControlNet are one line."""
     _, folder, path, _ = tiny
