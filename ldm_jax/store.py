@@ -401,12 +401,13 @@ def _load_tokenizer(directory: str | os.PathLike, kind: str | None):
 def _load_single_file(path: pathlib.Path, *, config: Any, tokenizer: str | os.PathLike | None,
                       text_encoder_config: str | os.PathLike | None, use_ema: bool) -> ldm.LoadedModel:
     from ldm_jax.convert import compvis  # noqa: PLC0415
+    from ldm_jax.convert.compvis_controlnet import controlnet_prefix  # noqa: PLC0415
 
     state_dict = load_state_dict(path)
-    if not any(k.startswith("model.diffusion_model.") for k in state_dict) and any(
-            k.startswith(("control_model.", "input_hint_block.")) for k in state_dict):
+    if controlnet_prefix(state_dict) is not None:  # also a ControlNet 1.0 file, which holds its base model beside it
         raise StoreError(f"{path}: a ControlNet file, not a whole model; load it with load_controlnet "
-                         "(ldm-jax convert --controlnet)")
+                         "(ldm-jax convert --controlnet; a ControlNet 1.0 file's copy of its base model is dropped "
+                         "there: load the base from its own file)")
     if config is not None:
         resolved, where = resolve_config(config, text_encoder_config=text_encoder_config), str(config)
     elif (path.parent / "config.yaml").is_file():

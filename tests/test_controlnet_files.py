@@ -25,7 +25,8 @@ import controlnet_fixtures
 from ldm_jax import cli, store
 from ldm_jax.convert.checkpoint_io import CheckpointError
 from ldm_jax.convert.common import ConversionError
-from ldm_jax.convert.compvis_controlnet import export_original_controlnet, load_original_controlnet
+from ldm_jax.convert.compvis_controlnet import (PREFIX, controlnet_prefix, convert_original_controlnet,
+                                                export_original_controlnet, load_original_controlnet)
 from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet
 from ldm_jax.models.controlnet import ControlNetModel as OurControlNet
 from ldm_jax.models.unet import UNetConfig
@@ -272,6 +273,44 @@ def test_save_writes_only_into_a_controlnet_folder(tiny, tmp_path, capsys):
     for dest in (tmp_path / "empty", tmp_path / "new", tmp_path / "empty"):  # the last: over a ControlNet folder
         store.save_controlnet(net, dest)
         _assert_params_equal(store.load_controlnet(dest).params, net.params)
+
+
+def test_one_controlnet_predicate(tiny, tmp_path):
+    """`compvis_controlnet.controlnet_prefix` is the one "does this file hold a ControlNet?": find_prefix and the
+    store's load_model use it; a ControlNet 1.0 whole-model file (base model beside it) is refused by load_model."""
+    model, _, _, original = tiny
+    bare = {k[len(PREFIX):]: v for k, v in original.items()}
+    unet = {k.replace(PREFIX, "model.diffusion_model."): v for k, v in original.items() if "input_blocks" in k}
+    assert controlnet_prefix(original) == PREFIX and controlnet_prefix(bare) == ""
+    assert controlnet_prefix(unet) is None and controlnet_prefix(model.state_dict()) is None
+    whole = tmp_path / "control_sd15_whole.safetensors"
+    save_file({**original, **unet}, str(whole))
+    with pytest.raises(store.StoreError, match=r"control_sd15_whole.safetensors: a ControlNet file, not a whole "
+                                               r"model; load it with load_controlnet") as e:
+        store.load_model(whole)
+    assert "\n" not in str(e.value)
+
+
+def test_hint_encoder_keys_that_do_not_fit(tiny):
+    """hint_widths reads the modules off their .weight keys: a file with only biases, a non-numeric module index and a
+    conv weight of the wrong rank are one-line ConversionErrors naming the key; config with hint_overrides is refused."""
+    _, _, path, original = tiny
+    hint = PREFIX + "input_hint_block."
+    biases_only = {k: v for k, v in original.items() if not (k.startswith(hint) and k.endswith(".weight"))}
+    with pytest.raises(ConversionError, match=r"input_hint_block\.\*\.weight has modules \[\]; expected 0, 2") as e:
+        convert_original_controlnet(biases_only)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConversionError, match=r"key 'control_model.input_hint_block.foo.weight' is not a hint-encoder "
+                                              r"conv's") as e:
+        convert_original_controlnet({**original, f"{hint}foo.weight": np.zeros(3, np.float32)})
+    assert "\n" not in str(e.value)
+    flat = {**original, f"{hint}0.weight": np.zeros(16, np.float32)}
+    with pytest.raises(ConversionError, match=r"input_hint_block.0.weight is \(16,\); a hint-encoder conv weight is 4-D"):
+        convert_original_controlnet(flat)
+    config, _ = load_original_controlnet(path)
+    with pytest.raises(ValueError, match="global_pool_conditions apply to a config inferred from the weights"):
+        load_original_controlnet(path, config, global_pool_conditions=True)
+    assert load_original_controlnet(path, global_pool_conditions=True)[0].global_pool_conditions
 
 
 def test_convert_command(tiny, tmp_path, capsys):

@@ -108,19 +108,27 @@ def assemble_params(
     converted: {flax_path: (source_key, array)}; expected: {flax_path: shape}.
     dtype: the params' dtype, float32 (default) or bfloat16 (a run-time `param_dtype`); arrays already in it
       are kept as they are (views, no copies), so a reader that reads them in `dtype` never holds float32 copies.
-    Raises ConversionError listing every missing, unexpected and mis-shaped key (by source key name).
+    Raises ConversionError listing every missing, unexpected and mis-shaped key (by source key name: `check_shapes`).
     """
-    missing = sorted("/".join(p) for p in expected if p not in converted)
-    unexpected = sorted(f"{key} (-> {'/'.join(p)})" for p, (key, _) in converted.items() if p not in expected)
+    check_shapes(converted, expected, source=source)
+    flat = {p: np.asarray(arr, dtype=dtype) for p, (_, arr) in converted.items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def check_shapes(found: Mapping[Path, tuple[str, Any]], expected: Mapping[Path, tuple[int, ...]], *,
+                 source: str) -> None:
+    """The strict check of `assemble_params` alone (nothing copied or built): found {path: (source key, array or
+    anything with a .shape)} against expected {path: shape}. Raises ConversionError listing every missing,
+    unexpected and mis-shaped key (by source key name); its first line says it all."""
+    missing = sorted("/".join(p) for p in expected if p not in found)
+    unexpected = sorted(f"{key} (-> {'/'.join(p)})" for p, (key, _) in found.items() if p not in expected)
     mismatched = sorted(
-        f"{key}: checkpoint {arr.shape} vs model {expected[p]}"
-        for p, (key, arr) in converted.items()
-        if p in expected and tuple(arr.shape) != tuple(expected[p])
+        f"{key}: checkpoint {tuple(np.shape(arr))} vs model {tuple(expected[p])}"
+        for p, (key, arr) in found.items()
+        if p in expected and tuple(np.shape(arr)) != tuple(expected[p])
     )
     if missing or unexpected or mismatched:
         raise ConversionError(_report(source, missing, unexpected, mismatched))
-    flat = {p: np.asarray(arr, dtype=dtype) for p, (_, arr) in converted.items()}
-    return traverse_util.unflatten_dict(flat)
 
 
 def convert_state_dict(

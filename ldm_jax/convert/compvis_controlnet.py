@@ -42,7 +42,7 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
-from ldm_jax.convert.common import ConversionError, assemble_params, to_numpy_state_dict
+from ldm_jax.convert.common import ConversionError, assemble_params, check_shapes, to_numpy_state_dict
 from ldm_jax.convert.compvis import (COND_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, SCHEDULE_BUFFERS, UNET_PREFIX,
                                      Entry, LayoutBuilder, infer_unet_encoder, unet_encoder_entries)
 from ldm_jax.models.controlnet import ControlNetConfig, controlnet_param_shapes
@@ -86,14 +86,25 @@ def controlnet_layout(config: ControlNetConfig, prefix: str = PREFIX) -> tuple[t
     return tuple(b.entries), shapes
 
 
-def find_prefix(state_dict: Mapping[str, Any], source: str) -> str:
-    """The key prefix of the ControlNet in an original file: "control_model." or "" (a file of the ControlNet alone).
-    One-line ConversionError for a file that holds none: a UNet / whole SD model, a diffusers-layout state dict."""
-    keys = list(state_dict)
-    if any(k.startswith(PREFIX) for k in keys):
+def controlnet_prefix(state_dict: Mapping[str, Any]) -> str | None:
+    """The one test of "does this file hold a ControlNet?": the key prefix of the ControlNet in an original file's
+    state dict, "control_model." (1.0 / 1.1 files, alone or beside a whole base model) or "" (a file of the
+    ControlNet alone with bare keys: its hint encoder `input_hint_block.0` and time embedding), None when it holds
+    none (a UNet / whole SD model, a diffusers-layout state dict, anything else)."""
+    if any(k.startswith(PREFIX) for k in state_dict):
         return PREFIX
     if f"{HINT}0.weight" in state_dict and "time_embed.0.weight" in state_dict:
         return ""
+    return None
+
+
+def find_prefix(state_dict: Mapping[str, Any], source: str) -> str:
+    """`controlnet_prefix`, or a one-line ConversionError for a file that holds no ControlNet, saying what it holds
+    instead: a UNet / whole SD model, a diffusers-layout state dict."""
+    prefix = controlnet_prefix(state_dict)
+    if prefix is not None:
+        return prefix
+    keys = list(state_dict)
     if DIFFUSERS_MARKER in state_dict:
         raise ConversionError(f"{source}: a diffusers-layout ControlNet state dict ({DIFFUSERS_MARKER!r}), not an "
                               "original file; put it in a folder with its config.json (a diffusers ControlNet folder)")
@@ -126,16 +137,31 @@ def controlnet_state_dict_of(state_dict: Mapping[str, Any], source: str) -> dict
 
 def hint_widths(state_dict: Mapping[str, Any], source: str) -> tuple[int, tuple[int, ...]]:
     """(conditioning_channels, conditioning_embedding_out_channels) from `control_model.input_hint_block.*`: conv_in's
-    in/out channels, then the out channels of every stride-2 conv (indices 4, 8, ..., 4n - 4). ConversionError for
-    an index set that is not 0, 2, ..., 4n - 2 with n >= 1."""
-    def shape(index: int) -> tuple[int, ...]:
-        return tuple(np.shape(state_dict[f"{PREFIX}{HINT}{index}.weight"]))
-
-    indices = sorted({int(k[len(PREFIX + HINT):].split(".")[0]) for k in state_dict if k.startswith(PREFIX + HINT)})
+    in/out channels, then the out channels of every stride-2 conv (indices 4, 8, ..., 4n - 4). The modules are those
+    with a `.weight` (a stray bias is left to the strict key check). One-line ConversionError for a key whose module
+    index is not a number, a conv weight that is not 4-D, or an index set that is not 0, 2, ..., 4n - 2 with n >= 1."""
+    stem = PREFIX + HINT
+    weights = {}
+    for key in state_dict:
+        if key.startswith(stem):
+            index, _, leaf = key[len(stem):].partition(".")
+            if not index.isdigit():
+                raise ConversionError(f"{source}: key {key!r} is not a hint-encoder conv's ({stem}N.weight / .bias, "
+                                      "N the module's index)")
+            if leaf == "weight":
+                weights[int(index)] = key
+    indices = sorted(weights)
     n = len(indices) // 2  # 2n convs: conv_in, 2n - 2 blocks, conv_out
     if n < 1 or indices != list(range(0, 4 * n - 1, 2)):
-        raise ConversionError(f"{source}: {PREFIX}{HINT}* has modules {indices}; expected 0, 2, ..., 4n - 2 (conv_in, "
+        raise ConversionError(f"{source}: {stem}*.weight has modules {indices}; expected 0, 2, ..., 4n - 2 (conv_in, "
                               "2n - 2 hint convs, conv_out; 0 ... 14 for the usual four widths)")
+
+    def shape(index: int) -> tuple[int, ...]:
+        out = tuple(np.shape(state_dict[weights[index]]))
+        if len(out) != 4:
+            raise ConversionError(f"{source}: {weights[index]} is {out}; a hint-encoder conv weight is 4-D")
+        return out
+
     channels = shape(0)[1]
     widths = (shape(0)[0], *(shape(4 * k)[0] for k in range(1, n)))
     return channels, widths
@@ -157,34 +183,38 @@ def controlnet_config_from_state_dict(state_dict: Mapping[str, Any], *, unet: UN
 
 
 def convert_original_controlnet(state_dict: Mapping[str, Any], config: ControlNetConfig | None = None, *,
-                                source: str = "ControlNet file") -> tuple[ControlNetConfig, dict[str, Any]]:
+                                unet: UNetConfig | None = None, source: str = "ControlNet file", dtype: Any = np.float32,
+                                **hint_overrides: Any) -> tuple[ControlNetConfig, dict[str, Any]]:
     """An original ControlNet state dict (with or without `control_model.`, or a whole-model 1.0 checkpoint; arrays
-    or torch tensors, torch layouts) -> (config, our params tree of float32 numpy arrays, no "params" level).
-    config: the architecture (default: `controlnet_config_from_state_dict`). Strict: missing, unexpected and
-    mis-shaped keys raise ConversionError (`common.assemble_params`), named by the file's keys."""
+    or torch tensors, torch layouts) -> (config, our params tree of `dtype` numpy arrays, float32 or bfloat16; no
+    "params" level). config: the architecture; else inferred (`controlnet_config_from_state_dict`: heads from `unet`
+    when given, `hint_overrides` applied), and giving `unet` or `hint_overrides` with a config is a ValueError.
+    Strict: missing, unexpected and mis-shaped keys raise ConversionError (`common.check_shapes`), named by the
+    file's keys and torch-layout shapes, before any array is converted."""
+    if config is not None and (unet is not None or hint_overrides):
+        given = sorted([*hint_overrides, *(["unet"] if unet is not None else [])])
+        raise ValueError(f"{source}: {', '.join(given)} apply to a config inferred from the weights; "
+                         "with config given, set them in it")
     sd = to_numpy_state_dict(controlnet_state_dict_of(state_dict, source))
-    config = config or controlnet_config_from_state_dict(sd, source=source)
+    if config is None:
+        config = controlnet_config_from_state_dict(sd, unet=unet, source=source, **hint_overrides)
     entries, shapes = controlnet_layout(config)
-    torch_shapes = {(e.key,): e.torch_shape(shapes) for e in entries}
-    assemble_params({(k,): (k, v) for k, v in sd.items()}, torch_shapes, source=source)
+    check_shapes({(k,): (k, v) for k, v in sd.items()}, {(e.key,): e.torch_shape(shapes) for e in entries},
+                 source=source)
     converted = {}
     for entry in entries:
         for path, array in zip(entry.paths, entry.codec.to_flax(sd[entry.key]), strict=True):
             converted[path] = (entry.key, array)
-    return config, assemble_params(converted, shapes, source=source)
+    return config, assemble_params(converted, shapes, source=source, dtype=dtype)
 
 
 def load_original_controlnet(path: str | os.PathLike, config: ControlNetConfig | None = None, *,
-                             unet: UNetConfig | None = None, **hint_overrides: Any
+                             unet: UNetConfig | None = None, dtype: Any = np.float32, **hint_overrides: Any
                              ) -> tuple[ControlNetConfig, dict[str, Any]]:
     """Reads an original ControlNet file (.safetensors, or .pth / .ckpt without running pickle code) -> (config,
-    params). config: the architecture; else inferred (`controlnet_config_from_state_dict`, heads from `unet` when
-    given, `hint_overrides` applied)."""
-    source = str(path)
-    sd = controlnet_state_dict_of(load_state_dict(path), source)
-    if config is None:
-        config = controlnet_config_from_state_dict(sd, unet=unet, source=source, **hint_overrides)
-    return convert_original_controlnet(sd, config, source=source)
+    params of `dtype`, each tensor converted as it is read) by `convert_original_controlnet` (its arguments)."""
+    return convert_original_controlnet(load_state_dict(path, dtype=dtype), config, unet=unet, source=str(path),
+                                       dtype=dtype, **hint_overrides)
 
 
 def export_original_controlnet(params: Mapping[str, Any], config: ControlNetConfig, *, prefix: str = PREFIX,
@@ -193,7 +223,7 @@ def export_original_controlnet(params: Mapping[str, Any], config: ControlNetConf
     array in torch layout, `dtype`}, keys under `prefix` ("control_model." by default, "" for bare keys)."""
     entries, shapes = controlnet_layout(config, prefix)
     flat = {path: np.asarray(value) for path, value in traverse_util.flatten_dict(dict(params)).items()}
-    assemble_params({p: ("/".join(p), a) for p, a in flat.items()}, shapes, source="ControlNet params to export")
+    check_shapes({p: ("/".join(p), a) for p, a in flat.items()}, shapes, source="ControlNet params to export")
     return {e.key: np.ascontiguousarray(e.codec.to_torch([flat[p] for p in e.paths]), dtype=dtype) for e in entries}
 
 
@@ -203,6 +233,7 @@ def save_original_controlnet(path: str | os.PathLike, config: ControlNetConfig, 
     save_safetensors(path, export_original_controlnet(params, config, dtype=dtype), metadata={"format": "pt"})
 
 
-__all__ = ["PREFIX", "controlnet_config_from_state_dict", "controlnet_layout", "controlnet_state_dict_of",
+__all__ = ["PREFIX", "controlnet_config_from_state_dict", "controlnet_layout", "controlnet_prefix",
+           "controlnet_state_dict_of",
            "convert_original_controlnet", "export_original_controlnet", "find_prefix", "hint_keys", "hint_widths",
            "load_original_controlnet", "save_original_controlnet"]

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.convert.checkpoint_io import save_safetensors
-from ldm_jax.convert.common import ConversionError, assemble_params, convert_state_dict, params_to_state_dict
+from ldm_jax.convert.common import ConversionError, check_shapes, convert_state_dict, params_to_state_dict
 from ldm_jax.convert.diffusers_pipeline import CONFIG_FILE, DIFFUSERS_VERSION, DIFFUSERS_WEIGHTS, read_weights
 from ldm_jax.convert.diffusers_unet import (EMBEDDINGS, LITERAL_NAMES, encoder_config_from_diffusers,
                                             unet_config_to_diffusers)
@@ -100,9 +100,8 @@ def controlnet_state_dict(params: Mapping[str, Any], config: ControlNetConfig, *
                           dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Our params tree -> a diffusers ControlNetModel state dict of numpy arrays of `dtype` (torch layouts); the tree
     must have exactly `config`'s parameters (checked as on import: a ConversionError lists what does not fit)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    assemble_params({path: ("/".join(path), np.asarray(v)) for path, v in flat.items()}, _shapes(config),
-                    source="ControlNet params")
+    check_shapes({path: ("/".join(path), v) for path, v in traverse_util.flatten_dict(dict(params)).items()},
+                 _shapes(config), source="ControlNet params")
     state_dict = params_to_state_dict(params, literal=LITERAL_NAMES)
     return state_dict if np.dtype(dtype) == np.float32 else {k: v.astype(dtype) for k, v in state_dict.items()}
 
