@@ -28,7 +28,7 @@ from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.compvis_controlnet import (PREFIX, controlnet_prefix, convert_original_controlnet,
                                                 export_original_controlnet, load_original_controlnet)
 from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet
-from ldm_jax.models.controlnet import ControlNetModel as OurControlNet
+from ldm_jax.models.controlnet import ControlNetModel as OurControlNet, _param_shapes, controlnet_param_shapes
 from ldm_jax.models.unet import UNetConfig
 
 RTOL = controlnet_fixtures.RTOL
@@ -311,6 +311,20 @@ def test_hint_encoder_keys_that_do_not_fit(tiny):
     with pytest.raises(ValueError, match="global_pool_conditions apply to a config inferred from the weights"):
         load_original_controlnet(path, config, global_pool_conditions=True)
     assert load_original_controlnet(path, global_pool_conditions=True)[0].global_pool_conditions
+
+
+def test_param_shapes_are_traced_once_per_config(tiny, tmp_path):
+    """controlnet_param_shapes (a jax.eval_shape of the whole init) is cached per config: a load + export traces it
+    once; each call still returns its own dicts."""
+    _, folder, _, _ = tiny
+    _param_shapes.cache_clear()
+    net = store.load_controlnet(folder)
+    store.save_controlnet(net, tmp_path / "cn.safetensors", format="original")
+    info = _param_shapes.cache_info()
+    assert (info.misses, info.hits >= 1) == (1, True), info
+    first = controlnet_param_shapes(net.config)
+    first.pop("conv_in")
+    assert "conv_in" in controlnet_param_shapes(net.config)
 
 
 def test_convert_command(tiny, tmp_path, capsys):

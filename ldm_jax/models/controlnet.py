@@ -26,6 +26,7 @@ are summed first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -276,7 +277,13 @@ def init_controlnet(model: ControlNetModel, key: jax.Array, *, batch: int = 1, s
 
 
 def controlnet_param_shapes(config: ControlNetConfig) -> dict[str, Any]:
-    """The ControlNet's params tree (no "params" level) as jax.ShapeDtypeStructs; nothing is allocated."""
+    """The ControlNet's params tree (no "params" level) as jax.ShapeDtypeStructs; nothing is allocated. Traced once
+    per config (`_param_shapes`, cached: a conversion asks several times); each call returns its own dicts."""
+    return traverse_util.unflatten_dict(traverse_util.flatten_dict(_param_shapes(config)))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: ControlNetConfig) -> dict[str, Any]:
     shapes = jax.eval_shape(lambda key: init_controlnet(ControlNetModel(config), key, num_time_ids=0),
                             jax.random.key(0))
     return shapes["params"]
