@@ -124,6 +124,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} convert
     p.add_argument("--base", help="with --controlnet: the base model's config (a preset, configs/*.py, CompVis yaml or "
                                   "model directory): the ControlNet must fit it; a single file takes its heads")
     args = p.parse_args(argv)
+    if args.to == "compvis" and pathlib.Path(args.dest).suffix.lower() != ".safetensors":
+        p.error(f"--to compvis writes one .safetensors file; name DEST {args.dest} *.safetensors")
     if args.controlnet:
         return _convert_controlnet(p, args, prog)
     if args.base is not None:

@@ -663,7 +663,7 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
                     dtype: Any = None) -> pathlib.Path:
     """Writes a ControlNet as "diffusers" (a folder `ControlNetModel.from_pretrained` loads strictly) or "original"
     (one `.safetensors` file in the `control_model.*` layout that diffusers' `ControlNetModel.from_single_file` and
-    the reference code read). dtype: "fp32" (default), "fp16", "bf16"; a diffusers folder is float32. Params that do
+    the reference code read). dtype: the stored dtype, "fp32" (default), "fp16", "bf16" (either format). Params that do
     not fit the config are refused before anything is written. A folder is written only where there is none, an
     empty one or a diffusers ControlNet folder (`detect_controlnet_format`); anything else (a model directory, a
     diffusers unet/ folder) is a one-line StoreError and nothing in it is touched. Returns `dest`."""
@@ -681,9 +681,6 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_original_controlnet(dest, controlnet.config, controlnet.params, dtype=store_dtype)
         return dest
-    if store_dtype != np.float32:
-        raise StoreError(f"{dest}: a diffusers ControlNet folder is written in float32; dtype {dtype!r} applies to "
-                         "format 'original'")
     from ldm_jax.convert.diffusers_controlnet import save_diffusers_controlnet  # noqa: PLC0415
 
     if dest.exists() and not dest.is_dir():
@@ -693,7 +690,7 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
             detect_controlnet_format(dest)
         except StoreError as error:
             raise StoreError(f"{error}; not writing into it") from None
-    save_diffusers_controlnet(dest, controlnet.config, controlnet.params)
+    save_diffusers_controlnet(dest, controlnet.config, controlnet.params, dtype=store_dtype)
     return dest
 
 

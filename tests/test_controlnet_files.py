@@ -19,6 +19,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from flax import traverse_util
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import controlnet_fixtures
@@ -325,6 +326,34 @@ def test_param_shapes_are_traced_once_per_config(tiny, tmp_path):
     first = controlnet_param_shapes(net.config)
     first.pop("conv_in")
     assert "conv_in" in controlnet_param_shapes(net.config)
+
+
+def test_convert_command_dtypes_and_early_refusal(tiny, tmp_path, capsys, monkeypatch):
+    """`convert --controlnet --to diffusers --dtype fp16` writes an fp16 folder that diffusers loads strictly; a
+    `--to compvis` DEST not named *.safetensors is refused before anything is loaded (exit 2, one line)."""
+    model, folder, path, _ = tiny
+    assert cli.main(["convert", "--controlnet", str(path), str(tmp_path / "half"), "--to", "diffusers",
+                     "--dtype", "fp16"]) == 0
+    with safe_open(tmp_path / "half" / "diffusion_pytorch_model.safetensors", "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    reloaded, info = ControlNetModel.from_pretrained(tmp_path / "half", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value.half()), key
+    ref = traverse_util.flatten_dict(store.load_controlnet(folder).params)
+    for p, value in traverse_util.flatten_dict(store.load_controlnet(tmp_path / "half").params).items():
+        np.testing.assert_array_equal(value, ref[p].astype(np.float16).astype(np.float32))
+    capsys.readouterr()
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the arguments were checked")
+
+    monkeypatch.setattr(store, "load_controlnet", never)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "--controlnet", str(folder), str(tmp_path / "cn.pth"), "--to", "compvis"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--to compvis writes one .safetensors file" in err
 
 
 def test_convert_command(tiny, tmp_path, capsys):
