@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import ldm
+from ldm_jax import ldm, parallel
 from ldm_jax.diffusion.guidance import GuidedCond
 from ldm_jax.ldm import LDMConfig, RunOptions
 from ldm_jax.models.controlnet import ControlNetConfig, build_controlnet, check_controlnet_fits
@@ -37,10 +37,12 @@ class Control:
     """One or several ControlNets for one pipeline call (txt2img, img2img, inpaint).
 
     nets: a sequence of (ControlNetConfig, params) pairs, params the net's params tree without a "params" level
-      (what `convert.diffusers_controlnet.load_diffusers_controlnet` returns); several nets' residuals are summed.
+      (a loaded net's `.config` and `.params`: `net = store.load_controlnet(path, base=model)`); several nets'
+      residuals are summed.
     images: one control image per net, (B, H, W, C_k) or (H, W, C_k) / (1, H, W, C_k) (the same for every
       example), float in [0, 1] RGB (`images.prepare_control_image` makes one from a file's image), H x W the
-      generated image's size, C_k the net's conditioning_channels (3).
+      generated image's size, C_k the net's conditioning_channels (3). `place_control` puts them on the devices
+      once for a run of same-sized batches.
     scales: diffusers' controlnet_conditioning_scale: one value for every net, or one per net; each a float or
       (B,) per example. Traced.
     starts, ends: diffusers' control_guidance_start / _end fractions, one for every net or one per net, with
@@ -93,53 +95,93 @@ def control_inputs(config: LDMConfig, control: Control, batch: int, image_hw: tu
         check_controlnet_fits(net[0], config.unet, f"control: nets[{k}]", latent_channels=config.latent_channels,
                               downsample_factor=config.downsample_factor)
     images = _control_images(control, batch, image_hw)
-    scales = np.stack([np.broadcast_to(np.asarray(s, np.float32), (batch,)) for s in _per_net(
-        control.scales, len(nets), "scales", batch)], axis=1)
-    starts = _per_net(control.starts, len(nets), "starts")
-    ends = _per_net(control.ends, len(nets), "ends")
-    keep = keep_table([float(s) for s in starts], [float(e) for e in ends], first_step, num_steps)
+    scales = np.stack([np.broadcast_to(np.asarray(s, np.float32), (batch,)) for s in per_net(
+        control.scales, len(nets), "control: scales", batch)], axis=1)
+    starts, ends = guidance_fractions(control.starts, control.ends, [f"ControlNet {k}" for k in range(len(nets))])
+    keep = keep_table(starts, ends, first_step, num_steps)
     inputs = {"control_images": images, "control_scale": scales, "control_keep": keep}
     return control_key(control), tuple(params for _, params in nets), inputs
 
 
-def _per_net(value: Any, n: int, name: str, batch: int | None = None) -> list[Any]:
-    """`value` for each of n nets: one value for all, or a sequence of n; each a scalar (or (batch,) if batch)."""
+def per_net(value: Any, n: int, name: str, batch: int | None = None) -> list[Any]:
+    """`value` for each of n nets: one value for every net, or a list / tuple of n; each a number (or (batch,) per
+    example, if batch). ValueError opening with `name` otherwise."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
-        raise ValueError(f"control: {len(values)} {name} for {n} ControlNets")
+        raise ValueError(f"{name}: {len(values)} values for {n} ControlNet(s); give one value for every net or one "
+                         "per net, in order")
     for k, v in enumerate(values):
         shape = np.shape(v)
         if shape != () and (batch is None or shape != (batch,)):
             want = "a number" if batch is None else f"a number or ({batch},) per example"
-            raise ValueError(f"control: {name}[{k}] must be {want}; got shape {shape}")
+            raise ValueError(f"{name}[{k}] must be {want}; got shape {shape}")
     return values
 
 
-def _control_images(control: Control, batch: int, hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """Each net's control image as (B, H, W, C) float32, checked."""
+def guidance_fractions(starts: Any, ends: Any, nets: Sequence[str],
+                       names: tuple[str, str] = ("control: starts", "control: ends")) -> tuple[list[float], list[float]]:
+    """Each net's (start, end) guidance fractions (diffusers' control_guidance_start / _end), checked: `starts` and
+    `ends` are one number for every net or a list / tuple of one per net (`per_net`), and each net runs from its
+    start to its end, 0 <= start < end <= 1. nets: a label per net for errors (e.g. its file); names: what
+    `starts` and `ends` are called in errors (e.g. the command line's flags). ValueError otherwise."""
+    starts, ends = ([float(v) for v in per_net(value, len(nets), name)] for value, name in zip((starts, ends), names))
+    check_fractions(starts, ends, nets, names)
+    return starts, ends
+
+
+def check_fractions(starts: Sequence[float], ends: Sequence[float], nets: Sequence[str] | None = None,
+                    names: tuple[str, str] = ("start", "end")) -> None:
+    """ValueError naming the net (`nets`, default "ControlNet k") unless 0 <= start < end <= 1 for each."""
+    for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        if not 0.0 <= s < e <= 1.0:  # False for NaN
+            raise ValueError(f"{names[0]} {s:g} and {names[1]} {e:g} of {nets[k] if nets else f'ControlNet {k}'}: a "
+                             f"net runs from its start to its end fraction of the steps, 0 <= start < end <= 1")
+
+
+def _control_images(control: Control, batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
+    """Each net's control image as (B, H, W, C) float32, checked: an image already placed as (B, H, W, C)
+    (`place_control`) as it is, on its devices; otherwise a read-only broadcast view of the image (no host copy per
+    example: the pipeline's device_put copies each device's share)."""
     images = list(control.images)
     if len(images) != len(control.nets):
         raise ValueError(f"control: {len(images)} control images for {len(control.nets)} ControlNets")
     out = []
     for k, (image, config) in enumerate(zip(images, control.configs)):
+        want = (batch, *hw, config.conditioning_channels)
+        if isinstance(image, jax.Array) and image.shape == want and image.dtype == jnp.float32:
+            out.append(image)
+            continue
         image = np.asarray(image, np.float32)
         image = image[None] if image.ndim == 3 else image
-        want = (batch, *hw, config.conditioning_channels)
         if image.ndim != 4 or image.shape[0] not in (1, batch) or image.shape[1:] != want[1:]:
             raise ValueError(f"control image {k} has shape {np.shape(control.images[k])}; expected {want} (or "
                              f"{want[1:]}): the generated image's {hw[0]}x{hw[1]} (see images.prepare_control_image)")
-        out.append(np.ascontiguousarray(np.broadcast_to(image, want)))
+        out.append(np.broadcast_to(image, want))
     return tuple(out)
+
+
+def place_control(control: Control, batch: int, image_hw: tuple[int, int], mesh: jax.sharding.Mesh) -> Control:
+    """`control` with each control image as a (batch, H, W, C_k) float32 array split over the mesh's batch axes, as
+    the pipelines place their batched inputs (`parallel.batch_sharding`): built once for a run of batches of one
+    size, each device's share made from the shared image (the host never holds batch copies), and reused by every
+    pipeline call (its checks pass it through; device_put leaves it where it is). Images are checked as
+    `control_inputs` checks them. With several processes (each holding a process-local batch) `control` is
+    returned as it is."""
+    if jax.process_count() > 1:
+        return control
+    sharding = parallel.batch_sharding(mesh)
+    views = _control_images(control, batch, image_hw)
+    placed = [view if isinstance(view, jax.Array) else jax.make_array_from_callback(
+        view.shape, sharding, lambda index, view=view: np.ascontiguousarray(view[index])) for view in views]
+    return dataclasses.replace(control, images=placed)
 
 
 def keep_table(starts: Sequence[float], ends: Sequence[float], first_step: int, num_steps: int) -> np.ndarray:
     """(num_steps, nets) float32: 1 where net k runs at sampler step s, as diffusers' controlnet_keep over a run of
     n = num_steps - first_step steps: row s = first_step + i holds 1 - float(i / n < start_k or (i + 1) / n > end_k)
-    (Python floats, as diffusers); rows before first_step (never run) are 0. 0 <= start < end <= 1 (ValueError)."""
-    for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
-        if not 0.0 <= s < e <= 1.0:
-            raise ValueError(f"control: ControlNet {k}'s guidance fractions must satisfy 0 <= start < end <= 1; got "
-                             f"start={s}, end={e}")
+    (Python floats, as diffusers); rows before first_step (never run) are 0. 0 <= start < end <= 1 (ValueError,
+    `check_fractions`)."""
+    check_fractions(starts, ends)
     table = np.zeros((num_steps, len(starts)), np.float32)
     n = num_steps - first_step
     for i in range(n):
@@ -200,5 +242,5 @@ def _residuals(options, key, net_params, x, t, unet_cond, images, scale) -> tupl
     return total
 
 
-__all__ = ["Control", "ControlKey", "control_inputs", "control_key", "controlled_unet",
-           "keep_at_step", "keep_table"]
+__all__ = ["Control", "ControlKey", "check_fractions", "control_inputs", "control_key", "controlled_unet",
+           "guidance_fractions", "keep_at_step", "keep_table", "per_net", "place_control"]

@@ -22,8 +22,8 @@ from PIL import Image
 import controlnet_fixtures
 import sdxl_fixtures
 from conftest import TINY_SD_SIZE
-from ldm_jax import pipeline, store
-from ldm_jax.control import Control, keep_table
+from ldm_jax import parallel, pipeline, store
+from ldm_jax.control import Control, control_inputs, keep_table, place_control
 from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline, read_scheduler_config, sampler_options
 from ldm_jax.images import prepare_control_image
 from ldm_jax.parallel import make_mesh
@@ -233,6 +233,30 @@ def test_keep_table_is_diffusers_rule():
     np.testing.assert_array_equal(keep_table([0.0], [0.5], first_step=2, num_steps=5)[:, 0], [0, 0, 1, 0, 0])
 
 
+def test_placed_control_images_are_reused(model, nets):
+    """A control image shared by the batch: `control_inputs` broadcasts it without a host copy per example, and
+    `place_control` (what `ldm-jax sample` does once per run) puts the (B, H, W, 3) batch on the devices; a pipeline
+    call passes the placed images through (no new placement, no retrace) and gives the same images bit for bit."""
+    _, ours_nets = nets
+    shared = _control_images(1)[0][0]  # (H, W, 3)
+    control = Control(nets=ours_nets[:1], images=[shared], scales=0.9)
+    view = control_inputs(model.config, control, len(PROMPTS), (SIZE, SIZE), 0, STEPS)[2]["control_images"][0]
+    assert view.shape == (len(PROMPTS), SIZE, SIZE, 3) and view.strides[0] == 0  # a view, not B copies
+    mesh = make_mesh(devices=jax.devices()[:MESH_DEVICES])
+    placed = place_control(control, len(PROMPTS), (SIZE, SIZE), mesh)
+    image = placed.images[0]
+    assert isinstance(image, jax.Array) and image.shape == (len(PROMPTS), SIZE, SIZE, 3)
+    assert image.sharding == parallel.batch_sharding(mesh)
+    np.testing.assert_array_equal(np.asarray(image), np.broadcast_to(shared, image.shape))
+    assert control_inputs(model.config, placed, len(PROMPTS), (SIZE, SIZE), 0, STEPS)[2]["control_images"][0] is image
+    first = _ours(model, "txt2img", _noise(), control, height=SIZE, width=SIZE)
+    before = pipeline.trace_count("txt2img")
+    np.testing.assert_array_equal(_ours(model, "txt2img", _noise(), placed, height=SIZE, width=SIZE), first)
+    assert pipeline.trace_count("txt2img") == before
+    with pytest.raises(ValueError, match=rf"control image 0 has shape \({SIZE}, {SIZE}, 3\); expected \(2, 8, 8, 3\)"):
+        place_control(control, 2, (8, 8), mesh)
+
+
 def _error(model, control, **kwargs) -> str:
     with pytest.raises(ValueError) as excinfo:
         _ours(model, "txt2img", _noise(), control, height=SIZE, width=SIZE, **kwargs)
@@ -246,9 +270,12 @@ def test_bad_control_inputs_are_refused(model, nets):
     images = _control_images(2)
     good = Control(nets=ours_nets, images=images)
     assert "1 control images for 2 ControlNets" in _error(model, dataclasses.replace(good, images=images[:1]))
-    assert "3 scales for 2 ControlNets" in _error(model, dataclasses.replace(good, scales=[1.0, 1.0, 0.5]))
-    assert "1 starts for 2 ControlNets" in _error(model, dataclasses.replace(good, starts=[0.1]))
-    assert "start < end" in _error(model, dataclasses.replace(good, starts=0.5, ends=0.5))
+    assert "control: scales: 3 values for 2 ControlNet(s)" in _error(model, dataclasses.replace(
+        good, scales=[1.0, 1.0, 0.5]))
+    assert "control: starts: 1 values for 2 ControlNet(s)" in _error(model, dataclasses.replace(good, starts=[0.1]))
+    assert "control: starts 0.5 and control: ends 0.5 of ControlNet 0: a net runs from its start to its end" in _error(
+        model, dataclasses.replace(good, starts=0.5, ends=0.5))
+    assert "0 <= start < end <= 1" in _error(model, dataclasses.replace(good, ends=[1.0, float("nan")]))
     small = [i[:, :8, :8] for i in images]
     assert "control image 0 has shape (2, 8, 8, 3); expected (2, 16, 16, 3)" in _error(
         model, dataclasses.replace(good, images=small))
