@@ -585,8 +585,9 @@ CONTROLNET_FORMATS = ("diffusers", "original")  # what save_controlnet writes an
 
 @dataclasses.dataclass(frozen=True)
 class LoadedControlNet:
-    """A ControlNet: its config (`models.controlnet.ControlNetConfig`), params (our tree of float32 numpy arrays, no
-    "params" level; names of diffusers' ControlNetModel) and where it came from (`source`)."""
+    """A ControlNet: its config (`models.controlnet.ControlNetConfig`), params (our tree of numpy arrays, float32 or
+    `load_controlnet`'s param_dtype, no "params" level; names of diffusers' ControlNetModel) and where it came from
+    (`source`)."""
 
     config: Any
     params: dict[str, Any]
@@ -613,7 +614,8 @@ def detect_controlnet_format(source: str | os.PathLike) -> str:
                      f"{CONTROLNET_CLASS!r} and diffusion_pytorch_model.safetensors)")
 
 
-def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overrides: Any) -> LoadedControlNet:
+def load_controlnet(source: str | os.PathLike, *, base: Any = None, param_dtype: Any = None,
+                    **hint_overrides: Any) -> LoadedControlNet:
     """Loads a ControlNet from a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors, .bin,
     their .fp16 variants or shards) or an original single file (`convert.compvis_controlnet`: control_model.* or bare
     keys, a whole-model 1.0 checkpoint's base-model keys dropped; .pth / .ckpt read without running pickle code).
@@ -624,7 +626,10 @@ def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overr
       channels, context width, class and addition embeddings) is a one-line StoreError naming the file and both.
     hint_overrides: single files: ControlNetConfig hint fields no weight shows (global_pool_conditions=True for
       ControlNet 1.1 shuffle, controlnet_conditioning_channel_order="bgr").
+    param_dtype: the params' dtype, "float32" (default) or "bfloat16" ("fp32", "bf16" or a jnp dtype), as
+      `load_model`'s: each tensor is converted from the file's dtype as it is read (no float32 copy is held).
     Weights holding NaN / inf are refused (`check_finite`)."""
+    read_dtype = np.dtype(ldm.run_options(param_dtype=param_dtype).param_dtype)
     kind = detect_controlnet_format(source)
     base_unet = _base_unet(base)
     path = pathlib.Path(source)
@@ -634,11 +639,11 @@ def load_controlnet(source: str | os.PathLike, *, base: Any = None, **hint_overr
                              f"{CONFIG_FILE} holds them")
         from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet  # noqa: PLC0415
 
-        config, params = load_diffusers_controlnet(path)
+        config, params = load_diffusers_controlnet(path, dtype=read_dtype)
     else:
         from ldm_jax.convert.compvis_controlnet import load_original_controlnet  # noqa: PLC0415
 
-        config, params = load_original_controlnet(path, unet=base_unet, **hint_overrides)
+        config, params = load_original_controlnet(path, unet=base_unet, dtype=read_dtype, **hint_overrides)
     check_finite(params, path)
     if base_unet is not None:
         try:

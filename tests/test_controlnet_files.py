@@ -356,6 +356,21 @@ def test_convert_command_dtypes_and_early_refusal(tiny, tmp_path, capsys, monkey
     assert err.count("\n") == 1 and "--to compvis writes one .safetensors file" in err
 
 
+def test_load_controlnet_param_dtype(tiny):
+    """store.load_controlnet(param_dtype=) as load_model's: bfloat16 params, exactly the bfloat16 cast of the float32
+    load, from a diffusers folder and from an original file; a bad value is a ValueError naming the choices."""
+    _, folder, path, _ = tiny
+    for source in (folder, path):
+        ref = traverse_util.flatten_dict(store.load_controlnet(source).params)
+        half = traverse_util.flatten_dict(store.load_controlnet(source, param_dtype="bf16").params)
+        assert half.keys() == ref.keys()
+        for p, value in half.items():
+            assert value.dtype == jnp.bfloat16, p
+            np.testing.assert_array_equal(value.view(np.uint16), ref[p].astype(jnp.bfloat16).view(np.uint16))
+    with pytest.raises(ValueError, match="param_dtype is 'fp16'; expected one of"):
+        store.load_controlnet(folder, param_dtype="fp16")
+
+
 def test_convert_command(tiny, tmp_path, capsys):
     """`ldm-jax convert --controlnet SRC DEST --to compvis|diffusers`; --to ldm and a non-ControlNet are one line."""
     _, folder, path, _ = tiny
