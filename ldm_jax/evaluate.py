@@ -43,6 +43,7 @@ import numpy as np
 from ldm_jax import compile_cache, ldm, pipeline, store
 from ldm_jax.cli import ArgumentParser, int_in, one_line, writable_dir
 from ldm_jax.data import readers
+from ldm_jax.images import open_image, to_rgb
 from ldm_jax.sampling import GRID_FILE
 from ldm_jax.metrics import fid, image_quality, prompt_sensitivity, shapes_checker
 
@@ -101,14 +102,14 @@ def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: s
 
 
 def read_png(path: pathlib.Path) -> tuple[np.ndarray, str | None]:
-    """(uint8 (H, W, 3) RGB image, its "prompt" text chunk or None) of a PNG file."""
-    from PIL import Image  # noqa: PLC0415
-
-    with Image.open(path) as image:
+    """(uint8 (H, W, 3) RGB image, its "prompt" text chunk or None) of a PNG file, decoded by
+    `images.open_image` (a file PIL cannot decode is an ImageFileError, a ValueError naming it). Alpha is dropped
+    as pytorch-fid's convert("RGB") does, so FID between directories matches `python -m pytorch_fid`."""
+    with open_image(path) as image:
         if image.format != "PNG":
             raise ValueError(f"{path}: expected a PNG file, got {image.format}")
         text = getattr(image, "text", {}).get(CAPTION_KEY)
-        return np.asarray(image.convert("RGB")), text
+        return to_rgb(image, alpha="drop"), text
 
 
 def png_files(directory: str | pathlib.Path) -> list[pathlib.Path]:

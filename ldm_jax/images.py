@@ -1,18 +1,104 @@
-"""Images at the file edge: uint8 <-> the library's float32 [-1, 1], contact-sheet grids, and ControlNet control
-images.
+"""Images at the file edge: the one image-file decoder, uint8 <-> the library's float32 [-1, 1], contact-sheet
+grids, and ControlNet control images.
 
 Inside the library images are float32 NHWC in [-1, 1]; uint8 appears only here, where files are read and
 written. Control images are the exception diffusers makes: float32 in [0, 1] (`prepare_control_image`).
+
+Every image file (or encoded bytes) the library reads goes through `decode_image` (or `open_image`): the dataset
+readers (`data.readers`), `ldm-jax sample`'s --init-image / --mask / --control-image and `ldm-jax evaluate`'s PNGs.
+Anything PIL cannot decode (not an image, truncated, a broken chunk, a decompression bomb) is one `ImageFileError`,
+a ValueError whose message is one line naming the file. What becomes of transparency is the caller's `alpha`:
+"white" composites transparent pixels onto white (the dataset's training images); "drop" drops the alpha channel
+as PIL's convert("RGB") does (diffusers' control images in train_controlnet.py and its pipelines, pytorch-fid's
+images). Control images use CONTROL_ALPHA in training and in sampling alike, and CONTROL_RESAMPLE when resized.
 """
 from __future__ import annotations
 
+import io
 import math
+import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from ldm_jax.cli import one_line
 
 RESIZE_MODES = ("default", "fill", "crop")
+ALPHA_MODES = ("white", "drop")
+# Control images: diffusers converts them with a plain convert("RGB") in training (train_controlnet.py) and in its
+# pipelines (VaeImageProcessor(do_convert_rgb=True)), so ControlNets trained there saw transparent pixels as their
+# stored RGB (usually black); ours see the same, in training (`data.readers`) and in `ldm-jax sample`.
+CONTROL_ALPHA = "drop"
+# The filter control images are resized with, in sampling (`prepare_control_image`, diffusers' VaeImageProcessor
+# default) and in training (`data.pipeline.preprocess_with_control`; the training image itself stays bicubic).
+CONTROL_RESAMPLE = Image.Resampling.LANCZOS
+# What PIL raises on a corrupt, truncated, oversized or unsupported file: UnidentifiedImageError and "image file is
+# truncated" are OSErrors, a broken PNG chunk is a SyntaxError, a decompression bomb neither.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageFileError(ValueError):
+    """An image file (or encoded bytes) that cannot be decoded; the message is one line naming it. `reason` is
+    the message without the name."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: cannot read the image ({reason})")
+        self.name, self.reason = name, reason
+
+
+def open_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> Image.Image:
+    """The PIL image of a file path or encoded bytes, its pixels decoded (`Image.load`), for the caller to close
+    (`with open_image(...) as image:`). Any decoding problem is an ImageFileError naming `name` (default: the
+    path, or "image bytes")."""
+    encoded = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("image bytes" if encoded else os.fspath(source))
+    try:
+        image = Image.open(io.BytesIO(source) if encoded else source)
+    except _PIL_ERRORS as error:
+        raise ImageFileError(name, _reason(error)) from None
+    try:
+        image.load()
+    except _PIL_ERRORS as error:
+        image.close()
+        raise ImageFileError(name, _reason(error)) from None
+    return image
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):  # its message repeats the path
+        return "not an image PIL can read"
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    return one_line(error) or type(error).__name__
+
+
+def to_rgb(image: Image.Image, *, alpha: str) -> np.ndarray:
+    """A PIL image (any mode) -> uint8 (H, W, 3) RGB; transparency per `alpha` (module doc): "white" composites
+    transparent pixels onto white, "drop" drops the alpha channel (PIL's convert("RGB"))."""
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha {alpha!r} is not one of {ALPHA_MODES}")
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+    if alpha == "white" and transparent:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_image(source: str | os.PathLike | bytes, *, alpha: str, mode: str = "RGB",
+                 name: str | None = None) -> np.ndarray:
+    """An image file or encoded bytes -> uint8 (H, W, 3) RGB (mode "RGB"), or (H, W) grey (mode "L": the RGB
+    image's luminance, PIL's convert("L")); transparency per `alpha` ("white" or "drop", module doc).
+    ImageFileError (one line naming `name`, default the path) when it cannot be decoded."""
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode {mode!r} is not RGB or L")
+    with open_image(source, name=name) as image:
+        if mode == "L" and alpha == "drop":
+            return np.asarray(image.convert("L"))
+        rgb = to_rgb(image, alpha=alpha)
+    return rgb if mode == "RGB" else np.asarray(Image.fromarray(rgb).convert("L"))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -64,7 +150,7 @@ def prepare_control_image(image: Any, height: int, width: int, *, resize_mode: s
             return _resize_float(array.astype(np.float32), height, width, resize_mode, name)
         image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
     if resize_mode == "default":
-        image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.resize((width, height), resample=CONTROL_RESAMPLE)
     else:
         image = _resize_keeping_ratio(image, height, width, crop=resize_mode == "crop")
     return np.asarray(image.convert("RGB"), np.float32) / 255.0
@@ -94,7 +180,7 @@ def _resize_keeping_ratio(image: Image.Image, height: int, width: int, *, crop: 
     else:
         src_w = width if ratio < src_ratio else image.width * height // image.height
         src_h = height if ratio >= src_ratio else image.height * width // image.width
-    resized = image.resize((src_w, src_h), resample=Image.LANCZOS)
+    resized = image.resize((src_w, src_h), resample=CONTROL_RESAMPLE)
     out = Image.new("RGB", (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
     if crop:

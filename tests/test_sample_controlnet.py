@@ -5,7 +5,9 @@ exported as an original single file.
 What is checked: the CLI's PNGs equal a direct pipeline call with the same `Control` bit for bit (txt2img with one
 net; img2img with two, per-net fractions, one from the single file; inpainting with guess mode); another scale and
 other fractions, with a --lora merged, reuse the compiled program and change the images; the PNGs record each net;
-bad input is one line with exit 2, naming the flag or the file, before anything is written.
+bad input is one line with exit 2, naming the flag or the file, before anything is written: among it control, init and
+mask images PIL cannot decode (not an image, truncated, a broken PNG chunk, a decompression bomb), fractions out of
+range or miscounted, and a ControlNet whose control images are not 3-channel.
 
 Run: .venv/bin/python -m pytest -q tests/test_sample_controlnet.py
 """
@@ -19,6 +21,7 @@ from PIL import Image
 import controlnet_fixtures
 from adapter_fixtures import random_attention_lora
 from conftest import TINY_SD_SIZE
+from test_images import broken_chunk_png, truncated_png
 from ldm_jax import parallel, pipeline, sampling, store
 from ldm_jax.control import Control
 from ldm_jax.convert.lora_files import save_lora_file
@@ -53,6 +56,8 @@ def world(sd, tmp_path_factory):
     other.save_pretrained(root / "other_base", safe_serialization=True)
     controlnet_fixtures.random_controlnet(pipe.unet, 3, hint_channels=(8, 16, 32)).save_pretrained(
         root / "factor4", safe_serialization=True)
+    controlnet_fixtures.random_controlnet(pipe.unet, 4, conditioning_channels=1).save_pretrained(
+        root / "one_channel", safe_serialization=True)
     rng = np.random.default_rng(0)
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[4:12, 2:10] = 255
@@ -60,9 +65,13 @@ def world(sd, tmp_path_factory):
     lora = save_lora_file(random_attention_lora(model.params, jax.random.key(1)), root / "lora.safetensors",
                           model.config)
     (root / "not_an_image.png").write_text("not an image\n")
+    (root / "truncated.png").write_bytes(truncated_png())
+    (root / "broken_chunk.png").write_bytes(broken_chunk_png())
     return dict(
         root=root, model=str(folder), net0=str(net0), net1=str(net1), other_base=str(root / "other_base"),
-        factor4=str(root / "factor4"), lora=str(lora), bad_image=str(root / "not_an_image.png"),
+        factor4=str(root / "factor4"), one_channel=str(root / "one_channel"), lora=str(lora),
+        bad_image=str(root / "not_an_image.png"), truncated=str(root / "truncated.png"),
+        broken_chunk=str(root / "broken_chunk.png"),
         edges=_png(root / "edges.png", rng.integers(0, 256, (20, 24, 3), np.uint8)),
         depth=_png(root / "depth.png", rng.integers(0, 256, (12, 16), np.uint8)),
         init=_png(root / "init.png", rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8)),
@@ -170,25 +179,46 @@ def test_inpaint_with_guess_mode_equals_the_pipeline(world, tmp_path):
 @pytest.mark.parametrize("case, words", [
     ("count", ["--controlnet was given 2 time(s) and --control-image 1"]),
     ("scale", ["argument --controlnet", "'x'"]),
-    ("fractions", ["--control-start 0.6 is not below --control-end 0.4"]),
+    ("fractions", ["--control-start 0.6 and --control-end 0.4 of --controlnet", "net0: a net runs from its start"]),
+    ("start_range", ["--control-start 1 and --control-end 1 of --controlnet", "0 <= start < end <= 1"]),
+    ("start_count", ["--control-start: 3 values for 2 ControlNet(s); give one value for every net or one per net"]),
     ("missing_image", ["--control-image", "missing.png: no such file"]),
-    ("unreadable_image", ["--control-image", "not_an_image.png: cannot read the image"]),
+    ("unreadable_image", ["--control-image", "not_an_image.png: cannot read the image (not an image PIL can read)"]),
+    ("truncated_image", ["--control-image", "truncated.png: cannot read the image (image file is truncated"]),
+    ("broken_chunk_image", ["--control-image", "broken_chunk.png: cannot read the image (broken PNG file"]),
+    ("bomb_image", ["--control-image", "edges.png: cannot read the image (", "decompression bomb"]),
+    ("truncated_init", ["--init-image", "truncated.png: cannot read the image (image file is truncated"]),
+    ("broken_chunk_init", ["--init-image", "broken_chunk.png: cannot read the image (broken PNG file"]),
+    ("broken_chunk_mask", ["--mask", "broken_chunk.png: cannot read the image (broken PNG file"]),
     ("other_base", ["--controlnet", "other_base: a ControlNet for another base architecture"]),
     ("factor", ["--controlnet", "factor4: a ControlNet for another base architecture: control image factor 4"]),
+    ("channels", ["--controlnet", "one_channel: takes 1-channel control images", "read as RGB, 3 channels"]),
     ("as_checkpoint", ["--checkpoint", "net0: a ControlNet, not a whole model; give it as --controlnet"]),
 ])
-def test_bad_input_is_one_line(world, tmp_path, capsys, case, words):
+def test_bad_input_is_one_line(world, tmp_path, capsys, monkeypatch, case, words):
     net, edges = world["net0"], world["edges"]
     extra = {
         "count": ["--controlnet", net, "--controlnet", net, "--control-image", edges],
         "scale": ["--controlnet", f"{net}:x", "--control-image", edges],
         "fractions": ["--controlnet", net, "--control-image", edges, "--control-start", "0.6", "--control-end", "0.4"],
+        "start_range": ["--controlnet", net, "--control-image", edges, "--control-start", "1"],
+        "start_count": ["--controlnet", net, "--control-image", edges, "--controlnet", net, "--control-image", edges,
+                        *["--control-start", "0.1"] * 3],
         "missing_image": ["--controlnet", net, "--control-image", str(tmp_path / "missing.png")],
         "unreadable_image": ["--controlnet", net, "--control-image", world["bad_image"]],
+        "truncated_image": ["--controlnet", net, "--control-image", world["truncated"]],
+        "broken_chunk_image": ["--controlnet", net, "--control-image", world["broken_chunk"]],
+        "bomb_image": ["--controlnet", net, "--control-image", edges],
+        "truncated_init": ["--init-image", world["truncated"]],
+        "broken_chunk_init": ["--init-image", world["broken_chunk"], "--controlnet", net, "--control-image", edges],
+        "broken_chunk_mask": ["--init-image", world["init"], "--mask", world["broken_chunk"]],
         "other_base": ["--controlnet", world["other_base"], "--control-image", edges],
         "factor": ["--controlnet", world["factor4"], "--control-image", edges],
+        "channels": ["--controlnet", world["one_channel"], "--control-image", edges],
         "as_checkpoint": ["--checkpoint", net],
     }[case]
+    if case == "bomb_image":  # edges.png is 24x20: over twice PIL's pixel limit, its DecompressionBombError
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
     try:
         code = sampling.main(_argv(world, tmp_path / "out", *extra), prog="ldm-jax sample")
     except SystemExit as exit_:  # argparse

@@ -16,7 +16,8 @@ Batches (host-local; the global batch is batch_size * process_count):
   image float32 (B, R, R, 3) in [-1, 1]; index int64 (B,) dataset indices; caption list[str] of B captions
   (when the source has captions); tokens (B, ...) from the optional tokenizer (and tokens_2 when it gives two
   towers' ids); label int32 (B,) (when the source has labels); control float32 (B, R, R, 3) in [0, 1] (when the
-  source has control images, `DataConfig.control_key`: resized, cropped and flipped exactly as its image); any
+  source has control images, `DataConfig.control_key`: resized to its image's size (Lanczos, as sampling resizes
+  control images), cropped and flipped as its image, `preprocess_with_control`); any
   other array an example holds (an `ArraySource`'s), stacked (B, ...).
   With every decoded image, its geometry for SDXL's micro-conditioning (`preprocess_image_and_geometry`):
   original_size int32 (B, 2), the (height, width) of the image as read, before resizing; crop_top_left int32
@@ -43,6 +44,7 @@ from PIL import Image
 
 from ldm_jax import parallel
 from ldm_jax.data import readers
+from ldm_jax.images import CONTROL_RESAMPLE
 
 Batch = dict[str, Any]
 CROPS = ("center", "random")
@@ -144,8 +146,13 @@ def preprocess_with_control(image: np.ndarray, control: np.ndarray | None, resol
                             flip: bool = False, rng: np.random.Generator | None = None
                             ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], tuple[int, int]]:
     """`preprocess_image_and_geometry` of an image and its control image (uint8 (H, W, 3), the image's size, or
-    None) under one transform: the same resize (bicubic), crop window and flip. Returns (image float32 (R, R, 3)
-    in [-1, 1], control float32 (R, R, 3) in [0, 1] or None, original_size, crop_top_left)."""
+    None) under one transform: the same resize, crop window and flip. Returns (image float32 (R, R, 3) in [-1, 1],
+    control float32 (R, R, 3) in [0, 1] or None, original_size, crop_top_left).
+
+    The image is resized bicubic; the control image with `images.CONTROL_RESAMPLE` (Lanczos), the filter
+    `ldm-jax sample` resizes --control-image with (diffusers' pipelines), so a net sees control images filtered
+    alike in training and sampling. The geometry (shorter side to R, then a crop) is sampling's
+    `--control-resize crop` for the centre crop, up to a pixel of rounding."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     for name, array in (("image", image), ("control image", control)):
@@ -167,14 +174,14 @@ def preprocess_with_control(image: np.ndarray, control: np.ndarray | None, resol
     else:
         top, left = (height - resolution) // 2, (width - resolution) // 2
 
-    def transform(array: np.ndarray) -> np.ndarray:  # uint8 (H, W, 3) -> uint8 (R, R, 3)
+    def transform(array: np.ndarray, resample: int) -> np.ndarray:  # uint8 (H, W, 3) -> uint8 (R, R, 3)
         if size is not None:
-            array = np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BICUBIC))
+            array = np.asarray(Image.fromarray(array).resize(size, resample))
         array = array[top:top + resolution, left:left + resolution]
         return array[:, ::-1] if flip else array
 
-    out = transform(image).astype(np.float32) / 127.5 - 1.0
-    out_control = None if control is None else transform(control).astype(np.float32) / 255.0
+    out = transform(image, Image.Resampling.BICUBIC).astype(np.float32) / 127.5 - 1.0
+    out_control = None if control is None else transform(control, CONTROL_RESAMPLE).astype(np.float32) / 255.0
     original_size = (int(image.shape[0]), int(image.shape[1]))
     return out, out_control, original_size, (top, width - left - resolution if flip else left)
 

@@ -21,7 +21,6 @@ world renders its control images instead (`ShapesControlSource`).
 from __future__ import annotations
 
 import glob
-import io
 import os
 import pathlib
 import tarfile
@@ -30,12 +29,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from ldm_jax.images import CONTROL_ALPHA, ImageFileError, decode_image
 
 Example = dict[str, Any]
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
-# What PIL raises on corrupt, truncated or unsupported files (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -79,33 +77,24 @@ class SkipLog:
         return f"skipped {count} unreadable images: first few " + ", ".join(f"{n} ({r})" for n, r in first)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, 3); transparency is composited onto white.
-
-    Raises OSError/SyntaxError/ValueError (PIL's errors) for bytes that are not a complete image.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.asarray(image.convert("RGB"))
-
-
 def _decode_example(name: str, image_bytes: bytes, caption_bytes: bytes | None, skipped: SkipLog,
                     control: tuple[str, bytes] | None = None) -> Example | None:
-    """Decodes one record, or records it in `skipped` and returns None. control: (its file name, its bytes), the
-    record's control image; one of another size than the image is a DataError naming both files."""
+    """Decodes one record, or records it in `skipped` and returns None. Images are decoded by
+    `images.decode_image` with transparency composited onto white, control images with `images.CONTROL_ALPHA`
+    (as `ldm-jax sample` reads --control-image). control: (its file name, its bytes), the record's control image;
+    one of another size than the image is a DataError naming both files."""
     example: Example = {}
     try:
-        example["image"] = decode_image(image_bytes)
+        example["image"] = decode_image(image_bytes, alpha="white", name=name)
         if caption_bytes is not None:
             example["caption"] = caption_bytes.decode("utf-8").strip()
         if control is not None:
-            example["control"] = decode_image(control[1])
-    except _DECODE_ERRORS as error:  # UnicodeDecodeError is a ValueError
-        reason = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else str(error)
-        skipped.add(name, reason or type(error).__name__)
+            example["control"] = decode_image(control[1], alpha=CONTROL_ALPHA, name=control[0])
+    except ImageFileError as error:
+        skipped.add(name, error.reason if error.name == name else f"{error.name}: {error.reason}")
+        return None
+    except UnicodeDecodeError as error:
+        skipped.add(name, str(error))
         return None
     if control is not None:
         check_control_size(example["image"], example["control"], f"{control[0]} (the control image of {name})")
