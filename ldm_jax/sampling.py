@@ -50,8 +50,11 @@ PNGs ("loras", "embeddings"). A file for another model fails before anything run
 ControlNets (`ldm_jax.control`; diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline): `--controlnet
 SRC[:SCALE]` (a diffusers ControlNet folder or an original control_*.pth / .safetensors file, loaded by
 `store.load_controlnet` against the model, so one for another base fails naming the file) and `--control-image IMG`
-are repeatable and paired by position; each image is prepared at the output size as diffusers' VaeImageProcessor
-(`--control-resize default|crop|fill`) and shared by the batch. `--control-start F` / `--control-end F` (one value
+are repeatable and paired by position; each image is decoded as training decodes control images (alpha dropped, as
+diffusers' convert("RGB"): `images.CONTROL_ALPHA`), prepared at the output size as diffusers' VaeImageProcessor
+(`--control-resize default|crop|fill`, Lanczos) and shared by the batch, placed on the devices once per run
+(`control.place_control`). A file PIL cannot decode (--control-image, --init-image, --mask) is one line naming
+the flag and the file. `--control-start F` / `--control-end F` (one value
 for every net, or one per net) are diffusers' control_guidance_start / _end, `--guess-mode` its guess_mode. Text to
 image, --init-image and --mask runs all take them (not --refiner). Scales and fractions are traced: changing them
 reuses the compiled program. The PNGs record each net ("controlnets": SRC:SCALE, "control_images",
@@ -79,7 +82,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from ldm_jax.cli import ArgumentParser, finite_float, lora_spec, one_line, writable_dir
@@ -241,14 +244,11 @@ def validate(request: SampleRequest) -> None:
 
 
 def validate_control(request: SampleRequest) -> None:
-    """The ControlNet flags (UserError naming the flag): fractions in range, a known resize mode, one --control-image
-    per --controlnet, one --control-start / --control-end for every net or one per net with start < end, files
-    that exist; none of the other flags without --controlnet, and no --refiner with it."""
-    for flag, values, ok, span in (("--control-start", request.control_starts, lambda v: 0.0 <= v < 1.0, "[0, 1)"),
-                                   ("--control-end", request.control_ends, lambda v: 0.0 < v <= 1.0, "(0, 1]")):
-        for value in values:
-            if not (math.isfinite(value) and ok(value)):
-                raise UserError(f"{flag} must be in {span} (a fraction of the sampling steps), got {value}")
+    """The ControlNet flags (UserError naming the flag): a known resize mode, one --control-image per --controlnet,
+    one --control-start / --control-end for every net or one per net with 0 <= start < end <= 1
+    (`control_fractions`), files that exist; none of the other flags without --controlnet, and no --refiner with
+    it. (NaN / inf scales and fractions never get here: the flags' parsers, `cli.finite_float` and
+    `cli.lora_spec`, refuse them.)"""
     if request.control_resize not in RESIZE_MODES:
         raise UserError(f"--control-resize {request.control_resize!r} is unknown; choose one of "
                         f"{', '.join(RESIZE_MODES)}")
@@ -263,17 +263,7 @@ def validate_control(request: SampleRequest) -> None:
         if given:
             raise UserError(f"{given[0]} applies to ControlNets; give --controlnet SRC with --control-image IMG")
         return
-    for flag, values in (("--control-start", request.control_starts), ("--control-end", request.control_ends)):
-        if len(values) not in (0, 1, nets):
-            raise UserError(f"{flag} was given {len(values)} time(s) for {nets} --controlnet(s); give one value for "
-                            "every net or one per --controlnet, in the same order")
-    for k, (start, end) in enumerate(zip(*control_fractions(request), strict=True)):
-        if start >= end:
-            raise UserError(f"--control-start {start:g} is not below --control-end {end:g} (--controlnet "
-                            f"{request.controlnets[k][0]}): a net runs from its start to its end fraction of the steps")
-    for path, scale in request.controlnets:
-        if not math.isfinite(scale):
-            raise UserError(f"--controlnet {path}:{scale}: the scale must be a finite number")
+    control_fractions(request)
     if request.refiner is not None:
         raise UserError("--controlnet steers a base model alone; leave out --refiner")
     for path, _ in request.controlnets:
@@ -286,14 +276,21 @@ def validate_control(request: SampleRequest) -> None:
 
 
 def control_fractions(request: SampleRequest) -> tuple[list[float], list[float]]:
-    """(starts, ends): each --controlnet's guidance fractions (one flag value for every net, or one per net;
-    default 0 and 1)."""
-    nets = len(request.controlnets)
+    """(starts, ends): each --controlnet's guidance fractions, through the pipelines' own rule
+    (`control.guidance_fractions`): a --control-start / --control-end given once is every net's, or once per net;
+    default 0 and 1; 0 <= start < end <= 1. UserError naming the flag and the net otherwise."""
+    # Imports JAX (about 2 s), only for runs with --controlnet, still before any model is loaded.
+    from ldm_jax.control import guidance_fractions  # noqa: PLC0415
 
-    def per_net(values: tuple[float, ...], default: float) -> list[float]:
-        return list(values) if len(values) == nets else [values[0] if values else default] * nets
+    def value(flag_values: tuple[float, ...], default: float) -> Any:  # guidance_fractions' form: one or per net
+        return flag_values[0] if len(flag_values) == 1 else (flag_values or default)
 
-    return per_net(request.control_starts, 0.0), per_net(request.control_ends, 1.0)
+    try:
+        return guidance_fractions(value(request.control_starts, 0.0), value(request.control_ends, 1.0),
+                                  [f"--controlnet {path}" for path, _ in request.controlnets],
+                                  names=("--control-start", "--control-end"))
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -339,8 +336,9 @@ def with_adapters(request: SampleRequest, model: Any) -> Any:
 def load_control(request: SampleRequest, model: Any, height: int, width: int) -> Any:
     """The request's `control.Control` (None without --controlnet): each net loaded by `store.load_controlnet`
     against the model and checked against its first stage too (`models.controlnet.check_controlnet_fits`: latent
-    channels, control image factor); a net for another base is a UserError naming --controlnet and the file. Each
-    control image is read and prepared at height x width."""
+    channels, control image factor) and for control images of 3 channels (what --control-image files are read as);
+    a net for another base is a UserError naming --controlnet and the file. Each control image is read and prepared
+    at height x width."""
     if not request.controlnets:
         return None
     from ldm_jax import store  # noqa: PLC0415
@@ -356,6 +354,9 @@ def load_control(request: SampleRequest, model: Any, height: int, width: int) ->
         except (OSError, ValueError) as error:
             message = one_line(error)
             raise UserError(f"--controlnet {message if message.startswith(path) else path + ': ' + message}") from None
+        if net.config.conditioning_channels != 3:
+            raise UserError(f"--controlnet {path}: takes {net.config.conditioning_channels}-channel control images "
+                            "(conditioning_channels); --control-image files are read as RGB, 3 channels")
         nets.append((net.config, net.params))
     images = [read_control_image(path, height, width, request.control_resize) for path in request.control_images]
     starts, ends = control_fractions(request)
@@ -364,29 +365,30 @@ def load_control(request: SampleRequest, model: Any, height: int, width: int) ->
 
 
 def read_control_image(path: str, height: int, width: int, resize_mode: str) -> np.ndarray:
-    """A --control-image file -> (height, width, 3) float32 in [0, 1] (`images.prepare_control_image`)."""
-    from ldm_jax.images import prepare_control_image  # noqa: PLC0415
+    """A --control-image file -> (height, width, 3) float32 in [0, 1]: decoded as training decodes control images
+    (`images.decode_image` with `images.CONTROL_ALPHA`), then prepared at the output size
+    (`images.prepare_control_image`). A file that cannot be decoded is a UserError naming the flag and the file."""
+    from ldm_jax.images import CONTROL_ALPHA, decode_image, prepare_control_image  # noqa: PLC0415
 
     try:
-        with Image.open(path) as image:
-            return prepare_control_image(image, height, width, resize_mode=resize_mode, name=path)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        message = one_line(error)
-        if not message.startswith(path):  # prepare_control_image names the file; PIL may not
-            message = f"{path}: cannot read the image ({message})"
-        raise UserError(f"--control-image {message}") from None
+        image = decode_image(path, alpha=CONTROL_ALPHA)
+        return prepare_control_image(image, height, width, resize_mode=resize_mode, name=path)
+    except ValueError as error:  # ImageFileError and prepare_control_image's errors name the file
+        raise UserError(f"--control-image {one_line(error)}") from None
 
 
 # ------------------------------------------------------------------------------------------- generation
 
 
-def read_image(path: str, *, mode: str) -> np.ndarray:
-    """An image file -> float32 (H, W, C) in [-1, 1] (mode "RGB") or a (H, W, 1) mask in [0, 1] (mode "L")."""
+def read_image(path: str, *, mode: str, flag: str) -> np.ndarray:
+    """An image file (`images.decode_image`, alpha dropped as PIL's convert) -> float32 (H, W, 3) in [-1, 1] (mode
+    "RGB") or a (H, W, 1) mask in [0, 1] (mode "L"). A file that cannot be decoded is a UserError naming `flag`."""
+    from ldm_jax.images import ImageFileError, decode_image  # noqa: PLC0415
+
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert(mode), np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as error:
-        raise UserError(f"{path}: cannot read the image ({error})") from None
+        array = decode_image(path, alpha="drop", mode=mode).astype(np.float32) / 255.0
+    except ImageFileError as error:
+        raise UserError(f"{flag} {error}") from None
     if mode == "L":
         return array[..., None]
     return array * 2.0 - 1.0
@@ -402,6 +404,7 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     import jax  # noqa: PLC0415 (JAX starts only after the flags are checked)
 
     from ldm_jax import compile_cache, parallel, pipeline  # noqa: PLC0415
+    from ldm_jax.control import place_control  # noqa: PLC0415
 
     cache_line = compile_cache.setup(request.compile_cache, switch="--no-compile-cache")  # before anything compiles
     request = _resolve_seed(request)
@@ -423,12 +426,13 @@ def run(request: SampleRequest) -> list[pathlib.Path]:
     model = dataclasses.replace(model, params=pipeline.place_params(model.params, mesh, consume=True))
     if refiner is not None:
         refiner = dataclasses.replace(refiner, params=pipeline.place_params(refiner.params, mesh, consume=True))
-    if control is not None:
-        control = dataclasses.replace(control, nets=[(net, pipeline.place_params(params, mesh, consume=True))
-                                                     for net, params in control.nets])
     devices = mesh.devices.size
     batch = request.batch_size or devices * max(1, min(8, math.ceil(len(prompts) / devices)))
     batch = math.ceil(batch / devices) * devices
+    if control is not None:  # once per run: the nets' params and the (batch, H, W, 3) control images on the devices
+        control = dataclasses.replace(control, nets=[(net, pipeline.place_params(params, mesh, consume=True))
+                                                     for net, params in control.nets])
+        control = place_control(control, batch, (height, width), mesh)
     latents = read_latents(request.latents, len(prompts), config, height, width) if request.latents else None
     if model.tokenizer is not None:
         report_prompts(request, pipeline.inspect_prompts(model, [*request.prompts, request.negative_prompt or ""]))
@@ -610,8 +614,8 @@ def read_latents(path: str, images: int, config, height: int, width: int) -> np.
 
 
 def _init_and_mask(request: SampleRequest) -> tuple[np.ndarray | None, np.ndarray | None]:
-    init = read_image(request.init_image, mode="RGB") if request.init_image else None
-    mask = read_image(request.mask, mode="L") if request.mask else None
+    init = read_image(request.init_image, mode="RGB", flag="--init-image") if request.init_image else None
+    mask = read_image(request.mask, mode="L", flag="--mask") if request.mask else None
     if init is not None and mask is not None and init.shape[:2] != mask.shape[:2]:
         raise UserError(f"--mask {request.mask} is {mask.shape[1]}x{mask.shape[0]} but --init-image "
                         f"{request.init_image} is {init.shape[1]}x{init.shape[0]}; they must be the same size")
