@@ -51,7 +51,8 @@ from flax import traverse_util
 from ldm_jax import ldm
 from ldm_jax.convert.checkpoint_io import TORCH_EXTENSIONS, load_state_dict, save_safetensors
 from ldm_jax.convert.common import assemble_params, expected_shapes
-from ldm_jax.convert.diffusers_controlnet import CONTROLNET_CLASS
+from ldm_jax.convert.diffusers_controlnet import (CONTROLNET_CLASS, load_diffusers_controlnet,
+                                                  save_diffusers_controlnet)
 from ldm_jax.convert.diffusers_pipeline import CONFIG_FILE
 from ldm_jax.models import tokenizer as tokenizer_lib
 from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config
@@ -637,8 +638,6 @@ def load_controlnet(source: str | os.PathLike, *, base: Any = None, param_dtype:
         if hint_overrides:
             raise StoreError(f"{path}: {sorted(hint_overrides)} apply to single files; a diffusers folder's "
                              f"{CONFIG_FILE} holds them")
-        from ldm_jax.convert.diffusers_controlnet import load_diffusers_controlnet  # noqa: PLC0415
-
         config, params = load_diffusers_controlnet(path, dtype=read_dtype)
     else:
         from ldm_jax.convert.compvis_controlnet import load_original_controlnet  # noqa: PLC0415
@@ -686,8 +685,6 @@ def save_controlnet(controlnet: LoadedControlNet, dest: str | os.PathLike, *, fo
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_original_controlnet(dest, controlnet.config, controlnet.params, dtype=store_dtype)
         return dest
-    from ldm_jax.convert.diffusers_controlnet import save_diffusers_controlnet  # noqa: PLC0415
-
     if dest.exists() and not dest.is_dir():
         raise StoreError(f"{dest} exists and is a file; a diffusers ControlNet folder is written there")
     if dest.is_dir() and any(dest.iterdir()):  # only a ControlNet folder is overwritten, never a model's config.json

@@ -234,6 +234,5 @@ def save_original_controlnet(path: str | os.PathLike, config: ControlNetConfig, 
 
 
 __all__ = ["PREFIX", "controlnet_config_from_state_dict", "controlnet_layout", "controlnet_prefix",
-           "controlnet_state_dict_of",
-           "convert_original_controlnet", "export_original_controlnet", "find_prefix", "hint_keys", "hint_widths",
-           "load_original_controlnet", "save_original_controlnet"]
+           "controlnet_state_dict_of", "convert_original_controlnet", "export_original_controlnet", "find_prefix",
+           "hint_keys", "hint_widths", "load_original_controlnet", "save_original_controlnet"]
