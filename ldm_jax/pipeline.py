@@ -554,10 +554,13 @@ def _denoiser(config, options, params, inputs, guided, clip_skip, control=None):
         model_fn = controlled_unet(config, options, control, params, params[CONTROLNETS],
                                    cond_half=guided and control.guess_mode)
     cond = uncond = None
-    if "cond" in inputs:
+    if guided:  # one text-encoder pass (and one traced copy of it in the program) over [cond; uncond]
+        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), inputs["cond"], inputs["uncond"])
+        encoded = ldm.encode_conditioning(config, params, both, options=options, clip_skip=clip_skip)
+        half = jax.tree.leaves(inputs["cond"])[0].shape[0]
+        cond, uncond = (jax.tree.map(lambda x, s=s: x[s], encoded) for s in (slice(None, half), slice(half, None)))
+    elif "cond" in inputs:
         cond = ldm.encode_conditioning(config, params, inputs["cond"], options=options, clip_skip=clip_skip)
-    if guided:
-        uncond = ldm.encode_conditioning(config, params, inputs["uncond"], options=options, clip_skip=clip_skip)
     if control is not None:
         ctl = {"images": inputs["control_images"], "scale": inputs["control_scale"]}
         cond, uncond = ({"unet": c, "control": ctl} for c in (cond, uncond))
