@@ -42,11 +42,14 @@ IMPORTED = time.perf_counter()
 EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace", "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
           "/jax/core/compile/backend_compile_duration": "XLA compile"}
 _durations: collections.Counter = collections.Counter()
+_peak_after_compile: list[float] = []  # the process's peak RSS when each XLA compile (or cache read) ended
 
 
 def _listen(event: str, duration: float, **_: object) -> None:
     if event in EVENTS:
         _durations[EVENTS[event]] += duration
+    if EVENTS.get(event) == "XLA compile":
+        _peak_after_compile.append(peak_gib())
 
 
 def peak_gib() -> float:
@@ -135,6 +138,7 @@ def main(argv=None) -> int:
                                 height=args.size, width=args.size, options=options, mesh=mesh)
 
     _durations.clear()
+    _peak_after_compile.clear()
     start = time.perf_counter()
     images = run()
     dispatched = time.perf_counter() - start
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
     compiling = {k: _durations[k] for k in EVENTS.values()}
     for phase, seconds in compiling.items():
-        table.add(f"txt2img program: {phase}", seconds)
+        note = f"peak RSS by then {max(_peak_after_compile):.2f} GiB" if phase == "XLA compile" else ""
+        table.add(f"txt2img program: {phase}", seconds, note)
     table.add("txt2img program: rest of dispatch", dispatched - sum(compiling.values()), "placing inputs, cache I/O")
     table.add("txt2img program: run", total - dispatched, "text encoder, steps, VAE decode")
     _, again = timed(run)

@@ -1,10 +1,12 @@
 """Sampling pipelines: txt2img, img2img and inpaint as pure functions, each jitted once per (shapes, sampler).
 
-Every pipeline (txt2img, img2img, inpaint, refine) is one `jax.jit` of a `jax.shard_map` over the mesh: the batch is split over the mesh's
-("data", "fsdp") axes and every device generates its share with no communication (the pmapped use);
-params and the sampler are replicated. Inside, per device: encode the prompt token ids (tokenised on the
-host, `encode_prompts`) with the cond stage, draw the initial noise, run the sampler (one `lax.scan`) with
-classifier-free guidance, decode with the first stage.
+Every pipeline (txt2img, img2img, inpaint, refine) is a `jax.jit` of a `jax.shard_map` over the mesh: the batch is
+split over the mesh's ("data", "fsdp") axes and every device generates its share with no communication (the
+pmapped use); params and the sampler are replicated. Inside, per device: encode the prompt token ids (tokenised
+on the host, `encode_prompts`; prompt and negative prompt in one text-encoder pass) with the cond stage, draw the
+initial noise, run the sampler (one `lax.scan`) with classifier-free guidance. Decoding the latents with the first
+stage is a second program of the same form, one per (config, image size, batch): every sampler, step count and
+pipeline kind shares it, and the two compile faster and in less memory than one program holding both.
 
 Params are replicated on every device (`place_params` once; numpy params are copied on every call).
 Traced (changing them does not recompile): params, the sampler's tables and DDIM's `eta`, prompt token ids,
@@ -442,7 +444,7 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, c
         raise ValueError(f"clip_skip must be an integer >= 0, got {clip_skip!r}")
     guided = "cond" in inputs and bool(np.any(inputs["scale"] > 1.0))
     fn = _compiled(kind, config, mesh, options, hw, chunk, jax.tree.structure(inputs), guided, int(clip_skip),
-                   output == "images", None if nets is None else nets[0])
+                   None if nets is None else nets[0])
     replicated = parallel.replicated(mesh)
     params, sampler = (_replicate(tree, replicated) for tree in (params, sampler))
     if nets is not None:  # the ControlNets' params travel with the model's, replicated too
@@ -450,6 +452,8 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, c
     inputs = _place_inputs(inputs, mesh)
     with compile_cache.watch() as compiles:  # a first call traces and compiles (or reads the persistent cache)
         out = fn(params, sampler, inputs)
+        if output == "images":
+            out = _compiled_decoder(config, mesh, options, chunk)(params[FIRST_STAGE], out)
     if compiles:
         log.info("%s program: %s", kind, compiles.describe())
     return out
@@ -474,19 +478,20 @@ def _place_inputs(inputs: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
 
 
 _SCALAR_INPUTS = ("seed", "strength", "first_step", "stop_step", "control_keep")
+FIRST_STAGE = "first_stage"  # the params entry the decoding program takes
 CONTROLNETS = "controlnets"  # the params entry holding the ControlNets' params inside the program
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw: tuple[int, int], chunk: int,
-              structure: Any, guided: bool, clip_skip: int, decode: bool, control: ControlKey | None = None):
-    """The jitted program for one (kind, config, mesh, run-time options, latent size, chunk size, inputs'
-    structure, whether guidance runs the unconditional branch, clip_skip, whether to decode the latents, the
-    ControlNets' configs and guess mode)."""
+              structure: Any, guided: bool, clip_skip: int, control: ControlKey | None = None):
+    """The jitted sampling program (inputs -> latents) for one (kind, config, mesh, run-time options, latent size,
+    chunk size, inputs' structure, whether guidance runs the unconditional branch, clip_skip, the ControlNets'
+    configs and guess mode)."""
     batch_spec, rep = P(parallel.BATCH_AXES), P()
     keys = jax.tree.unflatten(structure, [None] * structure.num_leaves).keys()
     in_specs = (rep, rep, {k: (rep if k in _SCALAR_INPUTS else batch_spec) for k in keys})
-    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip, decode, control)
+    generate = functools.partial(_generate, kind, config, options, hw, guided, clip_skip, control)
 
     def program(params, sampler, inputs):
         _TRACES[kind] += 1
@@ -496,11 +501,31 @@ def _compiled(kind: str, config: LDMConfig, mesh: Mesh, options: RunOptions, hw:
     return jax.jit(per_device, out_shardings=NamedSharding(mesh, batch_spec))
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_decoder(config: LDMConfig, mesh: Mesh, options: RunOptions, chunk: int):
+    """The jitted decoding program: (first-stage params, latents (B, h, w, C) sharded over the batch) -> images
+    (B, H, W, 3) in [-1, 1], each device's examples `chunk` at a time. Its own program, apart from sampling: one
+    compile (and one compilation-cache entry) serves every sampler, step count and pipeline kind at a size, and
+    XLA compiles two smaller programs in less peak memory than one."""
+    batch_spec = P(parallel.BATCH_AXES)
+
+    def decode(first_stage, latents):
+        images = ldm.decode_first_stage(config, {FIRST_STAGE: first_stage}, latents, options=options)
+        return jnp.clip(images, -1.0, 1.0)
+
+    def program(first_stage, latents):
+        _TRACES["decode"] += 1
+        return _in_chunks(lambda x: decode(first_stage, x["latents"]), {"latents": latents}, chunk)
+
+    per_device = jax.shard_map(program, mesh=mesh, in_specs=(P(), batch_spec), out_specs=batch_spec, check_vma=False)
+    return jax.jit(per_device, out_shardings=NamedSharding(mesh, batch_spec))
+
+
 def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     """generate(inputs) over the device's examples `chunk` at a time (a `lax.map`); scalars go to every chunk."""
     scalars = {k: v for k, v in inputs.items() if k in _SCALAR_INPUTS}
     batched = {k: v for k, v in inputs.items() if k not in scalars}
-    share = batched["index"].shape[0]
+    share = jax.tree.leaves(batched)[0].shape[0]
     if chunk == share:
         return generate(inputs)
     chunks = jax.tree.map(lambda x: x.reshape(share // chunk, chunk, *x.shape[1:]), batched)  # (n, chunk, ...)
@@ -508,9 +533,8 @@ def _in_chunks(generate, inputs: dict[str, jax.Array], chunk: int) -> jax.Array:
     return images.reshape(share, *images.shape[2:])
 
 
-def _generate(kind, config, options, hw, guided, clip_skip, decode, control, params, sampler, inputs) -> jax.Array:
-    """One device's share: inputs hold its examples. Returns its images (b, H, W, 3) in [-1, 1], or its latents
-    (b, h, w, C) when not `decode`."""
+def _generate(kind, config, options, hw, guided, clip_skip, control, params, sampler, inputs) -> jax.Array:
+    """One device's share: inputs hold its examples. Returns its latents (b, h, w, C)."""
     example_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(inputs["seed"]), i))(inputs["index"])
     shape = (*hw, config.latent_channels)
     if "noise" in inputs:
@@ -535,10 +559,7 @@ def _generate(kind, config, options, hw, guided, clip_skip, decode, control, par
         extra["stop_step"] = inputs["stop_step"]
     if kind == "refine":
         extra.update(start_latent=inputs["latents"], first_step=inputs["first_step"])
-    latents = sample(sampler, model_fn, noise, step_keys, cond, **extra)
-    if not decode:
-        return latents
-    return jnp.clip(ldm.decode_first_stage(config, params, latents, options=options), -1.0, 1.0)
+    return sample(sampler, model_fn, noise, step_keys, cond, **extra)
 
 
 def _denoiser(config, options, params, inputs, guided, clip_skip, control=None):
