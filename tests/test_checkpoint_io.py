@@ -19,6 +19,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ldm_jax.convert import checkpoint_io
 from ldm_jax.convert.checkpoint_io import (
     CheckpointError,
     InertPlaceholder,
@@ -475,3 +476,34 @@ def test_missing_storage_record(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint file not found: .*nowhere\.safetensors"):
         load_state_dict(tmp_path / "nowhere.safetensors")
+
+
+def test_reads_without_numpy_huge_page_advice(tmp_path, monkeypatch):
+    """Files are read with numpy's transparent-huge-page advice off (`small_pages`: compaction stalls made the
+    fp16 -> fp32 casts of a full-size UNet 3x slower), and the process's setting is restored afterwards, also
+    when the read fails."""
+    multiarray = np._core.multiarray
+    seen = []
+    real = checkpoint_io._output_array
+
+    def spy(array, out_dtype):
+        previous = multiarray._set_madvise_hugepage(False)  # reads the setting in force (and keeps it off)
+        multiarray._set_madvise_hugepage(previous)
+        seen.append(previous)
+        return real(array, out_dtype)
+
+    monkeypatch.setattr(checkpoint_io, "_output_array", spy)
+    path = tmp_path / "w.safetensors"
+    checkpoint_io.save_safetensors(path, {"a": np.ones((4, 4), np.float16)})
+    before = multiarray._set_madvise_hugepage(True)
+    try:
+        assert checkpoint_io.load_state_dict(path)["a"].dtype == np.float32
+        assert seen == [False]
+        with pytest.raises(checkpoint_io.CheckpointError):
+            checkpoint_io.load_state_dict(tmp_path / "w.safetensors", key="state_dict")
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+        with pytest.raises(checkpoint_io.CheckpointError):
+            checkpoint_io.load_state_dict(path)
+        assert multiarray._set_madvise_hugepage(True) is True  # restored after a failed read too
+    finally:
+        multiarray._set_madvise_hugepage(before)
