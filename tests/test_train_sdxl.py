@@ -10,7 +10,7 @@
   prompt of each tower; a refiner's 5 numbers carry the aesthetic score.
 - Sharding: configs/sdxl_finetune.py's rules shard the UNet's kernels over "fsdp" (tiny model on a data=2 x
   fsdp=4 mesh: named PartitionSpecs; the full-size 2.57B UNet: every kernel, shapes only).
-- End to end: configs/sdxl_finetune.py with tiny model sections trains 3 steps (bf16, remat, data=2 x fsdp=4)
+- End to end: configs/sdxl_finetune.py with tiny model sections trains 2 steps (bf16, remat, data=2 x fsdp=4)
   from a model directory made here (tokenizers taken from it), only the UNet changes, sample grid, export with
   both tokenizers; a rerun resumes from the workdir alone (train.init_from gone).
 
@@ -69,7 +69,7 @@ def _tiny_sections(config, eos, vocab):
 
 def _config(world, overrides=(), variant="base"):
     base = {"data.path": str(world["images"]), "data.resolution": SIZE, "data.global_batch_size": 8,
-            "train.num_steps": 3, "train.log_every": 1, "train.image_every": 3, "train.num_images": 8,
+            "train.num_steps": 2, "train.log_every": 1, "train.image_every": 2, "train.num_images": 8,
             "train.sample_steps": 2, "train.progress_bar": False, "checkpoint.every_steps": 100,
             "optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-3, "optimizer.accumulate_grad_batches": 1,
             "mesh.data": 2, "mesh.fsdp": 4, **dict(overrides)}
@@ -378,12 +378,12 @@ def run(world, tmp_path_factory):
 
 def test_sdxl_finetune_trains_the_unet_only(run, world):
     workdir, result = run
-    assert int(result.state.step) == 3 and set(result.state.params) == {"unet"}
+    assert int(result.state.step) == 2 and set(result.state.params) == {"unet"}
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == [1, 2, 3]
+    assert [entry["step"] for entry in logged] == [1, 2]
     assert all(np.isfinite(entry["loss"]) and np.isfinite(entry["grad_norm"]) for entry in logged)
     assert {"cond_dropped", "loss_simple"} <= set(logged[0])
-    assert len({entry["loss"] for entry in logged}) == 3
+    assert len({entry["loss"] for entry in logged}) == 2
     # The UNet moved (live params); everything else is the init model's, bit for bit, in the export.
     init = world["params"]
     kernel = ("up_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel")
@@ -404,20 +404,20 @@ def test_sdxl_finetune_trains_the_unet_only(run, world):
         np.testing.assert_array_equal(tokenize(tok, prompt, pad_token_id=pad, max_length=MAX_LEN),
                                       tokenize(ours, prompt, pad_token_id=pad, max_length=MAX_LEN))
     assert (workdir / "tokenizer_2").is_dir() and (workdir / "tokenizer").is_dir()
-    grid = workdir / "images" / f"samples_{3:08d}.png"
+    grid = workdir / "images" / f"samples_{2:08d}.png"
     assert grid.is_file() and grid.stat().st_size > 0
 
 
 def test_sdxl_finetune_resumes_from_the_workdir_alone(run, world, tmp_path):
-    """A rerun continues at step 4 with the tokenizers and frozen towers of the workdir (train.init_from no longer
+    """A rerun continues at step 3 with the tokenizers and frozen towers of the workdir (train.init_from no longer
     exists). (That a resumed run equals an uninterrupted one bit for bit is tests/test_checkpoint_resume.py's; the
     SDXL batches' crops and flips resume exactly in test_pipeline_records_sizes_and_crops_and_resumes_them.)"""
     workdir, _ = run
     resumed = tmp_path / "run"
     shutil.copytree(workdir, resumed)
-    four = {"train.num_steps": 4, "train.image_every": 100, "data.random_flip": True}
-    result = main.train_and_evaluate(_config(world, {"train.init_from": str(tmp_path / "gone"), **four}), resumed)
-    assert int(result.state.step) == 4
+    three = {"train.num_steps": 3, "train.image_every": 100, "data.random_flip": True}
+    result = main.train_and_evaluate(_config(world, {"train.init_from": str(tmp_path / "gone"), **three}), resumed)
+    assert int(result.state.step) == 3
     logged = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4]
+    assert logged == [1, 2, 3]
     assert store.load_model(result.export_dir).tokenizer_2 is not None
