@@ -115,9 +115,12 @@ def test_watch_reports_compiles_once():
         with compile_cache.watch() as again:  # the same shapes: jit's own cache, nothing compiles
             fn(x).block_until_ready()
     assert first.programs >= 1 and first and not again and outer.programs == first.programs
-    assert first.describe().startswith("compiled in ") and "(XLA " in first.describe()
-    hit = compile_cache.CompileReport(programs=1, hits=1, saved_seconds=4.0, seconds=1.5)
-    assert hit.describe() == "read from the compilation cache in 1.5 s (saved 4.0 s of XLA compile)"
+    assert first.describe().startswith("compiled in ") and ", XLA " in first.describe()
+    assert first.trace_seconds > 0 and first.lower_seconds > 0 and not again.trace_seconds
+    hit = compile_cache.CompileReport(programs=1, hits=1, saved_seconds=4.0, seconds=1.5, trace_seconds=0.9,
+                                      lower_seconds=0.25)
+    assert hit.describe() == ("read from the compilation cache in 1.5 s (trace 0.9 s, lower 0.2 s; saved 4.0 s of XLA "
+                              "compile)")
 
 
 # ------------------------------------------------------------------------------------- the commands' switches
