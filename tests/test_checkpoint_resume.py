@@ -19,7 +19,7 @@ from PIL import Image
 import multihost_worker as toy
 from ldm_jax import parallel
 from ldm_jax.training import optim, state as state_lib
-from ldm_jax.training.checkpoint import CheckpointConfig, Checkpointer
+from ldm_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_steps
 from ldm_jax.training.loop import Hook, NonFiniteError
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
@@ -78,10 +78,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert _committed_steps(ckpt_dir) == [6, 8]
 
 
-def _small_state(mesh, rules=parallel.DEFAULT_PARAM_RULES):
+def _small_state(mesh, rules=parallel.DEFAULT_PARAM_RULES, *, abstract=False):
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(scale_lr=False), 1e-3)
     return state_lib.init_train_state(toy.init_params, tx=tx, key=jax.random.key(7), ema_decay=0.999, mesh=mesh,
-                                      rules=rules)
+                                      rules=rules, abstract=abstract)
 
 
 def test_restore_onto_another_mesh_keeps_last_k(tmp_path):
@@ -94,8 +94,16 @@ def test_restore_onto_another_mesh_keeps_last_k(tmp_path):
     ckpt.wait_until_finished()
     assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
 
+    assert saved_steps(tmp_path) == [2, 3] and saved_steps(tmp_path / "none") == []
     target_mesh = parallel.make_mesh(data=2, fsdp=4)
     target = state_lib.abstract_state(_small_state(target_mesh))
+    # The abstract init (what a resumed run builds, nothing computed) is the same target as a live state's.
+    built = _small_state(target_mesh, abstract=True)
+    assert state_lib.is_abstract(built) and not state_lib.is_abstract(saved)
+    paths = lambda s: [path for path, _ in jax.tree_util.tree_leaves_with_path(s)]  # noqa: E731 (tx differs)
+    assert paths(built) == paths(target)
+    for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(target), strict=True):
+        assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
     restored = Checkpointer(tmp_path, CheckpointConfig(every_steps=1, keep=2)).restore(target)
     assert restored.step == 3 and restored.data_state == {"index": 3}
     assert restored.config == {"model": {"channels": [8, 16]}, "lr": 1e-3}
@@ -153,3 +161,13 @@ def test_loop_refuses_an_iterator_without_state(tmp_path):
     with pytest.raises(TypeError, match="has no get_state"):
         from ldm_jax.training.loop import train_loop
         train_loop(None, None, iter([]), num_steps=1, workdir=str(tmp_path), mesh=mesh)
+
+
+def test_loop_refuses_an_abstract_state_without_a_checkpoint(tmp_path):
+    """An abstract state is only a restore target: with nothing to restore the loop stops before any step."""
+    from ldm_jax.training.loop import train_loop
+
+    mesh = parallel.make_mesh()
+    with pytest.raises(ValueError, match="no checkpoint to restore the abstract state into"):
+        train_loop(_small_state(mesh, abstract=True), None, toy.ToyBatches(16), num_steps=1, workdir=str(tmp_path),
+                   mesh=mesh)

@@ -165,6 +165,19 @@ def restore_failure(step_dir: str | os.PathLike, error: BaseException) -> str:
     return why + (f" (empty files: {', '.join(empty[:5])})" if empty else "")
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps `directory` holds, ascending ([] when it does not exist); reads only, creates nothing. A run
+    whose checkpoint directory holds some resumes, so it builds its state only as the restore target."""
+    if not os.path.isdir(directory):
+        return []
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 class Checkpointer:
     """Saves and restores (state, config, data position) under `directory` (one sub-directory per step)."""
 

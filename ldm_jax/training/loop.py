@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ldm_jax import parallel
 from ldm_jax.data.pipeline import DevicePrefetcher
 from ldm_jax.training import logging as metric_logging
+from ldm_jax.training import state as state_lib
 from ldm_jax.training.checkpoint import CheckpointConfig, Checkpointer, allgather_json
 from ldm_jax.training.state import TrainState
 
@@ -205,7 +206,9 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
       batch, leading axis = examples) with `get_state()` / `set_state(s)` (JSON-able), checkpointed with the
       state so a resumed run sees the same batches; optionally `skipped` (a `readers.SkipLog`), reported.
     state: a freshly initialised TrainState; when `workdir/checkpoints` holds a checkpoint it is only the
-      restore target (structure and shardings).
+      restore target (structure and shardings), and may be abstract (`state.init_train_state(abstract=True)`:
+      ShapeDtypeStructs with shardings), so that a resumed run never computes an init it throws away; an
+      abstract state with no checkpoint to restore is a ValueError.
     config: saved as JSON in each checkpoint.
     prefetch: batches read and placed on the devices ahead by a background thread (`DevicePrefetcher`), so
       reading and decoding overlap the steps; 0 reads each batch on the step thread when it is needed.
@@ -219,6 +222,9 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
     try:
         restored = ckpt.restore_newest(state)  # a corrupt newest step falls back to an older one
+        if restored is None and state_lib.is_abstract(state):
+            raise ValueError(f"train_loop: {ckpt.directory} holds no checkpoint to restore the abstract state into "
+                             "(a fresh run passes an initialised state)")
     except BaseException:
         ckpt.close()
         raise

@@ -13,7 +13,9 @@ and the EMA update). `apply_gradients` is the two for the one-update case.
 Initialisation never builds a full host copy: `jax.eval_shape(init)` gives the shapes, the sharding rules
 (`ldm_jax.parallel`) turn them into shardings, and `jax.jit(init, out_shardings=...)` creates every array
 directly on its devices. Optimiser-state leaves shaped like a parameter (Adam's mu and nu, ...) are sharded
-like that parameter; other optimiser leaves (counters) are replicated.
+like that parameter; other optimiser leaves (counters) are replicated. A resumed run builds only the shapes
+and shardings (`init_train_state(abstract=True)`), the target its checkpoint is restored into: no init is
+compiled or run.
 """
 from __future__ import annotations
 
@@ -114,10 +116,12 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, rules: Sequence[tupl
 
 def init_train_state(init_params: Callable[[jax.Array], Any], *, tx: optax.GradientTransformation, key: jax.Array,
                      ema_decay: float | None, mesh: Mesh, rules: Sequence[tuple[str, Any]],
-                     with_model_state: bool = False) -> TrainState:
+                     with_model_state: bool = False, abstract: bool = False) -> TrainState:
     """Shape-first sharded init: eval_shape -> `state_shardings` -> jit(create, out_shardings).
 
     Every array is created directly with its sharding on `mesh`; see `create_train_state` for the arguments.
+    `abstract=True`: only the shapes, dtypes and shardings (`sharded_shapes`), the target a checkpoint is
+    restored into; nothing is compiled, run or allocated.
     """
     def create(key_data):
         key = jax.random.wrap_key_data(key_data)
@@ -125,8 +129,21 @@ def init_train_state(init_params: Callable[[jax.Array], Any], *, tx: optax.Gradi
 
     # The key goes in as host key data, which every process holds: a valid input on any mesh.
     key_data = np.asarray(jax.random.key_data(key))
-    shardings = state_shardings(jax.eval_shape(create, key_data), mesh, rules)
+    shapes = jax.eval_shape(create, key_data)
+    shardings = state_shardings(shapes, mesh, rules)
+    if abstract:
+        return sharded_shapes(shapes, shardings)
     return jax.jit(create, in_shardings=parallel.replicated(mesh), out_shardings=shardings)(key_data)
+
+
+def sharded_shapes(shapes: TrainState, shardings: TrainState) -> TrainState:
+    """The ShapeDtypeStructs of `shapes` (`jax.eval_shape` of an init) given `shardings` (`state_shardings`)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def is_abstract(state: TrainState) -> bool:
+    """Whether `state` holds ShapeDtypeStructs (a restore target) rather than arrays."""
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(state))
 
 
 def abstract_state(state: TrainState) -> TrainState:

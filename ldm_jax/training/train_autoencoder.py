@@ -47,6 +47,7 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, autoencoder_config, bu
 from ldm_jax.training import autoencoder_step, optim
 from ldm_jax.training import main as common
 from ldm_jax.training import state as state_lib
+from ldm_jax.training.checkpoint import saved_steps
 from ldm_jax.training.loop import Hook, host_copy, make_train_step, train_loop
 from ldm_jax.training.state import TrainState
 
@@ -176,17 +177,14 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 
 def init_state(stage: Stage, key: jax.Array, *, abstract: bool = False) -> TrainState:
     """A fresh, sharded state (shape-first: nothing is built on the host); `abstract=True` gives only its
-    shapes (jax.ShapeDtypeStructs), allocating nothing."""
+    shapes and shardings (jax.ShapeDtypeStructs, a restore target), compiling, running and allocating nothing."""
     fp32_model = build_autoencoder(stage.ae_config)  # params are float32 whatever the compute dtype
 
     def init_variables(k):
         return autoencoder_step.init_variables(fp32_model, stage.loss, k, resolution=stage.data.resolution)
 
-    kwargs = dict(tx=stage.tx, ema_decay=None, with_model_state=True)
-    if abstract:
-        return jax.eval_shape(lambda kd: state_lib.create_train_state(
-            init_variables, key=jax.random.wrap_key_data(kd), **kwargs), np.asarray(jax.random.key_data(key)))
-    return state_lib.init_train_state(init_variables, key=key, mesh=stage.mesh, rules=stage.rules, **kwargs)
+    return state_lib.init_train_state(init_variables, key=key, tx=stage.tx, ema_decay=None, with_model_state=True,
+                                      mesh=stage.mesh, rules=stage.rules, abstract=abstract)
 
 
 def reconstruct(stage: Stage, ae_params: Any, images: jax.Array) -> jax.Array:
@@ -232,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
         vgg = common.user_input("loss.lpips_vgg_path", load_lpips_params, stage.lpips_vgg_path)
         lpips_params = jax.device_put(vgg, parallel.replicated(stage.mesh))
-    state = init_state(stage, jax.random.key(train.seed))
+    # A resumed run restores every array: it builds only the restore target (no init is compiled or run).
+    resume = bool(saved_steps(workdir / "checkpoints"))
+    state = init_state(stage, jax.random.key(train.seed), abstract=resume)
     train_step = make_train_step(update_fn=autoencoder_step.make_update(stage.model, stage.loss), mesh=stage.mesh,
                                  state_shardings=state_lib.shardings_of(state), learning_rate_fn=stage.schedule,
                                  frozen=lpips_params)

@@ -485,7 +485,7 @@ def init_state(stage: Stage, key: jax.Array, *, pretrained: Mapping[str, Any] | 
     shapes = jax.eval_shape(create, key_data, given)
     shardings = state_lib.state_shardings(shapes, stage.mesh, stage.rules)
     if abstract:
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        return state_lib.sharded_shapes(shapes, shardings)
     rep = parallel.replicated(stage.mesh)
     if given is None:
         return jax.jit(lambda kd: create(kd, None), in_shardings=rep, out_shardings=shardings)(key_data)
@@ -772,7 +772,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
         value = first_batch_scale(stage, frozen, batches, jax.random.fold_in(key, 1))
         log.info("scale_by_std: scale_factor = %.6g (1 / std of the first batch's latents)", value)
         stage = with_scale_factor(stage, value)
-    state = init_state(stage, key, pretrained=pretrained)
+    # A resumed run restores every array: it builds only the restore target (no random init is compiled or run).
+    state = init_state(stage, key, pretrained=pretrained, abstract=saved is not None)
     del pretrained
     tx_schedule = _optimizer(stage)[1]
     step = make_train_step(make_stage_loss(stage), mesh=stage.mesh, state_shardings=state_lib.shardings_of(state),
