@@ -70,6 +70,23 @@ def _tiny_sd_components(tmp_path_factory, in_channels=4):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+@pytest.fixture
+def abstract_init_only(monkeypatch):
+    """`abstract_init_only(module)`: the training module's `init_state` then fails unless abstract=True, so a
+    resumed run that builds a fresh (compiled, computed) init state instead of only the restore target fails."""
+
+    def patch(module):
+        real = module.init_state
+
+        def init_state(*args, abstract=False, **kwargs):
+            assert abstract, "a resumed run computed a fresh init state"
+            return real(*args, abstract=True, **kwargs)
+
+        monkeypatch.setattr(module, "init_state", init_state)
+
+    return patch
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_compilation_cache(tmp_path_factory):
     """XLA's persistent compilation cache for the whole session, in a fresh directory: a program that a new

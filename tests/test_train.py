@@ -112,22 +112,11 @@ def test_autoencoder_stage_end_to_end(autoencoder_run):
     assert json.loads((workdir / "eval.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
-def _abstract_init_only(monkeypatch, module):
-    """`module.init_state` fails unless abstract: a resumed run builds only the restore target (no init compiled)."""
-    real = module.init_state
-
-    def init_state(*args, abstract=False, **kwargs):
-        assert abstract, "a resumed run computed a fresh init state"
-        return real(*args, abstract=True, **kwargs)
-
-    monkeypatch.setattr(module, "init_state", init_state)
-
-
-def test_autoencoder_resume_continues(autoencoder_run, dataset, tmp_path, monkeypatch):
+def test_autoencoder_resume_continues(autoencoder_run, dataset, tmp_path, abstract_init_only):
     workdir, first = autoencoder_run
     resumed = tmp_path / "ae"
     _copy_run(workdir, resumed)
-    _abstract_init_only(monkeypatch, train_autoencoder)
+    abstract_init_only(train_autoencoder)
     result = main.train_and_evaluate(_ae_config(dataset, **{"train.num_steps": 3}), resumed)
     assert int(result.state.step) == 3 and _checkpoints(resumed)[-1] == 3
     assert _jsonl_steps(resumed / "metrics.jsonl") == [1, 2, 3]
@@ -172,11 +161,11 @@ def test_ldm_stage_end_to_end(ldm_run, autoencoder_run):
     assert ids[0] == 24 and ids[-1] == 25 and 1 not in ids  # start, end, no unknown word
 
 
-def test_ldm_resume_and_export_model(ldm_run, autoencoder_run, dataset, tmp_path, monkeypatch):
+def test_ldm_resume_and_export_model(ldm_run, autoencoder_run, dataset, tmp_path, abstract_init_only):
     workdir, first = ldm_run
     resumed = tmp_path / "ldm"
     _copy_run(workdir, resumed)
-    _abstract_init_only(monkeypatch, train_ldm)
+    abstract_init_only(train_ldm)
     config = _ldm_config(dataset, autoencoder_run[0], **{"train.num_steps": 3, "train.image_every": 100})
     result = main.train_and_evaluate(config, resumed)
     assert int(result.state.step) == 3 and _jsonl_steps(resumed / "metrics.jsonl") == [1, 2, 3]

@@ -140,19 +140,8 @@ def test_lora_trains_only_the_factors_and_exports(lora_run, tiny_model):
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
-def _abstract_init_only(monkeypatch, module):
-    """`module.init_state` fails unless abstract: a resumed run builds only the restore target (no init compiled)."""
-    real = module.init_state
-
-    def init_state(*args, abstract=False, **kwargs):
-        assert abstract, "a resumed run computed a fresh init state"
-        return real(*args, abstract=True, **kwargs)
-
-    monkeypatch.setattr(module, "init_state", init_state)
-
-
 def test_lora_dreambooth_resumes_exactly_and_reuses_class_images(lora_run, tiny_model, images, tmp_path,
-                                                                 monkeypatch):
+                                                                 abstract_init_only):
     """The run stopped after its step-2 checkpoint (step 3's removed) and run again ends where the uninterrupted run
     did, bit for bit. Class images are reused; a missing one is regenerated alone, identical (seeded by index)."""
     workdir, result = lora_run
@@ -163,7 +152,7 @@ def test_lora_dreambooth_resumes_exactly_and_reuses_class_images(lora_run, tiny_
     original = np.asarray(Image.open(classes / "00001.png"))
     os.remove(classes / "00001.png")
     kept = (classes / "00000.png").stat().st_mtime_ns
-    _abstract_init_only(monkeypatch, train_ldm)
+    abstract_init_only(train_ldm)
     resumed = main.train_and_evaluate(_lora_dreambooth(tiny_model, images), stopped)
     assert int(resumed.state.step) == 3
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(resumed.state), strict=True):

@@ -129,24 +129,13 @@ def test_sample_grids_are_steered_by_the_eval_examples_control_images(run):
     np.testing.assert_array_equal(control, expected)
 
 
-def _abstract_init_only(monkeypatch, module):
-    """`module.init_state` fails unless abstract: a resumed run builds only the restore target (no init compiled)."""
-    real = module.init_state
-
-    def init_state(*args, abstract=False, **kwargs):
-        assert abstract, "a resumed run computed a fresh init state"
-        return real(*args, abstract=True, **kwargs)
-
-    monkeypatch.setattr(module, "init_state", init_state)
-
-
-def test_resume_is_exact(run, tiny_model, images, tmp_path, monkeypatch):
+def test_resume_is_exact(run, tiny_model, images, tmp_path, abstract_init_only):
     """Stopped after the step-2 checkpoint (step 3's removed), run again: the end state equals the uninterrupted."""
     workdir, result = run
     stopped = tmp_path / "stopped"
     shutil.copytree(workdir, stopped)
     shutil.rmtree(stopped / "checkpoints" / "3")
-    _abstract_init_only(monkeypatch, train_ldm)
+    abstract_init_only(train_ldm)
     resumed = main.train_and_evaluate(_run_config(tiny_model, images), stopped)
     assert int(resumed.state.step) == 3
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(resumed.state), strict=True):

@@ -408,25 +408,14 @@ def test_sdxl_finetune_trains_the_unet_only(run, world):
     assert grid.is_file() and grid.stat().st_size > 0
 
 
-def _abstract_init_only(monkeypatch, module):
-    """`module.init_state` fails unless abstract: a resumed run builds only the restore target (no init compiled)."""
-    real = module.init_state
-
-    def init_state(*args, abstract=False, **kwargs):
-        assert abstract, "a resumed run computed a fresh init state"
-        return real(*args, abstract=True, **kwargs)
-
-    monkeypatch.setattr(module, "init_state", init_state)
-
-
-def test_sdxl_finetune_resumes_from_the_workdir_alone(run, world, tmp_path, monkeypatch):
+def test_sdxl_finetune_resumes_from_the_workdir_alone(run, world, tmp_path, abstract_init_only):
     """A rerun continues at step 3 with the tokenizers and frozen towers of the workdir (train.init_from no longer
     exists). (That a resumed run equals an uninterrupted one bit for bit is tests/test_checkpoint_resume.py's; the
     SDXL batches' crops and flips resume exactly in test_pipeline_records_sizes_and_crops_and_resumes_them.)"""
     workdir, _ = run
     resumed = tmp_path / "run"
     shutil.copytree(workdir, resumed)
-    _abstract_init_only(monkeypatch, train_ldm)
+    abstract_init_only(train_ldm)
     three = {"train.num_steps": 3, "train.image_every": 100, "data.random_flip": True}
     result = main.train_and_evaluate(_config(world, {"train.init_from": str(tmp_path / "gone"), **three}), resumed)
     assert int(result.state.step) == 3
