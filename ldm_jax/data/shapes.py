@@ -17,6 +17,20 @@ Geometry, all in whole pixels so that every cell renders alike (everything a che
   circle dy^2 + dx^2 <= h^2; triangle (apex up) -h <= dy <= h and |dx| <= (dy + h) / 2.
   Filled fractions of the box: square 1, circle 0.67-0.79 (pi/4 at large N), triangle about 1/2.
 
+The varied world (`render(scene, resolution, variation=VARIED, rng=rng)`): the same scenes and captions, but a
+caption maps to a distribution of images. Per object (`sample_placements`, `Variation` documents every range):
+- size: a circumradius r (fraction of the cell side s) uniform inside its size class; the classes are disjoint
+  with a gap (`Variation.size_threshold`). Every shape is inscribed in its circle of radius r: circle, square
+  (side r sqrt 2) and an equilateral triangle (side r sqrt 3), areas `SHAPE_AREA_FACTORS` * r^2. (Equilateral, not
+  the old world's isoceles triangle: it is the largest triangle a rotation-proof circle holds, and the checker's
+  three shapes then differ most in area per circumradius: pi, 2, 1.30.)
+- position: the centre uniform over the positions that keep the whole circle inside its cell with a margin.
+- rotation: uniform in [0, 2 pi) (`edge_distances` defines the rotated shapes).
+- colour: every channel of the named colour jittered uniformly, clipped; still nearest to its palette colour.
+- background: dark smooth value noise plus Gaussian pixel noise, never bright enough to read as a colour.
+Objects are anti-aliased (coverage by supersampling, `object_coverage`) and blended over the background. The
+old world's `render` (variation None) is unchanged, bit for bit.
+
 Held out: colour+shape pairs in `HELDOUT_PAIRS` never occur in train/validation scenes; every held-out scene
 contains at least one of them (`sample_scene(..., heldout=True)`).
 
@@ -149,9 +163,24 @@ def object_mask(obj: ShapeObject, resolution: int) -> np.ndarray:
     return (dy >= -h) & (dy <= h) & (np.abs(dx) <= (dy + h) / 2)  # triangle, apex up
 
 
-def render(scene: Scene, resolution: int) -> np.ndarray:
-    """Draws a scene: uint8 (resolution, resolution, 3), background `BACKGROUND`, objects in their colours."""
+def render(scene: Scene, resolution: int, *, variation: Variation | None = None,
+           rng: np.random.Generator | None = None) -> np.ndarray:
+    """Draws a scene: uint8 (resolution, resolution, 3).
+
+    variation None (the old world): background `BACKGROUND`, objects in their exact colours, no anti-aliasing
+    (module doc, "Geometry"); the same scene always gives the same image.
+    variation given (the varied world, e.g. `VARIED`): `rng` is required; per object a placement is drawn
+    (`sample_placements`: continuous position in the cell, size in the class, rotation, colour jitter), then the
+    background's value noise, then the pixel noise; objects are anti-aliased (`object_coverage`) and blended over
+    the background. Deterministic given the generator's state.
+    """
     grid_geometry(resolution)  # checks the resolution
+    if variation is not None:
+        if rng is None:
+            raise ValueError("render: a varied render (variation=...) needs rng, a numpy Generator")
+        return _render_varied(validate_scene(scene), resolution, variation, rng)
+    if rng is not None:
+        raise ValueError("render: rng is only used with variation=...; the old world's render is fixed")
     image = np.empty((resolution, resolution, 3), np.uint8)
     image[...] = BACKGROUND
     for obj in validate_scene(scene):
@@ -159,13 +188,27 @@ def render(scene: Scene, resolution: int) -> np.ndarray:
     return image
 
 
-def render_mask(scene: Scene, resolution: int) -> np.ndarray:
+def render_mask(scene: Scene, resolution: int, *, variation: Variation | None = None,
+                rng: np.random.Generator | None = None) -> np.ndarray:
     """The scene's layout as a ControlNet control image: uint8 (resolution, resolution, 3), 255 (white) in every
     channel of the pixels an object covers (`object_mask`, the pixels `render` paints), 0 elsewhere. It fixes each
-    object's position, size and shape but not its colour (the caption's); per-object masks are `object_mask`."""
+    object's position, size and shape but not its colour (the caption's); per-object masks are `object_mask`.
+
+    With a variation (and rng), the pixels at least half covered by the objects `sample_placements` draws: a
+    generator in the same state as the one given to `render` yields the mask of that very image (render draws the
+    placements first)."""
     grid_geometry(resolution)  # checks the resolution
+    scene = validate_scene(scene)
     mask = np.zeros((resolution, resolution, 3), np.uint8)
-    for obj in validate_scene(scene):
+    if variation is not None:
+        if rng is None:
+            raise ValueError("render_mask: a varied mask (variation=...) needs rng, a numpy Generator")
+        for obj, placement in zip(scene, sample_placements(scene, resolution, variation, rng)):
+            mask[object_coverage(obj.shape, placement, resolution, variation.supersample) >= 0.5] = 255
+        return mask
+    if rng is not None:
+        raise ValueError("render_mask: rng is only used with variation=...")
+    for obj in scene:
         mask[object_mask(obj, resolution)] = 255
     return mask
 
@@ -245,3 +288,177 @@ def sample_new_colour_scene(rng: np.random.Generator, colour: str) -> Scene:
     objects = list(scene)
     objects[forced] = dataclasses.replace(objects[forced], colour=colour, shape=shape)
     return tuple(objects)
+
+
+# ------------------------------------------------------------------------------------------ the varied world
+# Every shape is drawn inside a circle of circumradius r about its centre, so a rotated shape never leaves it.
+# Shape area / r^2: circle pi, square 2 (inscribed square), triangle 3 sqrt(3) / 4 (inscribed equilateral).
+SHAPE_AREA_FACTORS: dict[str, float] = {"circle": math.pi, "square": 2.0, "triangle": 3.0 * math.sqrt(3.0) / 4.0}
+# Polygon shapes: (number of sides, angle of the first vertex at rotation 0, clockwise from "up", radians).
+# Rotation 0 is the old world's pose: the square axis-aligned, the triangle apex up.
+POLYGONS: dict[str, tuple[int, float]] = {"square": (4, math.pi / 4), "triangle": (3, 0.0)}
+# Rotations that map a shape onto itself (the checker searches one period): circle any, square 90, triangle 120.
+ROTATION_PERIODS: dict[str, float] = {"circle": 0.0, "square": math.pi / 2, "triangle": 2.0 * math.pi / 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variation:
+    """How the varied world draws a scene: its caption fixes a distribution of images, not one image.
+
+    Lengths are fractions of the cell side s (`grid_geometry`), colour values on the 0..255 scale.
+    radii: {size: (low, high)} (as a tuple of (size, (low, high)) pairs, in `SIZES` order): an object's
+      circumradius r is uniform in [low * s, high * s]. The classes are disjoint with a gap (the checker reads
+      the size from the blob's area, `size_threshold`).
+    margin: the object's circumcircle keeps at least margin * s from every side of its cell; the centre is uniform
+      over the square of positions that allow it (each coordinate in [r + margin*s, s - r - margin*s] of the cell).
+    rotate: rotation uniform in [0, 2 pi) (False: the old world's pose, square axis-aligned, triangle apex up).
+    colour_jitter: every channel of an object's colour moves by uniform(-j, j), clipped to [0, 255], once per object
+      (the whole object shares one colour).
+    background: amplitude of the smooth value noise of the background, per channel in [0, background] (bilinear
+      with smoothstep over a lattice of `background_cells` cells across the image), dark: it must stay far below
+      half of any colour's channels so that no background pixel reads as a colour.
+    background_cells: lattice cells of the value noise across the image (its feature size is R / cells pixels).
+    pixel_noise: standard deviation of Gaussian noise added to every pixel (background and objects).
+    supersample: anti-aliasing: each pixel's coverage is the inside fraction of supersample x supersample points.
+    """
+
+    radii: tuple[tuple[str, tuple[float, float]], ...]
+    margin: float = 0.05
+    rotate: bool = True
+    colour_jitter: float = 40.0
+    background: float = 40.0
+    background_cells: int = 4
+    pixel_noise: float = 3.0
+    supersample: int = 4
+
+    def __post_init__(self):
+        radii = dict(self.radii)
+        if tuple(radii) != SIZES:
+            raise ValueError(f"Variation.radii must name the sizes {list(SIZES)} in order, got {list(radii)}")
+        bounds = [b for size in SIZES for b in radii[size]]
+        if any(not 0 < b for b in bounds) or bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
+            raise ValueError(f"Variation.radii must be positive, increasing, disjoint ranges, got {self.radii}")
+        if not 0 <= self.margin or bounds[-1] + self.margin > 0.5:
+            raise ValueError(f"Variation: the largest radius {bounds[-1]} plus the margin {self.margin} must fit in "
+                             f"half a cell (0.5)")
+        if not 0 <= self.colour_jitter < 100 or not 0 <= self.background < 100 or not 0 <= self.pixel_noise < 30:
+            raise ValueError("Variation: colour_jitter and background must lie in [0, 100), pixel_noise in [0, 30) "
+                             f"(0..255 scale), got {self.colour_jitter}, {self.background}, {self.pixel_noise}")
+        if self.background_cells < 1 or self.supersample < 1:
+            raise ValueError(f"Variation: background_cells and supersample must be >= 1, got "
+                             f"{self.background_cells}, {self.supersample}")
+
+    def radius_range(self, size: str) -> tuple[float, float]:
+        """(low, high) circumradius of a size class, as fractions of the cell side."""
+        return dict(self.radii)[size]
+
+    def size_threshold(self) -> float:
+        """The circumradius (fraction of the cell side) between the classes: the geometric mean of the small
+        class's high and the large class's low end."""
+        return math.sqrt(self.radius_range("small")[1] * self.radius_range("large")[0])
+
+
+# The varied world's defaults. Sizes: at 32 px a cell is 10 px, so a small equilateral triangle of circumradius
+# 0.25 s is 7 px of area; smaller ones are no longer told from circles reliably. The 0.32 .. 0.36 gap (12% in radius
+# either side of the threshold, 25% in area) is what the checker's area reading needs at 32 px.
+VARIED = Variation(radii=(("small", (0.25, 0.29)), ("large", (0.36, 0.44))), margin=0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where and how one object of a varied scene is drawn (`sample_placements`).
+
+    centre: (y, x) in pixels of the image (pixel (i, j) covers [i, i+1) x [j, j+1), its centre is (i+0.5, j+0.5)).
+    radius: circumradius in pixels. angle: clockwise rotation in radians (0: the old world's pose).
+    colour: the object's RGB on the 0..255 scale (floats, after jitter).
+    """
+
+    centre: tuple[float, float]
+    radius: float
+    angle: float
+    colour: tuple[float, float, float]
+
+
+def edge_distances(shape: str, dy: np.ndarray, dx: np.ndarray, radius, angle) -> np.ndarray:
+    """Signed distances of points from a shape's boundary lines, in pixels (negative inside).
+
+    dy, dx: offsets from the shape's centre (any broadcastable shapes); radius: circumradius; angle: clockwise
+    rotation in radians (radius and angle may be arrays broadcasting with dy, dx). Returns (..., E): the circle's
+    one distance |d| - r (E = 1), or per polygon edge n_i . d - apothem (E = 3 or 4; a point is inside the polygon
+    iff all are <= 0). The renderer tests insideness with these; the checker turns them into pixel coverages.
+    """
+    dy, dx = np.asarray(dy, np.float64), np.asarray(dx, np.float64)
+    radius, angle = np.asarray(radius, np.float64), np.asarray(angle, np.float64)
+    if shape == "circle":
+        return (np.sqrt(dy * dy + dx * dx) - radius)[..., None]
+    if shape not in POLYGONS:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
+    sides, first = POLYGONS[shape]
+    # Edge i's outward normal points at angle + first + pi/n + 2 pi i / n, clockwise from up: (dy, dx) = (-cos, sin).
+    normals = (angle[..., None] + first + math.pi / sides + 2.0 * math.pi * np.arange(sides) / sides)
+    apothem = (radius * math.cos(math.pi / sides))[..., None]
+    return -np.cos(normals) * dy[..., None] + np.sin(normals) * dx[..., None] - apothem
+
+
+def object_coverage(shape: str, placement: Placement, resolution: int, supersample: int = 4) -> np.ndarray:
+    """Float (resolution, resolution) fraction in [0, 1] of each pixel inside a placed shape: the share of its
+    supersample x supersample points (at the centres of a regular subgrid) that lie inside."""
+    grid_geometry(resolution)  # checks the resolution
+    cy, cx = placement.centre
+    reach = placement.radius + 1.0
+    r0, r1 = max(0, math.floor(cy - reach)), min(resolution, math.ceil(cy + reach))
+    c0, c1 = max(0, math.floor(cx - reach)), min(resolution, math.ceil(cx + reach))
+    coverage = np.zeros((resolution, resolution), np.float64)
+    if r0 >= r1 or c0 >= c1:
+        return coverage
+    offsets = (np.arange(supersample) + 0.5) / supersample
+    ys = (np.arange(r0, r1)[:, None] + offsets).reshape(-1) - cy
+    xs = (np.arange(c0, c1)[:, None] + offsets).reshape(-1) - cx
+    inside = (edge_distances(shape, ys[:, None], xs[None, :], placement.radius, placement.angle) <= 0).all(-1)
+    coverage[r0:r1, c0:c1] = inside.reshape(r1 - r0, supersample, c1 - c0, supersample).mean((1, 3))
+    return coverage
+
+
+def sample_placements(scene: Scene, resolution: int, variation: Variation,
+                      rng: np.random.Generator) -> tuple[Placement, ...]:
+    """Draws every object's placement (`Placement`, the `Variation` doc says how), in scene order: per object
+    radius, centre y, centre x, angle, then the colour's three channel offsets. `render` draws these first, so
+    `render_mask` with a generator in the same state draws the same placements."""
+    origin, side = grid_geometry(resolution)
+    placements = []
+    for obj in validate_scene(scene):
+        low, high = variation.radius_range(obj.size)
+        radius = float(rng.uniform(low, high)) * side
+        top, _, left, _ = cell_bounds(obj.position, resolution)
+        lo, hi = radius + variation.margin * side, side - radius - variation.margin * side
+        cy, cx = top + float(rng.uniform(lo, hi)), left + float(rng.uniform(lo, hi))
+        angle = float(rng.uniform(0.0, 2.0 * math.pi)) if variation.rotate else 0.0
+        jitter = rng.uniform(-variation.colour_jitter, variation.colour_jitter, 3)
+        colour = tuple(float(v) for v in np.clip(np.asarray(colour_rgb(obj.colour), np.float64) + jitter, 0, 255))
+        placements.append(Placement(centre=(cy, cx), radius=radius, angle=angle, colour=colour))
+    return tuple(placements)
+
+
+def _value_noise(resolution: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """(resolution, resolution, 3) smooth noise in [0, 1]: a (cells+1)^2 lattice of uniform values per channel,
+    interpolated bilinearly with smoothstep weights."""
+    u = (np.arange(resolution) + 0.5) / resolution * cells
+    i = np.minimum(np.floor(u).astype(int), cells - 1)
+    t = u - i
+    t = t * t * (3.0 - 2.0 * t)
+    weights = np.zeros((resolution, cells + 1))
+    weights[np.arange(resolution), i] = 1.0 - t
+    weights[np.arange(resolution), i + 1] = t
+    lattice = rng.uniform(0.0, 1.0, (cells + 1, cells + 1, 3))
+    return np.einsum("ya,abc,xb->yxc", weights, lattice, weights)
+
+
+def _render_varied(scene: Scene, resolution: int, variation: Variation, rng: np.random.Generator) -> np.ndarray:
+    placements = sample_placements(scene, resolution, variation, rng)
+    image = variation.background * _value_noise(resolution, variation.background_cells, rng)
+    for obj, placement in zip(scene, placements):
+        coverage = object_coverage(obj.shape, placement, resolution, variation.supersample)[..., None]
+        image = image * (1.0 - coverage) + coverage * np.asarray(placement.colour)
+    if variation.pixel_noise:
+        image = image + rng.normal(0.0, variation.pixel_noise, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
