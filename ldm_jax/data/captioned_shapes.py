@@ -3,12 +3,18 @@
 Splits: train and validation (no held-out colour+shape pair anywhere), heldout (every scene has one).
 Features: image (PNG, uint8 (R, R, 3)), caption (text; bytes when read back), objects (a sequence of
 colour/shape/size/position class labels, in caption order). Records are array_record files, read back with
-`tfds.data_source` / `readers.TfdsSource`. A split depends only on the config (resolution, sizes, seed).
+`tfds.data_source` / `readers.TfdsSource`. A split depends only on the config (resolution, sizes, seed, varied).
+
+Two worlds: the exact one (configs res32, res64, res128: a caption fixes its image to the pixel) and the varied
+one (configs res32_varied, res64_varied; `varied=True`): the same scenes and captions drawn with
+`shapes.VARIED` (per object position in the cell, size in its class, rotation and colour jitter; a noisy
+background; anti-aliased), so a caption maps to a distribution of images. Each example's generator is
+numpy's default_rng([seed, split index, example index]); it draws the scene, then (varied) the render.
 
     name = prepare_captioned_shapes("/tmp/tfds", resolution=32, num_train=1000)
     source = readers.TfdsSource(name, data_dir="/tmp/tfds", split="train")
 
-Command line: python -m ldm_jax.data.captioned_shapes --data_dir DIR --resolution 32 --num_train 50000
+Command line: python -m ldm_jax.data.captioned_shapes --data_dir DIR --resolution 32 --num_train 50000 [--varied]
 """
 from __future__ import annotations
 
@@ -29,36 +35,44 @@ SPLITS: tuple[str, ...] = ("train", "validation", "heldout")
 
 @dataclasses.dataclass(eq=False)
 class CaptionedShapesConfig(tfds.core.BuilderConfig):
-    """Image resolution, split sizes and the generation seed of one `captioned_shapes` variant."""
+    """Image resolution, split sizes, the generation seed and the world (varied: `shapes.VARIED` renders, else
+    the exact renders) of one `captioned_shapes` variant."""
 
     resolution: int = 32
     num_train: int = 50_000
     num_validation: int = 1_000
     num_heldout: int = 1_000
     seed: int = 0
+    varied: bool = False
 
     def split_sizes(self) -> dict[str, int]:
+        """{split: number of examples} for train, validation and heldout."""
         return {"train": self.num_train, "validation": self.num_validation, "heldout": self.num_heldout}
 
 
-def _config_name(resolution: int, num_train: int, num_validation: int, num_heldout: int, seed: int) -> str:
-    return f"res{resolution}_train{num_train}_val{num_validation}_heldout{num_heldout}_seed{seed}"
+def _config_name(resolution: int, num_train: int, num_validation: int, num_heldout: int, seed: int,
+                 varied: bool = False) -> str:
+    world = "_varied" if varied else ""
+    return f"res{resolution}{world}_train{num_train}_val{num_validation}_heldout{num_heldout}_seed{seed}"
 
 
-_CONFIG_NAME = re.compile(r"^res(\d+)(?:_train(\d+)_val(\d+)_heldout(\d+)_seed(\d+))?$")
+_CONFIG_NAME = re.compile(r"^res(\d+)(_varied)?(?:_train(\d+)_val(\d+)_heldout(\d+)_seed(\d+))?$")
 
 
 def prepare_command(name: str, data_dir: str | os.PathLike) -> str | None:
     """The command line that prepares the dataset `name` ("captioned_shapes/<config>[:version]", as
-    `prepare_captioned_shapes` returns it) in `data_dir`, or None for a name that is not one of this dataset's."""
+    `prepare_captioned_shapes` returns it) in `data_dir`, with --varied for a varied config, or None for a name that is
+    not one of this dataset's."""
     dataset, _, config = name.split(":")[0].partition("/")
     match = _CONFIG_NAME.match(config or "res32")
     if dataset != "captioned_shapes" or not match:
         return None
     flags = [f"--data_dir {os.fspath(data_dir)}", f"--resolution {match[1]}"]
-    if match[2] is not None:
-        flags += [f"--num_train {match[2]}", f"--num_validation {match[3]}", f"--num_heldout {match[4]}",
-                  f"--seed {match[5]}"]
+    if match[3] is not None:
+        flags += [f"--num_train {match[3]}", f"--num_validation {match[4]}", f"--num_heldout {match[5]}",
+                  f"--seed {match[6]}"]
+    if match[2]:
+        flags.append("--varied")
     return "python -m ldm_jax.data.captioned_shapes " + " ".join(flags)
 
 
@@ -68,9 +82,13 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     # tfds derives this from the package through `importlib_resources`, which is not installed here.
     code_path = epath.Path(__file__)
+    # The varied configs came later under the same version: the exact configs' records are unchanged.
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [
         CaptionedShapesConfig(name=f"res{r}", resolution=r, description=f"{r}x{r} images") for r in (32, 64, 128)
+    ] + [
+        CaptionedShapesConfig(name=f"res{r}_varied", resolution=r, varied=True,
+                              description=f"{r}x{r} images of the varied world (shapes.VARIED)") for r in (32, 64)
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -101,12 +119,20 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
         for index in range(cfg.split_sizes()[split]):
             rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
             scene = shapes.sample_scene(rng, heldout=split == "heldout")
-            yield f"{split}_{index:09d}", _example(scene, cfg.resolution)
+            yield f"{split}_{index:09d}", _example(scene, render_example(scene, cfg.resolution, cfg.varied, rng))
 
 
-def _example(scene: shapes.Scene, resolution: int) -> dict:
+def render_example(scene: shapes.Scene, resolution: int, varied: bool, rng: np.random.Generator) -> np.ndarray:
+    """The image of one example: uint8 (resolution, resolution, 3); varied draws it from `rng` (which drew the
+    scene) with `shapes.VARIED`, else the exact render (rng unused)."""
+    if varied:
+        return shapes.render(scene, resolution, variation=shapes.VARIED, rng=rng)
+    return shapes.render(scene, resolution)
+
+
+def _example(scene: shapes.Scene, image: np.ndarray) -> dict:
     buffer = io.BytesIO()
-    Image.fromarray(shapes.render(scene, resolution)).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG")
     return {
         "image": buffer.getvalue(),
         "caption": shapes.caption(scene),
@@ -126,12 +152,15 @@ def prepare_captioned_shapes(
     num_validation: int = 1_000,
     num_heldout: int = 1_000,
     seed: int = 0,
+    *,
+    varied: bool = False,
 ) -> str:
     """Generates `captioned_shapes` under `data_dir` (array_record files) unless already there.
 
     Returns the dataset name ("captioned_shapes/<config>") for `tfds.data_source(name, data_dir=data_dir)`
-    or `readers.TfdsSource`. A predefined config (res32, res64, res128) is used when the sizes and seed are
-    its defaults; otherwise a custom config whose name spells out every setting.
+    or `readers.TfdsSource`. A predefined config (res32, res64, res128; varied: res32_varied, res64_varied) is
+    used when the sizes and seed are its defaults; otherwise a custom config whose name spells out every setting
+    ("res32_varied_train8_val8_heldout8_seed0"). varied: the varied world (`shapes.VARIED`, module doc).
     """
     shapes.grid_geometry(resolution)  # checks the resolution
     sizes = {"num_train": num_train, "num_validation": num_validation, "num_heldout": num_heldout}
@@ -139,12 +168,12 @@ def prepare_captioned_shapes(
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value}")
     config = CaptionedShapesConfig(
-        name=_config_name(resolution, num_train, num_validation, num_heldout, seed),
-        resolution=resolution, seed=seed, **sizes,
+        name=_config_name(resolution, num_train, num_validation, num_heldout, seed, varied),
+        resolution=resolution, seed=seed, varied=varied, **sizes,
     )
     for predefined in CaptionedShapes.BUILDER_CONFIGS:
-        if (predefined.resolution, predefined.seed, predefined.split_sizes()) == (
-                resolution, seed, config.split_sizes()):
+        if (predefined.resolution, predefined.seed, predefined.varied, predefined.split_sizes()) == (
+                resolution, seed, varied, config.split_sizes()):
             config = predefined
     builder = CaptionedShapes(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     builder.download_and_prepare(download_dir=os.path.join(os.fspath(data_dir), "downloads"))
@@ -152,7 +181,8 @@ def prepare_captioned_shapes(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: python -m ldm_jax.data.captioned_shapes --data_dir DIR [--resolution 32] [--num_train N]."""
+    """Command line: python -m ldm_jax.data.captioned_shapes --data_dir DIR [--resolution 32] [--num_train N]
+    [--varied]."""
     import argparse  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description="Generate the captioned_shapes TFDS dataset locally.")
@@ -162,9 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_validation", type=int, default=1_000)
     parser.add_argument("--num_heldout", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--varied", action="store_true",
+                        help="the varied world (shapes.VARIED): a caption maps to a distribution of images")
     args = parser.parse_args(argv)
     name = prepare_captioned_shapes(args.data_dir, args.resolution, args.num_train, args.num_validation,
-                                    args.num_heldout, args.seed)
+                                    args.num_heldout, args.seed, varied=args.varied)
     print(f"prepared {name} in {args.data_dir}")
 
 

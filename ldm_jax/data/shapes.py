@@ -452,7 +452,7 @@ def _value_noise(resolution: int, cells: int, rng: np.random.Generator) -> np.nd
     weights[np.arange(resolution), i] = 1.0 - t
     weights[np.arange(resolution), i + 1] = t
     lattice = rng.uniform(0.0, 1.0, (cells + 1, cells + 1, 3))
-    return np.einsum("ya,abc,xb->yxc", weights, lattice, weights)
+    return (weights @ lattice.transpose(2, 0, 1) @ weights.T).transpose(1, 2, 0)  # (3, R, R) -> (R, R, 3)
 
 
 def _render_varied(scene: Scene, resolution: int, variation: Variation, rng: np.random.Generator) -> np.ndarray:

@@ -8,15 +8,30 @@ the captioned-shapes world (`ldm_jax.data.shapes`) in four steps:
    of it (the rendered edge), if that residual is below `colour_margin * 255`; else it is background. This is
    the nearest palette colour with a margin, measured along the line from background to each colour.
 2. Blobs: 8-connected components of each colour. A component smaller than `min_area` times the smallest
-   object's area (a small triangle at this resolution) is noise and dropped. A component belongs to the grid
-   cell holding most of its pixels, so a slightly misplaced object's spill into a neighbour stays with it;
-   a component with at least `split_area` times the smallest object's area in several cells (two
-   same-coloured objects merged by blur) is cut along the grid lines. Same-coloured pieces in one cell are
-   one detection.
+   object's area (a small triangle at this resolution; varied world: at the smallest radius) is noise and
+   dropped. A component belongs to the grid cell holding most of its pixels, so a slightly misplaced
+   object's spill into a neighbour stays with it; a component with at least `split_area` times the smallest
+   object's area in several cells (two same-coloured objects merged by blur) is cut along the grid lines.
+   Same-coloured pieces in one cell are one detection.
 3. Shape and size: each detection is compared with the exact rendered mask of every (shape, size) (the
    templates `object_mask` draws), shifted so that the bounding-box centres agree and then by up to
    `search` pixels either way; the best intersection-over-union names shape and size. Below `min_iou`
    the blob is no recognisable shape (shape and size None).
+   The varied world (`CheckerConfig.variation`, e.g. `VARIED_CHECKER` for `shapes.VARIED`) has no fixed
+   templates: objects are rotated, continuously sized and placed, anti-aliased, on a noisy background. There a
+   blob's soft coverage is read in a window around it: the colour's coverage a (step 1) less the local
+   background level (median a of the window's background pixels more than two pixels from the blob), kept
+   where it exceeds twice the background's spread (robust standard deviation: pixel noise stays out), over
+   the blob and its two-pixel rim (no other object's pixels), divided by the object's full coverage (its
+   brightest pixel, at least the darkest jittered colour: a blurred small object never reaches its colour)
+   and clipped to [0, 1]. Its area A and centroid then fix, for each shape, the circumradius
+   r = sqrt(A / `shapes.SHAPE_AREA_FACTORS`) and position of a template: per edge line the box-filtered
+   coverage clip(1/2 - distance, 0, 1), multiplied over the edges. The angle is searched sharp at `rotations`
+   angles over the shape's rotational period, then at the best angle the edges are widened for each of
+   `blur_sigmas` (a Gaussian blur as a ramp of the same variance). The best soft IoU (sum of minima / sum of
+   maxima) over shapes names the shape (None below `min_iou`), and that shape's r, as a fraction of the cell
+   side, names the size: small below `Variation.size_threshold`, else large; None outside the world's radii
+   widened by `size_tolerance`. Rotation-invariant by construction; the old world's path is unchanged.
 4. Matching: a stated object is judged on the largest detection in its stated cell; when that cell is
    empty, on a same-coloured detection in a cell the caption does not mention (a misplaced object, nearest
    first, same shape preferred). Attributes: position (found in the stated cell), colour, shape, size.
@@ -26,12 +41,14 @@ the captioned-shapes world (`ldm_jax.data.shapes`) in four steps:
 The palette is the world's six colours; `CheckerConfig(colours=...)` adds colours of `shapes.NEW_COLOURS`
 (`NEW_COLOUR_CHECKER` reads white too), and a caption naming a colour the checker does not read is an
 error. Clean renders at 24 px and up adhere exactly; the tests measure the robustness to noise, blur, JPEG,
-colour shifts and misplacement.
+colour shifts and misplacement. In the varied world ground-truth renders adhere (measured in
+tests/test_shapes_varied.py at 32 and 64 px) and a caption with one attribute changed fails.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -57,6 +74,15 @@ class CheckerConfig:
     search: template shifts tried around the bounding-box alignment, in pixels either way.
     colours: the palette pixels are read against (module doc, step 1): names from `shapes.COLOURS` (default:
       all six) and `shapes.NEW_COLOURS`.
+    variation: the world read: None, the exact world (`shapes.render` without a variation: fixed templates,
+      `search`); a `shapes.Variation` (e.g. `shapes.VARIED`, `VARIED_CHECKER`), the varied world rendered with it
+      (rotated templates scaled to each blob; its radii give the size classes and the smallest object).
+    rotations: varied world: template angles tried per rotational period of a shape (square 90, triangle 120
+      degrees; 16 -> 5.6 and 7.5 degree steps).
+    blur_sigmas: varied world: Gaussian blurs (pixels) of the templates tried besides the pixels' own box filter
+      (a blurred object is matched by a blurred template rather than read as a rounder shape).
+    size_tolerance: varied world: a blob whose radius lies outside the world's [smallest small, largest large]
+      radius widened by this fraction has no size (too small or too big to be an object of the world).
     """
 
     colour_margin: float = 0.4
@@ -65,6 +91,10 @@ class CheckerConfig:
     min_iou: float = 0.5
     search: int = 1
     colours: tuple[str, ...] = tuple(shapes.COLOURS)
+    variation: shapes.Variation | None = None
+    rotations: int = 16
+    blur_sigmas: tuple[float, ...] = (0.0, 0.5, 0.9)
+    size_tolerance: float = 0.2
 
     def __post_init__(self):
         if not 0 < self.colour_margin <= 1:
@@ -83,15 +113,27 @@ class CheckerConfig:
         if unknown or len(set(self.colours)) != len(self.colours):
             raise ValueError(f"CheckerConfig.colours must be distinct names from {list(known)}, got "
                              f"{list(self.colours)}")
+        if not self.blur_sigmas or any(not 0 <= b < 5 for b in self.blur_sigmas):
+            raise ValueError(f"CheckerConfig.blur_sigmas must be one or more blurs in [0, 5) pixels, got "
+                             f"{self.blur_sigmas}")
+        if self.rotations < 1:
+            raise ValueError(f"CheckerConfig.rotations must be >= 1, got {self.rotations}")
+        if not 0 <= self.size_tolerance < 1:
+            raise ValueError(f"CheckerConfig.size_tolerance must lie in [0, 1), got {self.size_tolerance}")
 
 
 # The world's colours and every `shapes.NEW_COLOURS` name (what bench/adapt_shapes.py scores with).
 NEW_COLOUR_CHECKER = CheckerConfig(colours=tuple(shapes.COLOURS) + tuple(shapes.NEW_COLOURS))
+# The varied world (`shapes.VARIED`): rotated, continuously sized and placed, anti-aliased shapes on a noisy
+# background; shape and size from rotated templates scaled to each blob's area (module doc, step 3).
+VARIED_CHECKER = CheckerConfig(variation=shapes.VARIED)
 
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-    """An object found in the image: its colour, cell, area in pixels, and best template (None below min_iou)."""
+    """An object found in the image: its colour, cell, area in pixels, and best template (None below min_iou).
+
+    radius: varied world only: the circumradius read for the best shape, as a fraction of the cell side."""
 
     colour: str
     position: str
@@ -99,6 +141,7 @@ class Detection:
     shape: str | None
     size: str | None
     iou: float
+    radius: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +202,17 @@ def check_image(image: np.ndarray, caption: str | shapes.Scene,
 def detect_objects(pixels: np.ndarray, config: CheckerConfig = CheckerConfig()) -> tuple[Detection, ...]:
     """All objects in a (R, R, 3) float image on the 0..255 scale, ordered by cell then area (largest first)."""
     resolution = pixels.shape[0]
-    labels = classify_pixels(pixels, config.colour_margin, config.colours)
+    coverage, labels = _read_colours(pixels, config.colour_margin, config.colours)
     cells = _cell_index(resolution)
-    smallest = _templates(resolution)[("triangle", "small")][0].size
+    smallest = _smallest_area(resolution, config.variation)
     detections = []
     for k, colour in enumerate(config.colours, start=1):
         blobs = _blobs(labels == k, cells, config.min_area * smallest, config.split_area * smallest)
         for cell, mask in blobs.items():
-            detections.append(_describe(mask, colour, cell, config))
+            if config.variation is None:
+                detections.append(_describe(mask, colour, cell, config))
+            else:
+                detections.append(_describe_varied(mask, coverage[..., k - 1], labels, colour, cell, config))
     order = {name: i for i, name in enumerate(shapes.POSITIONS)}
     return tuple(sorted(detections, key=lambda d: (order[d.position], -d.area)))
 
@@ -180,6 +226,12 @@ def classify_pixels(pixels: np.ndarray, colour_margin: float,
     It takes the colour with the smallest residual among those with a >= 1/2 (the rendered shape's edge),
     when that residual is below colour_margin * 255.
     """
+    return _read_colours(pixels, colour_margin, colours)[1]
+
+
+def _read_colours(pixels: np.ndarray, colour_margin: float,
+                  colours: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage (H, W, C) of each colour, `classify_pixels` labels (H, W))."""
     palette = _palette(tuple(colours))
     p = pixels.astype(np.float64)[..., None, :] - palette[0]  # (H, W, 1, 3)
     vectors = palette[1:] - palette[0]  # (C, 3)
@@ -188,7 +240,7 @@ def classify_pixels(pixels: np.ndarray, colour_margin: float,
     residual = np.where(coverage >= 0.5, residual, np.inf)
     nearest = np.argmin(residual, axis=-1)
     close = np.take_along_axis(residual, nearest[..., None], axis=-1)[..., 0] < colour_margin * 255.0
-    return np.where(close, nearest + 1, 0)
+    return coverage, np.where(close, nearest + 1, 0)
 
 
 def _palette(colours: tuple[str, ...]) -> np.ndarray:
@@ -238,6 +290,15 @@ def _templates(resolution: int) -> dict[tuple[str, str], tuple[np.ndarray, np.nd
     return out
 
 
+def _smallest_area(resolution: int, variation: shapes.Variation | None) -> float:
+    """The area in pixels of the world's smallest object: the old world's small triangle, or the varied world's
+    equilateral triangle at the small class's lowest radius."""
+    if variation is None:
+        return float(_templates(resolution)[("triangle", "small")][0].size)
+    side = shapes.grid_geometry(resolution)[1]
+    return shapes.SHAPE_AREA_FACTORS["triangle"] * (variation.radius_range("small")[0] * side) ** 2
+
+
 def _box_centre(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.array([rows.min() + rows.max(), cols.min() + cols.max()], np.float64) / 2
 
@@ -260,6 +321,65 @@ def _describe(mask: np.ndarray, colour: str, position: str, config: CheckerConfi
                     best, best_iou = key, iou
     shape, size = best if best_iou >= config.min_iou else (None, None)
     return Detection(colour=colour, position=position, area=area, shape=shape, size=size, iou=float(best_iou))
+
+
+def _describe_varied(mask: np.ndarray, coverage: np.ndarray, labels: np.ndarray, colour: str, position: str,
+                     config: CheckerConfig) -> Detection:
+    """Names a blob's shape and size in the varied world (step 3 of the module doc): the blob's soft coverage
+    against each shape's anti-aliased (and blurred) template at the blob's centroid, scaled to its area, over
+    rotations."""
+    variation = config.variation
+    resolution = mask.shape[0]
+    side = shapes.grid_geometry(resolution)[1]
+    rows, cols = np.nonzero(mask)
+    r0, r1 = max(rows.min() - 3, 0), min(rows.max() + 4, resolution)
+    c0, c1 = max(cols.min() - 3, 0), min(cols.max() + 4, resolution)
+    hard, a, window_labels = mask[r0:r1, c0:c1], coverage[r0:r1, c0:c1], labels[r0:r1, c0:c1]
+    near = ndimage.binary_dilation(hard, _EIGHT_CONNECTED, iterations=2)
+    background = ~near & (window_labels == 0)
+    low, spread = 0.0, 0.0
+    if background.any():
+        low = float(np.median(a[background]))
+        spread = 1.4826 * float(np.median(np.abs(a[background] - low)))
+    own = hard | (near & (window_labels == 0))  # the blob and its two-pixel rim, no other object's pixels
+    excess = np.where(own & (a - low > 2.0 * spread), a - low, 0.0)
+    # The object's full coverage: its brightest pixel, but no less than the darkest colour the world draws (a
+    # blurred small object never reaches its full colour).
+    full = min(max(float(excess.max()), (1.0 - variation.colour_jitter / 255.0) * (1.0 - low)), 1.0 - low)
+    soft = np.clip(excess / max(full, 1e-6), 0.0, 1.0)
+    area = float(soft.sum())
+    if area <= 0:  # nothing stands out of the background's noise: no shape
+        return Detection(colour=colour, position=position, area=int(hard.sum()), shape=None, size=None, iou=0.0)
+    ys, xs = np.arange(r0, r1) + 0.5, np.arange(c0, c1) + 0.5
+    dy = (ys - (soft.sum(1) @ ys) / area)[:, None, None]
+    dx = (xs - (soft.sum(0) @ xs) / area)[None, :, None]
+    # An edge's coverage profile across distance d: a pixel's box filter, clip(1/2 - d, 0, 1), widened by a
+    # Gaussian blur sigma to the ramp of the same variance (width sqrt(1 + 12 sigma^2)); a template is the product
+    # of its edges' profiles. The angle is searched sharp, then the blurs at the best angle.
+    widths = np.sqrt(1.0 + 12.0 * np.asarray(config.blur_sigmas, np.float64) ** 2)[:, None]  # (B, 1)
+    best, best_iou, best_radius = None, -1.0, 0.0
+    for shape in shapes.SHAPES:
+        radius = math.sqrt(area / shapes.SHAPE_AREA_FACTORS[shape])
+        period = shapes.ROTATION_PERIODS[shape] if variation.rotate else 0.0
+        angles = period * np.arange(config.rotations) / config.rotations if period else np.zeros(1)
+        distances = shapes.edge_distances(shape, dy, dx, radius, angles)  # (h, w, K, E)
+        iou = _soft_iou(soft[..., None], np.clip(0.5 - distances, 0.0, 1.0).prod(-1))  # (K,)
+        distances = distances[:, :, int(np.argmax(iou)), None, :]  # (h, w, 1, E)
+        iou = _soft_iou(soft[..., None], np.clip(0.5 - distances / widths, 0.0, 1.0).prod(-1))  # (B,)
+        if iou.max() > best_iou:
+            best, best_iou, best_radius = shape, float(iou.max()), radius / side
+    small_low, large_high = variation.radius_range("small")[0], variation.radius_range("large")[1]
+    plausible = small_low * (1 - config.size_tolerance) <= best_radius <= large_high * (1 + config.size_tolerance)
+    size = ("small" if best_radius < variation.size_threshold() else "large") if plausible else None
+    shape = best if best_iou >= config.min_iou else None
+    return Detection(colour=colour, position=position, area=int(hard.sum()), shape=shape,
+                     size=size if shape is not None else None, iou=best_iou, radius=best_radius)
+
+
+def _soft_iou(soft: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """Soft intersection over union of (h, w, 1) coverages with (h, w, N) templates: (N,) sums of minima over sums
+    of maxima."""
+    return np.minimum(soft, templates).sum((0, 1)) / np.maximum(soft, templates).sum((0, 1))
 
 
 def _grid_distance(a: str, b: str) -> int:
