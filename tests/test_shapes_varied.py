@@ -5,14 +5,18 @@ Run: .venv/bin/python -m pytest -q tests/test_shapes_varied.py
 """
 import dataclasses
 import hashlib
+import io
 import itertools
 import math
 
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 from ldm_jax.data import captioned_shapes, readers, shapes
-from ldm_jax.metrics.shapes_checker import VARIED_CHECKER, CheckerConfig, check_image, classify_pixels
+from ldm_jax.metrics.shapes_checker import (VARIED_CHECKER, CheckerConfig, check_image, classify_pixels,
+                                            prompt_adherence)
 
 V = shapes.VARIED
 
@@ -156,6 +160,38 @@ def test_checker_reads_ground_truth_varied_renders(resolution):
     assert accuracy >= 0.98, [(shapes.caption(s), r) for s, r in zip(scenes, results) if not r.adheres][:3]
     read = [o.detection.radius for r in results for o in r.objects if o.detection is not None]
     assert len(read) == sum(len(s) for s in scenes)
+
+
+def _degrade(image, rng, *, noise=0.0, blur=0.0, jpeg=None):
+    """Gaussian blur (sigma px), Gaussian noise (sigma, 0..255 scale), uint8 rounding, optional JPEG round trip."""
+    x = ndimage.gaussian_filter(image.astype(np.float64), (blur, blur, 0)) if blur else image.astype(np.float64)
+    x = np.clip(np.round(x + rng.normal(0.0, noise, x.shape)), 0, 255).astype(np.uint8)
+    if jpeg:
+        buffer = io.BytesIO()
+        Image.fromarray(x).save(buffer, format="JPEG", quality=jpeg)
+        x = np.asarray(Image.open(buffer))
+    return x
+
+
+# (resolution, degradation, minimum accuracy). Measured on 300 scenes with the same degradations: 32 px noise
+# 10 1.000, blur 0.5 0.993; 64 px blur 1.0 1.000, noise 10 + blur 0.7 + JPEG q90 0.997, noise 25 1.000, JPEG q75
+# 0.983. Known limits at 32 px, where a small triangle covers 7-11 pixels: noise 25 0.96, blur 0.7 0.85, blur 1.0
+# 0.44, JPEG q90 0.78 and q75 0.56 (4:2:0 chroma at 16x16 smears the small objects' colours).
+VARIED_DEGRADATIONS = [
+    (32, dict(noise=10.0), 0.98),
+    (32, dict(blur=0.5), 0.98),
+    (64, dict(blur=1.0), 0.98),
+    (64, dict(noise=10.0, blur=0.7, jpeg=90), 0.98),
+]
+
+
+@pytest.mark.parametrize("resolution,degradation,minimum", VARIED_DEGRADATIONS)
+def test_checker_is_robust_to_mild_degradation(resolution, degradation, minimum):
+    rng = np.random.default_rng(resolution + 7)
+    scenes = _scenes(100, seed=resolution + 8)
+    images = [_degrade(shapes.render(s, resolution, variation=V, rng=rng), rng, **degradation) for s in scenes]
+    summary = prompt_adherence(images, scenes, VARIED_CHECKER)
+    assert summary["accuracy"] >= minimum, summary
 
 
 def _wrong(obj, attribute, scene, rng):
