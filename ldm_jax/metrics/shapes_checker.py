@@ -27,8 +27,8 @@ the captioned-shapes world (`ldm_jax.data.shapes`) in four steps:
    and clipped to [0, 1]. Its area A and centroid then fix, for each shape, the circumradius
    r = sqrt(A / `shapes.SHAPE_AREA_FACTORS`) and position of a template: per edge line the box-filtered
    coverage clip(1/2 - distance, 0, 1), multiplied over the edges. The angle is searched sharp at `rotations`
-   angles over the shape's rotational period, then at the best angle the edges are widened for each of
-   `blur_sigmas` (a Gaussian blur as a ramp of the same variance). The best soft IoU (sum of minima / sum of
+   angles over the shape's rotational period, then at the best angle the edges are blurred by each of
+   `blur_sigmas` (the box filter and the blur together as one Gaussian edge profile). The best soft IoU (sum of minima / sum of
    maxima) over shapes names the shape (None below `min_iou`), and that shape's r, as a fraction of the cell
    side, names the size: small below `Variation.size_threshold`, else large; None outside the world's radii
    widened by `size_tolerance`. Rotation-invariant by construction; the old world's path is unchanged.
@@ -52,7 +52,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from ldm_jax.data import shapes
 from ldm_jax.metrics.image_quality import to_unit_interval
@@ -353,19 +353,23 @@ def _describe_varied(mask: np.ndarray, coverage: np.ndarray, labels: np.ndarray,
     ys, xs = np.arange(r0, r1) + 0.5, np.arange(c0, c1) + 0.5
     dy = (ys - (soft.sum(1) @ ys) / area)[:, None, None]
     dx = (xs - (soft.sum(0) @ xs) / area)[None, :, None]
-    # An edge's coverage profile across distance d: a pixel's box filter, clip(1/2 - d, 0, 1), widened by a
-    # Gaussian blur sigma to the ramp of the same variance (width sqrt(1 + 12 sigma^2)); a template is the product
-    # of its edges' profiles. The angle is searched sharp, then the blurs at the best angle.
-    widths = np.sqrt(1.0 + 12.0 * np.asarray(config.blur_sigmas, np.float64) ** 2)[:, None]  # (B, 1)
+    # An edge's coverage profile across distance d: a pixel's box filter, clip(1/2 - d, 0, 1); blurred by a Gaussian
+    # of sigma, about the Gaussian of variance 1/12 + sigma^2, Phi(-d / sqrt(1/12 + sigma^2)). A template is the
+    # product of its edges' profiles. The angle is searched sharp, then the blurs at the best angle.
+    sigmas = np.asarray(config.blur_sigmas, np.float64)
+    widths = np.sqrt(1.0 / 12.0 + sigmas**2)[:, None]  # (B, 1)
     best, best_iou, best_radius = None, -1.0, 0.0
     for shape in shapes.SHAPES:
         radius = math.sqrt(area / shapes.SHAPE_AREA_FACTORS[shape])
         period = shapes.ROTATION_PERIODS[shape] if variation.rotate else 0.0
         angles = period * np.arange(config.rotations) / config.rotations if period else np.zeros(1)
         distances = shapes.edge_distances(shape, dy, dx, radius, angles)  # (h, w, K, E)
-        iou = _soft_iou(soft[..., None], np.clip(0.5 - distances, 0.0, 1.0).prod(-1))  # (K,)
-        distances = distances[:, :, int(np.argmax(iou)), None, :]  # (h, w, 1, E)
-        iou = _soft_iou(soft[..., None], np.clip(0.5 - distances / widths, 0.0, 1.0).prod(-1))  # (B,)
+        sharp = np.clip(0.5 - distances, 0.0, 1.0).prod(-1)  # (h, w, K)
+        iou = _soft_iou(soft[..., None], sharp)  # (K,)
+        k = int(np.argmax(iou))
+        distances = distances[:, :, k, None, :]  # (h, w, 1, E)
+        blurred = np.where(sigmas > 0, special.ndtr(-distances / widths).prod(-1), sharp[:, :, k, None])  # (h, w, B)
+        iou = _soft_iou(soft[..., None], blurred)  # (B,)
         if iou.max() > best_iou:
             best, best_iou, best_radius = shape, float(iou.max()), radius / side
     small_low, large_high = variation.radius_range("small")[0], variation.radius_range("large")[1]
