@@ -232,6 +232,17 @@ def test_checker_rejects_objects_of_no_size_and_reads_the_exact_world_as_before(
         image = np.round(shapes.object_coverage("circle", placement, resolution)[..., None] * [255, 0, 0])
         result = check_image(image.astype(np.uint8), (obj,), VARIED_CHECKER)
         assert result.objects[0].detection.size == size, (radius, result)
+    blank = np.zeros((64, 64, 3), np.uint8)
+    big = blank.copy()
+    big[1:21, 1:21] = shapes.COLOURS["red"]  # a square filling its cell: bigger than any object of the world
+    result = check_image(big, "a large red square at the top left", VARIED_CHECKER)
+    assert not result.adheres and result.objects[0].detection.size is None
+    ring = blank.copy()
+    distance = np.hypot(*(np.mgrid[:64, :64] + 0.5 - 32.0))
+    ring[(distance > 5) & (distance < 8)] = shapes.COLOURS["red"]  # no shape of the world
+    result = check_image(ring, "a large red circle in the centre", VARIED_CHECKER)
+    assert not result.adheres and result.objects[0].detection.shape is None
+    assert not check_image(blank, "a small red circle at the top left", VARIED_CHECKER).detections
     # The exact world's default checker keeps its templates: clean renders match them exactly.
     for scene in _scenes(10, seed=3):
         result = check_image(shapes.render(scene, 32), scene)
