@@ -28,10 +28,11 @@ the captioned-shapes world (`ldm_jax.data.shapes`) in four steps:
    r = sqrt(A / `shapes.SHAPE_AREA_FACTORS`) and position of a template: per edge line the box-filtered
    coverage clip(1/2 - distance, 0, 1), multiplied over the edges. The angle is searched sharp at `rotations`
    angles over the shape's rotational period, then at the best angle the edges are blurred by each of
-   `blur_sigmas` (the box filter and the blur together as one Gaussian edge profile). The best soft IoU (sum of minima / sum of
-   maxima) over shapes names the shape (None below `min_iou`), and that shape's r, as a fraction of the cell
-   side, names the size: small below `Variation.size_threshold`, else large; None outside the world's radii
-   widened by `size_tolerance`. Rotation-invariant by construction; the old world's path is unchanged.
+   `blur_sigmas` (the box filter and the blur together as one Gaussian edge profile). The best soft IoU (sum
+   of minima / sum of maxima) over shapes names the shape (None below `min_iou`), and that shape's r, as a
+   fraction of the cell side, names the size: small below `Variation.size_threshold`, else large; None outside
+   the world's radii widened by `size_tolerance`. Rotation-invariant by construction; the exact world's path
+   is unchanged.
 4. Matching: a stated object is judged on the largest detection in its stated cell; when that cell is
    empty, on a same-coloured detection in a cell the caption does not mention (a misplaced object, nearest
    first, same shape preferred). Attributes: position (found in the stated cell), colour, shape, size.
@@ -79,7 +80,7 @@ class CheckerConfig:
       (rotated templates scaled to each blob; its radii give the size classes and the smallest object).
     rotations: varied world: template angles tried per rotational period of a shape (square 90, triangle 120
       degrees; 16 -> 5.6 and 7.5 degree steps).
-    blur_sigmas: varied world: Gaussian blurs (pixels) of the templates tried besides the pixels' own box filter
+    blur_sigmas: varied world: Gaussian blurs (pixels) of the templates tried, 0 the sharp (box-filtered) edge
       (a blurred object is matched by a blurred template rather than read as a rounder shape).
     size_tolerance: varied world: a blob whose radius lies outside the world's [smallest small, largest large]
       radius widened by this fraction has no size (too small or too big to be an object of the world).
