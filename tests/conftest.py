@@ -87,14 +87,27 @@ def abstract_init_only(monkeypatch):
     return patch
 
 
+def _shared_directory(tmp_path_factory, name: str) -> str:
+    """A directory of this test run that every pytest-xdist worker shares (the workers' temporary roots are
+    siblings under the run's root), so a program one worker compiled is read back by the other."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_compilation_cache(tmp_path_factory):
-    """XLA's persistent compilation cache for the whole session, in a fresh directory: a program that a new
-    `jax.jit` compiles again (a train step re-made by a resumed run or another stage of the same shapes, a
-    pipeline of the same model in another module) is read back instead of compiled. Programs that compile in
-    under a second are not written (JAX's default). JAX sets its cache up once per process, at the first
+    """XLA's persistent compilation cache for the whole run, in a fresh directory shared by the xdist workers: a
+    program that a new `jax.jit` compiles again (a train step re-made by a resumed run or another stage of the
+    same shapes, a pipeline of the same model in another module) is read back instead of compiled. Programs that
+    compile in under a second are not written (JAX's default). A size limit turns on JAX's file lock, which keeps
+    two workers from reading an entry while it is written. JAX sets its cache up once per process, at the first
     compile after a directory is given, so this is the session's one directory."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_compilation_cache_dir", _shared_directory(tmp_path_factory, "xla_cache"))
+    jax.config.update("jax_compilation_cache_max_size", 64 * 2**30)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     yield
 
@@ -102,12 +115,12 @@ def session_compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def subprocess_compilation_cache(tmp_path_factory):
     """LDM_JAX_CACHE_DIR for the whole session: the `ldm-jax` / sample.py / train.py processes that tests start
-    inherit it and keep their compiled programs in a fresh directory of this session (`ldm_jax.compile_cache`
+    inherit it and keep their compiled programs in a fresh directory of this run (`ldm_jax.compile_cache`
     would otherwise use ~/.cache/ldm-jax/xla). Commands run in this process keep the session's cache above: a
     process that has a cache directory already keeps it."""
     name = "LDM_JAX_CACHE_DIR"
     before = os.environ.get(name)
-    os.environ[name] = str(tmp_path_factory.mktemp("xla_cache_subprocesses"))
+    os.environ[name] = _shared_directory(tmp_path_factory, "xla_cache_subprocesses")
     yield
     if before is None:
         os.environ.pop(name, None)
