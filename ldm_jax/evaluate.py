@@ -8,6 +8,7 @@
     ldm-jax evaluate fid --images DIR_A DIR_B --inception pt_inception.pth [--batch-size N]
     ldm-jax evaluate clip-score --images DIR --clip CLIP_DIR [--per-image] [--batch-size N]
     ldm-jax evaluate sensitivity [--checkpoint M] --images DIR [--timesteps 50,300,600,850,950]
+    ldm-jax evaluate distribution --images DIR --reference DIR2 [--resolution R] [--k 3] [--batch-size N]
 
 split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
 one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` samples them in that order).
@@ -27,10 +28,14 @@ preprocessor_config.json; e.g. a copy of openai/clip-vit-large-patch14); prints 
 sensitivity: the denoising loss of a model on the captioned PNGs of DIR (e.g. a split written by `split`) at fixed
 timesteps and noise, with the true captions, with each attribute made wrong, and with the empty prompt
 (`metrics.prompt_sensitivity`): which words the model reads.
+distribution: how well the PNGs of DIR (generated) match the distribution of the captioned-shapes PNGs of DIR2
+(reference, e.g. a split written by `split`), in the feature space of the shipped shapes classifier for their size
+(`metrics.shapes_features`, 32 or 64 pixels): FSD (Frechet Shapes Distance, lower is better) and improved precision
+and recall (`metrics.precision_recall`, k-NN balls, k = 3). Captions are not read.
 Each command prints a table and returns its numbers from the library function of the same name.
-The commands that run JAX programs (autoencode, reconstruction, fid, clip-score, sensitivity) use the persistent
-compilation cache as `ldm-jax sample` does (`ldm_jax.compile_cache`; quietly: stderr gets a line only when its
-directory cannot be written); `--no-compile-cache` turns it off.
+The commands that run JAX programs (autoencode, reconstruction, fid, clip-score, sensitivity, distribution) use the
+persistent compilation cache as `ldm-jax sample` does (`ldm_jax.compile_cache`; quietly: stderr gets a line only when
+its directory cannot be written); `--no-compile-cache` turns it off.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from ldm_jax.cli import ArgumentParser, int_in, one_line, writable_dir
 from ldm_jax.data import readers
 from ldm_jax.images import open_image, to_rgb
 from ldm_jax.sampling import GRID_FILE
-from ldm_jax.metrics import fid, image_quality, prompt_sensitivity, shapes_checker
+from ldm_jax.metrics import fid, image_quality, precision_recall, prompt_sensitivity, shapes_checker
 
 CAPTION_KEY = "prompt"
 SHAPES_DATASET = "captioned_shapes/res32"
@@ -258,7 +263,43 @@ def sensitivity(model: ldm.LoadedModel, images_dir: str | pathlib.Path, timestep
                                                  seed=seed)
 
 
-COMPILING = ("autoencode", "reconstruction", "fid", "clip-score", "sensitivity")  # the commands that run JAX programs
+def distribution(images_dir: str | pathlib.Path, reference_dir: str | pathlib.Path, *, resolution: int | None = None,
+                 k: int = precision_recall.DEFAULT_K, batch_size: int = 250) -> dict[str, float]:
+    """FSD, precision and recall of the PNGs of `images_dir` (generated) against those of `reference_dir` (real), in
+    the shapes classifier's feature space (`metrics.shapes_features`, `metrics.precision_recall`).
+
+    All images of both directories must be R x R with R = `resolution` (when given) and shipped weights for R;
+    each directory needs more than k images. Returns {"num_images", "num_reference", "fsd" (>= 0), "precision",
+    "recall" (in [0, 1])}. Raises FileNotFoundError / ValueError naming the directory and what is wrong.
+    """
+    from ldm_jax.metrics import shapes_features  # noqa: PLC0415 (imports flax and the classifier only when asked)
+
+    directories = (images_dir, reference_dir)
+    files = [png_files(directory) for directory in directories]  # both exist and hold PNGs before anything is read
+    sets = []
+    for directory, paths in zip(directories, files):
+        images = [read_png(path)[0] for path in paths]
+        sizes = sorted({image.shape[:2] for image in images})
+        if len(sizes) > 1:
+            raise ValueError(f"{directory}: images of several sizes {sizes[:4]}; the distribution metrics need one")
+        side = sizes[0][0]
+        if sizes[0][0] != sizes[0][1] or (resolution is not None and side != resolution):
+            expected = f"{resolution}x{resolution}" if resolution is not None else "square"
+            raise ValueError(f"{directory}: images are {sizes[0][0]}x{sizes[0][1]}, expected {expected}")
+        if len(images) <= k:
+            raise ValueError(f"{directory}: {len(images)} image(s); precision and recall with k = {k} need more than k")
+        sets.append(np.stack(images))
+    if sets[0].shape[1] != sets[1].shape[1]:
+        raise ValueError(f"{images_dir} holds {sets[0].shape[1]}-pixel images, {reference_dir} "
+                         f"{sets[1].shape[1]}-pixel ones; they must match")
+    generated, real = (shapes_features.features(images, batch_size=batch_size) for images in sets)
+    precision, recall = precision_recall.precision_recall(real, generated, k)
+    return {"num_images": len(generated), "num_reference": len(real), "fsd": fid.fid_from_features(generated, real),
+            "precision": precision, "recall": recall}
+
+
+# the commands that run JAX programs
+COMPILING = ("autoencode", "reconstruction", "fid", "clip-score", "sensitivity", "distribution")
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -318,6 +359,12 @@ def build_parser(prog: str = "ldm-jax evaluate") -> ArgumentParser:
     p.add_argument("--images", required=True, help="captioned PNGs (e.g. from `split`)")
     p.add_argument("--timesteps", default="50,300,600,850,950", help="comma-separated training timesteps")
     p.add_argument("--seed", type=int_in(0, 2**32), default=0, help="draws the noise and the corruptions")
+    p = commands.add_parser("distribution", help="FSD, precision and recall of shapes PNGs against a reference set")
+    p.add_argument("--images", required=True, help="generated PNGs")
+    p.add_argument("--reference", required=True, help="real captioned-shapes PNGs (e.g. from `split`)")
+    p.add_argument("--resolution", type=int_in(1), help="expected image side (default: the images' own)")
+    p.add_argument("--k", type=int_in(1), default=precision_recall.DEFAULT_K, help="k of the k-NN balls")
+    p.add_argument("--batch-size", type=int_in(1), default=250, help="images per forward pass")
     for name in COMPILING:
         commands.choices[name].add_argument(
             "--no-compile-cache", dest="compile_cache", action="store_false",
@@ -370,6 +417,10 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         summary, rows = clip_scores(args.images, args.clip, batch_size=args.batch_size)
         if args.per_image:
             print(format_table(rows, ("image", "clip_score", "caption")) + "\n")
+        print(format_table(list(summary.items()), ("metric", "value")))
+    elif args.command == "distribution":
+        summary = distribution(args.images, args.reference, resolution=args.resolution, k=args.k,
+                               batch_size=args.batch_size)
         print(format_table(list(summary.items()), ("metric", "value")))
     else:
         value = fid_from_files(*args.stats) if args.stats else fid_from_images(*args.images, args.inception,
