@@ -8,11 +8,15 @@ sections (model configs written before the one `diffusion` section may also hold
 
 Params: a dict {"first_stage": ..., "cond_stage": ..., "unet": ...} of Flax param trees without the
 "params" level (what the converters return), plus "logvar" (T,) when `diffusion.learn_logvar`. The
-"cond_stage" entry is absent when the model has no cond stage.
+"cond_stage" entry is absent when the model has no cond stage, the "first_stage" entry when its first stage has
+no params (the identity).
 
 Latents: KL first stages are sampled (or their mode taken) and multiplied by `scale_factor` (0.18215 for SD);
 VQ first stages give the pre-quantisation h, multiplied by `scale_factor` (1.0 in every LDM VQ config);
-decoding divides by it and the VQ decoder quantises.
+decoding divides by it and the VQ decoder quantises. The identity first stage (`first_stage.kind="identity"`, f = 1,
+no params) makes a pixel-space diffusion model (the paper's LDM-1): its latents are the images in [-1, 1] times
+`scale_factor` (1.0 for pixel space; scale_by_std works as for any first stage: 1 / std of the first batch's
+images), taken through the same functions as VQ's h (encode, decode, precomputed moments).
 
 Run-time options (`RunOptions`: attention implementation, remat, compute and param dtypes) are not part of
 LDMConfig: `modules(config, options)` builds the modules with them, and every function here that runs a
@@ -413,7 +417,7 @@ class LDMModules:
 
 
 def init_params(config: LDMConfig, key: jax.Array) -> dict[str, Any]:
-    """Fresh random params in the LDM layout ({"first_stage", "cond_stage"?, "unet", "logvar"?}), float32.
+    """Fresh random params in the LDM layout ({"first_stage"?, "cond_stage"?, "unet", "logvar"?}), float32.
 
     Works under `jax.eval_shape` (shapes only) and `jax.jit` (sharded init).
     """
@@ -421,8 +425,9 @@ def init_params(config: LDMConfig, key: jax.Array) -> dict[str, Any]:
     k_fs, k_cs, k_unet = jax.random.split(key, 3)
     k_cs2 = jax.random.fold_in(key, 3)  # a fourth stream that leaves the first three (older models' init) alone
     unet_kw = {"num_time_ids": config.num_time_ids} if config.text_time else {}
-    params = {"first_stage": init_autoencoder(m.first_stage, k_fs)["params"],
-              "unet": init_unet(m.unet, k_unet, **unet_kw)["params"]}
+    params = {"unet": init_unet(m.unet, k_unet, **unet_kw)["params"]}
+    if config.first_stage.has_params:  # (the identity first stage has none: no entry, as a saved model has none)
+        params = {"first_stage": init_autoencoder(m.first_stage, k_fs)["params"], **params}
     for name, module, k in (("cond_stage", m.cond_stage, k_cs), ("cond_stage_2", m.cond_stage_2, k_cs2)):
         if module is not None:
             inputs = jnp.zeros(cond_stage_inputs_shape(getattr(config, name), 1), jnp.int32)
@@ -460,16 +465,22 @@ def _part(params: Mapping[str, Any], name: str) -> Any:
 # ------------------------------------------------------------------------------------------- first stage
 
 
+def _first_stage_variables(config: LDMConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The first stage's Flax variables: {"params": params["first_stage"]}, or {} for the identity (no params; a
+    params dict without a "first_stage" entry is then fine)."""
+    return {"params": _part(params, "first_stage")} if config.first_stage.has_params else {}
+
+
 def encode_first_stage(config: LDMConfig, params: Mapping[str, Any], images: jax.Array,
                        key: jax.Array | None = None, *, options: RunOptions = RunOptions()) -> jax.Array:
     """Images (B, H, W, 3) in [-1, 1] -> scaled latents (B, H/f, W/f, C) float32.
 
     KL: a posterior sample when `key` is given (the reference's `get_first_stage_encoding`), else its mode;
-    VQ: the pre-quantisation h (`key` unused). Both times `diffusion.scale_factor`. `options`: the run-time
-    options of the modules (attention, remat, dtypes), as in every function below.
+    VQ: the pre-quantisation h (`key` unused); identity: the images. All times `diffusion.scale_factor`. `options`:
+    the run-time options of the modules (attention, remat, dtypes), as in every function below.
     """
     model = modules(config, options).first_stage
-    variables = {"params": _part(params, "first_stage")}
+    variables = _first_stage_variables(config, params)
     if config.first_stage.kind == "kl":
         posterior = model.apply(variables, images, method=model.encode)
         z = posterior.mode() if key is None else posterior.sample(key)
@@ -482,10 +493,10 @@ def decode_first_stage(config: LDMConfig, params: Mapping[str, Any], latents: ja
                        options: RunOptions = RunOptions()) -> jax.Array:
     """Scaled latents (B, h, w, C) -> images (B, h*f, w*f, 3) float32 (about [-1, 1], not clipped).
 
-    Divides by `diffusion.scale_factor` first; a VQ decoder quantises to its codebook.
+    Divides by `diffusion.scale_factor` first; a VQ decoder quantises to its codebook; the identity returns it.
     """
     model = modules(config, options).first_stage
-    return model.apply({"params": _part(params, "first_stage")}, latents / config.diffusion.scale_factor,
+    return model.apply(_first_stage_variables(config, params), latents / config.diffusion.scale_factor,
                        method=model.decode).astype(jnp.float32)
 
 
@@ -493,9 +504,9 @@ def first_stage_moments(config: LDMConfig, params: Mapping[str, Any], images: ja
                         options: RunOptions = RunOptions()) -> jax.Array:
     """Images (B, H, W, 3) in [-1, 1] -> what the encoder determines, unscaled float32: KL: the posterior's
     [mean, logvar] (B, H/f, W/f, 2C) (logvar clipped as DiagonalGaussian does); VQ: the pre-quantisation h
-    (B, H/f, W/f, C). Precomputed-latent training stores these (`latents_from_moments`)."""
+    (B, H/f, W/f, C); identity: the images. Precomputed-latent training stores these (`latents_from_moments`)."""
     model = modules(config, options).first_stage
-    encoded = model.apply({"params": _part(params, "first_stage")}, images, method=model.encode)
+    encoded = model.apply(_first_stage_variables(config, params), images, method=model.encode)
     if config.first_stage.kind == "kl":
         return jnp.concatenate([encoded.mean, encoded.logvar], axis=-1).astype(jnp.float32)
     return encoded.astype(jnp.float32)
@@ -503,7 +514,8 @@ def first_stage_moments(config: LDMConfig, params: Mapping[str, Any], images: ja
 
 def latents_from_moments(config: LDMConfig, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """`first_stage_moments` output -> scaled latents (B, h, w, C) float32, exactly as `encode_first_stage`:
-    KL: a posterior sample when `key` is given, else the mean; VQ: h. Both times `diffusion.scale_factor`."""
+    KL: a posterior sample when `key` is given, else the mean; VQ: h; identity: the images. All times
+    `diffusion.scale_factor`."""
     moments = jnp.asarray(moments, jnp.float32)
     if config.first_stage.kind == "kl":
         posterior = DiagonalGaussian.from_moments(moments)

@@ -455,7 +455,8 @@ def _run(kind, config, params, sampler, inputs, hw, mesh, options, chunk_size, c
     with compile_cache.watch() as compiles:  # a first call traces and compiles (or reads the persistent cache)
         out = fn(params, sampler, inputs)
         if output == "images":
-            out = _compiled_decoder(config, mesh, options, chunk)(params[FIRST_STAGE], out)
+            first_stage = params.get(FIRST_STAGE, {})  # {}: a first stage without params (the identity)
+            out = _compiled_decoder(config, mesh, options, chunk)(first_stage, out)
     if compiles:
         log.info("%s program: %s", kind, compiles.describe())
     return out

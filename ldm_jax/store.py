@@ -15,6 +15,8 @@ that decides what a path is. Sources:
 
   An autoencoder directory is the same with only a "first_stage" section (`save_first_stage`,
   `load_first_stage`); directories written before the store (`first_stage.json`) are read too.
+  A pixel-space model (first_stage kind "identity", `models.autoencoder`) has its first_stage section in
+  config.json and no "first_stage/..." params; only this format stores it.
 - "diffusers": a diffusers Stable Diffusion or SDXL folder (`model_index.json`, unet/, vae/, text_encoder/,
   text_encoder_2/, ...).
 - "compvis": a CompVis / SGM single file (`.ckpt`, `.safetensors`, `.pt`, `.pth`, `.bin`). Its config is the
@@ -472,6 +474,9 @@ def save_model(model: ldm.LoadedModel, dest: str | os.PathLike, *, format: str =
         raise StoreError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
     store_dtype = np.dtype(STORED_DTYPES[dtype] if isinstance(dtype, str) else (dtype or np.float32))
     config, dest = model.config, pathlib.Path(dest)
+    if format != "ldm" and not config.first_stage.has_params:
+        raise StoreError(f"{dest}: the {format} format has no identity first stage (this model diffuses in pixel "
+                         f"space, first_stage.kind={config.first_stage.kind!r}); save it with format 'ldm'")
     if format != "ldm" and config.unet.position_embedding is not None:
         height, width = config.unet.position_embedding
         unet = {"compvis": "the CompVis UNetModel", "diffusers": "diffusers' UNet2DConditionModel"}[format]
@@ -558,7 +563,7 @@ def load_first_stage(source: str | os.PathLike, *, expected: AutoencoderConfig |
         params = _read_first_stage_params(path, config)
     else:
         model = load_model(source)
-        config, params = model.config.first_stage, model.params["first_stage"]
+        config, params = model.config.first_stage, model.params.get("first_stage", {})  # {}: the identity's
     if expected is not None and config != expected:
         diffs = [f"{name}: {getattr(config, name)!r} in {source}, {getattr(expected, name)!r} in the config"
                  for name in config.__dataclass_fields__ if getattr(config, name) != getattr(expected, name)]

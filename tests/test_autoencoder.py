@@ -292,7 +292,7 @@ def test_bad_input_is_refused(kl, vq):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(kind="gan"), r"kind='gan', expected one of \('kl', 'vq'\)"),
+        (dict(kind="gan"), r"kind='gan', expected one of \('kl', 'vq', 'identity'\)"),
         (dict(ch=48), r"\[48\] channels, not divisible by GroupNorm's 32 groups"),
         (dict(attn_resolutions=(8,)), r"attn_resolutions \[8\] match no level.*\(32, 16\)"),
         (dict(double_z=False), "kind='kl' needs double_z=True"),

@@ -1,4 +1,5 @@
-"""First-stage autoencoders: Encoder, Decoder, DiagonalGaussian, AutoencoderKL, VectorQuantizer, VQModel.
+"""First-stage autoencoders: Encoder, Decoder, DiagonalGaussian, AutoencoderKL, VectorQuantizer, VQModel, and the
+identity first stage (`IdentityFirstStage`, kind "identity": a pixel-space diffusion model, the paper's LDM-1).
 
 Semantics are those of CompVis latent-diffusion (`ldm/modules/diffusionmodules/model.py`,
 `ldm/models/autoencoder.py`) and taming-transformers' `VectorQuantizer2`; module names are those of
@@ -10,6 +11,11 @@ factor f = 2**(len(ch_mult) - 1). Latents are (B, H/f, W/f, embed_dim). Norms, t
 encoder's moment convs, the vector quantiser and the decoder's last conv run in float32 whatever `dtype`.
 Run-time options (`attention`, `remat`, `dtype`, `param_dtype`) are module attributes given to
 `build_autoencoder`, not fields of `AutoencoderConfig` (which describes the weights only).
+
+The identity first stage is a config value, not a model family of its own: `AutoencoderConfig(kind="identity",
+ch_mult=(1,), double_z=False, z_channels=3, embed_dim=3)` (f = 1, no params, the other fields unused). Its
+"latents" are the images themselves ([-1, 1], NHWC, 3 channels), so an LDM on it diffuses in pixel space; every
+LDM function (`ldm_jax.ldm`) takes it through the same paths as a VQ model's pre-quantisation h.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from ldm_jax.models.layers import Downsample, GroupNorm32, ResnetBlock, Upsample
 
 Dtype = Any
 
-KINDS = ("kl", "vq")
+KINDS = ("kl", "vq", "identity")
 DECODER_LAST_LAYER_PATH = ("decoder", "conv_out", "kernel")
 
 
@@ -36,7 +42,10 @@ DECODER_LAST_LAYER_PATH = ("decoder", "conv_out", "kernel")
 class AutoencoderConfig:
     """Hyper-parameters of a first-stage autoencoder (the LDM `ddconfig` plus `embed_dim`/`n_embed`).
 
-    kind: "kl" (AutoencoderKL, needs double_z) or "vq" (VQModel, needs n_embed > 0 and not double_z).
+    kind: "kl" (AutoencoderKL, needs double_z), "vq" (VQModel, needs n_embed > 0 and not double_z) or "identity"
+      (`IdentityFirstStage`: encode and decode are the identity, no params; needs ch_mult=(1,), no
+      attn_resolutions, not double_z, n_embed 0 and in_channels == out_ch == z_channels == embed_dim; the other
+      fields are unused).
     ch * m must be divisible by 32 for every m in ch_mult (GroupNorm with 32 groups). attn_resolutions
     lists feature-map sizes (relative to `resolution`) that get a self-attention block after each resnet.
     beta weights the VQ codebook (legacy=True) or commitment (legacy=False) term.
@@ -95,7 +104,28 @@ class AutoencoderConfig:
             errors.append(f"kind='vq' needs n_embed >= 1, got {self.n_embed}")
         if self.beta < 0:
             errors.append(f"beta={self.beta} must be >= 0")
+        if self.kind == "identity":
+            errors += self._identity_errors()
         return errors
+
+    def _identity_errors(self) -> list[str]:
+        errors = []
+        if self.ch_mult != (1,) or self.attn_resolutions:
+            errors.append(f"kind='identity' needs ch_mult=(1,) (f = 1) and attn_resolutions=(); got ch_mult="
+                          f"{self.ch_mult}, attn_resolutions={self.attn_resolutions}")
+        if self.double_z or self.n_embed:
+            errors.append(f"kind='identity' needs double_z=False and n_embed=0; got double_z={self.double_z}, "
+                          f"n_embed={self.n_embed}")
+        channels = (self.in_channels, self.out_ch, self.z_channels, self.embed_dim)
+        if len(set(channels)) != 1:
+            errors.append(f"kind='identity' needs in_channels == out_ch == z_channels == embed_dim (its latents are "
+                          f"the images); got {channels}")
+        return errors
+
+    @property
+    def has_params(self) -> bool:
+        """False for the identity first stage (nothing to load, save or train), True for KL and VQ."""
+        return self.kind != "identity"
 
     @property
     def downsample_factor(self) -> int:
@@ -507,6 +537,41 @@ class VQModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The identity first stage (pixel space).
+
+
+class IdentityFirstStage(nn.Module):
+    """The first stage of a pixel-space diffusion model (kind "identity"): no params, f = 1.
+
+    encode(x (B, H, W, C) in [-1, 1]) -> x as float32, the "latents"; decode(z (B, h, w, C)) -> z as float32;
+    __call__(x) -> (x, None), a reconstruction and no posterior. C is the config's in_channels (= embed_dim).
+    The run-time options are accepted for uniformity with the autoencoders; nothing here uses them.
+    """
+
+    config: AutoencoderConfig
+    attention: str = "xla"
+    remat: bool | str = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def encode(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """x (B, H, W, in_channels) -> the same array in float32."""
+        del deterministic
+        _check_images(x, self.config, "IdentityFirstStage.encode")
+        return x.astype(jnp.float32)
+
+    def decode(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+        """z (B, h, w, embed_dim) -> the same array in float32."""
+        del deterministic
+        _check_latents(z, self.config.embed_dim, "IdentityFirstStage.decode")
+        return z.astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, None]:
+        """(reconstruction = x in float32, None)."""
+        return self.decode(self.encode(x, deterministic), deterministic), None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Construction helpers.
 
 
@@ -523,9 +588,9 @@ def build_autoencoder(
     remat: bool | str = False,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-) -> AutoencoderKL | VQModel:
-    """Builds AutoencoderKL (kind "kl") or VQModel (kind "vq") from an AutoencoderConfig, or a dict /
-    `first_stage` ConfigDict section (`autoencoder_config`).
+) -> AutoencoderKL | VQModel | IdentityFirstStage:
+    """Builds AutoencoderKL (kind "kl"), VQModel (kind "vq") or IdentityFirstStage (kind "identity") from an
+    AutoencoderConfig, or a dict / `first_stage` ConfigDict section (`autoencoder_config`).
 
     Run-time options: `attention` ("xla", "jax_nn", "chunked"), `remat` (False, True or a policy name),
     `dtype` (compute), `param_dtype` (storage). A bad attention or remat value is a ValueError.
@@ -533,13 +598,14 @@ def build_autoencoder(
     cfg = section_or_config
     if not isinstance(cfg, AutoencoderConfig):
         cfg = autoencoder_config(cfg)
-    cls = AutoencoderKL if cfg.kind == "kl" else VQModel
+    cls = {"kl": AutoencoderKL, "vq": VQModel, "identity": IdentityFirstStage}[cfg.kind]
     return cls(cfg, attention=check_attention(attention, "build_autoencoder"),
                remat=check_remat(remat, "build_autoencoder"), dtype=dtype, param_dtype=param_dtype)
 
 
-def init_autoencoder(model: AutoencoderKL | VQModel, key: jax.Array) -> dict[str, Any]:
+def init_autoencoder(model: AutoencoderKL | VQModel | IdentityFirstStage, key: jax.Array) -> dict[str, Any]:
     """Initialises `model`'s variables ({"params": ...}) from `key`; works under jax.eval_shape and jit.
+    The identity first stage has none: {} (no "params" entry).
 
     Parameter shapes do not depend on the image size, so the smallest valid image (f x f) is used.
     """

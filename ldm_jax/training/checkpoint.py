@@ -3,8 +3,10 @@
 - `state`: the TrainState (params, EMA params, optimiser state, step, rng key data), restored directly
   into the shardings of a target state;
 - `config`: the run's config as JSON, so a checkpoint describes itself;
-- `data`: the input pipelines' positions as JSON, `{"num_processes": P, "states": [state of process 0,
-  ...]}` (each process's iterator `get_state()`, gathered to the primary process that writes JSON).
+- `data`: the input pipelines' positions and the run's training time as JSON, `{"num_processes": P, "states":
+  [state of process 0, ...], "train_seconds": T}` (each process's iterator `get_state()`, gathered to the primary
+  process that writes JSON; T: the cumulative training time of every run of the workdir up to this step, which
+  `loop.train_loop` counts against `train.max_train_seconds`; absent in checkpoints written before it: 0).
 
 The state is written by orbax's PyTree handler with a registry of its own whose jax.Array handler saves
 replica-parallel only across processes: within one process every replica is on this host anyway, and orbax's
@@ -84,13 +86,15 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """What `Checkpointer.restore` returns: the state, the saved config (JSON dict) and this process's
-    data-iterator state (None when none was saved)."""
+    """What `Checkpointer.restore` returns: the state, the saved config (JSON dict), this process's
+    data-iterator state (None when none was saved) and the cumulative training time in seconds up to this step
+    (0.0 for checkpoints written before it was stored)."""
 
     step: int
     state: TrainState
     config: Any
     data_state: Any
+    train_seconds: float = 0.0
 
 
 def config_to_json(config: Any) -> Any:
@@ -220,12 +224,14 @@ class Checkpointer:
         return step % self.every_steps == 0
 
     def save(self, step: int, state: TrainState, *, config: Any = None, data_state: Any = None,
-             force: bool = False) -> bool:
+             force: bool = False, train_seconds: float = 0.0) -> bool:
         """Saves at `step` if on the interval or `force`; returns whether it saved. Called by every process.
 
-        `data_state` is this process's iterator state (JSON-able) or None.
+        `data_state` is this process's iterator state (JSON-able) or None. `train_seconds`: the cumulative
+        training time up to `step` (the same on every process: the primary process writes it).
         """
-        data = {"num_processes": jax.process_count(), "states": allgather_json(data_state)}
+        data = {"num_processes": jax.process_count(), "states": allgather_json(data_state),
+                "train_seconds": float(train_seconds)}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                   config=ocp.args.JsonSave(config_to_json(config)), data=ocp.args.JsonSave(data))
         return self._manager.save(step, args=args, force=force)
@@ -249,7 +255,8 @@ class Checkpointer:
             raise ValueError(f"checkpoint {self.directory}/{step} holds data positions of {data['num_processes']} "
                              f"process(es); this run has {jax.process_count()}")
         return Restored(step=step, state=out.state, config=out.config,
-                        data_state=data["states"][jax.process_index()])
+                        data_state=data["states"][jax.process_index()],
+                        train_seconds=float(data.get("train_seconds", 0.0)))
 
     def restore_newest(self, target: TrainState) -> Restored | None:
         """Restores the newest step that restores (see the module docstring); None when there is no checkpoint.

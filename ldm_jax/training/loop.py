@@ -28,6 +28,17 @@ or a non-finite state at a save step stops the run with `NonFiniteError`; no non
 the last checkpoint stays good. The data position saved is that of the batches consumed, not of the read-ahead.
 Unreadable records the data source skipped (its `skipped` log, `SkipReport`) are the metric
 `data/skipped_images`, a console line whenever their count changed, and a summary line at the end.
+
+Training time and the wall-clock budget (`TrainTime`, `train.max_train_seconds`): the loop times each step from
+the call of the train step (its batch already in hand) to the completion of its outputs (it waits for them, so
+the host does not queue the next step while one runs), with `clock`. Not counted: the first step of every run,
+fresh or resumed (its time is mostly compilation), waiting for batches, logging, sample-grid hooks and
+checkpoint saves. The sum, over every run of the workdir, is "train_seconds": in each metrics line and in each
+checkpoint's `data` item, from which a resumed run continues it. With a budget the run stops after the first
+step at which train_seconds reaches it (or at num_steps, whichever comes first), logs one line "time budget of X
+s reached at step N (Y s of training)", and saves a checkpoint there as at num_steps; a rerun of the workdir with
+a larger budget continues from that checkpoint, one with the same budget trains no step. Several processes take
+process 0's time (a broadcast), so that all stop at the same step.
 """
 from __future__ import annotations
 
@@ -57,6 +68,7 @@ UpdateFn = Callable[..., tuple[TrainState, Mapping[str, jax.Array]]]
 TrainStep = Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 _log = logging.getLogger(__name__)
+clock = time.perf_counter  # the clock of the training time (`TrainTime`); a module attribute that tests replace
 
 
 class NonFiniteError(FloatingPointError):
@@ -193,6 +205,35 @@ def _state_is_finite(state: Any) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(finite))))
 
 
+@dataclasses.dataclass
+class TrainTime:
+    """The cumulative training time of a workdir (module docstring) and its budget.
+
+    budget: seconds, 0 for none. seconds: the time counted so far, over every run (restored from the checkpoint).
+    """
+
+    budget: float = 0.0
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        if not self.budget >= 0:
+            raise ValueError(f"max_train_seconds={self.budget}; expected >= 0 (0: no budget)")
+
+    def add(self, elapsed: float) -> None:
+        """Counts one step's `elapsed` seconds (process 0's, when several processes train with a budget)."""
+        if self.budget > 0 and jax.process_count() > 1:
+            elapsed = float(multihost_utils.broadcast_one_to_all(np.float64(elapsed)))
+        self.seconds += float(elapsed)
+
+    def reached(self) -> bool:
+        """Whether a budget is set and the counted time has reached it."""
+        return self.budget > 0 and self.seconds >= self.budget
+
+    def stop_line(self, step: int) -> str:
+        """The line logged when the budget stops the run at `step`."""
+        return f"time budget of {self.budget:g} s reached at step {step} ({self.seconds:.1f} s of training)"
+
+
 def _base_key(state: TrainState, mesh: Mesh) -> jax.Array:
     # A copy: the state's own buffers are donated to every step.
     copy = jax.jit(lambda r: jax.random.wrap_key_data(r.copy()), out_shardings=parallel.replicated(mesh))
@@ -202,8 +243,10 @@ def _base_key(state: TrainState, mesh: Mesh) -> jax.Array:
 def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any], *, num_steps: int,
                workdir: str | os.PathLike, mesh: Mesh, checkpoint: CheckpointConfig = CheckpointConfig(),
                config: Any = None, log_every: int = 50, hooks: Sequence[Hook] = (), progress_bar: bool = True,
-               prefetch: int = 2) -> TrainState:
+               prefetch: int = 2, max_train_seconds: float = 0.0) -> TrainState:
     """Trains `state` up to `num_steps` steps and returns the final state; resumes from `workdir` if possible.
+    With `max_train_seconds` > 0 it stops earlier, after the first step at which the workdir's cumulative training
+    time reaches it (module docstring: what is counted); the final state's `step` says where it stopped.
 
     batches: an iterator of host-local batches (numpy pytrees, this process's contiguous share of the global
       batch, leading axis = examples) with `get_state()` / `set_state(s)` (JSON-able), checkpointed with the
@@ -231,11 +274,13 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
     except BaseException:
         ckpt.close()
         raise
-    start = 0
+    start, train_time = 0, TrainTime(budget=float(max_train_seconds))
     if restored is not None:
-        state, start = restored.state, restored.step
+        state, start, train_time.seconds = restored.state, restored.step, restored.train_seconds
         batches.set_state(restored.data_state)
         _log.info("resumed from %s/%d", ckpt.directory, start)
+    if train_time.budget > 0 and jax.process_index() == 0:
+        _log.info("training-time budget %g s; %.1f s used by step %d", train_time.budget, train_time.seconds, start)
     writer = metric_logging.MetricWriter(workdir, start_step=start)
     bar = metric_logging.ProgressBar(num_steps, initial=start, enabled=progress_bar and jax.process_index() == 0)
     key = _base_key(state, mesh)
@@ -243,7 +288,8 @@ def train_loop(state: TrainState, train_step: TrainStep, batches: Iterator[Any],
     skips = SkipReport(getattr(batches, "skipped", None))
     try:
         state = _run(state, train_step, device_batches, key, start=start, num_steps=num_steps, ckpt=ckpt,
-                     config=config, log_every=log_every, hooks=hooks, writer=writer, bar=bar, skips=skips)
+                     config=config, log_every=log_every, hooks=hooks, writer=writer, bar=bar, skips=skips,
+                     train_time=train_time)
     finally:
         device_batches.close()
         bar.close()
@@ -292,18 +338,27 @@ class SkipReport:
             _log.warning("%s", line)
 
 
-def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log_every, hooks, writer, bar, skips):
+def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log_every, hooks, writer, bar, skips,
+         train_time):
     last_time, last_step, examples = time.perf_counter(), start, 0
     for step in range(start, num_steps):
+        if train_time.reached():  # resumed with the budget already spent: no step
+            _log_budget(train_time, step)
+            break
         try:
             batch = next(batches)
         except StopIteration:
             raise RuntimeError(f"the batch iterator ran out after {step} of {num_steps} steps") from None
         examples += jax.tree.leaves(batch)[0].shape[0]
+        began = clock()
         state, metrics = train_step(state, batch, key)
+        metrics = jax.block_until_ready(metrics)  # the step has completed (one program: every output is ready)
+        if step > start:  # the first step of a run is mostly its compilation
+            train_time.add(clock() - began)
         done = step + 1
+        stop = train_time.reached()
 
-        if done % log_every == 0 or done == num_steps:
+        if done % log_every == 0 or done == num_steps or stop:
             scalars = parallel.fetch_replicated(metrics)
             try:
                 check_finite(scalars, done)
@@ -313,7 +368,7 @@ def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log
             images_per_sec = examples / max(now - last_time, 1e-9)
             writer.write_scalars(done, {**scalars, "images_per_sec": images_per_sec,
                                         "steps_per_sec": (done - last_step) / max(now - last_time, 1e-9),
-                                        **skips.at_log_step(done)})
+                                        "train_seconds": train_time.seconds, **skips.at_log_step(done)})
             bar.update(done, loss=float(scalars["loss"]), images_per_sec=images_per_sec)
             last_time, last_step, examples = now, done, 0
 
@@ -322,11 +377,20 @@ def _run(state, train_step, batches, key, *, start, num_steps, ckpt, config, log
                 images = hook.fn(state, done)
                 writer.write_images(done, host_copy(dict(images)))
 
-        if ckpt.should_save(done) or done == num_steps:
+        if ckpt.should_save(done) or done == num_steps or stop:
             if not _state_is_finite(state):
                 _stop(ckpt, f"non-finite parameters or optimiser state at step {done}")
-            ckpt.save(done, state, config=config, data_state=batches.get_state(), force=True)
+            ckpt.save(done, state, config=config, data_state=batches.get_state(), force=True,
+                      train_seconds=train_time.seconds)
+        if stop:
+            _log_budget(train_time, done)
+            break
     return state
+
+
+def _log_budget(train_time: TrainTime, step: int) -> None:
+    if jax.process_index() == 0:
+        _log.info("%s", train_time.stop_line(step))
 
 
 def host_copy(tree: Any) -> Any:

@@ -10,6 +10,9 @@ Stages:
 - "ldm" (`ldm_jax.training.train_ldm`): the diffusion model on a frozen first stage; exports WORKDIR/model/
   (a model directory that `ldm_jax.store.load_model` and `ldm-jax sample` read) at the end.
 
+`train.max_train_seconds` (both stages) stops a run once its cumulative training time reaches a budget; rerun the
+same WORKDIR with a larger one to continue (e.g. evaluate at 5, 10, 20 minutes of training: budgets 300, 600,
+1200 in turn; `loop.TrainTime` says what is counted).
 Both write under WORKDIR: checkpoints/ (orbax; a rerun with the same WORKDIR resumes from the newest checkpoint
 that restores: one that does not is logged and moved to checkpoints/corrupt/, and when none restores the command
 stops with a one-line error instead of starting over), tensorboard/, metrics.jsonl (one line per logged step;
@@ -282,7 +285,10 @@ class TrainConfig:
     device count), from `eval_split` of the data ("" = the training split); dtype: "float32" or "bfloat16"
     compute (params stay float32); attention / remat: the run-time options of the modules (`ldm.RunOptions`,
     never saved with a model); compile_cache: the command (`main`) keeps compiled programs in the persistent
-    compilation cache (`ldm_jax.compile_cache`; false: it does not).
+    compilation cache (`ldm_jax.compile_cache`; false: it does not); max_train_seconds: a wall-clock training
+    budget in seconds, 0 for none: the run stops (checkpoint and export as at num_steps) after the first step at
+    which the workdir's cumulative training time reaches it, and a rerun with a larger one continues
+    (`loop.TrainTime`: what is counted).
     """
 
     num_steps: int = 1000
@@ -296,11 +302,14 @@ class TrainConfig:
     remat: bool | str = False
     progress_bar: bool = True
     compile_cache: bool = True
+    max_train_seconds: float = 0.0
 
     def __post_init__(self):
         for name in ("num_steps", "log_every", "image_every", "num_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; expected an integer >= 1")
+        if not self.max_train_seconds >= 0:
+            raise ValueError(f"train.max_train_seconds={self.max_train_seconds}; expected >= 0 (0: no budget)")
         if self.seed < 0:
             raise ValueError(f"train.seed={self.seed}; expected >= 0")
 

@@ -20,6 +20,7 @@ train towards nonsense).
 Config sections: first_stage (AutoencoderConfig), loss (LossConfig fields + lpips_vgg_path), optimizer
 (`AutoencoderOptimizerConfig`: `optim.OptimizerConfig` with Adam's reference betas and a discriminator rate),
 train (`AutoencoderTrainConfig`), data, checkpoint, mesh.
+`train.max_train_seconds`: a wall-clock budget (`loop.TrainTime`); the export is written where it stops the run.
 Outputs (besides the loop's): images/reconstructions_*.png (top rows inputs, bottom rows reconstructions),
 a "psnr" line per grid in eval.jsonl, and WORKDIR/autoencoder/ (an autoencoder directory:
 `ldm_jax.store.save_first_stage`, read back by `store.load_first_stage`).
@@ -131,6 +132,9 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
     train = common.section(AutoencoderTrainConfig, config, "train")
     options = common.run_options(train)
     ae_config = autoencoder_config(config.first_stage)
+    if not ae_config.has_params:
+        raise ValueError(f"first_stage.kind={ae_config.kind!r} has no params: there is no autoencoder to train (a "
+                         f"pixel-space LDM uses it directly, stage 'ldm')")
     loss_values = config.loss.to_dict()
     vgg_path = loss_values.pop("lpips_vgg_path", "")
     loss_config = build_dataclass(LossConfig, loss_values, where="loss")
@@ -242,9 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                             f"autoencoder:  {workdir / EXPORT_DIR} (written at the end)")
     state = train_loop(state, train_step, batches, num_steps=train.num_steps, workdir=workdir, mesh=stage.mesh,
                        checkpoint=common.checkpoint_config(config), config=config, log_every=train.log_every,
-                       hooks=hooks, progress_bar=train.progress_bar, prefetch=stage.data.prefetch)
-    if not psnrs or train.num_steps % train.image_every:
-        hooks[0].fn(state, train.num_steps)  # a final grid and PSNR of the exported weights
+                       hooks=hooks, progress_bar=train.progress_bar, prefetch=stage.data.prefetch,
+                       max_train_seconds=train.max_train_seconds)
+    final = int(parallel.fetch_replicated(state.step))  # num_steps, or where train.max_train_seconds stopped it
+    if not psnrs or final % train.image_every:
+        hooks[0].fn(state, final)  # a final grid and PSNR of the exported weights
     export = workdir / EXPORT_DIR
     ae_params = host_copy(state.params["generator"]["autoencoder"])  # a collective: every process
     if jax.process_index() == 0:
