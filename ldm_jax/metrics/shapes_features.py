@@ -5,16 +5,17 @@ The network (`AttributeClassifier`) sees RGB renders (N, R, R, 3) and predicts, 
 (row-major, `shapes.POSITIONS` order), three attributes: the colour (`COLOUR_CLASSES`: "empty" or one of
 `shapes.COLOURS`), the shape ("none" or one of `shapes.SHAPES`) and the size ("none" or one of `shapes.SIZES`).
 Every object of the world lies inside its cell, so one small `CellNetwork`, shared by the 9 cells, reads each cell's
-crop (`cell_crops`) into an E = 14 wide ReLU embedding that feeds three linear heads. The penultimate layer, the 9
-embeddings side by side, is the feature vector: `features(images)` -> (N, D = 126) float32, and
+crop (`cell_crops`) into an E = 14 wide embedding whose ReLU feeds three linear heads. The penultimate layer (before
+its ReLU, so that no feature is constant), the 9 embeddings side by side, is the feature vector: `features(images)` -> (N, D = 126) float32, and
 `fsd(images_a, images_b)` = `fid.frechet_distance` between Gaussians fitted to the two feature sets
 (`fid.fid_from_features`). `metrics.precision_recall` reads the same features (`ldm-jax evaluate distribution`).
 
-What FSD sees (32 px weights, 1000 + 1000 renders, tests/test_distribution_metrics.py): real-vs-real 7.5 - 8.8;
-blur and noise raise it steeply (sigma 0.7 px: 20, 1.5 px: 62; noise std 0.1: 19, 0.2: 575); a dropped shape
-strongly (no circles: 39), a dropped colour faintly (no red: 11.5): colours are easy for the classifier and take
-little of the features' spread. Like any FID, its value depends on the set sizes (real-vs-real ~16 with 500 + 500,
-~4.3 with 2000 + 2000): compare values measured with equal sizes only.
+What FSD sees (32 px weights, 1000 + 1000 renders, tests/test_distribution_metrics.py): real-vs-real 12 - 14;
+blur and noise raise it steeply (sigma 0.7 px: 38, 1.5 px: 128; noise std 0.1: 29, 0.2: 669); a dropped shape
+strongly (no circles: 107), a dropped colour faintly (no red: 16): colours are easy for the classifier and take
+little of the features' spread. Like any FID, its value depends on the set sizes: compare values measured with
+equal sizes only. (The features after the ReLU, 45 of 126 of them constant on real renders, gave 7.5 - 8.8
+real-vs-real, 11.5 without red, 39 without circles: the dropped shape stood out half as much.)
 
 Training (`train`): the cell network learns on cells cropped from renders made on the fly (`training_crops`) from
 `training_scene` (1 to 3 objects, every colour+shape pair including `shapes.HELDOUT_PAIRS`, so the features cover
@@ -94,9 +95,11 @@ class FeatureConfig:
 
 
 class CellNetwork(nn.Module):
-    """crops (M, s, s, 3) float32 in [-1, 1] of single cells -> (embeddings (M, E) >= 0, {head: logits (M, classes)}).
+    """crops (M, s, s, 3) float32 in [-1, 1] of single cells -> (embeddings (M, E), {head: logits (M, classes)}).
 
-    Conv stages, flattened, a Dense layer to the E-wide ReLU embedding, and one linear head per attribute on it.
+    Conv stages, flattened, a Dense layer to the E-wide embedding, and one linear head per attribute on its ReLU.
+    The embedding is returned before the ReLU: a ReLU unit that never fires on real renders (5 of the 14 of the
+    shipped 32 px weights) would be a constant feature, its covariance singular; before the ReLU every unit varies.
     """
 
     config: FeatureConfig
@@ -110,14 +113,14 @@ class CellNetwork(nn.Module):
             if pool:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         # 2. The embedding: (M, s' * s' * C) -> (M, E).
-        embedding = nn.relu(nn.Dense(self.config.cell_features, name="embedding")(x.reshape(x.shape[0], -1)))
-        # 3. One linear head per attribute: (M, E) -> (M, classes).
-        return embedding, {name: nn.Dense(len(classes), name=f"{name}_head")(embedding)
-                           for name, classes in HEADS.items()}
+        embedding = nn.Dense(self.config.cell_features, name="embedding")(x.reshape(x.shape[0], -1))
+        # 3. One linear head per attribute on the ReLU of the embedding: (M, E) -> (M, classes).
+        hidden = nn.relu(embedding)
+        return embedding, {name: nn.Dense(len(classes), name=f"{name}_head")(hidden) for name, classes in HEADS.items()}
 
 
 class AttributeClassifier(nn.Module):
-    """images (N, R, R, 3) float32 in [-1, 1] -> (features (N, 9 E) >= 0, {head: logits (N, 9, classes)}), float32.
+    """images (N, R, R, 3) float32 in [-1, 1] -> (features (N, 9 E), {head: logits (N, 9, classes)}), float32.
 
     The image's 9 cells (`cell_crops`) go through one shared `CellNetwork` (params under "cell"); the features are
     the cells' embeddings side by side in row-major cell order.
@@ -232,10 +235,11 @@ def train(config: FeatureConfig, *, seed: int = 0, steps: int = 4000, batch_size
     summed cross-entropy of the three heads with `label_smoothing`; the next batch renders on a worker thread
     meanwhile. Label smoothing bounds the logits, which keeps each class's embeddings in a tight cluster (Mueller
     et al. 2019) and so makes the features' spread mostly between attributes rather than within one: measured with
-    500 + 500 renders at 32 px, FSD without red rose from 1.2x to 1.5x the real-vs-real value, without circles from
-    2.5x to 3.3x (2000 + 2000: 1.7x -> 2.2x and 15x -> 8.5x; the feature scale fell from FSD ~680 to ~16). The seed draws the init (jax key) and every scene and render
-    (numpy Generator), so a seed gives the same weights on the same machine and library versions. Prints the loss
-    every `log_every` steps (0: never); raises FloatingPointError when it is not finite.
+    500 + 500 renders at 32 px on the post-ReLU features then in use, FSD without red rose from 1.2x to 1.5x the
+    real-vs-real value, without circles from 2.5x to 3.3x (2000 + 2000: 1.7x -> 2.2x and 15x -> 8.5x; the feature
+    scale fell from FSD ~680 to ~16), every head still 100% right. The seed draws the init (jax key) and every scene
+    and render (numpy Generator), so a seed gives the same weights on the same machine and library versions. Prints
+    the loss every `log_every` steps (0: never); raises FloatingPointError when it is not finite.
     Returns (params of the `AttributeClassifier`, training info {"seed", "steps", "batch_size" (crops),
     "learning_rate", "label_smoothing", "seconds", "final_loss"}).
     """
