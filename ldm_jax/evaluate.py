@@ -86,7 +86,7 @@ def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: s
     from PIL import Image  # noqa: PLC0415
 
     config, options = model.config, model.options
-    params = jax.device_put({"first_stage": model.params["first_stage"]})  # an argument, not baked-in constants
+    params = jax.device_put({"first_stage": model.params.get("first_stage", {})})  # an argument, not baked-in constants
 
     @jax.jit
     def reconstruct(params, x):

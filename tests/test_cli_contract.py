@@ -75,6 +75,8 @@ EVALUATE_FLAGS = {  # per sub-command
     "sensitivity": {"checkpoint": "path", "attention": "choice", "images": "path",
                     "timesteps": ("text", ["a,b", "5000", "-1"]), "seed": ("int", ["-1", str(2**32)]),
                     "compile_cache": "switch"},
+    "distribution": {"images": "path", "reference": "path", "resolution": ("int", ["0"]), "k": ("int", ["0"]),
+                     "batch_size": ("int", ["0"]), "compile_cache": "switch"},
 }
 TRAIN_FLAGS = {"config": "path", "workdir": "dir", "coordinator": ("text", ["localhost", "host:0"]),
                "num_processes": ("int", ["0"]), "process_id": ("int", ["-1"])}
@@ -99,6 +101,7 @@ TRAIN_FIELDS = {
     "train.first_stage": "path", "train.init_from": "path", "train.tokenizer": "path", "train.eval_split": "text",
     "train.remat": [], "train.check_shapes": [], "train.precompute_latents": [], "train.progress_bar": [],
     "train.sample_posterior": [], "train.train_cond_stage": [], "train.compile_cache": [],
+    "train.max_train_seconds": ["-1.0"],
 }
 TRAIN_FIELDS.update({
     "loss.disc_factor": ["-1.0"], "loss.disc_ndf": ["0"], "loss.disc_num_layers": ["0"], "loss.disc_start": ["-1"],
@@ -280,6 +283,7 @@ def _evaluate_args(sub: str, option: str, value: str, world, out: str) -> list[s
         "fid": {"--stats": [OTHER_MISSING, OTHER_MISSING]},
         "clip-score": {"--images": images, "--clip": OTHER_MISSING},
         "sensitivity": {"--images": images, "--timesteps": "50"},
+        "distribution": {"--images": images, "--reference": images},
     }[sub]
     if sub == "fid" and option in ("--stats", "--images"):  # two paths, one of the two flags
         args = {option: [value, value]}
