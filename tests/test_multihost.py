@@ -66,6 +66,7 @@ def test_two_processes_match_one(tmp_path):
 
     # The multi-host checkpoint: the state plus each process's data position (JSON written by process 0).
     data = json.loads((tmp_path / "mh" / "checkpoints" / str(STEPS) / "data" / "metadata").read_text())
+    assert data.pop("train_seconds") > 0  # the cumulative training time (loop.TrainTime), steps after the first
     assert data == {"num_processes": 2, "states": [{"index": STEPS, "seed": 0}] * 2}
     ckpt = Checkpointer(tmp_path / "mh" / "checkpoints")
     assert ckpt.all_steps() == [2, 4]
