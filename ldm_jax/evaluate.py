@@ -2,7 +2,7 @@
 
     ldm-jax evaluate split --data_dir D --split validation [--num N] --outdir DIR
     ldm-jax evaluate autoencode [--checkpoint M] --images DIR --outdir DIR2
-    ldm-jax evaluate adherence --images DIR [--per-image]
+    ldm-jax evaluate adherence --images DIR [--per-image] [--world exact|varied]
     ldm-jax evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
     ldm-jax evaluate fid --stats A.npz B.npz
     ldm-jax evaluate fid --images DIR_A DIR_B --inception pt_inception.pth [--batch-size N]
@@ -15,7 +15,8 @@ one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` s
 autoencode: the first-stage reconstructions (posterior mode; VQ: quantised) of every PNG in DIR, same names, by
 a model (`sample.py`'s --checkpoint kinds; the embedded model when omitted).
 adherence: every *.png in DIR is checked against its caption (`ldm_jax.metrics.shapes_checker`); the caption
-is the PNG text chunk "prompt" or a sidecar DIR/<name>.txt (when both exist they must agree).
+is the PNG text chunk "prompt" or a sidecar DIR/<name>.txt (when both exist they must agree); --world varied reads
+images of the varied world (`shapes.VARIED`, `shapes_checker.VARIED_CHECKER`), exact (the default) the exact one.
 reconstruction: PSNR and SSIM (and LPIPS with --lpips-vgg) between same-named PNGs of the two directories.
 fid: the Frechet distance between two pytorch-fid --save-stats files or feature files (`metrics.fid`), or standard
 FID between the PNGs of two directories (pytorch-fid's Inception-v3 pool3 features, images resized to 299 x 299, as
@@ -142,13 +143,20 @@ def read_captioned(path: pathlib.Path) -> tuple[np.ndarray, str]:
     return image, caption.strip()
 
 
-def adherence(images_dir: str | pathlib.Path) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
-    """Checks every captioned PNG of a directory. Returns (`summarise` dict, per-image (name, verdict, caption))."""
+WORLDS = {"exact": shapes_checker.CheckerConfig(), "varied": shapes_checker.VARIED_CHECKER}
+
+
+def adherence(images_dir: str | pathlib.Path, world: str = "exact"
+              ) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+    """Checks every captioned PNG of a directory with the checker of `world` ("exact" or "varied", `WORLDS`).
+    Returns (`summarise` dict, per-image (name, verdict, caption))."""
+    if world not in WORLDS:
+        raise ValueError(f"adherence: world {world!r}; expected one of {list(WORLDS)}")
     results, rows = [], []
     for path in png_files(images_dir):
         image, caption = read_captioned(path)
         try:
-            result = shapes_checker.check_image(image, caption)
+            result = shapes_checker.check_image(image, caption, WORLDS[world])
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
         results.append(result)
@@ -337,6 +345,8 @@ def build_parser(prog: str = "ldm-jax evaluate") -> ArgumentParser:
     p = commands.add_parser("adherence", help="check captioned-shapes PNGs against their captions")
     p.add_argument("--images", required=True)
     p.add_argument("--per-image", action="store_true", help="also list every image's verdict")
+    p.add_argument("--world", choices=sorted(WORLDS), default="exact",
+                   help="the captioned-shapes world the images show (default: exact)")
     p = commands.add_parser("reconstruction", help="PSNR / SSIM / LPIPS between two PNG directories")
     p.add_argument("--images", required=True)
     p.add_argument("--reconstructions", required=True)
@@ -398,7 +408,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         count = autoencode(store.load_model(args.checkpoint, attention=args.attention), args.images, args.outdir)
         print(f"wrote {count} reconstruction(s) to {pathlib.Path(args.outdir).resolve()}")
     elif args.command == "adherence":
-        summary, rows = adherence(args.images)
+        summary, rows = adherence(args.images, args.world)
         if args.per_image:
             print(format_table(rows, ("image", "verdict", "caption")) + "\n")
         print(format_table(list(summary.items()), ("metric", "value")))

@@ -65,7 +65,7 @@ EVALUATE_FLAGS = {  # per sub-command
     "split": {"data_dir": "path", "split": "choice", "name": "choice", "num": ("int", ["0", "-1"]), "outdir": "dir"},
     "autoencode": {"checkpoint": "path", "attention": "choice", "images": "path", "outdir": "dir",
                    "compile_cache": "switch"},
-    "adherence": {"images": "path", "per_image": "switch"},
+    "adherence": {"images": "path", "per_image": "switch", "world": "choice"},
     "reconstruction": {"images": "path", "reconstructions": "path", "lpips_vgg": "path", "lpips_heads": "path",
                        "compile_cache": "switch"},
     "fid": {"stats": "path", "images": "path", "inception": "path", "batch_size": ("int", ["0"]),

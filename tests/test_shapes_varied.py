@@ -289,3 +289,22 @@ def test_varied_tfds_split_prepares_and_reads_back(tmp_path, capsys):
             assert any(shapes.is_heldout(o) for o in scene) == (split == "heldout")
             assert check_image(example["image"], example["caption"], VARIED_CHECKER).adheres
         assert not expected
+
+
+def test_the_world_of_a_dataset_name_picks_the_checker(tmp_path):
+    """Varied dataset names read as `shapes.VARIED` (what training's sample-grid check and `ldm-jax evaluate
+    adherence --world varied` read with); the varied checker follows varied renders, the exact one does not."""
+    assert captioned_shapes.world_of("captioned_shapes/res32_varied") is shapes.VARIED
+    assert captioned_shapes.world_of("captioned_shapes/res64_varied_train8_val2_heldout2_seed4:1.0.0") is shapes.VARIED
+    for name in ("captioned_shapes/res32", "captioned_shapes", "mnist/res32_varied", ""):
+        assert captioned_shapes.world_of(name) is None, name
+    from ldm_jax import evaluate
+
+    rng = np.random.default_rng(5)
+    for i in range(12):
+        scene = shapes.sample_scene(rng)
+        Image.fromarray(shapes.render(scene, 32, variation=shapes.VARIED, rng=rng)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(shapes.caption(scene))
+    assert evaluate.adherence(tmp_path, "varied")[0]["accuracy"] == 1.0
+    assert evaluate.adherence(tmp_path)[0]["accuracy"] < 1.0  # the exact world's templates
+    assert evaluate.main(["adherence", "--images", str(tmp_path), "--world", "varied"]) == 0

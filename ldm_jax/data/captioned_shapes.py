@@ -76,6 +76,15 @@ def prepare_command(name: str, data_dir: str | os.PathLike) -> str | None:
     return "python -m ldm_jax.data.captioned_shapes " + " ".join(flags)
 
 
+def world_of(name: str) -> shapes.Variation | None:
+    """The world a dataset name ("captioned_shapes/<config>[:version]") was drawn in: `shapes.VARIED` for a varied
+    config (res32_varied, custom names with _varied), None for the exact world and for other datasets' names (what
+    `shapes_checker.CheckerConfig(variation=...)` reads such images with)."""
+    dataset, _, config = name.split(":")[0].partition("/")
+    match = _CONFIG_NAME.match(config or "res32")
+    return shapes.VARIED if dataset == "captioned_shapes" and match and match[2] else None
+
+
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic captioned shapes (see ldm_jax/data/shapes.py for the world and its geometry)."""
 

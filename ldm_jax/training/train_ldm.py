@@ -710,9 +710,11 @@ def _sample_hook(stage: Stage, frozen: Mapping[str, Any], workdir: pathlib.Path,
                                   seed=train.seed, batch_size=None if cond is not None else train.num_images,
                                   mesh=stage.mesh, options=stage.options, control=control)
         if train.check_shapes and captions is not None:
-            from ldm_jax.metrics.shapes_checker import prompt_adherence  # noqa: PLC0415
+            from ldm_jax.data.captioned_shapes import world_of  # noqa: PLC0415
+            from ldm_jax.metrics.shapes_checker import CheckerConfig, prompt_adherence  # noqa: PLC0415
 
-            summary = prompt_adherence(sampling.to_uint8(host_copy(images)), captions)
+            checker = CheckerConfig(variation=world_of(stage.data.name))  # the varied world's checker for its data
+            summary = prompt_adherence(sampling.to_uint8(host_copy(images)), captions, checker)
             scores.append(summary)
             if jax.process_index() == 0:
                 log.info("step %d: prompt adherence %.1f%% of %d %s prompts (object accuracy %.1f%%)", step,
