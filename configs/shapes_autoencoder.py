@@ -26,13 +26,19 @@ from ldm_jax.presets import get_preset
 CONFIGS = pathlib.Path(__file__).parent
 
 
-def get_config() -> ml_collections.ConfigDict:
+WORLDS = {"exact": "captioned_shapes/res32", "varied": "captioned_shapes/res32_varied"}
+
+
+def get_config(world: str = "exact") -> ml_collections.ConfigDict:
+    if world not in WORLDS:
+        raise ValueError(f"configs/shapes_autoencoder.py: world {world!r}; expected one of {sorted(WORLDS)}")
     config = get_preset("autoencoder_tiny_kl")
     config.first_stage.update(dict(ch_mult=(1, 1, 2), attn_resolutions=()))
     data = load_config_file(CONFIGS / "data_captioned_shapes.py").data
     with config.unlocked():
         config.stage = "autoencoder"
         config.data = data
+        config.data.name = WORLDS[world]
         config.data.global_batch_size = 16
         config.data.batch_keys = ("image",)
         config.loss = ml_collections.ConfigDict(dict(

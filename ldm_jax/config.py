@@ -71,7 +71,11 @@ def _freeze(value: Any) -> Any:
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its `get_config()`; a clear error when the file is not a config."""
+    """Imports a config file and returns its `get_config()`, or `get_config(ARG)` for "path:ARG" (as `ldm-jax
+    train --config` reads it); a clear error when the file is not a config."""
+    arg = None
+    if not pathlib.Path(path).is_file() and ":" in str(path):
+        path, arg = str(path).rsplit(":", 1)
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -80,4 +84,4 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config()")
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)

@@ -392,3 +392,10 @@ def test_shapes_configs_build(tmp_path):
     assert set(state.opt_state) == {"generator", "discriminator"} and set(state.model_state) == {"discriminator"}
     stage = train_ldm.build_stage(main.load_config(CONFIGS / "shapes_ldm.py"), tmp_path)
     assert stage.trainable == ("unet", "cond_stage") and stage.model.cond_stage.vocab_size == 26
+    # The varied world's variants: the same models on captioned_shapes/res32_varied.
+    for name in ("shapes_autoencoder.py", "shapes_ldm.py"):
+        exact, varied = (main.load_config(f"{CONFIGS / name}{world}") for world in ("", ":varied"))
+        assert (exact.data.name, varied.data.name) == ("captioned_shapes/res32", "captioned_shapes/res32_varied")
+        assert varied.to_dict() == {**exact.to_dict(), "data": {**exact.data.to_dict(), "name": varied.data.name}}
+    with pytest.raises(ValueError, match="world 'foo'"):
+        main.load_config(f"{CONFIGS / 'shapes_ldm.py'}:foo")
