@@ -10,6 +10,12 @@ Adam (0.5, 0.9), base rate 6e-5 per example (x the global batch 16 = 9.6e-4), sc
 Measured on the 2-core CPU (quiet): 7 steps/s (115 images/s), 5000 steps in 12 minutes; reconstruction PSNR
 on the 16 validation images of the grids rises from 17.7 dB (step 250) through 31.2 dB (step 3000) to 38.7 dB
 (step 5000); a 1.6e-4 rate reached only 15.9 dB after 1000 steps. eval.jsonl holds the curve.
+The varied world (`configs/shapes_autoencoder.py:varied`: the same recipe on captioned_shapes/res32_varied, prepared
+with --varied): 3.5-3.9 steps/s on 2026-12-07 (the machine quiet; 1281 s of step time, 22 minutes of wall time in
+all); PSNR 19.7 dB at step 250, 29.7 dB at 3000, 31.4 dB at 5000 (its per-pixel noise, sigma 3, alone caps PSNR
+near 38.6 dB). The exact-world speed above is from an earlier day: an A/B on res32_varied of the loop with and
+without its per-step wait gave 3.86 / 3.87 against 3.55 / 3.68 steps/s (300 steps each), so the wait is not the
+difference.
 No wall-clock budget (train.max_train_seconds 0; `ldm_jax.training.loop.TrainTime`).
 Prepare the data once, then train:
     python -m ldm_jax.data.captioned_shapes --data_dir ~/tensorflow_datasets --resolution 32
