@@ -53,7 +53,7 @@ import optax
 from ldm_jax.convert.checkpoint_io import load_state_dict, save_safetensors
 from ldm_jax.convert.common import assemble_params
 from ldm_jax.data import shapes
-from ldm_jax.metrics import fid
+from ldm_jax.metrics import fid, image_quality
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "shapes_features"
 POSITIONS: tuple[str, ...] = tuple(shapes.POSITIONS)  # cell index -> position name, row-major
@@ -391,6 +391,8 @@ def _check_images(images: np.ndarray, resolution: int | None = None) -> np.ndarr
                          f"{images.shape[1]}x{images.shape[2]}")
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"shapes features: expected uint8 or float images, got {images.dtype}")
+    if images.dtype != np.uint8:  # the project's one range check: NaN or [0, 255] floats are refused, not featurised
+        images = (2.0 * image_quality.to_unit_interval(images, name="shapes features images") - 1.0).astype(np.float32)
     return images
 
 
