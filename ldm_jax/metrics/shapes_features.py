@@ -282,9 +282,9 @@ def _predict(config: FeatureConfig, params, images):
 def predict(config: FeatureConfig, params, images: np.ndarray, *, batch_size: int = 250
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(features (N, D) float32, {head: predicted class indices (N, 9) int}) of images (N, R, R, 3), uint8 or
-    float in [-1, 1]. Runs `batch_size` images at a time (the last batch padded), so one program per image shape."""
+    float in [-1, 1]. Runs `batch_size` images at a time (a short last batch, or a set smaller than a batch, padded), so one
+    program per image shape and batch size, whatever the set size."""
     images = _check_images(images, config.resolution)
-    batch_size = min(batch_size, images.shape[0])
     features, classes = [], []
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start:start + batch_size]
