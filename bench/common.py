@@ -445,10 +445,11 @@ SHAPES_SAMPLER, SHAPES_STEPS, SHAPES_GUIDANCE, SHAPES_SEED = "ddim", 50, 7.5, 0 
 
 
 def sample_prompts(model, prompts: Sequence[str], *, batch: int = 64, controlnet: Any = None,
-                   control_images: np.ndarray | None = None, control_scale: float = 1.0) -> np.ndarray:
+                   control_images: np.ndarray | None = None, control_scale: float = 1.0,
+                   steps: int = SHAPES_STEPS) -> np.ndarray:
     """uint8 (N, R, R, 3) images of `prompts` as `ldm-jax sample --prompts-file` makes them (sampler, steps,
-    guidance and seed its defaults, `SHAPES_*`; image i from noise fold_in(seed, i)), in chunks of `batch` (the
-    last one padded with its last prompt).
+    guidance and seed its defaults, `SHAPES_*`, unless `steps` is given; image i from noise fold_in(seed, i)), in
+    chunks of `batch` (the last one padded with its last prompt).
 
     controlnet: optional (ControlNetConfig, params) (a `store.LoadedControlNet`'s), steering every image with
     control_images[i], uint8 (N, R, R, 3), at `control_scale` (`pipeline.Control`)."""
@@ -460,7 +461,7 @@ def sample_prompts(model, prompts: Sequence[str], *, batch: int = 64, controlnet
         raise ValueError("sample_prompts: give controlnet and control_images together")
     if control_images is not None and len(control_images) != len(prompts):
         raise ValueError(f"sample_prompts: {len(prompts)} prompts but {len(control_images)} control images")
-    sampler = pipeline.make_model_sampler(model.config, SHAPES_SAMPLER, SHAPES_STEPS)
+    sampler = pipeline.make_model_sampler(model.config, SHAPES_SAMPLER, steps)
     params = pipeline.place_params(model.params)
     images = []
     for start in range(0, len(prompts), batch):

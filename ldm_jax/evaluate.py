@@ -81,30 +81,39 @@ def write_split(data_dir: str | pathlib.Path, split: str, outdir: str | pathlib.
 def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: str | pathlib.Path, *,
                batch_size: int = 64) -> int:
     """Writes the model's first-stage reconstruction of every PNG of `images_dir` (uint8, same names) into
-    `outdir`; KL uses the posterior mode. Images must share one size, a multiple of the downsampling factor.
-    Returns the number written."""
-    import jax  # noqa: PLC0415
+    `outdir` (`reconstruct`). Images must share one size, a multiple of the downsampling factor. Returns the number
+    written."""
     from PIL import Image  # noqa: PLC0415
+
+    files = png_files(images_dir)
+    outdir = pathlib.Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    out = reconstruct(model, np.stack([read_png(path)[0] for path in files]), batch_size=batch_size)
+    for path, image in zip(files, out):
+        Image.fromarray(image).save(outdir / path.name)
+    return len(files)
+
+
+def reconstruct(model: ldm.LoadedModel, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """The model's first-stage reconstructions, uint8 (N, H, W, 3), of uint8 images (N, H, W, 3) (H, W multiples of
+    the downsampling factor); KL uses the posterior mode, VQ quantises. One program for every chunk of
+    `batch_size` (the last one padded)."""
+    import jax  # noqa: PLC0415
 
     config, options = model.config, model.options
     params = jax.device_put({"first_stage": model.params.get("first_stage", {})})  # an argument, not baked-in constants
 
     @jax.jit
-    def reconstruct(params, x):
+    def autoencode_batch(params, x):
         z = ldm.encode_first_stage(config, params, x, options=options)
         return ldm.decode_first_stage(config, params, z, options=options)
 
-    files = png_files(images_dir)
-    outdir = pathlib.Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        images = np.stack([read_png(path)[0] for path in chunk]).astype(np.float32) / 127.5 - 1.0
-        padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(chunk), axis=0)])
-        out = pipeline.to_uint8(reconstruct(params, padded))[:len(chunk)]
-        for path, image in zip(chunk, out):
-            Image.fromarray(image).save(outdir / path.name)
-    return len(files)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size].astype(np.float32) / 127.5 - 1.0
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        chunks.append(pipeline.to_uint8(autoencode_batch(params, padded))[:len(chunk)])
+    return np.concatenate(chunks)
 
 
 def read_png(path: pathlib.Path) -> tuple[np.ndarray, str | None]:
@@ -280,8 +289,6 @@ def distribution(images_dir: str | pathlib.Path, reference_dir: str | pathlib.Pa
     each directory needs more than k images. Returns {"num_images", "num_reference", "fsd" (>= 0), "precision",
     "recall" (in [0, 1])}. Raises FileNotFoundError / ValueError naming the directory and what is wrong.
     """
-    from ldm_jax.metrics import shapes_features  # noqa: PLC0415 (imports flax and the classifier only when asked)
-
     directories = (images_dir, reference_dir)
     files = [png_files(directory) for directory in directories]  # both exist and hold PNGs before anything is read
     sets = []
@@ -300,7 +307,16 @@ def distribution(images_dir: str | pathlib.Path, reference_dir: str | pathlib.Pa
     if sets[0].shape[1] != sets[1].shape[1]:
         raise ValueError(f"{images_dir} holds {sets[0].shape[1]}-pixel images, {reference_dir} "
                          f"{sets[1].shape[1]}-pixel ones; they must match")
-    generated, real = (shapes_features.features(images, batch_size=batch_size) for images in sets)
+    return distribution_of(sets[0], sets[1], k=k, batch_size=batch_size)
+
+
+def distribution_of(generated: np.ndarray, real: np.ndarray, *, k: int = precision_recall.DEFAULT_K,
+                    batch_size: int = 250) -> dict[str, float]:
+    """`distribution` of two uint8 image arrays (N, R, R, 3) and (M, R, R, 3), generated and real (N, M > k):
+    {"num_images", "num_reference", "fsd", "precision", "recall"}."""
+    from ldm_jax.metrics import shapes_features  # noqa: PLC0415 (imports flax and the classifier only when asked)
+
+    generated, real = (shapes_features.features(images, batch_size=batch_size) for images in (generated, real))
     precision, recall = precision_recall.precision_recall(real, generated, k)
     return {"num_images": len(generated), "num_reference": len(real), "fsd": fid.fid_from_features(generated, real),
             "precision": precision, "recall": recall}

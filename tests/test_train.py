@@ -399,3 +399,32 @@ def test_shapes_configs_build(tmp_path):
         assert varied.to_dict() == {**exact.to_dict(), "data": {**exact.data.to_dict(), "name": varied.data.name}}
     with pytest.raises(ValueError, match="world 'foo'"):
         main.load_config(f"{CONFIGS / 'shapes_ldm.py'}:foo")
+
+
+def test_f_ablation_configs(tmp_path):
+    """configs/f_ablation.py: every point is the varied embedded recipe with only the first stage (and the latent
+    shape it sets) changed; f = 4 is the recipe itself; LDM-1 is pixel space."""
+    def load(point):
+        return main.load_config(f"{CONFIGS / 'f_ablation.py'}:{point}")
+
+    assert load("autoencoder4").to_dict() == main.load_config(f"{CONFIGS / 'shapes_autoencoder.py'}:varied").to_dict()
+    assert load("ldm4").to_dict() == main.load_config(f"{CONFIGS / 'shapes_ldm.py'}:varied").to_dict()
+    recipe = load("ldm4").to_dict()
+    for factor in (1, 2, 8):
+        config = load(f"ldm{factor}")
+        latent, channels = 32 // factor, 3 if factor == 1 else 4
+        assert (config.diffusion.image_size, config.unet.in_channels, config.unet.out_channels,
+                tuple(config.unet.position_embedding)) == (latent, channels, channels, (latent, latent))
+        same = {k: v for k, v in config.to_dict().items() if k not in ("first_stage", "unet", "diffusion")}
+        assert same == {k: v for k, v in recipe.items() if k not in ("first_stage", "unet", "diffusion")}
+        stage = train_ldm.build_stage(config, tmp_path / str(factor))
+        assert stage.model.downsample_factor == factor and stage.model.latent_channels == channels
+        if factor > 1:
+            ae = load(f"autoencoder{factor}")
+            assert ae.first_stage.to_dict() == config.first_stage.to_dict()
+            assert {k: v for k, v in ae.to_dict().items() if k != "first_stage"} == {
+                k: v for k, v in load("autoencoder4").to_dict().items() if k != "first_stage"}
+    assert load("ldm1").first_stage.kind == "identity"
+    for bad in ("autoencoder1", "ldm16", "f4"):
+        with pytest.raises(ValueError, match=f"point '{bad}'"):
+            load(bad)

@@ -1,4 +1,5 @@
-"""Training curves as a PNG, from a run's JSONL logs, with Pillow only (no plotting library needed).
+"""Training curves as a PNG, from a run's JSONL logs, with Pillow only (no plotting library needed); and
+`plot_series`: several labelled series per panel, for tables of results (bench/f_ablation.py).
 
     python -m ldm_jax.training.curves --out curve.png \\
         --panel "autoencoder PSNR (dB)=runs/shapes_autoencoder/eval.jsonl:psnr" \\
@@ -18,7 +19,6 @@ import numpy as np
 
 PANEL_SIZE = (360, 260)
 MARGIN = (52, 34, 16, 34)  # left, top, right, bottom
-LINE_COLOUR = (31, 119, 180)
 AXIS_COLOUR = (90, 90, 90)
 
 
@@ -45,8 +45,21 @@ def _ticks(low: float, high: float, count: int = 4) -> np.ndarray:
     return np.linspace(low, high, count + 1)
 
 
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+Series = tuple[str, Sequence[float], Sequence[float]]  # (legend label, xs, ys)
+
+
 def draw_panel(title: str, steps: np.ndarray, values: np.ndarray):
-    """One PIL RGB image PANEL_SIZE: the series as a polyline on labelled axes."""
+    """One PIL RGB image PANEL_SIZE: the series as a polyline against "step", its first and last value in the
+    title."""
+    summary = f"{title}: {values[0]:.3g} -> {values[-1]:.3g}"
+    return draw_series_panel(summary, [("", steps, values)], x_label="step")
+
+
+def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log_x: bool = False):
+    """One PIL RGB image PANEL_SIZE: every (label, xs, ys) series as a polyline with a dot at each point, in
+    COLOURS order, on shared labelled axes (x logarithmic with log_x, then every x > 0), a legend of the labels
+    that are not empty."""
     from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
 
     width, height = PANEL_SIZE
@@ -54,39 +67,51 @@ def draw_panel(title: str, steps: np.ndarray, values: np.ndarray):
     font = ImageFont.load_default(size=11)
     image = Image.new("RGB", PANEL_SIZE, "white")
     draw = ImageDraw.Draw(image)
-    x0, x1 = float(steps.min()), float(steps.max()) or 1.0
-    y0, y1 = float(values.min()), float(values.max())
+    xs_all = np.concatenate([np.asarray(xs, np.float64) for _, xs, _ in series])
+    ys_all = np.concatenate([np.asarray(ys, np.float64) for _, _, ys in series])
+    warp = np.log10 if log_x else (lambda v: v)
+    x0, x1 = float(warp(xs_all.min())), float(warp(xs_all.max()))
+    if x1 == x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    y0, y1 = float(ys_all.min()), float(ys_all.max())
     if y1 == y0:
         y0, y1 = y0 - 0.5, y1 + 0.5
     pad = 0.05 * (y1 - y0)
     y0, y1 = y0 - pad, y1 + pad
 
     def to_px(x, y):
-        px = left + (x - x0) / ((x1 - x0) or 1.0) * (width - left - right)
+        px = left + (warp(x) - x0) / (x1 - x0) * (width - left - right)
         py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-        return px, py
+        return float(px), float(py)
 
     draw.rectangle([left, top, width - right, height - bottom], outline=AXIS_COLOUR)
     for y in _ticks(y0 + pad, y1 - pad):
-        _, py = to_px(x0, y)
+        _, py = to_px(10 ** x0 if log_x else x0, y)
         draw.line([left - 4, py, left, py], fill=AXIS_COLOUR)
         draw.text((left - 6, py), f"{y:.3g}", fill="black", font=font, anchor="rm")
     for x in _ticks(x0, x1):
-        px, _ = to_px(x, y0)
+        value = 10 ** x if log_x else x
+        px, _ = to_px(value, y0)
         draw.line([px, height - bottom, px, height - bottom + 4], fill=AXIS_COLOUR)
-        draw.text((px, height - bottom + 6), f"{x:.0f}", fill="black", font=font, anchor="mt")
-    draw.text((width / 2, height - 4), "step", fill="black", font=font, anchor="md")
-    summary = f"{title}: {values[0]:.3g} -> {values[-1]:.3g}"
-    draw.text((width / 2, 8), summary, fill="black", font=ImageFont.load_default(size=12), anchor="mt")
-    draw.line([to_px(x, y) for x, y in zip(steps, values)], fill=LINE_COLOUR, width=2)
+        draw.text((px, height - bottom + 6), f"{value:.3g}" if log_x else f"{value:.0f}", fill="black", font=font,
+                  anchor="mt")
+    draw.text((width / 2, height - 4), x_label, fill="black", font=font, anchor="md")
+    draw.text((width / 2, 8), title, fill="black", font=ImageFont.load_default(size=12), anchor="mt")
+    for index, (label, xs, ys) in enumerate(series):
+        colour = COLOURS[index % len(COLOURS)]
+        points = [to_px(x, y) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        if label:
+            for px, py in points:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+            draw.text((width - right - 4, top + 4 + 13 * index), label, fill=colour, font=font, anchor="ra")
     return image
 
 
-def plot_curves(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], out: str | pathlib.Path) -> pathlib.Path:
-    """Writes the (title, steps, values) panels side by side as one PNG; returns its path."""
+def _sheet(images, out: str | pathlib.Path) -> pathlib.Path:
     from PIL import Image  # noqa: PLC0415
 
-    images = [draw_panel(*panel) for panel in panels]
     sheet = Image.new("RGB", (PANEL_SIZE[0] * len(images), PANEL_SIZE[1]), "white")
     for index, image in enumerate(images):
         sheet.paste(image, (index * PANEL_SIZE[0], 0))
@@ -94,6 +119,18 @@ def plot_curves(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], out: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out
+
+
+def plot_curves(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], out: str | pathlib.Path) -> pathlib.Path:
+    """Writes the (title, steps, values) panels side by side as one PNG; returns its path."""
+    return _sheet([draw_panel(*panel) for panel in panels], out)
+
+
+def plot_series(panels: Sequence[tuple[str, Sequence[Series]]], out: str | pathlib.Path, *, x_label: str,
+                log_x: bool = False) -> pathlib.Path:
+    """Writes (title, [(label, xs, ys), ...]) panels side by side as one PNG (`draw_series_panel`, the same x
+    label on each); returns its path."""
+    return _sheet([draw_series_panel(title, series, x_label=x_label, log_x=log_x) for title, series in panels], out)
 
 
 def parse_panel(spec: str) -> tuple[str, str, str]:
