@@ -15,8 +15,8 @@ continues from its checkpoint; one that ended at this budget is evaluated again;
    training scene has).
 2. First stage of f > 1: `python -m ldm_jax train --config configs/f_ablation.py:autoencoderF` in OUT/fF/autoencoder
    (skipped when its export exists, or given with --first-stage F=WORKDIR); measured (through each LDM export, which
-   holds it): reconstruction PSNR of the validation references and the reconstructions' FSD / precision / recall
-   against them (what the LDM can reach at best through this first stage: "rFSD").
+   holds it): reconstruction PSNR of the validation references, the checker's adherence of the reconstructions,
+   and their FSD / precision / recall against the references (what the LDM can reach at best through this first stage: "rFSD").
 3. LDM: `python -m ldm_jax train --config configs/f_ablation.py:ldmF --config.train.max_train_seconds=B` in
    OUT/fF/ldm, for each budget B in order (seconds of training steps, `loop.TrainTime`: compilation, latent
    precomputation, sample grids and checkpoints excluded); each budget continues the run of the one before.
@@ -179,14 +179,17 @@ def evaluate_model(model, refs: References, steps: int) -> dict[str, Any]:
 
 
 def first_stage_row(factor: int, model, refs: References) -> dict[str, Any]:
-    """PSNR and rFSD / precision / recall of the reconstructions of the validation references by the first stage
-    of an LDM (a loaded model)."""
+    """PSNR, adherence (the varied checker) and rFSD / precision / recall of the reconstructions of the validation
+    references by the first stage of an LDM (a loaded model)."""
     from ldm_jax import evaluate
     from ldm_jax.metrics import image_quality
 
+    from ldm_jax.metrics import shapes_checker
+
     recon = evaluate.reconstruct(model, refs.images)
     psnr = float(np.mean(image_quality.psnr(recon, refs.images)))
-    return {"f": factor, "psnr": psnr, **evaluate.distribution_of(recon, refs.images)}
+    adherence = shapes_checker.prompt_adherence(recon, refs.captions, shapes_checker.VARIED_CHECKER)
+    return {"f": factor, "psnr": psnr, "adherence": adherence, **evaluate.distribution_of(recon, refs.images)}
 
 
 def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: argparse.Namespace,
@@ -254,12 +257,15 @@ def point_rows(results: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-STAGE_HEADER = ["f", "latent", "PSNR dB", "rFSD", "precision", "recall"]
+STAGE_HEADER = ["f", "latent", "PSNR dB", "adherence", "shape", "rFSD", "precision", "recall"]
 
 
 def stage_rows(results: dict[str, Any]) -> list[list[Any]]:
-    return [[r["f"], f"{32 // r['f']}x{32 // r['f']}x4", f"{r['psnr']:.1f}", f"{r['fsd']:.1f}",
-             f"{r['precision']:.2f}", f"{r['recall']:.2f}"] for r in results["first_stages"]]
+    def percent(r, key):
+        return f"{100 * r['adherence'][key]:.1f}%" if "adherence" in r else "-"
+    return [[r["f"], f"{32 // r['f']}x{32 // r['f']}x4", f"{r['psnr']:.1f}", percent(r, "accuracy"),
+             percent(r, "shape"), f"{r['fsd']:.1f}", f"{r['precision']:.2f}", f"{r['recall']:.2f}"]
+            for r in results["first_stages"]]
 
 
 def report(results: dict[str, Any], plot_dir: pathlib.Path | None) -> None:
@@ -274,8 +280,8 @@ def report(results: dict[str, Any], plot_dir: pathlib.Path | None) -> None:
 
 
 def plot(results: dict[str, Any], plot_dir: pathlib.Path) -> list[pathlib.Path]:
-    """docs/reproduction/training.png (FSD, adherence, precision, recall against training seconds, one line per f)
-    and throughput.png (FSD and adherence at the largest common budget against sampling images / s)."""
+    """docs/reproduction/training.png (FSD, adherence, precision, recall against training minutes, one line per f)
+    and throughput.png (FSD and adherence at the largest budget every f has reached against sampling images / s)."""
     from ldm_jax.training.curves import plot_series
 
     by_f: dict[int, list[dict[str, Any]]] = {}
@@ -291,9 +297,13 @@ def plot(results: dict[str, Any], plot_dir: pathlib.Path) -> list[pathlib.Path]:
                "precision": lambda r: r["precision"], "recall": lambda r: r["recall"]}
     training = plot_series([(title, series(key)) for title, key in metrics.items()],
                            plot_dir / "training.png", x_label="training minutes")
-    last = {f: rows[-1] for f, rows in sorted(by_f.items())}
+    budget = max(set.intersection(*({r["budget_s"] for r in rows} for rows in by_f.values())), default=None)
+    if budget is None:
+        return [training]
+    at = {f: next(r for r in rows if r["budget_s"] == budget) for f, rows in sorted(by_f.items())}
     through = plot_series(
-        [(f"{title} at the last budget", [(f"f={f}", [r["images_per_s"]], [key(r)]) for f, r in last.items()])
+        [(f"{title.split(' (')[0]}, {budget / 60:.0f} min training", [(f"f={f}", [r["images_per_s"]], [key(r)])
+                                                                      for f, r in at.items()])
          for title, key in list(metrics.items())[:2]],
         plot_dir / "throughput.png", x_label="sampling images / s (DDIM, CFG)", log_x=True)
     return [training, through]

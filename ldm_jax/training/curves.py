@@ -58,8 +58,8 @@ def draw_panel(title: str, steps: np.ndarray, values: np.ndarray):
 
 def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log_x: bool = False):
     """One PIL RGB image PANEL_SIZE: every (label, xs, ys) series as a polyline with a dot at each point, in
-    COLOURS order, on shared labelled axes (x logarithmic with log_x, then every x > 0), a legend of the labels
-    that are not empty."""
+    COLOURS order, on shared labelled axes (x logarithmic with log_x, then every x > 0), and the labels that are
+    not empty in their colours in a row above the axes."""
     from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
 
     width, height = PANEL_SIZE
@@ -97,6 +97,7 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
                   anchor="mt")
     draw.text((width / 2, height - 4), x_label, fill="black", font=font, anchor="md")
     draw.text((width / 2, 8), title, fill="black", font=ImageFont.load_default(size=12), anchor="mt")
+    legend_x = left
     for index, (label, xs, ys) in enumerate(series):
         colour = COLOURS[index % len(COLOURS)]
         points = [to_px(x, y) for x, y in zip(xs, ys)]
@@ -105,7 +106,8 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
         if label:
             for px, py in points:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-            draw.text((width - right - 4, top + 4 + 13 * index), label, fill=colour, font=font, anchor="ra")
+            draw.text((legend_x, top - 3), label, fill=colour, font=font, anchor="ld")  # a row above the axes
+            legend_x += draw.textlength(label, font=font) + 10
     return image
 
 
