@@ -14,9 +14,9 @@ continues from its checkpoint; one that ended at this budget is evaluated again;
    examples (images and captions) and first --num-heldout heldout captions (each holds a colour + shape pair no
    training scene has).
 2. First stage of f > 1: `python -m ldm_jax train --config configs/f_ablation.py:autoencoderF` in OUT/fF/autoencoder
-   (skipped when its export exists, or given with --first-stage F=WORKDIR); measured (through each LDM export, which
-   holds it): reconstruction PSNR of the validation references, the checker's adherence of the reconstructions,
-   and their FSD / precision / recall against the references (what the LDM can reach at best through this first stage: "rFSD").
+   (skipped when its export exists, or given with --first-stage F=WORKDIR); measured before the LDM trains:
+   reconstruction PSNR of the validation references, the checker's adherence of the reconstructions, and their FSD
+   / precision / recall against the references (what the LDM can reach at best through this first stage: "rFSD").
 3. LDM: `python -m ldm_jax train --config configs/f_ablation.py:ldmF --config.train.max_train_seconds=B` in
    OUT/fF/ldm, for each budget B in order (seconds of training steps, `loop.TrainTime`: compilation, latent
    precomputation, sample grids and checkpoints excluded); each budget continues the run of the one before.
@@ -178,23 +178,22 @@ def evaluate_model(model, refs: References, steps: int) -> dict[str, Any]:
     return out
 
 
-def first_stage_row(factor: int, model, refs: References) -> dict[str, Any]:
+def first_stage_row(factor: int, stage_dir: pathlib.Path, refs: References) -> dict[str, Any]:
     """PSNR, adherence (the varied checker) and rFSD / precision / recall of the reconstructions of the validation
-    references by the first stage of an LDM (a loaded model)."""
-    from ldm_jax import evaluate
-    from ldm_jax.metrics import image_quality
+    references by the first stage exported in STAGE_DIR/autoencoder."""
+    from ldm_jax import evaluate, store
+    from ldm_jax.metrics import image_quality, shapes_checker
 
-    from ldm_jax.metrics import shapes_checker
-
-    recon = evaluate.reconstruct(model, refs.images)
+    recon = evaluate.reconstruct(store.load_first_stage(stage_dir / "autoencoder"), refs.images)
     psnr = float(np.mean(image_quality.psnr(recon, refs.images)))
     adherence = shapes_checker.prompt_adherence(recon, refs.captions, shapes_checker.VARIED_CHECKER)
-    return {"f": factor, "psnr": psnr, "adherence": adherence, **evaluate.distribution_of(recon, refs.images)}
+    return {"f": factor, "first_stage": str(stage_dir), "psnr": psnr, "adherence": adherence,
+            **evaluate.distribution_of(recon, refs.images)}
 
 
 def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: argparse.Namespace,
-              out: pathlib.Path, refs: References) -> tuple[dict[str, Any], Any]:
-    """Trains LDM-`factor` up to `budget` seconds of training and evaluates the export: (its row, the model)."""
+              out: pathlib.Path, refs: References) -> dict[str, Any]:
+    """Trains LDM-`factor` up to `budget` seconds of training and evaluates the export: its row."""
     from ldm_jax import store
 
     workdir = out / f"f{factor}" / "ldm"
@@ -215,7 +214,7 @@ def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: 
            "steps": trained_steps(workdir), "last_run": run, **evaluate_model(model, refs, args.sample_steps),
            "first_stage": str(stage_dir) if stage_dir else None,
            "command": f".venv/bin/python bench/f_ablation.py --f {factor} --budgets {budget:g} --out {out}"}
-    return row, model
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -328,12 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_results(results_path, results)
     for factor in args.f:
         stage_dir = first_stage(factor, args, out)
-        for budget in args.budgets:
-            row, model = run_point(factor, budget, stage_dir, args, out, refs)
+        if stage_dir is not None:
+            replace(results["first_stages"], first_stage_row(factor, stage_dir, refs), ["f"])
+            print(json.dumps(results["first_stages"][-1]), flush=True)
+            save_results(results_path, results)
+        for budget in [] if args.first_stages_only else args.budgets:
+            row = run_point(factor, budget, stage_dir, args, out, refs)
             print(json.dumps(row), flush=True)
             replace(results["points"], row, ["f", "budget_s"])
-            if stage_dir is not None:
-                replace(results["first_stages"], first_stage_row(factor, model, refs), ["f"])
             save_results(results_path, results)
     report(results, plot_dir)
     return 0
@@ -352,6 +353,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results", default=str(ROOT / "docs/reproduction/f_ablation.json"))
     p.add_argument("--plot-dir", default=str(ROOT / "docs/reproduction"), help="'' for no plots")
     p.add_argument("--plot", action="store_true", help="only print the tables and plot the results file")
+    p.add_argument("--first-stages-only", action="store_true",
+                   help="train (or take) and measure the first stages of --f, no LDM")
     p.add_argument("--num-eval", type=int, default=256, help="validation captions sampled per point")
     p.add_argument("--num-heldout", type=int, default=128, help="heldout captions sampled per point")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of every sample")

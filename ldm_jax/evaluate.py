@@ -1,7 +1,7 @@
 """Evaluation from the command line: prompt adherence, reconstruction quality, FID and CLIP score.
 
     ldm-jax evaluate split --data_dir D --split validation [--num N] --outdir DIR
-    ldm-jax evaluate autoencode [--checkpoint M] --images DIR --outdir DIR2
+    ldm-jax evaluate autoencode [--checkpoint M|AE_DIR] --images DIR --outdir DIR2
     ldm-jax evaluate adherence --images DIR [--per-image] [--world exact|varied]
     ldm-jax evaluate reconstruction --images DIR --reconstructions DIR [--lpips-vgg vgg16.pth]
     ldm-jax evaluate fid --stats A.npz B.npz
@@ -13,7 +13,8 @@
 split: writes a prepared captioned-shapes split as captioned PNGs (text chunk "prompt") plus DIR/prompts.txt,
 one caption per line in file order (`sample.py --prompts-file DIR/prompts.txt` samples them in that order).
 autoencode: the first-stage reconstructions (posterior mode; VQ: quantised) of every PNG in DIR, same names, by
-a model (`sample.py`'s --checkpoint kinds; the embedded model when omitted).
+an autoencoder directory (what the autoencoder stage exports) or a model's first stage (`sample.py`'s --checkpoint
+kinds; the embedded model when omitted).
 adherence: every *.png in DIR is checked against its caption (`ldm_jax.metrics.shapes_checker`); the caption
 is the PNG text chunk "prompt" or a sidecar DIR/<name>.txt (when both exist they must agree); --world varied reads
 images of the varied world (`shapes.VARIED`, `shapes_checker.VARIED_CHECKER`), exact (the default) the exact one.
@@ -43,6 +44,7 @@ from __future__ import annotations
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,36 +80,38 @@ def write_split(data_dir: str | pathlib.Path, split: str, outdir: str | pathlib.
     return count
 
 
-def autoencode(model: ldm.LoadedModel, images_dir: str | pathlib.Path, outdir: str | pathlib.Path, *,
-               batch_size: int = 64) -> int:
-    """Writes the model's first-stage reconstruction of every PNG of `images_dir` (uint8, same names) into
-    `outdir` (`reconstruct`). Images must share one size, a multiple of the downsampling factor. Returns the number
-    written."""
+def autoencode(first_stage: tuple[Any, Any], images_dir: str | pathlib.Path, outdir: str | pathlib.Path, *,
+               attention: str = "xla", batch_size: int = 64) -> int:
+    """Writes the first-stage reconstruction (`reconstruct`) of every PNG of `images_dir` (uint8, same names) into
+    `outdir`. first_stage: (AutoencoderConfig, params) as `store.load_first_stage` returns them. Images must share
+    one size, a multiple of the downsampling factor. Returns the number written."""
     from PIL import Image  # noqa: PLC0415
 
     files = png_files(images_dir)
     outdir = pathlib.Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    out = reconstruct(model, np.stack([read_png(path)[0] for path in files]), batch_size=batch_size)
+    out = reconstruct(first_stage, np.stack([read_png(path)[0] for path in files]), attention=attention,
+                      batch_size=batch_size)
     for path, image in zip(files, out):
         Image.fromarray(image).save(outdir / path.name)
     return len(files)
 
 
-def reconstruct(model: ldm.LoadedModel, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """The model's first-stage reconstructions, uint8 (N, H, W, 3), of uint8 images (N, H, W, 3) (H, W multiples of
-    the downsampling factor); KL uses the posterior mode, VQ quantises. One program for every chunk of
-    `batch_size` (the last one padded)."""
+def reconstruct(first_stage: tuple[Any, Any], images: np.ndarray, *, attention: str = "xla",
+                batch_size: int = 64) -> np.ndarray:
+    """Reconstructions uint8 (N, H, W, 3) of uint8 images (N, H, W, 3) (H, W multiples of the downsampling factor)
+    by a first stage (AutoencoderConfig, params) (`store.load_first_stage`: an autoencoder directory or any whole
+    model's): KL decodes the posterior mode, VQ quantises. One program for every chunk of `batch_size` (the last
+    one padded)."""
     import jax  # noqa: PLC0415
 
-    config, options = model.config, model.options
-    params = jax.device_put({"first_stage": model.params.get("first_stage", {})})  # an argument, not baked-in constants
+    from ldm_jax.models.autoencoder import build_autoencoder  # noqa: PLC0415
+    from ldm_jax.training import autoencoder_step  # noqa: PLC0415
 
-    @jax.jit
-    def autoencode_batch(params, x):
-        z = ldm.encode_first_stage(config, params, x, options=options)
-        return ldm.decode_first_stage(config, params, z, options=options)
-
+    config, params = first_stage
+    module = build_autoencoder(config, attention=attention)
+    autoencode_batch = jax.jit(lambda p, x: autoencoder_step.reconstruct(module, p, x)[0])
+    params = jax.device_put(params)  # an argument, not baked-in constants
     chunks = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size].astype(np.float32) / 127.5 - 1.0
@@ -354,7 +358,8 @@ def build_parser(prog: str = "ldm-jax evaluate") -> ArgumentParser:
     p.add_argument("--num", type=int_in(1), help="only the first NUM examples")
     p.add_argument("--outdir", required=True)
     p = commands.add_parser("autoencode", help="first-stage reconstructions of a PNG directory")
-    p.add_argument("--checkpoint", help="a model (sample.py's --checkpoint kinds); the embedded model if omitted")
+    p.add_argument("--checkpoint", help="an autoencoder directory or a model (sample.py's --checkpoint kinds; its "
+                   "first stage); the embedded model if omitted")
     p.add_argument("--attention", help="attention implementation: xla, jax_nn or chunked")
     p.add_argument("--images", required=True)
     p.add_argument("--outdir", required=True)
@@ -421,7 +426,8 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         count = write_split(args.data_dir, args.split, args.outdir, num=args.num, name=args.name)
         print(f"wrote {count} captioned PNG(s) and prompts.txt to {pathlib.Path(args.outdir).resolve()}")
     elif args.command == "autoencode":
-        count = autoencode(store.load_model(args.checkpoint, attention=args.attention), args.images, args.outdir)
+        count = autoencode(store.load_first_stage(args.checkpoint), args.images, args.outdir,
+                           attention=args.attention or "xla")
         print(f"wrote {count} reconstruction(s) to {pathlib.Path(args.outdir).resolve()}")
     elif args.command == "adherence":
         summary, rows = adherence(args.images, args.world)
