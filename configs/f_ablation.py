@@ -17,6 +17,12 @@ Every point is the embedded model's recipe on captioned_shapes/res32_varied with
   latents of autoencoderF; ldm1 has the identity first stage (`first_stage.kind="identity"`: the UNet denoises
   the 32x32x3 images themselves). ldm4 IS shapes_ldm.py:varied. Give the first stage with
   --config.train.first_stage=WORKDIR (not for ldm1).
+By hand (bench/f_ablation.py runs these, then evaluates every export):
+    python -m ldm_jax train --config configs/f_ablation.py:autoencoder2 --workdir runs/f_ablation/f2/autoencoder \
+        --config.data.data_dir=runs/tfds
+    python -m ldm_jax train --config configs/f_ablation.py:ldm2 --workdir runs/f_ablation/f2/ldm \
+        --config.data.data_dir=runs/tfds --config.train.first_stage=runs/f_ablation/f2/autoencoder \
+        --config.train.max_train_seconds=600
 The budget: --config.train.max_train_seconds=S (cumulative step time, `loop.TrainTime`; rerun the same workdir with
 a larger S to continue); num_steps stays 6000 (constant rate, so it only caps a run).
 """

@@ -10,7 +10,8 @@ the captions (data.control_key="shapes_mask"), one device, 3 steps, checkpoints 
   ControlNetModel.from_pretrained with no missing or unexpected keys. The sample grid (step 3) is steered by the
   eval examples' control images, logged beside it.
 - A run stopped after its step-2 checkpoint and resumed ends bitwise equal to the uninterrupted one.
-- At initialisation (zero convolutions) the ControlNet loss is the base model's `ldm.training_loss`, bit for bit,
+- At initialisation (zero convolutions) the ControlNet loss is the base model's `ldm.training_loss` (to float32
+  rounding: 1 ulp at most),
   and only the zero convolutions get gradients (ControlNet's defining property).
 - Data: the shapes control image is white exactly where `render` paints objects; folder and tar layouts
   (`<stem>.conditioning_image.<ext>`) read the control image beside each image; a random crop + flip moves image and
@@ -154,7 +155,8 @@ def test_loss_at_init_is_the_base_loss_and_only_zero_convs_get_gradients(tiny_mo
     loss = train_ldm.make_stage_loss(stage)
     value, grads = jax.jit(jax.value_and_grad(lambda p: loss(p, batch, key, frozen)[0]))(stage.adapter.initial)
     reference = jax.jit(lambda p: ldm.training_loss(stage.model, p, batch, key, empty_prompt=empty)[0])(frozen)
-    np.testing.assert_array_equal(np.asarray(value), np.asarray(reference))
+    # Two differently fused programs: bit-equal where XLA emits AVX2 code, 1 ulp apart (1.2e-7) on an AVX-512 host.
+    np.testing.assert_allclose(np.asarray(value), np.asarray(reference), rtol=5e-7, atol=0)
     norms = {k: float(np.abs(g).max()) for k, g in _flat(grads["controlnet"]).items()}
     zero_convs = {k for k in norms if k.startswith(("controlnet_down_blocks_", "controlnet_mid_block"))}
     assert all(norms[k] > 0 for k in zero_convs if k.endswith("bias"))
