@@ -61,14 +61,14 @@ RENDER_SEED = 12345  # the fresh renders of the references (the dataset's own dr
 
 
 def read_split(data_dir: str, split: str, num: int) -> tuple[np.ndarray, list[str]]:
-    """The first `num` images uint8 (num, 32, 32, 3) and captions of a split of res32_varied."""
-    from ldm_jax.data import readers
+    """The first `num` images uint8 (num, 32, 32, 3) and captions of a split of res32_varied
+    (`evaluate.read_split`); SystemExit when the split is smaller."""
+    from ldm_jax import evaluate
 
-    source = readers.TfdsSource(DATASET, data_dir=data_dir, split=split)
-    if len(source) < num:
-        raise SystemExit(f"{data_dir}: {DATASET} {split} has {len(source)} examples, fewer than the {num} asked")
-    examples = [source[i] for i in range(num)]
-    return np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
+    images, captions = evaluate.read_split(data_dir, split, num=num, name=DATASET)
+    if len(captions) < num:
+        raise SystemExit(f"{data_dir}: {DATASET} {split} has {len(captions)} examples, fewer than the {num} asked")
+    return images, captions
 
 
 def fresh_renders(captions: Sequence[str], seed: int = RENDER_SEED) -> np.ndarray:

@@ -59,25 +59,31 @@ CAPTION_KEY = "prompt"
 SHAPES_DATASET = "captioned_shapes/res32"
 
 
-def write_split(data_dir: str | pathlib.Path, split: str, outdir: str | pathlib.Path, *, num: int | None = None,
-                name: str = SHAPES_DATASET) -> int:
-    """Writes the first `num` (all when None) examples of a prepared TFDS split as OUTDIR/%05d.png with their
-    captions as the "prompt" text chunk, and OUTDIR/prompts.txt; returns the number written."""
-    from PIL import Image, PngImagePlugin  # noqa: PLC0415
-
+def read_split(data_dir: str | pathlib.Path, split: str, *, num: int | None = None,
+               name: str = SHAPES_DATASET) -> tuple[np.ndarray, list[str]]:
+    """The first `num` (all when None) examples of a prepared TFDS captioned-shapes split: (uint8 images
+    (N, R, R, 3), their captions)."""
     source = readers.TfdsSource(name, data_dir=data_dir, split=split)
     count = len(source) if num is None else min(num, len(source))
+    examples = [source[index] for index in range(count)]
+    return np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
+
+
+def write_split(data_dir: str | pathlib.Path, split: str, outdir: str | pathlib.Path, *, num: int | None = None,
+                name: str = SHAPES_DATASET) -> int:
+    """Writes the first `num` (all when None) examples of a prepared TFDS split (`read_split`) as OUTDIR/%05d.png
+    with their captions as the "prompt" text chunk, and OUTDIR/prompts.txt; returns the number written."""
+    from PIL import Image, PngImagePlugin  # noqa: PLC0415
+
+    images, captions = read_split(data_dir, split, num=num, name=name)
     outdir = pathlib.Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    captions = []
-    for index in range(count):
-        example = source[index]
+    for index, (image, caption) in enumerate(zip(images, captions)):
         info = PngImagePlugin.PngInfo()
-        info.add_text(CAPTION_KEY, example["caption"])
-        Image.fromarray(example["image"]).save(outdir / f"{index:05d}.png", pnginfo=info)
-        captions.append(example["caption"])
+        info.add_text(CAPTION_KEY, caption)
+        Image.fromarray(image).save(outdir / f"{index:05d}.png", pnginfo=info)
     (outdir / "prompts.txt").write_text("\n".join(captions) + "\n")
-    return count
+    return len(captions)
 
 
 def autoencode(first_stage: tuple[Any, Any], images_dir: str | pathlib.Path, outdir: str | pathlib.Path, *,
