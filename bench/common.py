@@ -435,10 +435,20 @@ def train_in_subprocess(argv: Sequence[str], log_path: pathlib.Path) -> tuple[fl
     return run.wall_s, run.peak_rss_gib, run.cpu_s
 
 
+def last_logged(workdir: pathlib.Path, key: str, default: float | None = None) -> float:
+    """The largest `key` of WORKDIR/metrics.jsonl (a run's logged values only grow: "step", "train_seconds");
+    `default` when nothing is logged yet (KeyError without one)."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    values = [float(row[key]) for row in map(json.loads, filter(str.strip, lines)) if key in row]
+    if not values and default is None:
+        raise KeyError(f"{path}: no logged {key!r}")
+    return max(values, default=default)
+
+
 def trained_steps(workdir: pathlib.Path) -> int:
     """The last step logged in WORKDIR/metrics.jsonl."""
-    lines = (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return max(int(json.loads(line)["step"]) for line in lines if line.strip())
+    return int(last_logged(workdir, "step"))
 
 
 SHAPES_SAMPLER, SHAPES_STEPS, SHAPES_GUIDANCE, SHAPES_SEED = "ddim", 50, 7.5, 0  # ldm-jax sample's defaults

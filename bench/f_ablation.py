@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (ROOT, format_table, load_average, markdown_table, measure_process, sample_prompts,
-                    trained_steps)
+from common import (ROOT, format_table, last_logged, load_average, markdown_table, measure_process,
+                    sample_prompts, trained_steps)
 
 DATASET = "captioned_shapes/res32_varied"
 CONFIG = "configs/f_ablation.py"
@@ -157,15 +157,6 @@ def first_stage(factor: int, args: argparse.Namespace, out: pathlib.Path) -> pat
     return workdir
 
 
-def last_train_seconds(workdir: pathlib.Path) -> float:
-    """The cumulative training time the run logged last (0 before its first log line)."""
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return 0.0
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return max((float(r["train_seconds"]) for r in rows if "train_seconds" in r), default=0.0)
-
-
 def evaluate_model(model, refs: References, steps: int) -> dict[str, Any]:
     """Samples the references' captions with `model` (DDIM `steps`) and scores them (module doc, step 4)."""
     validation = sample_prompts(model, refs.captions, steps=steps)
@@ -197,7 +188,7 @@ def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: 
     from ldm_jax import store
 
     workdir = out / f"f{factor}" / "ldm"
-    done = last_train_seconds(workdir)
+    done = last_logged(workdir, "train_seconds", 0.0)
     run = None
     if done >= budget + max(60.0, 0.05 * budget):
         raise SystemExit(f"{workdir} has trained {done:.0f} s already, past the budget {budget:.0f} s: give a larger "
@@ -210,7 +201,7 @@ def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: 
     else:  # this budget's run ended (its last step overshoots a little): evaluate its export again
         print(f"{workdir}: trained {done:.0f} s for the budget {budget:.0f} s already; evaluating its export", flush=True)
     model = store.load_model(workdir / "model")
-    row = {"f": factor, "budget_s": budget, "train_seconds": round(last_train_seconds(workdir), 1),
+    row = {"f": factor, "budget_s": budget, "train_seconds": round(last_logged(workdir, "train_seconds", 0.0), 1),
            "steps": trained_steps(workdir), "last_run": run, **evaluate_model(model, refs, args.sample_steps),
            "first_stage": str(stage_dir) if stage_dir else None,
            "command": f".venv/bin/python bench/f_ablation.py --f {factor} --budgets {budget:g} --out {out}"}
