@@ -211,6 +211,9 @@ def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: 
 # ------------------------------------------------------------------------------------------------ results
 
 
+EVALUATION_FLAGS = ("num_eval", "num_heldout", "sample_steps", "diversity_prompts", "diversity_samples")
+
+
 def load_results(path: pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"points": [], "first_stages": [], "reference": None}
 
@@ -313,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     refs = References(args.data_dir, args.num_eval, args.num_heldout, args.diversity_prompts, args.diversity_samples)
     print(f"{len(refs.captions)} validation and {len(refs.heldout)} heldout captions; {load_average()}", flush=True)
-    if results["reference"] is None or results["reference"]["num_images"] != args.num_eval:
+    settings = {k: getattr(args, k) for k in EVALUATION_FLAGS}
+    if results.setdefault("evaluation", settings) != settings:
+        raise SystemExit(f"{results_path} holds points evaluated with {results['evaluation']}, not {settings}: give "
+                         "the same flags or another --results (points of one file must be comparable)")
+    if results["reference"] is None:
         results["reference"] = reference_rows(refs)
         save_results(results_path, results)
     for factor in args.f:
