@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -487,6 +488,32 @@ def sample_prompts(model, prompts: Sequence[str], *, batch: int = 64, controlnet
                                seed=SHAPES_SEED, first_index=start, options=model.options, control=control)
         images.append(pipeline.to_uint8(np.asarray(jax.device_get(out))[:len(chunk)]))
     return np.concatenate(images)
+
+
+RENDER_SEED = 12345  # fresh renders of evaluation captions (the dataset's own draws use seeds [0, split, index])
+
+
+def fresh_renders(captions: Sequence[str], seed: int = RENDER_SEED) -> np.ndarray:
+    """Each caption rendered once more in the varied world (rng default_rng([seed, i])): uint8 (N, 32, 32, 3)."""
+    from ldm_jax.data import shapes
+
+    return np.stack([shapes.render(shapes.parse_caption(c), 32, variation=shapes.VARIED,
+                                   rng=np.random.default_rng([seed, i])) for i, c in enumerate(captions)])
+
+
+def diversity(images: np.ndarray, samples: int) -> dict[str, float]:
+    """Mean pairwise distance between the images of each caption, (P * samples, R, R, 3) uint8 laid out caption by
+    caption: {"pixel": mean |a - b| / 255 over pixels and pairs, "feature": mean Euclidean distance of the shapes
+    classifier's features}, each averaged over the P captions."""
+    from ldm_jax.metrics import shapes_features
+
+    feats = shapes_features.features(images)
+    feats = feats.reshape(-1, samples, feats.shape[-1])
+    groups = images.reshape(-1, samples, *images.shape[1:]).astype(np.float32) / 255.0
+    pairs = list(itertools.combinations(range(samples), 2))
+    pixel = np.mean([np.abs(g[i] - g[j]).mean() for g in groups for i, j in pairs])
+    feature = np.mean([np.linalg.norm(f[i] - f[j]) for f in feats for i, j in pairs])
+    return {"pixel": float(pixel), "feature": float(feature)}
 
 
 def picture(rows: Sequence[tuple[str, np.ndarray]], path: pathlib.Path, label_width: int = 420,

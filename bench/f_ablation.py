@@ -38,7 +38,6 @@ markdown) and docs/reproduction/*.png are made from the whole file (`--plot` alo
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import pathlib
 import sys
@@ -49,12 +48,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (ROOT, format_table, last_logged, load_average, markdown_table, measure_process,
-                    sample_prompts, trained_steps)
+from common import (RENDER_SEED, ROOT, diversity, format_table, fresh_renders, last_logged, load_average,
+                    markdown_table, measure_process, sample_prompts, trained_steps)
 
 DATASET = "captioned_shapes/res32_varied"
 CONFIG = "configs/f_ablation.py"
-RENDER_SEED = 12345  # the fresh renders of the references (the dataset's own draws use seeds [0, split, index])
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -69,29 +67,6 @@ def read_split(data_dir: str, split: str, num: int) -> tuple[np.ndarray, list[st
     if len(captions) < num:
         raise SystemExit(f"{data_dir}: {DATASET} {split} has {len(captions)} examples, fewer than the {num} asked")
     return images, captions
-
-
-def fresh_renders(captions: Sequence[str], seed: int = RENDER_SEED) -> np.ndarray:
-    """Each caption rendered once more in the varied world (rng default_rng([seed, i])): uint8 (N, 32, 32, 3)."""
-    from ldm_jax.data import shapes
-
-    return np.stack([shapes.render(shapes.parse_caption(c), 32, variation=shapes.VARIED,
-                                   rng=np.random.default_rng([seed, i])) for i, c in enumerate(captions)])
-
-
-def diversity(images: np.ndarray, samples: int) -> dict[str, float]:
-    """Mean pairwise distance between the images of each caption, (P * samples, R, R, 3) uint8 laid out caption by
-    caption: {"pixel": mean |a - b| / 255 over pixels and pairs, "feature": mean Euclidean distance of the shapes
-    classifier's features}, each averaged over the P captions."""
-    from ldm_jax.metrics import shapes_features
-
-    feats = shapes_features.features(images)
-    feats = feats.reshape(-1, samples, feats.shape[-1])
-    groups = images.reshape(-1, samples, *images.shape[1:]).astype(np.float32) / 255.0
-    pairs = list(itertools.combinations(range(samples), 2))
-    pixel = np.mean([np.abs(g[i] - g[j]).mean() for g in groups for i, j in pairs])
-    feature = np.mean([np.linalg.norm(f[i] - f[j]) for f in feats for i, j in pairs])
-    return {"pixel": float(pixel), "feature": float(feature)}
 
 
 class References:

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import format_table, load_average, markdown_table, picture, sample_prompts
-from f_ablation import RENDER_SEED, diversity, fresh_renders, read_split
+from common import (RENDER_SEED, diversity, format_table, fresh_renders, load_average, markdown_table, picture,
+                    sample_prompts)
+from f_ablation import read_split
 
 PICTURE_PROMPTS = ("a large red circle at the top left and a large blue square at the bottom right",
                    "a small yellow triangle in the centre",
