@@ -41,3 +41,20 @@ def test_plot_series_draws_each_series_in_its_colour(tmp_path):
     for index in range(3):  # single points: a dot each, on a log axis too
         assert (right == curves.COLOURS[index]).all(-1).sum() > 10
     curves.plot_series(panels[1:], tmp_path / "log.png", x_label="images / s", log_x=True)
+
+
+def test_nice_ticks_are_round_values_inside_the_range():
+    np.testing.assert_array_equal(curves.nice_ticks(0, 16), [0, 5, 10, 15])
+    np.testing.assert_array_equal(curves.nice_ticks(-3, 3), [-2, 0, 2])
+    np.testing.assert_allclose(curves.nice_ticks(0.72, 0.97), [0.8, 0.9])
+    np.testing.assert_array_equal(curves.nice_ticks(71.6, 1727.5, log=True), [100, 200, 500, 1000])
+    np.testing.assert_array_equal(curves.nice_ticks(0.5, 5000, log=True), [1, 10, 100, 1000])  # decades only
+    np.testing.assert_array_equal(curves.nice_ticks(98.7, 131.9, log=True), [100, 110, 120, 130])  # linear inside
+    assert "-0" not in [f"{t:g}" for t in curves.nice_ticks(-1e-12, 1)]
+
+
+def test_log_axes_need_positive_values(tmp_path):
+    panel = [("FSD", [("f=2", [5, 10, 20], [1700.0, 430.0, 127.0])])]
+    curves.plot_series(panel, tmp_path / "ok.png", x_label="minutes", log_x=True, log_y=["FSD"])
+    with pytest.raises(ValueError, match="panel 'FSD': a logarithmic y axis needs every y > 0"):
+        curves.plot_series([("FSD", [("f=2", [5, 10], [0.0, 1.0])])], tmp_path / "bad.png", x_label="m", log_y=["FSD"])

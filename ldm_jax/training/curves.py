@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -41,8 +41,25 @@ def read_series(path: str | pathlib.Path, key: str) -> tuple[np.ndarray, np.ndar
     return np.array(steps), np.array(values)
 
 
-def _ticks(low: float, high: float, count: int = 4) -> np.ndarray:
-    return np.linspace(low, high, count + 1)
+def nice_ticks(low: float, high: float, *, log: bool = False, count: int = 4) -> np.ndarray:
+    """Round tick values inside [low, high]: multiples of 1, 2 or 5 x 10^k about `count` intervals apart, or
+    with log (low > 0) the values 1, 2, 5 x 10^k in the range (only the powers of ten when those are 3 or more,
+    linear ticks when fewer than 2 fall inside)."""
+    if log:
+        decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+        for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
+            ticks = np.array([m * 10.0 ** k for k in decades for m in mantissas if low <= m * 10.0 ** k <= high])
+            if len(ticks) >= 3:
+                return ticks
+        if len(ticks) >= 2:
+            return ticks
+    if high <= low:
+        return np.array([low])
+    raw = (high - low) / count
+    magnitude = 10.0 ** np.floor(np.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    ticks = np.arange(np.ceil(low / step - 1e-9) * step, high + step * 1e-9, step)
+    return np.round(ticks / step) * step + 0.0  # + 0.0: no "-0" label
 
 
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
@@ -56,10 +73,11 @@ def draw_panel(title: str, steps: np.ndarray, values: np.ndarray):
     return draw_series_panel(summary, [("", steps, values)], x_label="step")
 
 
-def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log_x: bool = False):
+def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log_x: bool = False,
+                      log_y: bool = False):
     """One PIL RGB image PANEL_SIZE: every (label, xs, ys) series as a polyline with a dot at each point, in
-    COLOURS order, on shared labelled axes (x logarithmic with log_x, then every x > 0), and the labels that are
-    not empty in their colours in a row above the axes."""
+    COLOURS order, on shared axes with round tick values (x logarithmic with log_x, then every x > 0; y with
+    log_y, then every y > 0), and the labels that are not empty in their colours in a row above the axes."""
     from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
 
     width, height = PANEL_SIZE
@@ -69,32 +87,30 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
     draw = ImageDraw.Draw(image)
     xs_all = np.concatenate([np.asarray(xs, np.float64) for _, xs, _ in series])
     ys_all = np.concatenate([np.asarray(ys, np.float64) for _, _, ys in series])
-    warp = np.log10 if log_x else (lambda v: v)
-    x0, x1 = float(warp(xs_all.min())), float(warp(xs_all.max()))
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    y0, y1 = float(ys_all.min()), float(ys_all.max())
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
+    for axis, values, log in (("x", xs_all, log_x), ("y", ys_all, log_y)):
+        if log and not (values > 0).all():
+            raise ValueError(f"panel {title!r}: a logarithmic {axis} axis needs every {axis} > 0, got {values.min():g}")
+    warp_x = np.log10 if log_x else (lambda v: v)
+    warp_y = np.log10 if log_y else (lambda v: v)
+    x0, x1 = _padded(warp_x(xs_all.min()), warp_x(xs_all.max()), 0.03)
+    y0, y1 = _padded(warp_y(ys_all.min()), warp_y(ys_all.max()), 0.05)
 
     def to_px(x, y):
-        px = left + (warp(x) - x0) / (x1 - x0) * (width - left - right)
-        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        px = left + (warp_x(x) - x0) / (x1 - x0) * (width - left - right)
+        py = height - bottom - (warp_y(y) - y0) / (y1 - y0) * (height - top - bottom)
         return float(px), float(py)
 
     draw.rectangle([left, top, width - right, height - bottom], outline=AXIS_COLOUR)
-    for y in _ticks(y0 + pad, y1 - pad):
-        _, py = to_px(10 ** x0 if log_x else x0, y)
+    unwarp_x = (lambda v: 10.0 ** v) if log_x else (lambda v: v)
+    unwarp_y = (lambda v: 10.0 ** v) if log_y else (lambda v: v)
+    for y in nice_ticks(unwarp_y(y0), unwarp_y(y1), log=log_y):  # inside the padded axis
+        _, py = to_px(xs_all.min(), y)
         draw.line([left - 4, py, left, py], fill=AXIS_COLOUR)
-        draw.text((left - 6, py), f"{y:.3g}", fill="black", font=font, anchor="rm")
-    for x in _ticks(x0, x1):
-        value = 10 ** x if log_x else x
-        px, _ = to_px(value, y0)
+        draw.text((left - 6, py), f"{y:g}", fill="black", font=font, anchor="rm")
+    for x in nice_ticks(unwarp_x(x0), unwarp_x(x1), log=log_x):
+        px, _ = to_px(x, ys_all.min())
         draw.line([px, height - bottom, px, height - bottom + 4], fill=AXIS_COLOUR)
-        draw.text((px, height - bottom + 6), f"{value:.3g}" if log_x else f"{value:.0f}", fill="black", font=font,
-                  anchor="mt")
+        draw.text((px, height - bottom + 6), f"{x:g}", fill="black", font=font, anchor="mt")
     draw.text((width / 2, height - 4), x_label, fill="black", font=font, anchor="md")
     draw.text((width / 2, 8), title, fill="black", font=ImageFont.load_default(size=12), anchor="mt")
     legend_x = left
@@ -109,6 +125,15 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
             draw.text((legend_x, top - 3), label, fill=colour, font=font, anchor="ld")  # a row above the axes
             legend_x += draw.textlength(label, font=font) + 10
     return image
+
+
+def _padded(low: float, high: float, fraction: float) -> tuple[float, float]:
+    """[low, high] widened by `fraction` of its span on each side (by 0.5 when it is a single value)."""
+    low, high = float(low), float(high)
+    if high == low:
+        return low - 0.5, high + 0.5
+    pad = fraction * (high - low)
+    return low - pad, high + pad
 
 
 def _sheet(images, out: str | pathlib.Path) -> pathlib.Path:
@@ -129,10 +154,11 @@ def plot_curves(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], out: str |
 
 
 def plot_series(panels: Sequence[tuple[str, Sequence[Series]]], out: str | pathlib.Path, *, x_label: str,
-                log_x: bool = False) -> pathlib.Path:
+                log_x: bool = False, log_y: Collection[str] = ()) -> pathlib.Path:
     """Writes (title, [(label, xs, ys), ...]) panels side by side as one PNG (`draw_series_panel`, the same x
-    label on each); returns its path."""
-    return _sheet([draw_series_panel(title, series, x_label=x_label, log_x=log_x) for title, series in panels], out)
+    label and x scale on each; a logarithmic y axis on the panels whose titles are in log_y); returns its path."""
+    return _sheet([draw_series_panel(title, series, x_label=x_label, log_x=log_x, log_y=title in log_y)
+                   for title, series in panels], out)
 
 
 def parse_panel(spec: str) -> tuple[str, str, str]:
