@@ -17,8 +17,8 @@ continues from its checkpoint; one that ended at this budget is evaluated again;
    (skipped when its export exists, or given with --first-stage F=WORKDIR); measured before the LDM trains:
    reconstruction PSNR of the validation references, the checker's adherence of the reconstructions, and their FSD
    / precision / recall against the references (what the LDM can reach at best through this first stage: "rFSD").
-3. LDM: `python -m ldm_jax train --config configs/f_ablation.py:ldmF --config.train.max_train_seconds=B` in
-   OUT/fF/ldm, for each budget B in order (seconds of training steps, `loop.TrainTime`: compilation, latent
+3. LDM: `python -m ldm_jax train --config configs/f_ablation.py:ldmF --config.train.max_train_seconds=B` (and
+   num_steps lifted to UNCAPPED_STEPS: the budget ends the run) in OUT/fF/ldm, for each budget B in order (seconds of training steps, `loop.TrainTime`: compilation, latent
    precomputation, sample grids and checkpoints excluded); each budget continues the run of the one before.
 4. Each export is evaluated (`evaluate_model`): one sample per validation caption and per heldout caption (DDIM,
    --sample-steps 25 (LDM-1 samples 17x slower than LDM-4: 238 against 14 GFLOP per UNet call of 128), guidance 7.5,
@@ -105,6 +105,9 @@ def reference_rows(refs: References) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ runs
 
 
+UNCAPPED_STEPS = 1_000_000  # the learning rate is constant after warm-up, so num_steps changes nothing else
+
+
 def train(config: str, workdir: pathlib.Path, overrides: Sequence[str]) -> dict[str, float]:
     """One `python -m ldm_jax train` in its own process (log: WORKDIR.log, appended to on continuation); its wall
     and CPU seconds. SystemExit with the log's tail when it fails."""
@@ -169,7 +172,8 @@ def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: 
         raise SystemExit(f"{workdir} has trained {done:.0f} s already, past the budget {budget:.0f} s: give a larger "
                          "budget or another --out")
     if done < budget:
-        overrides = [f"--config.data.data_dir={args.data_dir}", f"--config.train.max_train_seconds={budget}"]
+        overrides = [f"--config.data.data_dir={args.data_dir}", f"--config.train.max_train_seconds={budget}",
+                     f"--config.train.num_steps={UNCAPPED_STEPS}"]  # the budget, not the recipe's 6000, ends a run
         if stage_dir is not None:
             overrides.append(f"--config.train.first_stage={stage_dir}")
         run = train(f"{CONFIG}:ldm{factor}", workdir, overrides)

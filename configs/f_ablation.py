@@ -24,7 +24,8 @@ By hand (bench/f_ablation.py runs these, then evaluates every export):
         --config.data.data_dir=runs/tfds --config.train.first_stage=runs/f_ablation/f2/autoencoder \
         --config.train.max_train_seconds=600
 The budget: --config.train.max_train_seconds=S (cumulative step time, `loop.TrainTime`; rerun the same workdir with
-a larger S to continue); num_steps stays 6000 (constant rate, so it only caps a run).
+a larger S to continue). bench/f_ablation.py also lifts num_steps (6000: LDM-8 reaches it in 1669 s) to 1,000,000
+so that the budget alone ends a run (the learning rate is constant after warm-up: num_steps changes nothing else).
 """
 import pathlib
 import re
