@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (format_table, load_average, markdown_table, picture, sample_prompts, train_in_subprocess,
-                    trained_steps)
+from common import (UsageError, format_table, load_average, markdown_table, picture, sample_prompts,
+                    train_in_subprocess, trained_steps)
 
 NEW_COLOUR = "white"
 TI_INIT_WORD = "yellow"  # also DreamBooth's class word: its class captions draw the instance layouts in yellow
@@ -106,12 +106,12 @@ def new_concept_prompts(num: int, exclude: Sequence[str], seed: int = PROMPT_SEE
 def old_prompts(path: pathlib.Path, num: int) -> list[str]:
     """The first `num` lines of a prompts file (the validation prompts of the README's adherence table)."""
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist; write the validation prompts first (README, 'The embedded model'):"
+        raise UsageError(f"{path} does not exist; write the validation prompts first (README, 'The embedded model'):"
                          " python -m ldm_jax.data.captioned_shapes --data_dir runs/tfds --resolution 32 && ldm-jax "
                          "evaluate split --data_dir runs/tfds --split validation --num 256 --outdir runs/eval/validation")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < num:
-        raise SystemExit(f"{path} holds {len(lines)} prompts; --num-prompts {num} asks for more")
+        raise UsageError(f"{path} holds {len(lines)} prompts; --num-prompts {num} asks for more")
     return lines[:num]
 
 
@@ -271,7 +271,7 @@ def train_recipe(recipe: Recipe, out: pathlib.Path, base) -> tuple[dict[str, Any
     """Trains one recipe in its own process: (its result fields, the adapted model)."""
     workdir = out / recipe.name
     if workdir.exists():  # the run would resume instead of being measured
-        raise SystemExit(f"{workdir} exists: delete it (or give another --out) to measure {recipe.name}")
+        raise UsageError(f"{workdir} exists: delete it (or give another --out) to measure {recipe.name}")
     argv = ["-m", "ldm_jax", "train", "--config", recipe.config, "--workdir", str(workdir), *recipe.overrides(out)]
     print("training:", " ".join(argv), flush=True)
     wall, peak, cpu = train_in_subprocess(argv, out / f"{recipe.name}.log")

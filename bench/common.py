@@ -63,6 +63,19 @@ TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "
 # -------------------------------------------------------------------------------------------------- models
 
 
+class UsageError(SystemExit):
+    """Bad input to a bench script (a flag, a missing file, a workdir in the way): exit status 2, with its one-line
+    message on stderr (printed here: a SystemExit with an int code prints nothing) and as str(error)."""
+
+    def __init__(self, message: str):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def bench_config(name: str, latent_size: int):
     """The `LDMConfig` of benchmark config `name` (see CONFIG_NAMES) at `latent_size` x `latent_size` latents.
 

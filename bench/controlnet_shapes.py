@@ -68,8 +68,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (format_table, load_average, markdown_table, picture, sample_prompts, train_in_subprocess,
-                    trained_steps)
+from common import (UsageError, format_table, load_average, markdown_table, picture, sample_prompts,
+                    train_in_subprocess, trained_steps)
 
 CONFIG = "configs/controlnet_shapes.py"
 EVAL_SEED = 2026  # the evaluation scenes' draw (`evaluation_scenes`)
@@ -201,7 +201,7 @@ def train(out: pathlib.Path, steps: int | None, data_dir: str) -> dict[str, Any]
     """Trains the config in its own process (module doc, step 1); returns the run's result fields."""
     workdir = out / "train"
     if workdir.exists():  # the run would resume instead of being measured
-        raise SystemExit(f"{workdir} exists: delete it (or give another --out) to measure the training")
+        raise UsageError(f"{workdir} exists: delete it (or give another --out) to measure the training")
     argv = ["-m", "ldm_jax", "train", "--config", CONFIG, "--workdir", str(workdir),
             f"--config.data.data_dir={data_dir}"] + ([] if steps is None else [f"--config.train.num_steps={steps}"])
     print("training:", " ".join(argv), f"(log: {out / 'train.log'})", flush=True)

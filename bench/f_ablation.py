@@ -18,8 +18,9 @@ continues from its checkpoint; one that ended at this budget is evaluated again;
    reconstruction PSNR of the validation references, the checker's adherence of the reconstructions, and their FSD
    / precision / recall against the references (what the LDM can reach at best through this first stage: "rFSD").
 3. LDM: `python -m ldm_jax train --config configs/f_ablation.py:ldmF --config.train.max_train_seconds=B` (and
-   num_steps lifted to UNCAPPED_STEPS: the budget ends the run) in OUT/fF/ldm, for each budget B in order (seconds of training steps, `loop.TrainTime`: compilation, latent
-   precomputation, sample grids and checkpoints excluded); each budget continues the run of the one before.
+   num_steps lifted to UNCAPPED_STEPS: the budget ends the run) in OUT/fF/ldm, for each budget B in order (seconds
+   of training steps, `loop.TrainTime`: compilation, latent precomputation, sample grids and checkpoints excluded);
+   each budget continues the run of the one before.
 4. Each export is evaluated (`evaluate_model`): one sample per validation caption and per heldout caption (DDIM,
    --sample-steps 25 (LDM-1 samples 17x slower than LDM-4: 238 against 14 GFLOP per UNet call of 128), guidance 7.5,
    seed 0: `ldm-jax sample`'s others, image i from noise fold_in(0, i)); adherence on both
@@ -48,8 +49,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (RENDER_SEED, ROOT, diversity, format_table, fresh_renders, last_logged, load_average,
-                    markdown_table, measure_process, sample_prompts, trained_steps)
+from common import (RENDER_SEED, ROOT, UsageError, diversity, format_table, fresh_renders, last_logged,
+                    load_average, markdown_table, measure_process, sample_prompts, trained_steps)
 
 DATASET = "captioned_shapes/res32_varied"
 CONFIG = "configs/f_ablation.py"
@@ -65,7 +66,7 @@ def read_split(data_dir: str, split: str, num: int) -> tuple[np.ndarray, list[st
 
     images, captions = evaluate.read_split(data_dir, split, num=num, name=DATASET)
     if len(captions) < num:
-        raise SystemExit(f"{data_dir}: {DATASET} {split} has {len(captions)} examples, fewer than the {num} asked")
+        raise UsageError(f"{data_dir}: {DATASET} {split} has {len(captions)} examples, fewer than the {num} asked")
     return images, captions
 
 
@@ -169,7 +170,7 @@ def run_point(factor: int, budget: float, stage_dir: pathlib.Path | None, args: 
     done = last_logged(workdir, "train_seconds", 0.0)
     run = None
     if done >= budget + max(60.0, 0.05 * budget):
-        raise SystemExit(f"{workdir} has trained {done:.0f} s already, past the budget {budget:.0f} s: give a larger "
+        raise UsageError(f"{workdir} has trained {done:.0f} s already, past the budget {budget:.0f} s: give a larger "
                          "budget or another --out")
     if done < budget:
         overrides = [f"--config.data.data_dir={args.data_dir}", f"--config.train.max_train_seconds={budget}",
@@ -300,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(refs.captions)} validation and {len(refs.heldout)} heldout captions; {load_average()}", flush=True)
     settings = {k: getattr(args, k) for k in EVALUATION_FLAGS}
     if results.setdefault("evaluation", settings) != settings:
-        raise SystemExit(f"{results_path} holds points evaluated with {results['evaluation']}, not {settings}: give "
+        raise UsageError(f"{results_path} holds points evaluated with {results['evaluation']}, not {settings}: give "
                          "the same flags or another --results (points of one file must be comparable)")
     if results["reference"] is None:
         results["reference"] = reference_rows(refs)

@@ -163,3 +163,13 @@ def test_bench_dreambooth_recipes_train_on_the_captions(tmp_path):
         data = dreambooth.instance_data(main.section(pipeline.DataConfig, config, "data"), cfg)
         prompts = dreambooth.prompts(cfg, pipeline.make_source(data))
         assert prompts.pairs == tuple((c, c.replace(" white ", " yellow ")) for c in captions)
+
+
+def test_bad_input_exits_2_with_a_one_line_message(tmp_path, capsys):
+    bench = _bench()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit, match=r"prompts.txt holds 1 prompts; --num-prompts 4 asks for more") as error:
+        bench.old_prompts(prompts, 4)
+    assert error.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("--num-prompts 4 asks for more")
