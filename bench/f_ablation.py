@@ -61,7 +61,7 @@ CONFIG = "configs/f_ablation.py"
 
 def read_split(data_dir: str, split: str, num: int) -> tuple[np.ndarray, list[str]]:
     """The first `num` images uint8 (num, 32, 32, 3) and captions of a split of res32_varied
-    (`evaluate.read_split`); SystemExit when the split is smaller."""
+    (`evaluate.read_split`); UsageError (exit 2) when the split is smaller."""
     from ldm_jax import evaluate
 
     images, captions = evaluate.read_split(data_dir, split, num=num, name=DATASET)

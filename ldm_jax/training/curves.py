@@ -90,8 +90,7 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
     for axis, values, log in (("x", xs_all, log_x), ("y", ys_all, log_y)):
         if log and not (values > 0).all():
             raise ValueError(f"panel {title!r}: a logarithmic {axis} axis needs every {axis} > 0, got {values.min():g}")
-    warp_x = np.log10 if log_x else (lambda v: v)
-    warp_y = np.log10 if log_y else (lambda v: v)
+    (warp_x, unwarp_x), (warp_y, unwarp_y) = _scale(log_x), _scale(log_y)
     x0, x1 = _padded(warp_x(xs_all.min()), warp_x(xs_all.max()), 0.03)
     y0, y1 = _padded(warp_y(ys_all.min()), warp_y(ys_all.max()), 0.05)
 
@@ -101,8 +100,6 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
         return float(px), float(py)
 
     draw.rectangle([left, top, width - right, height - bottom], outline=AXIS_COLOUR)
-    unwarp_x = (lambda v: 10.0 ** v) if log_x else (lambda v: v)
-    unwarp_y = (lambda v: 10.0 ** v) if log_y else (lambda v: v)
     for y in nice_ticks(unwarp_y(y0), unwarp_y(y1), log=log_y):  # inside the padded axis
         _, py = to_px(xs_all.min(), y)
         draw.line([left - 4, py, left, py], fill=AXIS_COLOUR)
@@ -125,6 +122,11 @@ def draw_series_panel(title: str, series: Sequence[Series], *, x_label: str, log
             draw.text((legend_x, top - 3), label, fill=colour, font=font, anchor="ld")  # a row above the axes
             legend_x += draw.textlength(label, font=font) + 10
     return image
+
+
+def _scale(log: bool):
+    """(data -> axis units, axis units -> data) of a linear or a base-10 logarithmic axis."""
+    return (np.log10, lambda v: 10.0 ** v) if log else (lambda v: v, lambda v: v)
 
 
 def _padded(low: float, high: float, fraction: float) -> tuple[float, float]:
